@@ -1,0 +1,153 @@
+"""The stand-in billing worker (a durable JetStream consumer) and its outbox relay.
+
+Provisioning events become usage records and ledger debits; notifications leave through the outbox.
+`billing.worker_control.mode` makes the worker crash (stop consuming) or stall, as in the incidents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from nats.aio.client import Client as NATS
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+
+from local_platform import telemetry
+from local_platform.db import usage_cost_minor
+
+SERVICE = "gpuaas-billing-worker"
+log = logging.getLogger(__name__)
+
+
+async def worker_mode(pool: asyncpg.Pool) -> str:
+    """Current control mode: running, crashed or stalled."""
+    return str(await pool.fetchval("SELECT mode FROM billing.worker_control WHERE id = 1"))
+
+
+def _ts(value: Any) -> datetime:
+    return value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+
+
+async def handle_event(conn: asyncpg.Connection, subject: str, event: dict[str, Any]) -> None:
+    """Apply one provisioning event idempotently (safe to redeliver)."""
+    if event.get("replayed"):
+        return
+    corr, trace = event.get("correlation_id"), event.get("trace_id")
+    alloc_id = event["allocation_id"]
+    async with conn.transaction():
+        if subject == "provisioning.active":
+            alloc = await conn.fetchrow("SELECT * FROM billing.allocations WHERE id = $1", alloc_id)
+            if alloc is None:
+                return
+            await conn.execute(
+                """INSERT INTO billing.usage_records (allocation_id, org_id, project_id, requested_by_user_id,
+                       start_time, last_billed_at, app_instance_id, usage_source, control_plane_component,
+                       operating_mode, control_plane_scope, runtime_backend, idempotency_key, created_by,
+                       correlation_id)
+                   VALUES ($1,$2,$3,$4,$5,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)
+                   ON CONFLICT DO NOTHING""",
+                alloc_id, alloc["org_id"], alloc["project_id"], alloc["requested_by_user_id"],
+                alloc["activated_at"], alloc["app_instance_id"], alloc["usage_source"],
+                alloc["control_plane_component"], alloc["operating_mode"], alloc["control_plane_scope"],
+                alloc["runtime_backend"], f"usage-open:{alloc_id}", SERVICE, corr,
+            )
+        elif subject == "provisioning.releasing.completed":
+            released_at = _ts(event["at"])
+            alloc = await conn.fetchrow(
+                """UPDATE billing.allocations SET status = 'released', released_at = $2,
+                       releasing_at = coalesce(releasing_at, $2) WHERE id = $1 RETURNING *""",
+                alloc_id, released_at,
+            )
+            usage = await conn.fetchrow(
+                "SELECT * FROM billing.usage_records WHERE allocation_id = $1 AND end_time IS NULL FOR UPDATE",
+                alloc_id,
+            )
+            if alloc is None or usage is None:
+                return
+            seconds = int((released_at - usage["start_time"]).total_seconds())
+            cost = usage_cost_minor(seconds, alloc["hourly_rate_minor"])
+            await conn.execute(
+                """UPDATE billing.usage_records SET end_time = $2, last_billed_at = $2, accrued_cost_minor = $3
+                   WHERE id = $1""",
+                usage["id"], released_at, cost,
+            )
+            if cost > 0:
+                await conn.execute(
+                    """INSERT INTO billing.ledger_entries (org_id, requested_by_user_id, kind, amount_minor,
+                           usage_record_id, idempotency_key, actor, correlation_id)
+                       VALUES ($1, $2, 'usage_debit', $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING""",
+                    alloc["org_id"], alloc["requested_by_user_id"], -cost, usage["id"],
+                    f"usage-debit:{usage['id']}", SERVICE, corr,
+                )
+            await conn.execute(
+                "INSERT INTO billing.outbox (subject, payload) VALUES ('billing.usage_debited', $1)",
+                json.dumps({"allocation_id": alloc_id, "amount_minor": cost, "correlation_id": corr,
+                            "trace_id": trace}),
+            )
+        elif subject == "provisioning.release_failed":
+            await conn.execute(
+                "UPDATE billing.allocations SET status = 'release_failed' WHERE id = $1 AND status <> 'released'",
+                alloc_id,
+            )
+        await telemetry.log(conn, SERVICE, "info", f"processed {subject}", correlation_id=corr, trace_id=trace,
+                            allocation_id=alloc_id)
+
+
+async def run_worker(pool: asyncpg.Pool, js: JetStreamContext, stream: str, durable: str,
+                     stop: asyncio.Event) -> None:
+    """Consume provisioning events until ``stop`` is set, obeying the control mode."""
+    sub = await js.pull_subscribe_bind(durable, stream=stream)
+    while not stop.is_set():
+        if await worker_mode(pool) != "running":
+            await _sleep(stop, 0.5)
+            continue
+        try:
+            msgs = await sub.fetch(50, timeout=1)
+        except NatsTimeout:
+            continue
+        for msg in msgs:
+            try:
+                event = json.loads(msg.data)
+                async with pool.acquire() as conn:
+                    await handle_event(conn, msg.subject, event)
+                await msg.ack()
+            except Exception as exc:  # one bad event must not stop the worker
+                log.warning("billing worker failed on %s: %s", msg.subject, exc)
+                await telemetry.log(pool, SERVICE, "error", f"failed {msg.subject}: {exc}")
+                await msg.nak(delay=5)
+
+
+async def run_outbox_relay(pool: asyncpg.Pool, js: JetStreamContext, stop: asyncio.Event) -> None:
+    """Publish unpublished outbox rows to NATS and mark them published."""
+    while not stop.is_set():
+        if await worker_mode(pool) != "running":
+            await _sleep(stop, 0.5)
+            continue
+        async with pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                """SELECT id, subject, payload FROM billing.outbox WHERE published_at IS NULL
+                   ORDER BY id LIMIT 100 FOR UPDATE SKIP LOCKED"""
+            )
+            for row in rows:
+                await js.publish(row["subject"], row["payload"].encode())
+                await conn.execute("UPDATE billing.outbox SET published_at = now(), attempts = attempts + 1"
+                                   " WHERE id = $1", row["id"])
+        if not rows:
+            await _sleep(stop, 0.5)
+
+
+async def _sleep(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+async def run(pool: asyncpg.Pool, nc: NATS, stream: str, durable: str, stop: asyncio.Event) -> None:
+    """Run the worker and the relay together."""
+    js = nc.jetstream()
+    await asyncio.gather(run_worker(pool, js, stream, durable, stop), run_outbox_relay(pool, js, stop))
