@@ -373,6 +373,9 @@ class Platform(PythonService):
     def address(self) -> str:
         return self.settings.resolved_billing_api_url()
 
+    def healthy(self) -> bool:
+        return port_accepts(self.port) if not self.external else True
+
     def _wait_ready(self, pid: int) -> None:
         wait_for_port(self.port, timeout=60, name=self.name, log_file=self.log_file, pid=pid)
 

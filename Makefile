@@ -1,0 +1,35 @@
+# One command each: `make demo` and `make test` do all set-up on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint down status clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/remediate dev up --services
+	VERIFY_WINDOW_SECONDS=5 $(BIN)/remediate demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy .
+
+test: $(STAMP) lint
+	$(BIN)/pytest -q
+
+status: $(STAMP)
+	$(BIN)/remediate dev status
+
+down: $(STAMP)
+	$(BIN)/remediate dev down
+
+clean: down
+	rm -rf .remediation

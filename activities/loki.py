@@ -1,0 +1,96 @@
+"""Loki adapter: correlation-first log search over `GET /loki/api/v1/query_range`."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from typing import Any
+
+import httpx
+from temporalio import activity
+
+from activities.http_errors import json_object, raise_for, send
+from workflows import names
+from workflows.models import CheckResult, RunRef
+
+SERVICES = ("gpuaas-billing-worker", "gpuaas-api", "gpuaas-webhook-worker")
+PAGE_LIMIT = 1000
+MAX_PAGES = 10
+
+
+def logql_string(value: str) -> str:
+    """A LogQL double-quoted string literal with backslashes and quotes escaped."""
+    return json.dumps(value)
+
+
+def correlation_query(correlation_id: str) -> str:
+    """LogQL for every line of the three services carrying ``correlation_id`` (label values escaped)."""
+    selector = "{service_name=~" + logql_string("|".join(SERVICES)) + "}"
+    literal = logql_string(correlation_id)
+    return f'{selector} |= {literal} | json | __error__="" | correlation_id={literal}'
+
+
+def trace_ids_of(stream: dict[str, Any], line: str) -> str | None:
+    """The trace id of an entry, from the JSON line or the stream's labels/structured metadata."""
+    if stream.get("trace_id"):
+        return str(stream["trace_id"])
+    try:
+        parsed = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    value = parsed.get("trace_id") if isinstance(parsed, dict) else None
+    return str(value) if value else None
+
+
+class LokiActivities:
+    """Queries Loki (or the stand-in's Loki-compatible endpoint)."""
+
+    def __init__(self, client: httpx.AsyncClient, tenant: str | None, lookback_seconds: int = 7 * 86400) -> None:
+        self._client = client
+        self._tenant = tenant
+        self._lookback = lookback_seconds
+
+    async def query_range(self, query: str, start_ns: int, end_ns: int) -> list[tuple[dict[str, Any], int, str]]:
+        """All entries of ``query`` in [start, end), paging forward past the per-query limit."""
+        headers = {"X-Scope-OrgID": self._tenant} if self._tenant else {}
+        entries: list[tuple[dict[str, Any], int, str]] = []
+        for _ in range(MAX_PAGES):
+            response = await send(self._client, "Loki", "GET", "/loki/api/v1/query_range", headers=headers,
+                                  params={"query": query, "start": str(start_ns), "end": str(end_ns),
+                                          "limit": str(PAGE_LIMIT), "direction": "forward"})
+            raise_for("Loki", response)
+            body = json_object("Loki", response)
+            data = body.get("data")
+            if body.get("status") != "success" or not isinstance(data, dict):
+                raise_for("Loki", httpx.Response(502, text=f"unexpected body: {response.text[:100]}"))
+                break
+            page = [(s.get("stream", {}), int(v[0]), str(v[1])) for s in data.get("result", [])
+                    for v in s.get("values", [])]
+            entries += page
+            if len(page) < PAGE_LIMIT:
+                break
+            start_ns = max(ts for _, ts, _ in page) + 1
+        return entries
+
+    @activity.defn(name=names.QUERY_CORRELATION_LOGS)
+    async def query_correlation_logs(self, ref: RunRef) -> CheckResult:
+        """Log lines for the correlation id across the billing services, the trace ids found, errors."""
+        end = time.time_ns()
+        entries = await self.query_range(correlation_query(ref.correlation_id), end - self._lookback * 10**9, end)
+        by_service: Counter[str] = Counter()
+        errors = 0
+        trace_ids: list[str] = []
+        for stream, _, line in entries:
+            by_service[str(stream.get("service_name") or stream.get("service") or "unknown")] += 1
+            if str(stream.get("level", "")).lower() in ("error", "fatal"):
+                errors += 1
+            trace = trace_ids_of(stream, line)
+            if trace and trace not in trace_ids:
+                trace_ids.append(trace)
+        status = "warn" if errors else "ok"
+        headline = (f"{len(entries)} lines ({', '.join(f'{s}: {n}' for s, n in sorted(by_service.items()))}), "
+                    f"{errors} errors, {len(trace_ids)} trace ids") if entries else "no log lines for this correlation id"
+        return CheckResult(check="loki_logs", status=status, headline=headline,
+                           counts={"lines": len(entries), "errors": errors, **dict(by_service)},
+                           trace_ids=trace_ids[:20])

@@ -1,0 +1,167 @@
+"""Activities on NATS JetStream: billing worker consumer health, event sequences, escalations."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+from temporalio import activity
+
+from activities.errors import dependency_down
+from workflows import names
+from workflows.models import CheckResult, EscalationRequest, RunRef
+
+SCAN_LIMIT = 20_000
+ORDER = {"provisioning.active": 0, "provisioning.releasing.completed": 1, "provisioning.release_failed": 1}
+
+
+class NatsActivities:
+    """Reads the platform's stream; one lazily (re)connected client per worker."""
+
+    def __init__(self, url: str, stream: str, consumer: str, pending_threshold: int) -> None:
+        self._url = url
+        self._stream = stream
+        self._consumer = consumer
+        self._threshold = pending_threshold
+        self._nc: NATS | None = None
+
+    async def _client(self) -> NATS:
+        if self._nc is not None and self._nc.is_connected:
+            return self._nc
+        try:
+            # No reconnect loop here: an outage must surface as a finding, not a hang.
+            self._nc = await nats.connect(self._url, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0)
+        except (OSError, NatsError, TimeoutError) as exc:
+            raise dependency_down(f"NATS unreachable: {type(exc).__name__}") from exc
+        return self._nc
+
+    async def close(self) -> None:
+        """Close the connection (worker shutdown)."""
+        if self._nc is not None and not self._nc.is_closed:
+            await self._nc.close()
+
+    @activity.defn(name=names.CHECK_CONSUMER)
+    async def check_consumer(self, ref: RunRef) -> CheckResult:
+        """Pending, ack-pending, redeliveries and last activity of the billing worker's consumer."""
+        js = (await self._client()).jetstream()
+        try:
+            info = await js.consumer_info(self._stream, self._consumer)
+        except NotFoundError:
+            return CheckResult(check="nats_consumer", status="critical",
+                               headline=f"consumer {self._consumer} on {self._stream} does not exist")
+        except (NatsError, TimeoutError) as exc:
+            raise dependency_down(f"NATS consumer info failed: {type(exc).__name__}") from exc
+        pending = info.num_pending or 0
+        ack_pending = info.num_ack_pending or 0
+        redelivered = info.num_redelivered or 0
+        max_ack = info.config.max_ack_pending or 1000
+        last = max((s.last_active for s in (info.delivered, info.ack_floor) if s and s.last_active), default=None)
+        since = int((datetime.now(UTC) - last).total_seconds()) if last else None
+        problems: list[str] = []
+        status = "ok"
+        if pending > 0 and (since is None or since >= 300):
+            status, problems = "critical", [f"stalled: {pending} pending, no activity "
+                                            + ("ever" if since is None else f"for {since}s")]
+        elif pending > 1000 or ack_pending >= 0.8 * max_ack:
+            status, problems = "critical", [f"lagging: {pending} pending, {ack_pending} ack-pending"]
+        elif pending > self._threshold or redelivered > 0:
+            status, problems = "warn", [f"{pending} pending, {redelivered} redelivered"]
+        counts = {"pending": pending, "ack_pending": ack_pending, "redelivered": redelivered}
+        if since is not None:
+            counts["seconds_since_active"] = since
+        headline = "; ".join(problems) or f"healthy: {pending} pending, last active {since}s ago"
+        return CheckResult(check="nats_consumer", status=status, headline=headline, counts=counts)
+
+    @activity.defn(name=names.READ_EVENT_SEQUENCE)
+    async def read_event_sequence(self, ref: RunRef) -> CheckResult:
+        """provisioning.active → releasing.completed|release_failed per allocation in scope; gaps and disorder."""
+        js = (await self._client()).jetstream()
+        sub = await js.pull_subscribe(
+            ">", stream=self._stream,
+            config=ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL,
+                                  inactive_threshold=30, mem_storage=True))
+        by_alloc: dict[str, list[str]] = {}
+        in_scope: set[str] = set()
+        counts = {"events": 0, "billing": 0, "payments": 0}
+        scanned = 0
+        try:
+            while scanned < SCAN_LIMIT:
+                try:
+                    msgs = await sub.fetch(500, timeout=1)
+                except NatsTimeout:
+                    break
+                for msg in msgs:
+                    scanned += 1
+                    event = _decode(msg.data)
+                    self._collect(ref, msg.subject, event, by_alloc, in_scope, counts)
+                activity.heartbeat(scanned)
+        finally:
+            await sub.unsubscribe()
+        gaps = out_of_order = 0
+        for alloc in in_scope:
+            seq = [ORDER[s] for s in by_alloc.get(alloc, []) if s in ORDER]
+            if seq and seq[0] != 0:
+                gaps += 1
+            if any(b < a for a, b in zip(seq, seq[1:], strict=False)):
+                out_of_order += 1
+        result = {"allocations": len(in_scope), "scanned": scanned, "gaps": gaps, "out_of_order": out_of_order,
+                  **counts}
+        status = "warn" if gaps or out_of_order else "ok"
+        truncated = " (scan limit reached)" if scanned >= SCAN_LIMIT else ""
+        return CheckResult(check="event_sequence", status=status,
+                           headline=f"{len(in_scope)} allocations, {counts['events']} events, {gaps} gaps, "
+                                    f"{out_of_order} out of order{truncated}", counts=result)
+
+    @staticmethod
+    def _collect(ref: RunRef, subject: str, event: dict[str, Any], by_alloc: dict[str, list[str]],
+                 in_scope: set[str], counts: dict[str, int]) -> None:
+        alloc = event.get("allocation_id")
+        scope = ref.scope
+        if subject.startswith("payments."):
+            if scope.org_id is None or event.get("org_id") in (None, scope.org_id):
+                counts["payments"] += 1
+            return
+        if not isinstance(alloc, str):
+            return
+        if subject == "provisioning.active" and (
+            (scope.allocation_id is None or alloc == scope.allocation_id)
+            and (scope.org_id is None or event.get("org_id") == scope.org_id)
+        ):
+            in_scope.add(alloc)
+        if scope.is_global or alloc in in_scope or alloc == scope.allocation_id:
+            in_scope.add(alloc)
+            by_alloc.setdefault(alloc, []).append(subject)
+            counts["events"] += 1
+            if subject.startswith("billing."):
+                counts["billing"] += 1
+
+    @activity.defn(name=names.PUBLISH_ESCALATION)
+    async def publish_escalation(self, request: EscalationRequest) -> None:
+        """Publish `remediation.escalations` with the plan summary and the next approver tier."""
+        js = (await self._client()).jetstream()
+        body = {
+            "workflow_id": request.ref.workflow_id, "correlation_id": request.ref.correlation_id,
+            "plan_id": request.plan_id, "plan_hash": request.plan_hash, "action_count": request.action_count,
+            "money_moved_minor": request.money_moved_minor, "next_tier": request.next_tier,
+            "next_approvers": request.next_approvers,
+        }
+        try:
+            await js.publish("remediation.escalations", json.dumps(body).encode(),
+                             headers={"Nats-Msg-Id": f"{request.plan_id}:tier{request.next_tier}"})
+        except (NatsError, TimeoutError) as exc:
+            raise dependency_down(f"NATS publish failed: {type(exc).__name__}") from exc
+
+
+def _decode(data: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}

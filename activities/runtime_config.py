@@ -1,0 +1,36 @@
+"""The worker's configuration as seen by the workflow (approval policy, thresholds)."""
+
+from __future__ import annotations
+
+from temporalio import activity
+
+from config import Settings
+from workflows import names
+from workflows.models import ApprovalPolicy, ApproverInfo, RuntimeOptions
+
+
+def runtime_options(settings: Settings) -> RuntimeOptions:
+    """Settings → the options a workflow needs (public keys only, never secrets)."""
+    policy = ApprovalPolicy(
+        approvers=[ApproverInfo(name=a.name, role=a.role, tier=a.tier, public_key=a.public_key)
+                   for a in settings.approvers],
+        quorum=settings.approval_quorum,
+        money_threshold_minor=settings.approval_money_threshold_minor,
+        deadline_seconds=settings.approval_deadline_seconds,
+        hard_limit_seconds=settings.approval_hard_limit_seconds,
+    )
+    return RuntimeOptions(policy=policy, verify_window_seconds=settings.verify_window_seconds,
+                          widespread_org_threshold=settings.widespread_org_threshold,
+                          apply_batch_size=settings.apply_batch_size)
+
+
+class ConfigActivities:
+    """Hands the loaded settings to workflows through history (recorded once per run)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._options = runtime_options(settings)
+
+    @activity.defn(name=names.LOAD_RUNTIME_OPTIONS)
+    async def load_runtime_options(self) -> RuntimeOptions:
+        """The approval policy and thresholds in force on this worker."""
+        return self._options

@@ -1,0 +1,1 @@
+"""Starters: the `remediate` command line for commanders, approvers and operators."""

@@ -1,0 +1,400 @@
+"""`remediate`: the incident commander's and approvers' command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Coroutine
+from typing import Annotated, Any, TypeVar
+
+import typer
+from pydantic import ValidationError
+
+from config import Settings, load_settings
+from devstack import StackError
+from workflows.models import RemediationRequest, Scope, Trigger
+
+T = TypeVar("T")
+app = typer.Typer(help="Durable, auditable billing remediation on Temporal.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+dev = typer.Typer(help="The embedded stack (Postgres, NATS, Temporal) on loopback.", no_args_is_help=True)
+platform = typer.Typer(help="The local billing platform stand-in.", no_args_is_help=True)
+app.add_typer(dev, name="dev")
+app.add_typer(platform, name="platform")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    from starters.operations import OperationError
+
+    try:
+        return asyncio.run(coro)
+    except OperationError as err:
+        _fail(str(err), 1)
+    except (OSError, ConnectionError) as err:
+        _fail(f"cannot reach a dependency: {err}", 1)
+    raise AssertionError("unreachable")
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except ValidationError as err:
+        first = err.errors()[0]
+        _fail(f"configuration {'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
+    raise AssertionError("unreachable")
+
+
+async def _client(settings: Settings) -> Any:
+    from worker.main import connect_temporal
+
+    return await connect_temporal(settings)
+
+
+# --------------------------------------------------------------------------- dev stack
+
+
+@dev.command("up")
+def dev_up(services: Annotated[bool, typer.Option(help="Also start the platform stand-in and the worker.")] = False) -> None:
+    """Start Postgres, NATS and Temporal (skipping any configured as external)."""
+    from devstack import up
+
+    settings = _settings()
+    try:
+        for line in up(settings, services=services):
+            typer.echo(line)
+    except StackError as err:
+        _fail(str(err), 1)
+    typer.echo(f"Temporal UI: {settings.resolved_ui_url()}")
+
+
+@dev.command("down")
+def dev_down() -> None:
+    """Stop exactly the processes `dev up` started."""
+    from devstack import down
+
+    for line in down(_settings()):
+        typer.echo(line)
+
+
+@dev.command("status")
+def dev_status() -> None:
+    """Each component, its address and health."""
+    from devstack import status
+
+    rows = status(_settings())
+    for row in rows:
+        health = "healthy" if row.healthy else "DOWN"
+        typer.echo(f"{row.name:<9} {health:<8} {row.address:<40} {row.detail}")
+    if not all(r.healthy for r in rows if r.name in ("postgres", "nats", "temporal")):
+        raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------- platform stand-in
+
+
+@platform.command("migrate")
+def platform_migrate() -> None:
+    """Apply the stand-in's schema and create its stream."""
+    from local_platform.serve import prepare
+
+    _run(prepare(_settings()))
+    typer.echo("platform schema and stream ready")
+
+
+@platform.command("serve")
+def platform_serve() -> None:
+    """Run the stand-in's APIs, billing worker and outbox relay in the foreground."""
+    from local_platform.serve import serve_forever
+
+    logging.basicConfig(level=logging.INFO, format='{"level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}')
+    asyncio.run(serve_forever(_settings()))
+
+
+@platform.command("seed")
+def platform_seed(
+    orgs: int = 5, allocations: int = 100, seed: int = 7, prefix: str = "t",
+    inject: Annotated[str, typer.Option(help="missing_open=a,orphan_open=b,unbilled_closed=c,payment_drift=d")] = "",
+) -> None:
+    """Build a consistent platform and inject exactly the requested drift; prints what it injected."""
+    from local_platform.seeder import SeedSpec, parse_inject
+
+    try:
+        spec = SeedSpec(orgs=orgs, allocations=allocations, seed=seed, prefix=prefix, inject=parse_inject(inject))
+    except ValueError as err:
+        _fail(str(err))
+    typer.echo(json.dumps(_run(_seed(_settings(), spec))))
+
+
+async def _seed(settings: Settings, spec: Any) -> dict[str, Any]:
+    import asyncpg
+    import nats
+
+    from local_platform.seeder import seed
+    from local_platform.serve import prepare
+
+    await prepare(settings)
+    conn = await asyncpg.connect(settings.resolved_database_url())
+    nc = await nats.connect(settings.resolved_nats_url())
+    try:
+        report = await seed(conn, spec, nc)
+    except ValueError as err:
+        from starters.operations import OperationError
+
+        raise OperationError(str(err)) from None
+    finally:
+        await nc.close()
+        await conn.close()
+    return report.as_dict()
+
+
+@platform.command("incident")
+def platform_incident(name: str, prefix: str = "inc") -> None:
+    """Reproduce a runbook trigger: worker-crash, payments-reconcile, user-dispute, prepaid-depleted."""
+    from local_platform.incidents import INCIDENTS
+
+    if name not in INCIDENTS:
+        _fail(f"unknown incident {name!r}; expected one of {', '.join(INCIDENTS)}")
+    typer.echo(json.dumps(_run(_incident(_settings(), name, prefix))))
+
+
+async def _incident(settings: Settings, name: str, prefix: str) -> dict[str, Any]:
+    import asyncpg
+    import nats
+
+    from local_platform.incidents import run_incident
+    from local_platform.serve import prepare
+
+    await prepare(settings)
+    conn = await asyncpg.connect(settings.resolved_database_url())
+    nc = await nats.connect(settings.resolved_nats_url())
+    try:
+        report = await run_incident(name, conn, nc, prefix=prefix, stream=settings.billing_stream,
+                                    durable=settings.billing_consumer)
+    finally:
+        await nc.close()
+        await conn.close()
+    return report.as_dict()
+
+
+# --------------------------------------------------------------------------- worker and remediations
+
+
+@app.command()
+def worker() -> None:
+    """Run the remediation worker (until SIGTERM)."""
+    from worker.main import run_worker
+
+    logging.basicConfig(level=logging.INFO, format='{"level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}')
+    asyncio.run(run_worker(_settings()))
+
+
+@app.command()
+def start(
+    correlation_id: Annotated[str, typer.Option("--correlation-id")],
+    trace_id: Annotated[str | None, typer.Option("--trace-id")] = None,
+    org: Annotated[str | None, typer.Option("--org")] = None,
+    project: Annotated[str | None, typer.Option("--project")] = None,
+    user: Annotated[str | None, typer.Option("--user")] = None,
+    allocation: Annotated[str | None, typer.Option("--allocation")] = None,
+    app_instance: Annotated[str | None, typer.Option("--app-instance")] = None,
+    usage_source: Annotated[str | None, typer.Option("--usage-source")] = None,
+    component: Annotated[str | None, typer.Option("--component")] = None,
+    trigger: Annotated[str, typer.Option("--trigger", help=", ".join(t.value for t in Trigger))] = "manual",
+    dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
+    wait: Annotated[bool, typer.Option("--wait")] = False,
+    requested_by: Annotated[str, typer.Option("--as", help="who starts it (audited)")] = "incident-commander",
+) -> None:
+    """Start a remediation (or attach to the one running for the same scope)."""
+    try:
+        request = RemediationRequest(
+            correlation_id=correlation_id, trace_id=trace_id, trigger=trigger, dry_run=dry_run,  # type: ignore[arg-type]
+            requested_by=requested_by,
+            scope=Scope(org_id=org, project_id=project, user_id=user, allocation_id=allocation,
+                        app_instance_id=app_instance, usage_source=usage_source, control_plane_component=component))
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "request"
+        _fail(f"{field}: {first['msg']} (got {first.get('input')!r})")
+    settings = _settings()
+    started = _run(_start(settings, request, wait))
+    typer.echo(f"workflow id: {started[0].workflow_id}" + (" (attached to the running remediation)"
+                                                          if started[0].attached else ""))
+    typer.echo(f"UI: {started[0].ui_link}")
+    if started[1]:
+        typer.echo(started[1])
+
+
+async def _start(settings: Settings, request: RemediationRequest, wait: bool) -> tuple[Any, str]:
+    from starters import operations
+
+    await operations.preflight(settings, request)
+    client = await _client(settings)
+    started = await operations.start(client, settings, request)
+    result = ""
+    if wait:
+        from workflows.models import RemediationResult
+
+        outcome = await client.get_workflow_handle(started.workflow_id, result_type=RemediationResult).result()
+        result = f"outcome: {outcome.outcome.value}"
+    return started, result
+
+
+@app.command()
+def status(workflow_id: str) -> None:
+    """Phase, findings by kind, plan totals, approvals, verdict."""
+    from starters import operations
+    from starters.render import render_status
+
+    settings = _settings()
+
+    async def go() -> str:
+        view = await operations.status(await _client(settings), workflow_id)
+        return render_status(workflow_id, view)
+
+    typer.echo(_run(go()))
+
+
+@app.command()
+def plan(workflow_id: str, limit: int = 50) -> None:
+    """The plan awaiting approval and its first actions."""
+    from starters import operations
+
+    settings = _settings()
+
+    async def go() -> str:
+        summary = await operations.plan(await _client(settings), workflow_id)
+        if summary is None:
+            return "no plan yet"
+        actions = await operations.plan_actions(settings, summary.plan_id, limit)
+        lines = [f"plan {summary.plan_id} hash {summary.plan_hash}", f"{summary.action_count} actions, debits "
+                 f"{summary.debit_total_minor}, credits {summary.credit_total_minor} (minor units)"]
+        lines += [f"  {a['seq']:>5} {a['kind']:<28} {a['entity_type']}:{a['entity_id']:<24} {a['amount_minor']:>10}"
+                  f"  {a['idempotency_key']}" for a in actions]
+        return "\n".join(lines)
+
+    typer.echo(_run(go()))
+
+
+def _decide(workflow_id: str, plan_hash: str, approver: str, comment: str, decision: str) -> None:
+    from starters import operations
+
+    settings = _settings()
+
+    async def go() -> str:
+        return await operations.decide_plan(await _client(settings), settings, workflow_id, plan_hash=plan_hash,
+                                            approver=approver, decision=decision, comment=comment)
+
+    typer.echo(_run(go()))
+
+
+@app.command()
+def approve(
+    workflow_id: str,
+    plan_hash: Annotated[str, typer.Option("--plan", help="the plan hash (or a prefix of 8+ characters)")],
+    approver: Annotated[str, typer.Option("--as")],
+    comment: str = "",
+) -> None:
+    """Approve the plan awaiting approval (refusals are immediate and audited)."""
+    _decide(workflow_id, plan_hash, approver, comment, "approve")
+
+
+@app.command()
+def reject(
+    workflow_id: str,
+    plan_hash: Annotated[str, typer.Option("--plan")],
+    approver: Annotated[str, typer.Option("--as")],
+    comment: str = "",
+) -> None:
+    """Reject the plan: the run ends with evidence and no change."""
+    _decide(workflow_id, plan_hash, approver, comment, "reject")
+
+
+@app.command()
+def decide(
+    workflow_id: str,
+    choice: Annotated[str, typer.Argument(help="retry or hand_off")],
+    actor: Annotated[str, typer.Option("--as")],
+    comment: str = "",
+) -> None:
+    """After a failed verification: retry the remediation or hand off."""
+    if choice not in ("retry", "hand_off"):
+        _fail("choice must be 'retry' or 'hand_off'")
+    from starters import operations
+
+    settings = _settings()
+
+    async def go() -> str:
+        return await operations.decide_verdict(await _client(settings), workflow_id, actor=actor, choice=choice,
+                                               comment=comment)
+
+    typer.echo(_run(go()))
+
+
+@app.command()
+def abort(workflow_id: str) -> None:
+    """Cancel a remediation (the freeze is lifted and evidence captured)."""
+    from starters import operations
+
+    settings = _settings()
+
+    async def go() -> None:
+        await operations.abort(await _client(settings), workflow_id)
+
+    _run(go())
+    typer.echo(f"cancellation requested for {workflow_id}")
+
+
+@app.command("list")
+def list_(
+    phase: Annotated[str | None, typer.Option("--phase")] = None,
+    org: Annotated[str | None, typer.Option("--org")] = None,
+    correlation_id: Annotated[str | None, typer.Option("--correlation-id")] = None,
+) -> None:
+    """Remediations, filtered by the custom search attributes."""
+    from starters import operations
+
+    settings = _settings()
+
+    async def go() -> list[dict[str, Any]]:
+        query = operations.list_query(phase=phase, org=org, correlation_id=correlation_id)
+        return await operations.list_runs(await _client(settings), query)
+
+    for row in _run(go()):
+        typer.echo(f"{row['workflow_id']:<50} {row['status']:<11} {row['phase'] or '-':<20} "
+                   f"{row['org'] or '-':<14} {row['correlation_id'] or '-'}")
+
+
+@app.command()
+def evidence(workflow_id: str, format: Annotated[str, typer.Option("--format")] = "markdown") -> None:
+    """The evidence pack of the latest run (markdown or json)."""
+    from starters import operations
+    from starters.render import render_evidence_markdown
+
+    if format not in ("markdown", "json"):
+        _fail("--format must be markdown or json")
+    doc = _run(operations.evidence(_settings(), workflow_id))
+    typer.echo(json.dumps(doc, indent=2) if format == "json" else render_evidence_markdown(doc))
+
+
+@app.command()
+def demo() -> None:
+    """The `make demo` scenario: incident, remediation, approval, verdict, evidence."""
+    from starters.demo import run_demo
+
+    sys.exit(_run(run_demo(_settings())))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""`make demo`: a billing-worker crash touching all four drift kinds, remediated end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import asyncpg
+import nats
+
+from config import Settings
+from local_platform.incidents import run_incident
+from local_platform.serve import prepare
+from starters import operations
+from starters.render import render_evidence_markdown, render_status
+from workflows.models import Phase, RemediationRequest, RemediationResult, Scope, Trigger
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+async def _wait_phase(client: object, workflow_id: str, phases: set[Phase], timeout: float = 180) -> Phase:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            view = await operations.status(client, workflow_id)  # type: ignore[arg-type]
+            if view.phase in phases:
+                return view.phase
+        except operations.OperationError:
+            pass
+        await asyncio.sleep(0.5)
+    raise operations.OperationError(f"{workflow_id} did not reach {sorted(p.value for p in phases)} in {timeout}s")
+
+
+async def run_demo(settings: Settings) -> int:
+    """Run the scenario; returns the process exit code."""
+    from worker.main import connect_temporal
+
+    await prepare(settings)
+    prefix = f"d{int(time.time()) % 10_000_000}"
+    conn = await asyncpg.connect(settings.resolved_database_url())
+    nc = await nats.connect(settings.resolved_nats_url())
+    try:
+        _say("== 1. Incident: the billing worker crashed; queue lag and drift of all four kinds")
+        incident = await run_incident("worker-crash", conn, nc, prefix=prefix, stream=settings.billing_stream,
+                                      durable=settings.billing_consumer)
+    finally:
+        await nc.close()
+        await conn.close()
+    _say("   injected: " + ", ".join(f"{k}={len(v)}" for k, v in incident.injected.items()))
+
+    client = await connect_temporal(settings)
+    request = RemediationRequest(correlation_id=incident.correlation_id, trace_id=incident.trace_id,
+                                 trigger=Trigger.WORKER_FAILURE, requested_by="ic-dana", scope=Scope())
+    _say("== 2. The incident commander starts the remediation")
+    started = await operations.start(client, settings, request)
+    _say(f"   workflow id: {started.workflow_id}\n   UI: {started.ui_link}")
+
+    phase = await _wait_phase(client, started.workflow_id, {Phase.AWAITING_APPROVAL, Phase.COMPLETED,
+                                                           Phase.FAILED})
+    view = await operations.status(client, started.workflow_id)
+    _say("== 3. Diagnosis and plan")
+    _say(render_status(started.workflow_id, view))
+    if phase is not Phase.AWAITING_APPROVAL or view.plan is None:
+        _say(f"unexpected phase {phase.value}")
+        return 1
+
+    _say("== 4. Approvals (widespread plan: quorum of two, the requester may not approve)")
+    for approver in [a.name for a in settings.approvers][: view.approvals_needed]:
+        answer = await operations.decide_plan(client, settings, started.workflow_id, plan_hash=view.plan.plan_hash,
+                                              approver=approver, decision="approve",
+                                              comment="matches the incident findings")
+        _say(f"   {approver}: {answer}")
+
+    _say("== 5. Remediation, verification, evidence")
+    result = await client.get_workflow_handle(started.workflow_id, result_type=RemediationResult).result()
+    view = await operations.status(client, started.workflow_id)
+    _say(render_status(started.workflow_id, view))
+    _say(f"   outcome: {result.outcome.value}")
+    doc = await operations.evidence(settings, started.workflow_id)
+    markdown = render_evidence_markdown(doc)
+    _say("== 6. Evidence summary (full pack: remediate evidence " + started.workflow_id + ")")
+    _say("\n".join(markdown.splitlines()[:12]))
+    _say(f"\nTemporal UI: {started.ui_link}")
+    _say("The stack is still running. Explore the UI, then stop everything with: make down")
+    return 0 if result.outcome is Phase.COMPLETED else 1

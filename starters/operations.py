@@ -1,0 +1,232 @@
+"""What the commander's and approvers' commands do, as plain async functions (the CLI only formats)."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError
+
+from activities.postgres_billing import validate_scope
+from activities.postgres_records import record_approval_row
+from config import Settings
+from workflows import names
+from workflows.models import (
+    ApprovalDecision,
+    ApprovalRecord,
+    PlanSummary,
+    RemediationRequest,
+    StatusView,
+    VerdictDecision,
+)
+from workflows.remediation import (
+    SA_ALLOCATION,
+    SA_CORRELATION,
+    SA_ORG,
+    SA_PHASE,
+    SA_PROJECT,
+    SA_TRIGGER,
+    SA_USER,
+    STEPS_MARKDOWN,
+    BillingRemediationWorkflow,
+)
+
+WORKFLOW_ID = re.compile(r"^remediation-[A-Za-z0-9._:/\-]{1,200}$")
+
+
+class OperationError(RuntimeError):
+    """A command could not be carried out; the message says what is wrong."""
+
+
+@dataclass
+class Started:
+    """Result of `start`."""
+
+    workflow_id: str
+    run_id: str
+    attached: bool
+    ui_link: str
+
+
+def check_workflow_id(workflow_id: str) -> str:
+    """Refuse malformed remediation ids before any call."""
+    if not WORKFLOW_ID.fullmatch(workflow_id):
+        raise OperationError(f"malformed remediation id {workflow_id!r}: expected 'remediation-<scope>'")
+    return workflow_id
+
+
+async def preflight(settings: Settings, request: RemediationRequest) -> None:
+    """Check the scope against the billing data before anything starts."""
+    conn = await asyncpg.connect(settings.resolved_database_url())
+    try:
+        await validate_scope(conn, request.scope)
+    except ApplicationError as err:
+        raise OperationError(err.message) from None
+    finally:
+        await conn.close()
+
+
+async def start(client: Client, settings: Settings, request: RemediationRequest) -> Started:
+    """Start a remediation, or attach to the one already running for the same scope."""
+    scope = request.scope
+    pairs: list[SearchAttributePair[Any]] = [
+        SearchAttributePair(SA_CORRELATION, request.correlation_id),
+        SearchAttributePair(SA_TRIGGER, request.trigger.value),
+    ]
+    for key, value in ((SA_ORG, scope.org_id), (SA_PROJECT, scope.project_id), (SA_USER, scope.user_id),
+                       (SA_ALLOCATION, scope.allocation_id)):
+        if value:
+            pairs.append(SearchAttributePair(key, value))
+    mode = "dry run" if request.dry_run else "remediate after approval"
+    summary = (f"{request.trigger.value} · corr {request.correlation_id} · {scope.describe()} · {mode}"
+               f" · by {request.requested_by}")
+    handle = await client.start_workflow(
+        BillingRemediationWorkflow.run,
+        request,
+        id=request.workflow_id(),
+        task_queue=settings.task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        search_attributes=TypedSearchAttributes(pairs),
+        static_summary=summary[:400],
+        static_details=STEPS_MARKDOWN,
+    )
+    description = await handle.describe()
+    attached = description.run_id != handle.result_run_id if handle.result_run_id else False
+    return Started(handle.id, handle.result_run_id or description.run_id, attached,
+                   settings.workflow_ui_link(handle.id))
+
+
+def handle_for(client: Client, workflow_id: str) -> WorkflowHandle[Any, Any]:
+    """Handle of a remediation by id (validated)."""
+    return client.get_workflow_handle(check_workflow_id(workflow_id))
+
+
+async def status(client: Client, workflow_id: str) -> StatusView:
+    """The running (or last) remediation's status view."""
+    try:
+        return await handle_for(client, workflow_id).query(names.QUERY_STATUS, result_type=StatusView)
+    except RPCError as err:
+        raise OperationError(f"remediation {workflow_id!r}: {err.message}") from None
+
+
+async def plan(client: Client, workflow_id: str) -> PlanSummary | None:
+    """The plan currently awaiting approval."""
+    return (await status(client, workflow_id)).plan
+
+
+async def decide_plan(client: Client, settings: Settings, workflow_id: str, *, plan_hash: str, approver: str,
+                      decision: str, comment: str) -> str:
+    """Send an approval/rejection as a validated Update; a refusal is audited and raised."""
+    view = await status(client, workflow_id)
+    if view.plan is not None and len(plan_hash) >= 8 and view.plan.plan_hash.startswith(plan_hash):
+        plan_hash = view.plan.plan_hash  # accept an unambiguous prefix as printed by `status`
+    try:
+        body = ApprovalDecision(plan_hash=plan_hash, approver=approver, decision=decision,  # type: ignore[arg-type]
+                                comment=comment)
+    except ValueError as err:
+        raise OperationError(f"invalid approval: {err}") from None
+    handle = handle_for(client, workflow_id)
+    try:
+        return str(await handle.execute_update(
+            names.UPDATE_APPROVE, body, id=f"{decision}:{plan_hash[:16]}:{approver}", result_type=str))
+    except WorkflowUpdateFailedError as err:
+        reason = err.cause.message if isinstance(err.cause, ApplicationError) else str(err.cause)
+        # Temporal keeps no record of a rejected Update: the refusal is audited here.
+        description = await handle.describe()
+        await _audit_refusal(settings, description.run_id, body, reason, view.plan)
+        raise OperationError(f"refused: {reason}") from None
+    except RPCError as err:
+        raise OperationError(f"remediation {workflow_id!r}: {err.message}") from None
+
+
+async def _audit_refusal(settings: Settings, run_id: str, decision: ApprovalDecision, reason: str,
+                         current: PlanSummary | None) -> None:
+    conn = await asyncpg.connect(settings.resolved_database_url())
+    try:
+        await record_approval_row(conn, ApprovalRecord(
+            run_id=run_id, event_key=f"{run_id}:refused:{uuid.uuid4()}", plan_id=current.plan_id if current else None,
+            plan_hash=decision.plan_hash, approver=decision.approver, decision=decision.decision,
+            comment=decision.comment, accepted=False, refusal_reason=reason, via="update"))
+    finally:
+        await conn.close()
+
+
+async def decide_verdict(client: Client, workflow_id: str, *, actor: str, choice: str, comment: str) -> str:
+    """After a failed verification: retry or hand off."""
+    try:
+        return str(await handle_for(client, workflow_id).execute_update(
+            names.UPDATE_DECIDE, VerdictDecision(actor=actor, choice=choice, comment=comment),  # type: ignore[arg-type]
+            result_type=str))
+    except WorkflowUpdateFailedError as err:
+        reason = err.cause.message if isinstance(err.cause, ApplicationError) else str(err.cause)
+        raise OperationError(f"refused: {reason}") from None
+
+
+async def abort(client: Client, workflow_id: str) -> None:
+    """Cancel the remediation; the workflow lifts its freeze and captures evidence on the way out."""
+    try:
+        await handle_for(client, workflow_id).cancel()
+    except RPCError as err:
+        raise OperationError(f"remediation {workflow_id!r}: {err.message}") from None
+
+
+async def list_runs(client: Client, query: str, limit: int = 50) -> list[dict[str, Any]]:
+    """Remediations matching a visibility query."""
+    rows: list[dict[str, Any]] = []
+    async for wf in client.list_workflows(query or None, limit=limit):
+        sa = wf.typed_search_attributes
+        rows.append({
+            "workflow_id": wf.id, "status": wf.status.name if wf.status else "?",
+            "phase": sa.get(SA_PHASE), "org": sa.get(SA_ORG), "correlation_id": sa.get(SA_CORRELATION),
+            "started": wf.start_time.isoformat() if wf.start_time else "",
+        })
+    return rows
+
+
+def list_query(*, phase: str | None, org: str | None, correlation_id: str | None) -> str:
+    """Visibility query for `remediate list` (values quoted safely)."""
+    clauses = [f"WorkflowType = '{names.WORKFLOW}'"]
+    for attribute, value in (("RemediationPhase", phase), ("OrgId", org), ("CorrelationId", correlation_id)):
+        if value is not None:
+            if not re.fullmatch(r"[A-Za-z0-9._:\-]{1,128}", value):
+                raise OperationError(f"--{attribute}: malformed value {value!r}")
+            clauses.append(f"{attribute} = '{value}'")
+    return " AND ".join(clauses)
+
+
+async def evidence(settings: Settings, workflow_id: str) -> dict[str, Any]:
+    """The stored evidence document of the latest run of ``workflow_id``."""
+    check_workflow_id(workflow_id)
+    conn = await asyncpg.connect(settings.resolved_database_url())
+    try:
+        row = await conn.fetchrow(
+            """SELECT e.document FROM remediation.evidence e JOIN remediation.runs r USING (run_id)
+               WHERE r.workflow_id = $1 ORDER BY r.started_at DESC LIMIT 1""", workflow_id)
+    finally:
+        await conn.close()
+    if row is None:
+        raise OperationError(f"no evidence for {workflow_id!r} (unknown id, or the run has not finished)")
+    document: dict[str, Any] = json.loads(row["document"])
+    return document
+
+
+async def plan_actions(settings: Settings, plan_id: str, limit: int = 200) -> list[dict[str, Any]]:
+    """The actions of a plan, as stored."""
+    conn = await asyncpg.connect(settings.resolved_database_url())
+    try:
+        if await conn.fetchval("SELECT 1 FROM remediation.plans WHERE plan_id = $1", plan_id) is None:
+            raise OperationError(f"plan {plan_id!r} does not exist")
+        rows = await conn.fetch(
+            """SELECT seq, kind, entity_type, entity_id, org_id, amount_minor, idempotency_key
+               FROM remediation.plan_actions WHERE plan_id = $1 ORDER BY seq LIMIT $2""", plan_id, limit)
+    finally:
+        await conn.close()
+    return [dict(r) for r in rows]
+

@@ -1,0 +1,125 @@
+"""Build clients from settings, register workflow and activities, run until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+import httpx
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Worker
+
+from activities.billing_api import BillingApiActivities
+from activities.loki import LokiActivities
+from activities.nats_jetstream import NatsActivities
+from activities.postgres_billing import BillingDatabaseActivities
+from activities.postgres_records import RecordsActivities
+from activities.runtime_config import ConfigActivities
+from config import Settings
+from migrations import apply_migrations, remediation_migrations_dir
+from workflows.remediation import BillingRemediationWorkflow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Resources:
+    """Clients shared by all activities of one worker process."""
+
+    pool: asyncpg.Pool
+    http_api: httpx.AsyncClient
+    http_loki: httpx.AsyncClient
+    http_tempo: httpx.AsyncClient
+    nats: NatsActivities
+
+
+async def connect_temporal(settings: Settings) -> Client:
+    """A Temporal client with the pydantic data converter."""
+    return await Client.connect(settings.resolved_temporal_address(), namespace=settings.temporal_namespace,
+                                data_converter=pydantic_data_converter)
+
+
+async def migrate_remediation_schema(pool: asyncpg.Pool) -> list[str]:
+    """Create or upgrade the remediation schema."""
+    async with pool.acquire() as conn:
+        return await apply_migrations(conn, remediation_migrations_dir(), component="remediation")
+
+
+@contextlib.asynccontextmanager
+async def resources(settings: Settings) -> AsyncIterator[Resources]:
+    """Open every client once; close them all on exit."""
+    pool = await asyncpg.create_pool(settings.resolved_database_url(), min_size=1, max_size=10,
+                                     command_timeout=300)
+    await migrate_remediation_schema(pool)
+    timeout = httpx.Timeout(settings.http_timeout_seconds)
+    token = settings.billing_api_token.get_secret_value()
+    http_api = httpx.AsyncClient(base_url=settings.resolved_billing_api_url(), timeout=timeout,
+                                 headers={"Authorization": f"Bearer {token}"})
+    http_loki = httpx.AsyncClient(base_url=settings.resolved_loki_url(), timeout=timeout)
+    http_tempo = httpx.AsyncClient(base_url=settings.resolved_tempo_url(), timeout=timeout)
+    nats_acts = NatsActivities(settings.resolved_nats_url(), settings.billing_stream, settings.billing_consumer,
+                               settings.consumer_pending_threshold)
+    try:
+        yield Resources(pool, http_api, http_loki, http_tempo, nats_acts)
+    finally:
+        await nats_acts.close()
+        for client in (http_api, http_loki, http_tempo):
+            await client.aclose()
+        await pool.close()
+
+
+def activity_list(settings: Settings, res: Resources) -> Sequence[Callable[..., Any]]:
+    """Every activity, bound to its system's client."""
+    db = BillingDatabaseActivities(res.pool)
+    records = RecordsActivities(res.pool)
+    loki = LokiActivities(res.http_loki, settings.loki_tenant)
+    from activities.tempo import TempoActivities
+
+    tempo = TempoActivities(res.http_tempo, settings.tempo_tenant)
+    api = BillingApiActivities(res.http_api, settings.worker_restart_hook_url)
+    cfg = ConfigActivities(settings)
+    return [
+        cfg.load_runtime_options,
+        records.register_run, records.record_timeline, records.record_approval, records.record_api_action,
+        records.snapshot_scope, records.capture_evidence, records.finish_run,
+        db.check_postgres, db.check_outbox, db.check_data_consistency, db.assess_blast_radius, db.reconcile,
+        db.build_plan, db.apply_plan, db.check_duplicates,
+        res.nats.check_consumer, res.nats.read_event_sequence, res.nats.publish_escalation,
+        loki.query_correlation_logs, tempo.summarize_trace,
+        api.freeze_adjustments, api.unfreeze_adjustments, api.clear_restriction, api.restart_billing_worker,
+        api.check_launch_guard,
+    ]
+
+
+def build_worker(client: Client, settings: Settings, res: Resources, *, task_queue: str | None = None) -> Worker:
+    """The worker for the remediation task queue."""
+    return Worker(
+        client,
+        task_queue=task_queue or settings.task_queue,
+        workflows=[BillingRemediationWorkflow],
+        activities=activity_list(settings, res),
+        max_concurrent_activities=50,
+        graceful_shutdown_timeout=timedelta(seconds=10),
+    )
+
+
+async def run_worker(settings: Settings) -> None:
+    """Entry point of `remediate worker`: run until SIGINT/SIGTERM, then shut down gracefully."""
+    client = await connect_temporal(settings)
+    async with resources(settings) as res:
+        worker = build_worker(client, settings, res)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        log.info("worker polling task queue %s", settings.task_queue)
+        async with worker:
+            await stop.wait()

@@ -1,0 +1,1 @@
+"""Workflows: orchestration only, replay-tested."""

@@ -1,0 +1,77 @@
+"""Approval rules, pure and deterministic: used by the workflow's validator and signal handler alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from workflows.models import ApprovalDecision, ApprovalPolicy, BlastRadius, PlanSummary
+
+
+@dataclass
+class ApprovalState:
+    """Approvals collected for the current plan."""
+
+    plan: PlanSummary | None = None
+    approved_by: list[str] = field(default_factory=list)
+    rejected_by: str | None = None
+    decided: bool = False
+
+
+def approvals_required(policy: ApprovalPolicy, plan: PlanSummary, radius: BlastRadius | None) -> int:
+    """Quorum for widespread or large plans, else a single approver."""
+    if radius is BlastRadius.WIDESPREAD or plan.money_moved_minor > policy.money_threshold_minor:
+        return min(policy.quorum, len(policy.approvers))
+    return 1
+
+
+def self_approval_forbidden(policy: ApprovalPolicy, plan: PlanSummary, radius: BlastRadius | None) -> bool:
+    """The requester may not approve their own widespread or above-threshold plan."""
+    return radius is BlastRadius.WIDESPREAD or plan.money_moved_minor > policy.money_threshold_minor
+
+
+def refusal(
+    state: ApprovalState,
+    decision: ApprovalDecision,
+    policy: ApprovalPolicy,
+    requester: str,
+    radius: BlastRadius | None,
+    *,
+    awaiting: bool,
+) -> str | None:
+    """Why ``decision`` must be refused, or None when it is acceptable."""
+    if policy.approver(decision.approver) is None:
+        return f"not an approver: {decision.approver!r} is not in the configured approvers"
+    if state.plan is None or not awaiting:
+        return "no plan is awaiting approval"
+    if state.decided:
+        return "already decided"
+    if decision.plan_hash != state.plan.plan_hash:
+        return f"stale plan: the plan awaiting approval has hash {state.plan.plan_hash[:12]}…"
+    if decision.approver in state.approved_by:
+        return f"already approved by {decision.approver}"
+    if (
+        decision.decision == "approve"
+        and decision.approver == requester
+        and self_approval_forbidden(policy, state.plan, radius)
+    ):
+        return "self-approval: the requester cannot approve their own widespread or above-threshold plan"
+    return None
+
+
+def apply_decision(state: ApprovalState, decision: ApprovalDecision, required: int) -> None:
+    """Record an accepted decision; one rejection decides, approvals decide at quorum."""
+    if decision.decision == "reject":
+        state.rejected_by = decision.approver
+        state.decided = True
+        return
+    state.approved_by.append(decision.approver)
+    if len(state.approved_by) >= required:
+        state.decided = True
+
+
+def reset_for_plan(state: ApprovalState, plan: PlanSummary) -> None:
+    """A new plan needs fresh approvals."""
+    state.plan = plan
+    state.approved_by = []
+    state.rejected_by = None
+    state.decided = False

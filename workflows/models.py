@@ -1,0 +1,459 @@
+"""Pydantic models at every workflow and activity boundary (pydantic and the standard library only).
+
+No field defaults to a clock or a random value: models are built inside the workflow sandbox.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
+EntityId = Annotated[str, StringConstraints(pattern=ID_PATTERN, strip_whitespace=True)]
+TraceId = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{1,32}$", strip_whitespace=True)]
+
+
+class Frozen(BaseModel):
+    """Base: immutable, unknown fields refused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Trigger(StrEnum):
+    """Why the remediation was started (the runbook's triggers)."""
+
+    WORKER_FAILURE = "worker_failure"
+    QUEUE_LAG = "queue_lag"
+    RECONCILE_FAILED = "reconcile_failed"
+    CUSTOMER_DISPUTE = "customer_dispute"
+    PREPAID_DEPLETED = "prepaid_depleted"
+    MANUAL = "manual"
+
+
+class Phase(StrEnum):
+    """Where a remediation is; upserted as the RemediationPhase search attribute."""
+
+    STARTED = "started"
+    DIAGNOSING = "diagnosing"
+    FREEZING = "freezing"
+    RECONCILING = "reconciling"
+    AWAITING_APPROVAL = "awaiting_approval"
+    REMEDIATING = "remediating"
+    VERIFYING = "verifying"
+    AWAITING_DECISION = "awaiting_decision"
+    CAPTURING_EVIDENCE = "capturing_evidence"
+    COMPLETED = "completed"
+    DRY_RUN_COMPLETE = "dry_run_complete"
+    REJECTED = "rejected"
+    HANDED_OFF = "handed_off"
+    EXPIRED = "expired"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class BlastRadius(StrEnum):
+    """Single user/project dispute, one org, or a widespread (global worker) degradation."""
+
+    SINGLE = "single"
+    ORG = "org"
+    WIDESPREAD = "widespread"
+
+
+class DriftKind(StrEnum):
+    """The runbook's four reconciliation checks."""
+
+    MISSING_OPEN_USAGE = "missing_open_usage"
+    ORPHAN_OPEN_USAGE = "orphan_open_usage"
+    UNBILLED_CLOSED_USAGE = "unbilled_closed_usage"
+    PAYMENT_DRIFT = "payment_drift"
+
+
+class Scope(Frozen):
+    """What the remediation may look at and change; empty means the whole platform."""
+
+    org_id: EntityId | None = None
+    project_id: EntityId | None = None
+    user_id: EntityId | None = None
+    allocation_id: EntityId | None = None
+    app_instance_id: EntityId | None = None
+    usage_source: EntityId | None = None
+    control_plane_component: EntityId | None = None
+
+    @property
+    def is_global(self) -> bool:
+        """True when no identifier narrows the scope."""
+        return not any(self.model_dump().values())
+
+    def key(self) -> str:
+        """Canonical, stable text for ids and locks: ``org:o1/user:u1`` or ``global``."""
+        parts = [f"{name.removesuffix('_id')}:{value}" for name, value in self.model_dump().items() if value]
+        return "/".join(parts) or "global"
+
+    def describe(self) -> str:
+        """Human words for summaries."""
+        return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in self.model_dump().items() if v) or "all orgs"
+
+
+class RemediationRequest(Frozen):
+    """What an incident commander starts."""
+
+    correlation_id: Annotated[str, StringConstraints(pattern=ID_PATTERN, strip_whitespace=True)]
+    trace_id: TraceId | None = None
+    scope: Scope = Field(default_factory=Scope)
+    trigger: Trigger = Trigger.MANUAL
+    dry_run: bool = False
+    requested_by: EntityId
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RemediationRequest:
+        if self.trigger is Trigger.PREPAID_DEPLETED and self.scope.org_id is None:
+            raise ValueError("scope.org_id: a prepaid_depleted remediation needs the org it concerns")
+        return self
+
+    def workflow_id(self) -> str:
+        """Derived from the scope so that a second start for the same data attaches to the running one."""
+        return "remediation-" + re.sub(r"[^A-Za-z0-9._:/-]", "_", self.scope.key())
+
+
+# --- configuration handed to the workflow -------------------------------------------------------------
+
+
+class ApproverInfo(Frozen):
+    """A configured approver (public key only; private keys never leave the approver's machine)."""
+
+    name: str
+    role: str
+    tier: int = 1
+    public_key: str | None = None
+
+
+class ApprovalPolicy(Frozen):
+    """Who may approve, how many are needed and how long to wait."""
+
+    approvers: list[ApproverInfo]
+    quorum: int
+    money_threshold_minor: int
+    deadline_seconds: int
+    hard_limit_seconds: int
+    require_signatures: bool = False
+
+    def approver(self, name: str) -> ApproverInfo | None:
+        """The approver called ``name``, if configured."""
+        return next((a for a in self.approvers if a.name == name), None)
+
+
+class RuntimeOptions(Frozen):
+    """Worker-side knobs the workflow needs (read by an activity so they land in history once)."""
+
+    policy: ApprovalPolicy
+    verify_window_seconds: int
+    widespread_org_threshold: int
+    apply_batch_size: int
+
+
+# --- activity inputs and results ---------------------------------------------------------------------
+
+
+class RunRef(Frozen):
+    """Identifies one remediation run in the project's Postgres records."""
+
+    run_id: str
+    workflow_id: str
+    correlation_id: str
+    trace_id: str | None = None
+    scope: Scope = Field(default_factory=Scope)
+
+
+class RegisterRun(Frozen):
+    """Input of `register_run`."""
+
+    ref: RunRef
+    request: RemediationRequest
+
+
+class TimelineEvent(Frozen):
+    """One line of the incident timeline (idempotent per ``event_key``)."""
+
+    run_id: str
+    event_key: str
+    phase: str
+    actor: str
+    message: str
+    detail: dict[str, str | int | bool | None] = Field(default_factory=dict)
+
+
+CheckStatus = Literal["ok", "warn", "critical", "unreachable", "skipped"]
+
+
+class CheckResult(Frozen):
+    """A diagnosis check: status, one-line headline, a few numbers; details stay in Postgres."""
+
+    check: str
+    status: CheckStatus
+    headline: str
+    counts: dict[str, int] = Field(default_factory=dict)
+    trace_ids: list[str] = Field(default_factory=list)
+
+
+class BlastRadiusResult(Frozen):
+    """The blast radius and the numbers it was judged on."""
+
+    radius: BlastRadius
+    drift_in_scope: int
+    orgs_with_drift: int
+    reasons: list[str]
+
+
+class BlastRadiusRequest(Frozen):
+    """Input of `assess_blast_radius`."""
+
+    ref: RunRef
+    worker_degraded: bool
+    widespread_org_threshold: int
+
+
+class ReconcileRequest(Frozen):
+    """Input of `reconcile`: which pass (0 = before, 100+ = verification passes)."""
+
+    ref: RunRef
+    pass_no: int
+
+
+class ReconcileSummary(Frozen):
+    """Counts of drift by kind for one reconciliation pass."""
+
+    pass_no: int
+    counts: dict[str, int]
+    total: int
+
+
+class PlanRequest(Frozen):
+    """Input of `build_plan`."""
+
+    ref: RunRef
+    pass_no: int
+    plan_id: str
+    restart_worker: bool
+    clear_prepaid_restrictions: bool
+
+
+class ApiAction(Frozen):
+    """A plan action carried out through the admin billing API rather than Postgres."""
+
+    seq: int
+    kind: Literal["clear_financial_restriction", "restart_billing_worker"]
+    org_id: str
+    idempotency_key: str
+
+
+class PlanSummary(Frozen):
+    """A remediation plan's identity, content hash and totals (its actions stay in Postgres)."""
+
+    plan_id: str
+    plan_hash: str
+    action_count: int
+    debit_total_minor: int
+    credit_total_minor: int
+    counts_by_kind: dict[str, int]
+    api_actions: list[ApiAction] = Field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        """True when there is nothing to change."""
+        return self.action_count == 0
+
+    @property
+    def money_moved_minor(self) -> int:
+        """Absolute money the plan moves (debits plus credits)."""
+        return abs(self.debit_total_minor) + abs(self.credit_total_minor)
+
+
+class ApplyRequest(Frozen):
+    """Input of `apply_plan`."""
+
+    ref: RunRef
+    plan_id: str
+    plan_hash: str
+    actor: str
+    approvers: list[str]
+    batch_size: int
+
+
+class ApplySummary(Frozen):
+    """What applying a plan did."""
+
+    applied: int
+    skipped_stale: int
+    already_applied: int
+    last_seq: int
+
+
+class ApiActionRequest(Frozen):
+    """Input of the admin-API actions and of their audit record."""
+
+    ref: RunRef
+    plan_id: str
+    action: ApiAction
+    actor: str
+    approvers: list[str]
+
+
+class ApiActionResult(Frozen):
+    """Outcome of one admin-API action."""
+
+    outcome: Literal["applied", "skipped_stale", "already_applied"]
+    detail: str
+
+
+class FreezeRequest(Frozen):
+    """Freeze or lift manual adjustments for a scope."""
+
+    ref: RunRef
+    freeze_id: str
+    actor: str
+    reason: str
+
+
+class SnapshotRequest(Frozen):
+    """Capture query evidence for the scope under ``label`` (before/after)."""
+
+    ref: RunRef
+    label: Literal["before", "after"]
+
+
+class Criterion(Frozen):
+    """One recovery criterion and whether it holds."""
+
+    name: str
+    passed: bool
+    detail: str
+
+
+class ConsumerSample(Frozen):
+    """One reading of the billing worker consumer."""
+
+    pending: int
+    ack_pending: int
+    redelivered: int
+    seconds_since_active: int | None
+    status: CheckStatus
+
+
+class VerificationRequest(Frozen):
+    """Input of the Postgres-side verification."""
+
+    ref: RunRef
+    pass_no: int
+
+
+class LaunchGuardRequest(Frozen):
+    """Input of the launch-restriction verification."""
+
+    ref: RunRef
+    org_id: str
+    expect: Literal["restricted", "recovered"]
+    sku: str = "compute-vm-small"
+
+
+class VerificationResult(Frozen):
+    """The verdict on the runbook's recovery criteria."""
+
+    passed: bool
+    criteria: list[Criterion]
+
+
+class ApprovalDecision(Frozen):
+    """An approver's answer, sent as an Update (preferred) or a signal."""
+
+    plan_hash: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    approver: EntityId
+    decision: Literal["approve", "reject"]
+    comment: Annotated[str, StringConstraints(max_length=2000)] = ""
+    signed_at: str | None = None
+    signature: str | None = None
+
+
+class ApprovalRecord(Frozen):
+    """An approval attempt to audit (accepted or refused)."""
+
+    run_id: str
+    event_key: str
+    plan_id: str | None
+    plan_hash: str | None
+    approver: str
+    decision: str
+    comment: str
+    accepted: bool
+    refusal_reason: str | None
+    via: str
+
+
+class VerdictDecision(Frozen):
+    """After a failed verification: retry remediation or hand off to a human."""
+
+    actor: EntityId
+    choice: Literal["retry", "hand_off"]
+    comment: str = ""
+
+
+class EvidenceRequest(Frozen):
+    """Input of `capture_evidence`."""
+
+    ref: RunRef
+    outcome: str
+    blast_radius: str | None
+    plan_id: str | None
+    verification: VerificationResult | None
+    approvers: list[str]
+
+
+class FinishRun(Frozen):
+    """Input of `finish_run`."""
+
+    ref: RunRef
+    phase: str
+    outcome: str
+    blast_radius: str | None
+
+
+class EscalationRequest(Frozen):
+    """An approval deadline passed: tell the next tier."""
+
+    ref: RunRef
+    plan_id: str
+    plan_hash: str
+    action_count: int
+    money_moved_minor: int
+    next_tier: int
+    next_approvers: list[str]
+
+
+class RemediationResult(Frozen):
+    """What a remediation ended with."""
+
+    workflow_id: str
+    run_id: str
+    outcome: Phase
+    blast_radius: BlastRadius | None
+    plan: PlanSummary | None
+    applied: ApplySummary | None
+    verification: VerificationResult | None
+    approvers: list[str]
+
+
+class StatusView(Frozen):
+    """The `status` query: everything a commander needs on one screen."""
+
+    phase: Phase
+    blast_radius: BlastRadius | None
+    diagnosis: list[CheckResult]
+    drift: dict[str, int]
+    plan: PlanSummary | None
+    approvals: list[str]
+    approvals_needed: int
+    rejected_by: str | None
+    verification: VerificationResult | None
+    frozen: bool

@@ -1,0 +1,50 @@
+"""Stable names of every workflow, activity, signal, update and query (the contract with history)."""
+
+from __future__ import annotations
+
+WORKFLOW = "BillingRemediation"
+
+# Configuration
+LOAD_RUNTIME_OPTIONS = "config.load_runtime_options"
+
+# Postgres: the remediation's own records
+REGISTER_RUN = "records.register_run"
+RECORD_TIMELINE = "records.record_timeline"
+RECORD_APPROVAL = "records.record_approval"
+RECORD_API_ACTION = "records.record_api_action"
+SNAPSHOT_SCOPE = "records.snapshot_scope"
+CAPTURE_EVIDENCE = "records.capture_evidence"
+FINISH_RUN = "records.finish_run"
+
+# Postgres: the billing data
+CHECK_POSTGRES = "billing_db.check_postgres"
+CHECK_OUTBOX = "billing_db.check_outbox"
+CHECK_DATA_CONSISTENCY = "billing_db.check_data_consistency"
+ASSESS_BLAST_RADIUS = "billing_db.assess_blast_radius"
+RECONCILE = "billing_db.reconcile"
+BUILD_PLAN = "billing_db.build_plan"
+APPLY_PLAN = "billing_db.apply_plan"
+CHECK_DUPLICATES = "billing_db.check_duplicates"
+
+# NATS JetStream
+CHECK_CONSUMER = "nats.check_consumer"
+READ_EVENT_SEQUENCE = "nats.read_event_sequence"
+PUBLISH_ESCALATION = "nats.publish_escalation"
+
+# Loki and Tempo
+QUERY_CORRELATION_LOGS = "loki.query_correlation_logs"
+SUMMARIZE_TRACE = "tempo.summarize_trace"
+
+# Admin billing API
+FREEZE_ADJUSTMENTS = "billing_api.freeze_adjustments"
+UNFREEZE_ADJUSTMENTS = "billing_api.unfreeze_adjustments"
+CLEAR_RESTRICTION = "billing_api.clear_restriction"
+RESTART_BILLING_WORKER = "billing_api.restart_billing_worker"
+CHECK_LAUNCH_GUARD = "billing_api.check_launch_guard"
+
+# Workflow handlers
+UPDATE_APPROVE = "approve"
+SIGNAL_APPROVE = "approve_signal"
+UPDATE_DECIDE = "decide"
+QUERY_STATUS = "status"
+QUERY_PLAN = "plan"
