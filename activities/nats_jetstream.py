@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -37,7 +38,11 @@ class NatsActivities:
             return self._nc
         try:
             # No reconnect loop here: an outage must surface as a finding, not a hang.
-            self._nc = await nats.connect(self._url, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0)
+            self._nc = await asyncio.wait_for(
+                nats.connect(self._url, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=1,
+                             error_cb=_quiet),
+                timeout=5,
+            )
         except (OSError, NatsError, TimeoutError) as exc:
             raise dependency_down(f"NATS unreachable: {type(exc).__name__}") from exc
         return self._nc
@@ -157,6 +162,11 @@ class NatsActivities:
                              headers={"Nats-Msg-Id": f"{request.plan_id}:tier{request.next_tier}"})
         except (NatsError, TimeoutError) as exc:
             raise dependency_down(f"NATS publish failed: {type(exc).__name__}") from exc
+
+
+async def _quiet(exc: Exception) -> None:
+    # Connection errors surface through the activity's own error; don't spam the worker log.
+    del exc
 
 
 def _decode(data: bytes) -> dict[str, Any]:

