@@ -7,6 +7,7 @@ look at the whole platform do not see each other's data.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -130,7 +131,8 @@ async def make_world(pg_settings: Settings, template: str, state_root: Path, cli
         nc = await nats.connect(settings.resolved_nats_url())
         async with worker:
             yield World(settings, client, db, nc, nats_server, settings.task_queue)
-        await nc.close()
+        with contextlib.suppress(Exception):
+            await nc.close()
         await db.close()
     nats_server.stop()
 

@@ -231,6 +231,7 @@ async def test_nats_outage_during_diagnosis_is_a_finding(world: World) -> None:
     assert statuses["nats_consumer"] == "unreachable"
     assert statuses["event_sequence"] == "unreachable"
     assert statuses["postgres"] == "ok"
+    world.nats_server.start()  # same port and store: the platform reconnects
 
 
 async def test_bad_scope_refused_before_start(world: World) -> None:
