@@ -1,0 +1,86 @@
+"""Pure logic: input models and approval rules (no harness)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from workflows.approval import ApprovalState, apply_decision, approvals_required, refusal, reset_for_plan
+from workflows.models import (
+    ApprovalDecision,
+    ApprovalPolicy,
+    ApproverInfo,
+    BlastRadius,
+    PlanSummary,
+    RemediationRequest,
+    Scope,
+)
+
+ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,30}", fullmatch=True)
+
+
+@given(org=st.one_of(st.none(), ids), user=st.one_of(st.none(), ids), corr=ids)
+def test_workflow_id_is_stable_and_scope_derived(org: str | None, user: str | None, corr: str) -> None:
+    a = RemediationRequest(correlation_id=corr, requested_by="ic", scope=Scope(org_id=org, user_id=user))
+    b = RemediationRequest(correlation_id=corr + "x", requested_by="ic2", scope=Scope(org_id=org, user_id=user))
+    assert a.workflow_id() == b.workflow_id()
+    assert a.workflow_id().startswith("remediation-")
+
+
+@given(st.text(min_size=1, max_size=20).filter(lambda s: any(c in s for c in " ;'\"\\/$")))
+def test_malformed_ids_are_refused(bad: str) -> None:
+    with pytest.raises(ValidationError):
+        Scope(org_id=bad)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"correlation_id": "", "requested_by": "ic"}, "correlation_id"),
+        ({"correlation_id": "c", "requested_by": "ic", "trigger": "bogus"}, "trigger"),
+        ({"correlation_id": "c", "requested_by": "ic", "trace_id": "xyz"}, "trace_id"),
+        ({"correlation_id": "c", "requested_by": "ic", "trigger": "prepaid_depleted"}, "scope.org_id"),
+        ({"correlation_id": "c" * 200, "requested_by": "ic"}, "correlation_id"),
+    ],
+)
+def test_bad_requests_name_the_field(kwargs: dict[str, str], field: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        RemediationRequest(**kwargs)  # type: ignore[arg-type]
+    assert field in str(err.value)
+
+
+POLICY = ApprovalPolicy(approvers=[ApproverInfo(name=n, role="r") for n in ("alice", "bob", "carol")], quorum=2,
+                        money_threshold_minor=1000, deadline_seconds=60, hard_limit_seconds=600)
+
+
+def plan(money: int = 10, h: str = "a" * 64) -> PlanSummary:
+    return PlanSummary(plan_id="p", plan_hash=h, action_count=1, debit_total_minor=-money, credit_total_minor=0,
+                       counts_by_kind={})
+
+
+def dec(who: str, h: str = "a" * 64, what: str = "approve") -> ApprovalDecision:
+    return ApprovalDecision(plan_hash=h, approver=who, decision=what)  # type: ignore[arg-type]
+
+
+def test_quorum_and_self_approval_rules() -> None:
+    state = ApprovalState()
+    reset_for_plan(state, plan())
+    assert approvals_required(POLICY, plan(), BlastRadius.SINGLE) == 1
+    assert approvals_required(POLICY, plan(5000), BlastRadius.SINGLE) == 2
+    assert approvals_required(POLICY, plan(), BlastRadius.WIDESPREAD) == 2
+    assert refusal(state, dec("alice"), POLICY, "alice", BlastRadius.SINGLE, awaiting=True) is None
+    assert "self-approval" in str(refusal(state, dec("alice"), POLICY, "alice", BlastRadius.WIDESPREAD, awaiting=True))
+    assert "not an approver" in str(refusal(state, dec("zed"), POLICY, "ic", None, awaiting=True))
+    assert "stale plan" in str(refusal(state, dec("bob", "b" * 64), POLICY, "ic", None, awaiting=True))
+    assert "no plan" in str(refusal(state, dec("bob"), POLICY, "ic", None, awaiting=False))
+    apply_decision(state, dec("bob"), 2)
+    assert not state.decided
+    assert "already approved" in str(refusal(state, dec("bob"), POLICY, "ic", None, awaiting=True))
+    apply_decision(state, dec("carol"), 2)
+    assert state.decided and state.approved_by == ["bob", "carol"]
+    assert "already decided" in str(refusal(state, dec("alice"), POLICY, "ic", None, awaiting=True))
+    # A changed plan needs fresh approvals.
+    reset_for_plan(state, plan(h="c" * 64))
+    assert state.approved_by == [] and not state.decided
