@@ -10,7 +10,9 @@ from temporalio.exceptions import ApplicationError
 from activities.errors import bad_input, dependency_down, not_found, unauthorized
 
 
-async def send(client: httpx.AsyncClient, system: str, method: str, url: str, **kwargs: Any) -> httpx.Response:
+async def send(
+    client: httpx.AsyncClient, system: str, method: str, url: str, **kwargs: Any
+) -> httpx.Response:
     """Send a request; transport failures become a retryable DependencyDown naming ``system``."""
     try:
         return await client.request(method, url, **kwargs)

@@ -46,27 +46,45 @@ def trace_ids_of(stream: dict[str, Any], line: str) -> str | None:
 class LokiActivities:
     """Queries Loki (or the stand-in's Loki-compatible endpoint)."""
 
-    def __init__(self, client: httpx.AsyncClient, tenant: str | None, lookback_seconds: int = 7 * 86400) -> None:
+    def __init__(
+        self, client: httpx.AsyncClient, tenant: str | None, lookback_seconds: int = 7 * 86400
+    ) -> None:
         self._client = client
         self._tenant = tenant
         self._lookback = lookback_seconds
 
-    async def query_range(self, query: str, start_ns: int, end_ns: int) -> list[tuple[dict[str, Any], int, str]]:
+    async def query_range(
+        self, query: str, start_ns: int, end_ns: int
+    ) -> list[tuple[dict[str, Any], int, str]]:
         """All entries of ``query`` in [start, end), paging forward past the per-query limit."""
         headers = {"X-Scope-OrgID": self._tenant} if self._tenant else {}
         entries: list[tuple[dict[str, Any], int, str]] = []
         for _ in range(MAX_PAGES):
-            response = await send(self._client, "Loki", "GET", "/loki/api/v1/query_range", headers=headers,
-                                  params={"query": query, "start": str(start_ns), "end": str(end_ns),
-                                          "limit": str(PAGE_LIMIT), "direction": "forward"})
+            response = await send(
+                self._client,
+                "Loki",
+                "GET",
+                "/loki/api/v1/query_range",
+                headers=headers,
+                params={
+                    "query": query,
+                    "start": str(start_ns),
+                    "end": str(end_ns),
+                    "limit": str(PAGE_LIMIT),
+                    "direction": "forward",
+                },
+            )
             raise_for("Loki", response)
             body = json_object("Loki", response)
             data = body.get("data")
             if body.get("status") != "success" or not isinstance(data, dict):
                 raise_for("Loki", httpx.Response(502, text=f"unexpected body: {response.text[:100]}"))
                 break
-            page = [(s.get("stream", {}), int(v[0]), str(v[1])) for s in data.get("result", [])
-                    for v in s.get("values", [])]
+            page = [
+                (s.get("stream", {}), int(v[0]), str(v[1]))
+                for s in data.get("result", [])
+                for v in s.get("values", [])
+            ]
             entries += page
             if len(page) < PAGE_LIMIT:
                 break
@@ -77,7 +95,9 @@ class LokiActivities:
     async def query_correlation_logs(self, ref: RunRef) -> CheckResult:
         """Log lines for the correlation id across the billing services, the trace ids found, errors."""
         end = time.time_ns()
-        entries = await self.query_range(correlation_query(ref.correlation_id), end - self._lookback * 10**9, end)
+        entries = await self.query_range(
+            correlation_query(ref.correlation_id), end - self._lookback * 10**9, end
+        )
         by_service: Counter[str] = Counter()
         errors = 0
         trace_ids: list[str] = []
@@ -89,8 +109,18 @@ class LokiActivities:
             if trace and trace not in trace_ids:
                 trace_ids.append(trace)
         status = "warn" if errors else "ok"
-        headline = (f"{len(entries)} lines ({', '.join(f'{s}: {n}' for s, n in sorted(by_service.items()))}), "
-                    f"{errors} errors, {len(trace_ids)} trace ids") if entries else "no log lines for this correlation id"
-        return CheckResult(check="loki_logs", status=status, headline=headline,
-                           counts={"lines": len(entries), "errors": errors, **dict(by_service)},
-                           trace_ids=trace_ids[:20])
+        headline = (
+            (
+                f"{len(entries)} lines ({', '.join(f'{s}: {n}' for s, n in sorted(by_service.items()))}), "
+                f"{errors} errors, {len(trace_ids)} trace ids"
+            )
+            if entries
+            else "no log lines for this correlation id"
+        )
+        return CheckResult(
+            check="loki_logs",
+            status=status,
+            headline=headline,
+            counts={"lines": len(entries), "errors": errors, **dict(by_service)},
+            trace_ids=trace_ids[:20],
+        )

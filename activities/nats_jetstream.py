@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -39,8 +40,13 @@ class NatsActivities:
         try:
             # No reconnect loop here: an outage must surface as a finding, not a hang.
             self._nc = await asyncio.wait_for(
-                nats.connect(self._url, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=1,
-                             error_cb=_quiet),
+                nats.connect(
+                    self._url,
+                    connect_timeout=2,
+                    allow_reconnect=False,
+                    max_reconnect_attempts=1,
+                    error_cb=_quiet,
+                ),
                 timeout=5,
             )
         except (OSError, NatsError, TimeoutError) as exc:
@@ -59,21 +65,31 @@ class NatsActivities:
         try:
             info = await js.consumer_info(self._stream, self._consumer)
         except NotFoundError:
-            return CheckResult(check="nats_consumer", status="critical",
-                               headline=f"consumer {self._consumer} on {self._stream} does not exist")
+            return CheckResult(
+                check="nats_consumer",
+                status="critical",
+                headline=f"consumer {self._consumer} on {self._stream} does not exist",
+            )
         except (NatsError, TimeoutError) as exc:
             raise dependency_down(f"NATS consumer info failed: {type(exc).__name__}") from exc
         pending = info.num_pending or 0
         ack_pending = info.num_ack_pending or 0
         redelivered = info.num_redelivered or 0
         max_ack = info.config.max_ack_pending or 1000
-        last = max((s.last_active for s in (info.delivered, info.ack_floor) if s and s.last_active), default=None)
+        last = max(
+            (s.last_active for s in (info.delivered, info.ack_floor) if s and s.last_active), default=None
+        )
         since = int((datetime.now(UTC) - last).total_seconds()) if last else None
         problems: list[str] = []
         status = "ok"
         if pending > 0 and (since is None or since >= 300):
-            status, problems = "critical", [f"stalled: {pending} pending, no activity "
-                                            + ("ever" if since is None else f"for {since}s")]
+            status, problems = (
+                "critical",
+                [
+                    f"stalled: {pending} pending, no activity "
+                    + ("ever" if since is None else f"for {since}s")
+                ],
+            )
         elif pending > 1000 or ack_pending >= 0.8 * max_ack:
             status, problems = "critical", [f"lagging: {pending} pending, {ack_pending} ack-pending"]
         elif pending > self._threshold or redelivered > 0:
@@ -89,9 +105,15 @@ class NatsActivities:
         """provisioning.active → releasing.completed|release_failed per allocation in scope; gaps and disorder."""
         js = (await self._client()).jetstream()
         sub = await js.pull_subscribe(
-            ">", stream=self._stream,
-            config=ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL,
-                                  inactive_threshold=30, mem_storage=True))
+            ">",
+            stream=self._stream,
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.NONE,
+                deliver_policy=DeliverPolicy.ALL,
+                inactive_threshold=30,
+                mem_storage=True,
+            ),
+        )
         by_alloc: dict[str, list[str]] = {}
         in_scope: set[str] = set()
         counts = {"events": 0, "billing": 0, "payments": 0}
@@ -114,19 +136,34 @@ class NatsActivities:
             seq = [ORDER[s] for s in by_alloc.get(alloc, []) if s in ORDER]
             if seq and seq[0] != 0:
                 gaps += 1
-            if any(b < a for a, b in zip(seq, seq[1:], strict=False)):
+            if any(b < a for a, b in itertools.pairwise(seq)):
                 out_of_order += 1
-        result = {"allocations": len(in_scope), "scanned": scanned, "gaps": gaps, "out_of_order": out_of_order,
-                  **counts}
+        result = {
+            "allocations": len(in_scope),
+            "scanned": scanned,
+            "gaps": gaps,
+            "out_of_order": out_of_order,
+            **counts,
+        }
         status = "warn" if gaps or out_of_order else "ok"
         truncated = " (scan limit reached)" if scanned >= SCAN_LIMIT else ""
-        return CheckResult(check="event_sequence", status=status,
-                           headline=f"{len(in_scope)} allocations, {counts['events']} events, {gaps} gaps, "
-                                    f"{out_of_order} out of order{truncated}", counts=result)
+        return CheckResult(
+            check="event_sequence",
+            status=status,
+            headline=f"{len(in_scope)} allocations, {counts['events']} events, {gaps} gaps, "
+            f"{out_of_order} out of order{truncated}",
+            counts=result,
+        )
 
     @staticmethod
-    def _collect(ref: RunRef, subject: str, event: dict[str, Any], by_alloc: dict[str, list[str]],
-                 in_scope: set[str], counts: dict[str, int]) -> None:
+    def _collect(
+        ref: RunRef,
+        subject: str,
+        event: dict[str, Any],
+        by_alloc: dict[str, list[str]],
+        in_scope: set[str],
+        counts: dict[str, int],
+    ) -> None:
         alloc = event.get("allocation_id")
         scope = ref.scope
         if subject.startswith("payments."):
@@ -152,14 +189,21 @@ class NatsActivities:
         """Publish `remediation.escalations` with the plan summary and the next approver tier."""
         js = (await self._client()).jetstream()
         body = {
-            "workflow_id": request.ref.workflow_id, "correlation_id": request.ref.correlation_id,
-            "plan_id": request.plan_id, "plan_hash": request.plan_hash, "action_count": request.action_count,
-            "money_moved_minor": request.money_moved_minor, "next_tier": request.next_tier,
+            "workflow_id": request.ref.workflow_id,
+            "correlation_id": request.ref.correlation_id,
+            "plan_id": request.plan_id,
+            "plan_hash": request.plan_hash,
+            "action_count": request.action_count,
+            "money_moved_minor": request.money_moved_minor,
+            "next_tier": request.next_tier,
             "next_approvers": request.next_approvers,
         }
         try:
-            await js.publish("remediation.escalations", json.dumps(body).encode(),
-                             headers={"Nats-Msg-Id": f"{request.plan_id}:tier{request.next_tier}"})
+            await js.publish(
+                "remediation.escalations",
+                json.dumps(body).encode(),
+                headers={"Nats-Msg-Id": f"{request.plan_id}:tier{request.next_tier}"},
+            )
         except (NatsError, TimeoutError) as exc:
             raise dependency_down(f"NATS publish failed: {type(exc).__name__}") from exc
 

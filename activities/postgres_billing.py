@@ -64,36 +64,48 @@ def _checks(scope: Scope, first: int) -> dict[DriftKind, tuple[str, list[str]]]:
     usage_pred, usage_params = scope_predicate(scope, USAGE_COLUMNS, first)
     pay_pred, pay_params = scope_predicate(scope, PAYMENT_COLUMNS, first)
     return {
-        DriftKind.MISSING_OPEN_USAGE: (f"""
+        DriftKind.MISSING_OPEN_USAGE: (
+            f"""
             SELECT 'missing_open_usage', 'allocation', a.id, a.org_id, a.project_id, a.requested_by_user_id, a.id,
                    0::bigint, jsonb_build_object('status', a.status, 'activated_at', a.activated_at)
             FROM billing.allocations a
             WHERE a.status IN {OPEN_STATUSES} AND {alloc_pred}
               AND NOT EXISTS (SELECT 1 FROM billing.usage_records u
-                              WHERE u.allocation_id = a.id AND u.end_time IS NULL)""", alloc_params),
-        DriftKind.ORPHAN_OPEN_USAGE: (f"""
+                              WHERE u.allocation_id = a.id AND u.end_time IS NULL)""",
+            alloc_params,
+        ),
+        DriftKind.ORPHAN_OPEN_USAGE: (
+            f"""
             SELECT 'orphan_open_usage', 'usage_record', u.id::text, u.org_id, u.project_id, u.requested_by_user_id,
                    u.allocation_id, {CLOSE_COST},
                    jsonb_build_object('allocation_status', a.status, 'released_at', a.released_at,
                                       'start_time', u.start_time)
             FROM billing.usage_records u JOIN billing.allocations a ON a.id = u.allocation_id
-            WHERE u.end_time IS NULL AND a.status NOT IN {OPEN_STATUSES} AND {usage_pred}""", usage_params),
-        DriftKind.UNBILLED_CLOSED_USAGE: (f"""
+            WHERE u.end_time IS NULL AND a.status NOT IN {OPEN_STATUSES} AND {usage_pred}""",
+            usage_params,
+        ),
+        DriftKind.UNBILLED_CLOSED_USAGE: (
+            f"""
             SELECT 'unbilled_closed_usage', 'usage_record', u.id::text, u.org_id, u.project_id,
                    u.requested_by_user_id, u.allocation_id, u.accrued_cost_minor,
                    jsonb_build_object('end_time', u.end_time)
             FROM billing.usage_records u
             WHERE u.end_time IS NOT NULL AND u.accrued_cost_minor > 0 AND {usage_pred}
               AND NOT EXISTS (SELECT 1 FROM billing.ledger_entries l
-                              WHERE l.usage_record_id = u.id AND l.kind = 'usage_debit')""", usage_params),
-        DriftKind.PAYMENT_DRIFT: (f"""
+                              WHERE l.usage_record_id = u.id AND l.kind = 'usage_debit')""",
+            usage_params,
+        ),
+        DriftKind.PAYMENT_DRIFT: (
+            f"""
             SELECT 'payment_drift', 'payment_session', p.id, p.org_id, NULL, p.user_id, NULL, p.amount_minor,
                    jsonb_build_object('status', p.status, 'existing_credit_id',
                        (SELECT l.id FROM billing.ledger_entries l
                         WHERE l.payment_session_id = p.id AND l.kind = 'payment_credit'))
             FROM billing.payment_sessions p
             WHERE (p.status = 'failed_reconcile' OR (p.status = 'completed' AND p.ledger_entry_id IS NULL))
-              AND {pay_pred}""", pay_params),
+              AND {pay_pred}""",
+            pay_params,
+        ),
     }
 
 
@@ -103,7 +115,10 @@ async def validate_scope(conn: asyncpg.Connection | asyncpg.Pool, scope: Scope) 
         ("org_id", "SELECT id, id AS org_id FROM billing.orgs WHERE id = $1"),
         ("project_id", "SELECT id, org_id FROM billing.projects WHERE id = $1"),
         ("user_id", "SELECT id, org_id FROM billing.users WHERE id = $1"),
-        ("allocation_id", "SELECT id, org_id, project_id, requested_by_user_id FROM billing.allocations WHERE id = $1"),
+        (
+            "allocation_id",
+            "SELECT id, org_id, project_id, requested_by_user_id FROM billing.allocations WHERE id = $1",
+        ),
     )
     for field, sql in lookups:
         value = getattr(scope, field)
@@ -113,7 +128,9 @@ async def validate_scope(conn: asyncpg.Connection | asyncpg.Pool, scope: Scope) 
         if row is None:
             raise bad_input(f"scope.{field}: unknown {field.removesuffix('_id')} {value!r}")
         if scope.org_id and row["org_id"] != scope.org_id:
-            raise bad_input(f"scope.{field}: {value!r} belongs to org {row['org_id']!r}, not {scope.org_id!r}")
+            raise bad_input(
+                f"scope.{field}: {value!r} belongs to org {row['org_id']!r}, not {scope.org_id!r}"
+            )
         if field == "allocation_id":
             if scope.project_id and row["project_id"] != scope.project_id:
                 raise bad_input(f"scope.allocation_id: {value!r} is outside project {scope.project_id!r}")
@@ -136,12 +153,18 @@ class BillingDatabaseActivities:
         try:
             version = await self._pool.fetchval("SHOW server_version")
         except TRANSIENT as exc:
-            return CheckResult(check="postgres", status="unreachable", headline=f"Postgres unreachable: {exc!r}")
+            return CheckResult(
+                check="postgres", status="unreachable", headline=f"Postgres unreachable: {exc!r}"
+            )
         ms = int((time.perf_counter() - started) * 1000)
         status = "ok" if ms < 500 else "warn"
         await self._diagnosis(ref, "postgres", status, {"latency_ms": ms, "version": version})
-        return CheckResult(check="postgres", status=status, headline=f"connected, {ms} ms round trip (PostgreSQL {version})",
-                           counts={"latency_ms": ms})
+        return CheckResult(
+            check="postgres",
+            status=status,
+            headline=f"connected, {ms} ms round trip (PostgreSQL {version})",
+            counts={"latency_ms": ms},
+        )
 
     @activity.defn(name=names.CHECK_OUTBOX)
     async def check_outbox(self, ref: RunRef) -> CheckResult:
@@ -164,8 +187,12 @@ class BillingDatabaseActivities:
             status = "ok"
         counts = {"backlog": backlog, "oldest_seconds": oldest, "failed": failed}
         await self._diagnosis(ref, "outbox_relay", status, counts)
-        return CheckResult(check="outbox_relay", status=status,
-                           headline=f"{backlog} unpublished, oldest {oldest}s, {failed} failed", counts=counts)
+        return CheckResult(
+            check="outbox_relay",
+            status=status,
+            headline=f"{backlog} unpublished, oldest {oldest}s, {failed} failed",
+            counts=counts,
+        )
 
     @activity.defn(name=names.CHECK_DATA_CONSISTENCY)
     async def check_data_consistency(self, ref: RunRef) -> CheckResult:
@@ -176,32 +203,47 @@ class BillingDatabaseActivities:
         lifecycle = await self._fetchval(
             f"""SELECT count(*) FROM billing.usage_records u WHERE {usage_pred}
                 AND (u.end_time < u.start_time OR u.last_billed_at > coalesce(u.end_time, 'infinity')
-                     OR (u.end_time IS NULL AND u.accrued_cost_minor > 0))""", *params)
+                     OR (u.end_time IS NULL AND u.accrued_cost_minor > 0))""",
+            *params,
+        )
         boundary = await self._fetchval(
             f"""SELECT count(*) FROM billing.allocations a WHERE {alloc_pred}
                 AND ((a.status = 'released' AND a.released_at IS NULL)
-                     OR (a.status IN ('releasing', 'release_failed') AND a.releasing_at IS NULL))""", *params)
+                     OR (a.status IN ('releasing', 'release_failed') AND a.releasing_at IS NULL))""",
+            *params,
+        )
         attribution = await self._fetchval(
             f"""SELECT count(*) FROM billing.usage_records u JOIN billing.allocations a ON a.id = u.allocation_id
                 WHERE {usage_pred} AND (u.app_instance_id IS DISTINCT FROM a.app_instance_id
                     OR u.usage_source <> a.usage_source OR u.control_plane_component <> a.control_plane_component
                     OR u.operating_mode <> a.operating_mode OR u.control_plane_scope <> a.control_plane_scope
-                    OR u.runtime_backend <> a.runtime_backend)""", *params)
+                    OR u.runtime_backend <> a.runtime_backend)""",
+            *params,
+        )
         projection = await self._fetchval(
             f"""SELECT count(*) FROM (
                   SELECT u.requested_by_user_id FROM billing.usage_records u
                   LEFT JOIN billing.ledger_entries l ON l.usage_record_id = u.id AND l.kind = 'usage_debit'
                   WHERE u.end_time IS NOT NULL AND {usage_pred}
-                  GROUP BY 1 HAVING sum(u.accrued_cost_minor) <> -coalesce(sum(l.amount_minor), 0)) d""", *params)
+                  GROUP BY 1 HAVING sum(u.accrued_cost_minor) <> -coalesce(sum(l.amount_minor), 0)) d""",
+            *params,
+        )
         del ledger_pred, ledger_params
-        counts = {"usage_lifecycle": int(lifecycle), "allocation_boundary": int(boundary),
-                  "attribution_boundary": int(attribution), "ledger_projection_users": int(projection)}
+        counts = {
+            "usage_lifecycle": int(lifecycle),
+            "allocation_boundary": int(boundary),
+            "attribution_boundary": int(attribution),
+            "ledger_projection_users": int(projection),
+        }
         problems = [f"{k}={v}" for k, v in counts.items() if v]
         status = "warn" if problems else "ok"
         await self._diagnosis(ref, "data_consistency", status, counts)
-        return CheckResult(check="data_consistency", status=status,
-                           headline="consistent" if not problems else "inconsistent: " + ", ".join(problems),
-                           counts=counts)
+        return CheckResult(
+            check="data_consistency",
+            status=status,
+            headline="consistent" if not problems else "inconsistent: " + ", ".join(problems),
+            counts=counts,
+        )
 
     @activity.defn(name=names.ASSESS_BLAST_RADIUS)
     async def assess_blast_radius(self, request: BlastRadiusRequest) -> BlastRadiusResult:
@@ -219,7 +261,8 @@ class BillingDatabaseActivities:
                                    AND l.kind = 'usage_debit')
                  UNION ALL
                  SELECT p.org_id FROM billing.payment_sessions p WHERE p.status = 'failed_reconcile'
-                   OR (p.status = 'completed' AND p.ledger_entry_id IS NULL)) d""")
+                   OR (p.status = 'completed' AND p.ledger_entry_id IS NULL)) d"""
+        )
         reasons: list[str] = []
         if request.worker_degraded:
             reasons.append("billing worker consumer is critical (global degradation)")
@@ -235,9 +278,15 @@ class BillingDatabaseActivities:
         else:
             radius = BlastRadius.SINGLE
             reasons.append("confined to a single user/project")
-        await self._diagnosis(request.ref, "blast_radius", radius.value,
-                              {"drift_in_scope": in_scope, "orgs_with_drift": int(orgs), "reasons": reasons})
-        return BlastRadiusResult(radius=radius, drift_in_scope=in_scope, orgs_with_drift=int(orgs), reasons=reasons)
+        await self._diagnosis(
+            request.ref,
+            "blast_radius",
+            radius.value,
+            {"drift_in_scope": in_scope, "orgs_with_drift": int(orgs), "reasons": reasons},
+        )
+        return BlastRadiusResult(
+            radius=radius, drift_in_scope=in_scope, orgs_with_drift=int(orgs), reasons=reasons
+        )
 
     # ------------------------------------------------------------------ reconcile and plan
 
@@ -251,15 +300,27 @@ class BillingDatabaseActivities:
                 f"""INSERT INTO remediation.findings (run_id, pass, kind, entity_type, entity_id, org_id, project_id,
                         user_id, allocation_id, amount_minor, detail)
                     SELECT $1, $2, q.* FROM ({select}) q ON CONFLICT DO NOTHING""",
-                ref.run_id, request.pass_no, *params,
+                ref.run_id,
+                request.pass_no,
+                *params,
             )
-            counts[kind.value] = int(await self._fetchval(
-                "SELECT count(*) FROM remediation.findings WHERE run_id = $1 AND pass = $2 AND kind = $3",
-                ref.run_id, request.pass_no, kind.value))
+            counts[kind.value] = int(
+                await self._fetchval(
+                    "SELECT count(*) FROM remediation.findings WHERE run_id = $1 AND pass = $2 AND kind = $3",
+                    ref.run_id,
+                    request.pass_no,
+                    kind.value,
+                )
+            )
             activity.heartbeat(kind.value)
         total = sum(counts.values())
-        await self._timeline(ref.run_id, f"reconcile:{request.pass_no}", "reconciling",
-                             f"reconciliation pass {request.pass_no}: {total} findings", counts)
+        await self._timeline(
+            ref.run_id,
+            f"reconcile:{request.pass_no}",
+            "reconciling",
+            f"reconciliation pass {request.pass_no}: {total} findings",
+            counts,
+        )
         return ReconcileSummary(pass_no=request.pass_no, counts=counts, total=total)
 
     @activity.defn(name=names.BUILD_PLAN)
@@ -267,12 +328,17 @@ class BillingDatabaseActivities:
         """Turn a pass's findings into ordered, idempotency-keyed actions and hash them."""
         ref = request.ref
         async with self._pool.acquire() as conn, conn.transaction():
-            existing = await conn.fetchrow("SELECT * FROM remediation.plans WHERE plan_id = $1", request.plan_id)
+            existing = await conn.fetchrow(
+                "SELECT * FROM remediation.plans WHERE plan_id = $1", request.plan_id
+            )
             if existing is None:
                 await conn.execute(
                     """INSERT INTO remediation.plans (plan_id, run_id, pass, plan_hash, action_count, debit_total_minor,
                            credit_total_minor, counts_by_kind) VALUES ($1, $2, $3, '', 0, 0, 0, '{}')""",
-                    request.plan_id, ref.run_id, request.pass_no)
+                    request.plan_id,
+                    ref.run_id,
+                    request.pass_no,
+                )
                 await conn.execute(
                     """INSERT INTO remediation.plan_actions (plan_id, seq, kind, entity_type, entity_id, org_id, user_id,
                            amount_minor, idempotency_key, params)
@@ -302,9 +368,16 @@ class BillingDatabaseActivities:
                                                           ELSE 'payment-link:' || f.entity_id END
                          END AS key) a
                        WHERE f.run_id = $2 AND f.pass = $3""",
-                    request.plan_id, ref.run_id, request.pass_no)
-                next_seq = int(await conn.fetchval(
-                    "SELECT coalesce(max(seq), 0) + 1 FROM remediation.plan_actions WHERE plan_id = $1", request.plan_id))
+                    request.plan_id,
+                    ref.run_id,
+                    request.pass_no,
+                )
+                next_seq = int(
+                    await conn.fetchval(
+                        "SELECT coalesce(max(seq), 0) + 1 FROM remediation.plan_actions WHERE plan_id = $1",
+                        request.plan_id,
+                    )
+                )
                 if request.clear_prepaid_restrictions:
                     next_seq = await self._plan_restriction_clears(conn, request, next_seq)
                 if request.restart_worker:
@@ -312,7 +385,10 @@ class BillingDatabaseActivities:
                         """INSERT INTO remediation.plan_actions (plan_id, seq, kind, entity_type, entity_id, org_id,
                                amount_minor, idempotency_key) VALUES ($1, $2, 'restart_billing_worker', 'worker',
                                'billing-worker', '*', 0, $3)""",
-                        request.plan_id, next_seq, f"worker-restart:{ref.run_id}")
+                        request.plan_id,
+                        next_seq,
+                        f"worker-restart:{ref.run_id}",
+                    )
                 await conn.execute(
                     """UPDATE remediation.plans p SET
                          plan_hash = encode(sha256(convert_to(coalesce(s.canon, ''), 'UTF8')), 'hex'),
@@ -327,23 +403,36 @@ class BillingDatabaseActivities:
                                         FROM remediation.plan_actions WHERE plan_id = $1 GROUP BY kind) k) AS kinds
                              FROM remediation.plan_actions WHERE plan_id = $1) s
                        WHERE p.plan_id = $1""",
-                    request.plan_id)
+                    request.plan_id,
+                )
             plan = await conn.fetchrow("SELECT * FROM remediation.plans WHERE plan_id = $1", request.plan_id)
             api_rows = await conn.fetch(
                 """SELECT seq, kind, org_id, idempotency_key FROM remediation.plan_actions WHERE plan_id = $1
                    AND kind IN ('clear_financial_restriction', 'restart_billing_worker') ORDER BY seq""",
-                request.plan_id)
+                request.plan_id,
+            )
         summary = PlanSummary(
-            plan_id=plan["plan_id"], plan_hash=plan["plan_hash"], action_count=plan["action_count"],
-            debit_total_minor=plan["debit_total_minor"], credit_total_minor=plan["credit_total_minor"],
+            plan_id=plan["plan_id"],
+            plan_hash=plan["plan_hash"],
+            action_count=plan["action_count"],
+            debit_total_minor=plan["debit_total_minor"],
+            credit_total_minor=plan["credit_total_minor"],
             counts_by_kind=json.loads(plan["counts_by_kind"]),
-            api_actions=[ApiAction(seq=r["seq"], kind=r["kind"], org_id=r["org_id"],
-                                   idempotency_key=r["idempotency_key"]) for r in api_rows],
+            api_actions=[
+                ApiAction(
+                    seq=r["seq"], kind=r["kind"], org_id=r["org_id"], idempotency_key=r["idempotency_key"]
+                )
+                for r in api_rows
+            ],
         )
-        await self._timeline(ref.run_id, f"plan:{request.plan_id}", "reconciling",
-                             f"plan {summary.plan_id}: {summary.action_count} actions, debits "
-                             f"{summary.debit_total_minor}, credits {summary.credit_total_minor}",
-                             {"plan_hash": summary.plan_hash})
+        await self._timeline(
+            ref.run_id,
+            f"plan:{request.plan_id}",
+            "reconciling",
+            f"plan {summary.plan_id}: {summary.action_count} actions, debits "
+            f"{summary.debit_total_minor}, credits {summary.credit_total_minor}",
+            {"plan_hash": summary.plan_hash},
+        )
         return summary
 
     async def _plan_restriction_clears(self, conn: asyncpg.Connection, request: PlanRequest, seq: int) -> int:
@@ -356,13 +445,19 @@ class BillingDatabaseActivities:
                     + (SELECT coalesce(sum(amount_minor), 0) FROM remediation.plan_actions pa
                        WHERE pa.plan_id = $1 AND pa.org_id = r.org_id) > 0
                 ORDER BY r.org_id""",
-            request.plan_id, *params)
+            request.plan_id,
+            *params,
+        )
         for row in rows:
             await conn.execute(
                 """INSERT INTO remediation.plan_actions (plan_id, seq, kind, entity_type, entity_id, org_id,
                        amount_minor, idempotency_key) VALUES ($1, $2, 'clear_financial_restriction', 'org', $3, $3,
                        0, $4)""",
-                request.plan_id, seq, row["org_id"], f"restriction-clear:{row['org_id']}:{request.ref.run_id}")
+                request.plan_id,
+                seq,
+                row["org_id"],
+                f"restriction-clear:{row['org_id']}:{request.ref.run_id}",
+            )
             seq += 1
         return seq
 
@@ -371,22 +466,35 @@ class BillingDatabaseActivities:
     @activity.defn(name=names.APPLY_PLAN)
     async def apply_plan(self, request: ApplyRequest) -> ApplySummary:
         """Apply the approved plan's Postgres actions in batches; resumable from the last committed batch."""
-        plan = await self._fetchrow("SELECT plan_hash FROM remediation.plans WHERE plan_id = $1", request.plan_id)
+        plan = await self._fetchrow(
+            "SELECT plan_hash FROM remediation.plans WHERE plan_id = $1", request.plan_id
+        )
         if plan is None:
             raise not_found(f"plan {request.plan_id!r} does not exist")
         if plan["plan_hash"] != request.plan_hash:
-            raise bad_input(f"plan {request.plan_id!r} changed since approval (hash mismatch); re-approval needed")
-        await self._execute("UPDATE remediation.plans SET status = 'applying' WHERE plan_id = $1", request.plan_id)
+            raise bad_input(
+                f"plan {request.plan_id!r} changed since approval (hash mismatch); re-approval needed"
+            )
+        await self._execute(
+            "UPDATE remediation.plans SET status = 'applying' WHERE plan_id = $1", request.plan_id
+        )
         # The audit rows are committed with the effects, so they say exactly where to resume.
-        last_seq = int(await self._fetchval(
-            "SELECT coalesce(max(seq), 0) FROM remediation.applied_actions WHERE plan_id = $1", request.plan_id))
+        last_seq = int(
+            await self._fetchval(
+                "SELECT coalesce(max(seq), 0) FROM remediation.applied_actions WHERE plan_id = $1",
+                request.plan_id,
+            )
+        )
         while True:
             async with self._pool.acquire() as conn, conn.transaction():
                 actions = await conn.fetch(
                     """SELECT * FROM remediation.plan_actions WHERE plan_id = $1 AND seq > $2
                        AND kind NOT IN ('clear_financial_restriction', 'restart_billing_worker')
                        ORDER BY seq LIMIT $3""",
-                    request.plan_id, last_seq, request.batch_size)
+                    request.plan_id,
+                    last_seq,
+                    request.batch_size,
+                )
                 if not actions:
                     break
                 for action in actions:
@@ -395,25 +503,45 @@ class BillingDatabaseActivities:
             activity.heartbeat(last_seq)
         rows = await self._fetch(
             "SELECT outcome, count(*) AS n FROM remediation.applied_actions WHERE plan_id = $1 GROUP BY outcome",
-            request.plan_id)
+            request.plan_id,
+        )
         counts = {r["outcome"]: int(r["n"]) for r in rows}
-        await self._execute("UPDATE remediation.plans SET status = 'applied' WHERE plan_id = $1", request.plan_id)
-        summary = ApplySummary(applied=counts.get("applied", 0), skipped_stale=counts.get("skipped_stale", 0),
-                               already_applied=counts.get("already_applied", 0), last_seq=last_seq)
-        await self._timeline(request.ref.run_id, f"apply:{request.plan_id}", "remediating",
-                             f"applied {summary.applied} actions, {summary.skipped_stale} stale skipped",
-                             {"approvers": ",".join(request.approvers)})
+        await self._execute(
+            "UPDATE remediation.plans SET status = 'applied' WHERE plan_id = $1", request.plan_id
+        )
+        summary = ApplySummary(
+            applied=counts.get("applied", 0),
+            skipped_stale=counts.get("skipped_stale", 0),
+            already_applied=counts.get("already_applied", 0),
+            last_seq=last_seq,
+        )
+        await self._timeline(
+            request.ref.run_id,
+            f"apply:{request.plan_id}",
+            "remediating",
+            f"applied {summary.applied} actions, {summary.skipped_stale} stale skipped",
+            {"approvers": ",".join(request.approvers)},
+        )
         return summary
 
-    async def _apply_one(self, conn: asyncpg.Connection, request: ApplyRequest, action: asyncpg.Record) -> None:
+    async def _apply_one(
+        self, conn: asyncpg.Connection, request: ApplyRequest, action: asyncpg.Record
+    ) -> None:
         """Re-check the finding, apply the effect and write the audit row, all in the caller's transaction."""
-        kind, entity, amount, key = action["kind"], action["entity_id"], action["amount_minor"], action["idempotency_key"]
+        kind, entity, amount, key = (
+            action["kind"],
+            action["entity_id"],
+            action["amount_minor"],
+            action["idempotency_key"],
+        )
         actor = f"remediation:{request.actor}"
         corr = request.ref.correlation_id
         before: Any = None
         after: Any = None
         if kind == "open_usage_record":
-            before = await conn.fetchval("SELECT to_jsonb(a) FROM billing.allocations a WHERE id = $1", entity)
+            before = await conn.fetchval(
+                "SELECT to_jsonb(a) FROM billing.allocations a WHERE id = $1", entity
+            )
             after = await conn.fetchval(
                 f"""INSERT INTO billing.usage_records (allocation_id, org_id, project_id, requested_by_user_id,
                         start_time, last_billed_at, app_instance_id, usage_source, control_plane_component,
@@ -426,9 +554,15 @@ class BillingDatabaseActivities:
                       AND NOT EXISTS (SELECT 1 FROM billing.usage_records u
                                       WHERE u.allocation_id = a.id AND u.end_time IS NULL)
                     ON CONFLICT DO NOTHING RETURNING to_jsonb(billing.usage_records.*)""",
-                entity, key, actor, corr)
+                entity,
+                key,
+                actor,
+                corr,
+            )
         elif kind == "close_orphan_usage":
-            before = await conn.fetchval("SELECT to_jsonb(u) FROM billing.usage_records u WHERE id = $1", int(entity))
+            before = await conn.fetchval(
+                "SELECT to_jsonb(u) FROM billing.usage_records u WHERE id = $1", int(entity)
+            )
             after = await conn.fetchval(
                 f"""UPDATE billing.usage_records u SET end_time = coalesce(a.released_at, a.releasing_at),
                         last_billed_at = coalesce(a.released_at, a.releasing_at), accrued_cost_minor = $2
@@ -436,14 +570,20 @@ class BillingDatabaseActivities:
                     WHERE u.id = $1 AND a.id = u.allocation_id AND u.end_time IS NULL
                       AND a.status NOT IN {OPEN_STATUSES} AND {CLOSE_COST} = $2
                     RETURNING to_jsonb(u.*)""",
-                int(entity), -amount)
+                int(entity),
+                -amount,
+            )
             if after is not None and amount != 0:
                 await self._post_debit(conn, int(entity), -amount, key, actor, corr)
         elif kind == "post_usage_debit":
-            before = await conn.fetchval("SELECT to_jsonb(u) FROM billing.usage_records u WHERE id = $1", int(entity))
+            before = await conn.fetchval(
+                "SELECT to_jsonb(u) FROM billing.usage_records u WHERE id = $1", int(entity)
+            )
             after = await self._post_debit(conn, int(entity), -amount, key, actor, corr)
         elif kind == "credit_payment":
-            before = await conn.fetchval("SELECT to_jsonb(p) FROM billing.payment_sessions p WHERE id = $1", entity)
+            before = await conn.fetchval(
+                "SELECT to_jsonb(p) FROM billing.payment_sessions p WHERE id = $1", entity
+            )
             entry = await conn.fetchval(
                 """INSERT INTO billing.ledger_entries (org_id, requested_by_user_id, kind, amount_minor,
                        payment_session_id, idempotency_key, actor, correlation_id)
@@ -454,35 +594,54 @@ class BillingDatabaseActivities:
                      AND NOT EXISTS (SELECT 1 FROM billing.ledger_entries l
                                      WHERE l.payment_session_id = p.id AND l.kind = 'payment_credit')
                    ON CONFLICT DO NOTHING RETURNING id""",
-                entity, amount, key, actor, corr)
+                entity,
+                amount,
+                key,
+                actor,
+                corr,
+            )
             if entry is not None:
                 after = await conn.fetchval(
                     """UPDATE billing.payment_sessions SET ledger_entry_id = $2, status = 'completed',
                            completed_at = coalesce(completed_at, now()) WHERE id = $1 RETURNING to_jsonb(payment_sessions.*)""",
-                    entity, entry)
+                    entity,
+                    entry,
+                )
         elif kind == "link_payment_credit":
-            before = await conn.fetchval("SELECT to_jsonb(p) FROM billing.payment_sessions p WHERE id = $1", entity)
+            before = await conn.fetchval(
+                "SELECT to_jsonb(p) FROM billing.payment_sessions p WHERE id = $1", entity
+            )
             after = await conn.fetchval(
                 """UPDATE billing.payment_sessions p SET ledger_entry_id = l.id, status = 'completed',
                        completed_at = coalesce(p.completed_at, now())
                    FROM billing.ledger_entries l
                    WHERE p.id = $1 AND p.ledger_entry_id IS NULL AND l.payment_session_id = p.id
                      AND l.kind = 'payment_credit' RETURNING to_jsonb(p.*)""",
-                entity)
+                entity,
+            )
         else:
             raise bad_input(f"plan {request.plan_id!r} action {action['seq']}: unknown kind {kind!r}")
         await conn.execute(
             """INSERT INTO remediation.applied_actions (plan_id, seq, idempotency_key, kind, outcome, actor, approvers,
                    workflow_id, correlation_id, before, after)
                VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) ON CONFLICT (plan_id, seq) DO NOTHING""",
-            request.plan_id, action["seq"], key, kind, "applied" if after is not None else "skipped_stale",
-            request.actor, request.approvers, request.ref.workflow_id, corr,
+            request.plan_id,
+            action["seq"],
+            key,
+            kind,
+            "applied" if after is not None else "skipped_stale",
+            request.actor,
+            request.approvers,
+            request.ref.workflow_id,
+            corr,
             before if isinstance(before, str) else json.dumps(before),
-            after if isinstance(after, str) else json.dumps(after))
+            after if isinstance(after, str) else json.dumps(after),
+        )
 
     @staticmethod
-    async def _post_debit(conn: asyncpg.Connection, usage_id: int, cost: int, key: str, actor: str,
-                          corr: str) -> Any:
+    async def _post_debit(
+        conn: asyncpg.Connection, usage_id: int, cost: int, key: str, actor: str, corr: str
+    ) -> Any:
         return await conn.fetchval(
             """INSERT INTO billing.ledger_entries (org_id, requested_by_user_id, kind, amount_minor, usage_record_id,
                    idempotency_key, actor, correlation_id)
@@ -492,7 +651,12 @@ class BillingDatabaseActivities:
                  AND NOT EXISTS (SELECT 1 FROM billing.ledger_entries l
                                  WHERE l.usage_record_id = u.id AND l.kind = 'usage_debit')
                ON CONFLICT DO NOTHING RETURNING to_jsonb(billing.ledger_entries.*)""",
-            usage_id, cost, key, actor, corr)
+            usage_id,
+            cost,
+            key,
+            actor,
+            corr,
+        )
 
     # ------------------------------------------------------------------ verification
 
@@ -503,16 +667,25 @@ class BillingDatabaseActivities:
         usage_pred, uparams = scope_predicate(request.ref.scope, USAGE_COLUMNS, 1)
         debits = await self._fetchval(
             f"""SELECT count(*) FROM (SELECT usage_record_id FROM billing.ledger_entries l
-                WHERE kind = 'usage_debit' AND {ledger_pred} GROUP BY 1 HAVING count(*) > 1) d""", *params)
+                WHERE kind = 'usage_debit' AND {ledger_pred} GROUP BY 1 HAVING count(*) > 1) d""",
+            *params,
+        )
         credits = await self._fetchval(
             f"""SELECT count(*) FROM (SELECT payment_session_id FROM billing.ledger_entries l
-                WHERE kind = 'payment_credit' AND {ledger_pred} GROUP BY 1 HAVING count(*) > 1) d""", *params)
+                WHERE kind = 'payment_credit' AND {ledger_pred} GROUP BY 1 HAVING count(*) > 1) d""",
+            *params,
+        )
         open_twice = await self._fetchval(
             f"""SELECT count(*) FROM (SELECT allocation_id FROM billing.usage_records u
-                WHERE end_time IS NULL AND {usage_pred} GROUP BY 1 HAVING count(*) > 1) d""", *uparams)
+                WHERE end_time IS NULL AND {usage_pred} GROUP BY 1 HAVING count(*) > 1) d""",
+            *uparams,
+        )
         total = int(debits) + int(credits) + int(open_twice)
-        return Criterion(name="no_duplicate_debits_or_credits", passed=total == 0,
-                         detail=f"duplicate debits {debits}, duplicate credits {credits}, double-open usage {open_twice}")
+        return Criterion(
+            name="no_duplicate_debits_or_credits",
+            passed=total == 0,
+            detail=f"duplicate debits {debits}, duplicate credits {credits}, double-open usage {open_twice}",
+        )
 
     # ------------------------------------------------------------------ helpers
 
@@ -527,13 +700,24 @@ class BillingDatabaseActivities:
             """INSERT INTO remediation.diagnoses (run_id, check_name, status, data) VALUES ($1, $2, $3, $4)
                ON CONFLICT (run_id, check_name) DO UPDATE SET status = excluded.status, data = excluded.data,
                at = now()""",
-            ref.run_id, check, status, json.dumps(data, default=str))
+            ref.run_id,
+            check,
+            status,
+            json.dumps(data, default=str),
+        )
 
-    async def _timeline(self, run_id: str, key: str, phase: str, message: str, detail: dict[str, Any]) -> None:
+    async def _timeline(
+        self, run_id: str, key: str, phase: str, message: str, detail: dict[str, Any]
+    ) -> None:
         await self._execute(
             """INSERT INTO remediation.timeline (run_id, phase, actor, message, detail, event_key)
                VALUES ($1, $2, 'remediation-worker', $3, $4, $5) ON CONFLICT (event_key) DO NOTHING""",
-            run_id, phase, message, json.dumps(detail, default=str), f"{run_id}:{key}")
+            run_id,
+            phase,
+            message,
+            json.dumps(detail, default=str),
+            f"{run_id}:{key}",
+        )
 
     async def _execute(self, sql: str, *args: Any) -> str:
         try:

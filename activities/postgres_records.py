@@ -38,16 +38,29 @@ async def record_approval_row(pool: asyncpg.Pool | asyncpg.Connection, record: A
         """INSERT INTO remediation.approvals (run_id, plan_id, plan_hash, approver, decision, comment, accepted,
                refusal_reason, via, event_key) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)
            ON CONFLICT (event_key) DO NOTHING""",
-        record.run_id, record.plan_id, record.plan_hash, record.approver, record.decision, record.comment,
-        record.accepted, record.refusal_reason, record.via, record.event_key)
+        record.run_id,
+        record.plan_id,
+        record.plan_hash,
+        record.approver,
+        record.decision,
+        record.comment,
+        record.accepted,
+        record.refusal_reason,
+        record.via,
+        record.event_key,
+    )
     verdict = "accepted" if record.accepted else f"refused ({record.refusal_reason})"
     await pool.execute(
         """INSERT INTO remediation.timeline (run_id, phase, actor, message, detail, event_key)
            SELECT $1, 'awaiting_approval', $2, $3, $4, $5 WHERE EXISTS
                (SELECT 1 FROM remediation.runs WHERE run_id = $1)
            ON CONFLICT (event_key) DO NOTHING""",
-        record.run_id, record.approver, f"{record.decision} via {record.via}: {verdict}",
-        json.dumps({"comment": record.comment, "plan_hash": record.plan_hash}), f"{record.event_key}:timeline")
+        record.run_id,
+        record.approver,
+        f"{record.decision} via {record.via}: {verdict}",
+        json.dumps({"comment": record.comment, "plan_hash": record.plan_hash}),
+        f"{record.event_key}:timeline",
+    )
 
 
 class RecordsActivities:
@@ -65,21 +78,34 @@ class RecordsActivities:
             await self._pool.execute(
                 """INSERT INTO remediation.runs (run_id, workflow_id, correlation_id, trace_id, trigger, scope,
                        requested_by, dry_run) VALUES ($1,$2,$3,$4,$5,$6,$7,$8) ON CONFLICT (run_id) DO NOTHING""",
-                ref.run_id, ref.workflow_id, ref.correlation_id, ref.trace_id, request.request.trigger.value,
-                ref.scope.model_dump_json(), request.request.requested_by, request.request.dry_run)
-            await self._timeline(ref.run_id, "started", request.request.requested_by,
-                                 f"remediation started for {ref.scope.describe()} "
-                                 f"(trigger {request.request.trigger.value}"
-                                 f"{', dry run' if request.request.dry_run else ''})", f"{ref.run_id}:start",
-                                 {"correlation_id": ref.correlation_id, "trace_id": ref.trace_id})
+                ref.run_id,
+                ref.workflow_id,
+                ref.correlation_id,
+                ref.trace_id,
+                request.request.trigger.value,
+                ref.scope.model_dump_json(),
+                request.request.requested_by,
+                request.request.dry_run,
+            )
+            await self._timeline(
+                ref.run_id,
+                "started",
+                request.request.requested_by,
+                f"remediation started for {ref.scope.describe()} "
+                f"(trigger {request.request.trigger.value}"
+                f"{', dry run' if request.request.dry_run else ''})",
+                f"{ref.run_id}:start",
+                {"correlation_id": ref.correlation_id, "trace_id": ref.trace_id},
+            )
         except TRANSIENT as exc:
             raise dependency_down(f"Postgres unavailable: {type(exc).__name__}") from exc
 
     @activity.defn(name=names.RECORD_TIMELINE)
     async def record_timeline(self, event: TimelineEvent) -> None:
         """Append one timeline event (idempotent per event key)."""
-        await self._timeline(event.run_id, event.phase, event.actor, event.message, event.event_key,
-                             dict(event.detail))
+        await self._timeline(
+            event.run_id, event.phase, event.actor, event.message, event.event_key, dict(event.detail)
+        )
 
     @activity.defn(name=names.RECORD_APPROVAL)
     async def record_approval(self, record: ApprovalRecord) -> None:
@@ -94,8 +120,15 @@ class RecordsActivities:
             """INSERT INTO remediation.applied_actions (plan_id, seq, idempotency_key, kind, outcome, actor, approvers,
                    workflow_id, correlation_id, before, after)
                VALUES ($1,$2,$3,$4,'applied',$5,$6,$7,$8,'{}','{}') ON CONFLICT (plan_id, seq) DO NOTHING""",
-            request.plan_id, action.seq, action.idempotency_key, action.kind, request.actor, request.approvers,
-            request.ref.workflow_id, request.ref.correlation_id)
+            request.plan_id,
+            action.seq,
+            action.idempotency_key,
+            action.kind,
+            request.actor,
+            request.approvers,
+            request.ref.workflow_id,
+            request.ref.correlation_id,
+        )
 
     @activity.defn(name=names.SNAPSHOT_SCOPE)
     async def snapshot_scope(self, request: SnapshotRequest) -> None:
@@ -106,32 +139,44 @@ class RecordsActivities:
         usage = await self._pool.fetchrow(
             f"""SELECT count(*) AS records, count(*) FILTER (WHERE end_time IS NULL) AS open_records,
                        coalesce(sum(accrued_cost_minor), 0) AS accrued_minor
-                FROM billing.usage_records u WHERE {usage_pred}""", *uparams)
+                FROM billing.usage_records u WHERE {usage_pred}""",
+            *uparams,
+        )
         ledger = await self._pool.fetch(
             f"""SELECT kind, count(*) AS entries, coalesce(sum(amount_minor), 0) AS total_minor
-                FROM billing.ledger_entries l WHERE {ledger_pred} GROUP BY kind ORDER BY kind""", *lparams)
+                FROM billing.ledger_entries l WHERE {ledger_pred} GROUP BY kind ORDER BY kind""",
+            *lparams,
+        )
         drift = await self._pool.fetch(
             """SELECT kind, count(*) AS n FROM remediation.findings WHERE run_id = $1
                AND pass = (SELECT max(pass) FROM remediation.findings WHERE run_id = $1
                            AND pass < CASE WHEN $2 = 'before' THEN 100 ELSE 1000 END)
-               GROUP BY kind""", ref.run_id, request.label)
+               GROUP BY kind""",
+            ref.run_id,
+            request.label,
+        )
         data = {
             "usage_records": {k: int(v) for k, v in dict(usage).items()},
-            "ledger_entries": {r["kind"]: {"entries": int(r["entries"]), "total_minor": int(r["total_minor"])}
-                               for r in ledger},
+            "ledger_entries": {
+                r["kind"]: {"entries": int(r["entries"]), "total_minor": int(r["total_minor"])}
+                for r in ledger
+            },
             "drift": {r["kind"]: int(r["n"]) for r in drift},
             "queries": {
                 "usage_records": f"SELECT count(*), count(*) FILTER (WHERE end_time IS NULL), sum(accrued_cost_minor)"
-                                 f" FROM billing.usage_records u WHERE {usage_pred}",
+                f" FROM billing.usage_records u WHERE {usage_pred}",
                 "ledger_entries": f"SELECT kind, count(*), sum(amount_minor) FROM billing.ledger_entries l"
-                                  f" WHERE {ledger_pred} GROUP BY kind",
+                f" WHERE {ledger_pred} GROUP BY kind",
                 "params": uparams,
             },
         }
         await self._pool.execute(
             """INSERT INTO remediation.snapshots (run_id, label, data) VALUES ($1, $2, $3)
                ON CONFLICT (run_id, label) DO UPDATE SET data = excluded.data, taken_at = now()""",
-            ref.run_id, request.label, json.dumps(data))
+            ref.run_id,
+            request.label,
+            json.dumps(data),
+        )
 
     @activity.defn(name=names.CAPTURE_EVIDENCE)
     async def capture_evidence(self, request: EvidenceRequest) -> None:
@@ -140,7 +185,9 @@ class RecordsActivities:
         await self._pool.execute(
             """INSERT INTO remediation.evidence (run_id, document) VALUES ($1, $2)
                ON CONFLICT (run_id) DO UPDATE SET document = excluded.document, created_at = now()""",
-            request.ref.run_id, json.dumps(document, default=str))
+            request.ref.run_id,
+            json.dumps(document, default=str),
+        )
 
     @activity.defn(name=names.FINISH_RUN)
     async def finish_run(self, request: FinishRun) -> None:
@@ -148,16 +195,33 @@ class RecordsActivities:
         await self._pool.execute(
             """UPDATE remediation.runs SET phase = $2, outcome = $3, blast_radius = $4, ended_at = now()
                WHERE run_id = $1""",
-            request.ref.run_id, request.phase, request.outcome, request.blast_radius)
-        await self._timeline(request.ref.run_id, request.phase, "remediation-worker",
-                             f"remediation ended: {request.outcome}", f"{request.ref.run_id}:finish", {})
+            request.ref.run_id,
+            request.phase,
+            request.outcome,
+            request.blast_radius,
+        )
+        await self._timeline(
+            request.ref.run_id,
+            request.phase,
+            "remediation-worker",
+            f"remediation ended: {request.outcome}",
+            f"{request.ref.run_id}:finish",
+            {},
+        )
 
-    async def _timeline(self, run_id: str, phase: str, actor: str, message: str, key: str,
-                        detail: dict[str, Any]) -> None:
+    async def _timeline(
+        self, run_id: str, phase: str, actor: str, message: str, key: str, detail: dict[str, Any]
+    ) -> None:
         await self._pool.execute(
             """INSERT INTO remediation.timeline (run_id, phase, actor, message, detail, event_key)
                VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT (event_key) DO NOTHING""",
-            run_id, phase, actor, message, json.dumps(detail, default=str), key)
+            run_id,
+            phase,
+            actor,
+            message,
+            json.dumps(detail, default=str),
+            key,
+        )
 
 
 async def build_evidence(pool: asyncpg.Pool, request: EvidenceRequest) -> dict[str, Any]:
@@ -165,53 +229,112 @@ async def build_evidence(pool: asyncpg.Pool, request: EvidenceRequest) -> dict[s
     ref = request.ref
     run = await pool.fetchrow("SELECT * FROM remediation.runs WHERE run_id = $1", ref.run_id)
     timeline = await pool.fetch(
-        "SELECT at, phase, actor, message FROM remediation.timeline WHERE run_id = $1 ORDER BY at, id", ref.run_id)
-    snapshots = {r["label"]: json.loads(r["data"]) for r in await pool.fetch(
-        "SELECT label, data FROM remediation.snapshots WHERE run_id = $1", ref.run_id)}
-    diagnoses = {r["check_name"]: {"status": r["status"], **json.loads(r["data"])} for r in await pool.fetch(
-        "SELECT check_name, status, data FROM remediation.diagnoses WHERE run_id = $1", ref.run_id)}
-    approvals = [dict(r) for r in await pool.fetch(
-        """SELECT at, approver, decision, comment, accepted, refusal_reason, via FROM remediation.approvals
-           WHERE run_id = $1 ORDER BY at, id""", ref.run_id)]
-    plan = await pool.fetchrow("SELECT * FROM remediation.plans WHERE plan_id = $1", request.plan_id) \
-        if request.plan_id else None
-    applied = await pool.fetch(
-        "SELECT kind, outcome, count(*) AS n FROM remediation.applied_actions WHERE plan_id = $1 GROUP BY 1, 2",
-        request.plan_id) if request.plan_id else []
+        "SELECT at, phase, actor, message FROM remediation.timeline WHERE run_id = $1 ORDER BY at, id",
+        ref.run_id,
+    )
+    snapshots = {
+        r["label"]: json.loads(r["data"])
+        for r in await pool.fetch(
+            "SELECT label, data FROM remediation.snapshots WHERE run_id = $1", ref.run_id
+        )
+    }
+    diagnoses = {
+        r["check_name"]: {"status": r["status"], **json.loads(r["data"])}
+        for r in await pool.fetch(
+            "SELECT check_name, status, data FROM remediation.diagnoses WHERE run_id = $1", ref.run_id
+        )
+    }
+    approvals = [
+        dict(r)
+        for r in await pool.fetch(
+            """SELECT at, approver, decision, comment, accepted, refusal_reason, via FROM remediation.approvals
+           WHERE run_id = $1 ORDER BY at, id""",
+            ref.run_id,
+        )
+    ]
+    plan = (
+        await pool.fetchrow("SELECT * FROM remediation.plans WHERE plan_id = $1", request.plan_id)
+        if request.plan_id
+        else None
+    )
+    applied = (
+        await pool.fetch(
+            "SELECT kind, outcome, count(*) AS n FROM remediation.applied_actions WHERE plan_id = $1 GROUP BY 1, 2",
+            request.plan_id,
+        )
+        if request.plan_id
+        else []
+    )
     impacted = await pool.fetch(
         """SELECT org_id, array_agg(DISTINCT project_id) FILTER (WHERE project_id IS NOT NULL) AS projects,
                   array_agg(DISTINCT user_id) FILTER (WHERE user_id IS NOT NULL) AS users, count(*) AS findings
-           FROM remediation.findings WHERE run_id = $1 AND pass < 100 GROUP BY org_id ORDER BY org_id""", ref.run_id)
-    currencies = {r["id"]: r["currency"] for r in await pool.fetch(
-        "SELECT id, currency FROM billing.orgs WHERE id = ANY($1::text[])", [r["org_id"] for r in impacted])}
+           FROM remediation.findings WHERE run_id = $1 AND pass < 100 GROUP BY org_id ORDER BY org_id""",
+        ref.run_id,
+    )
+    currencies = {
+        r["id"]: r["currency"]
+        for r in await pool.fetch(
+            "SELECT id, currency FROM billing.orgs WHERE id = ANY($1::text[])",
+            [r["org_id"] for r in impacted],
+        )
+    }
     kinds_found = {k for k, v in snapshots.get("before", {}).get("drift", {}).items() if v}
     follow_ups = [FOLLOW_UPS[k] for k in sorted(kinds_found) if k in FOLLOW_UPS]
-    follow_ups += [FOLLOW_UPS[c] for c, d in sorted(diagnoses.items())
-                   if c in FOLLOW_UPS and d.get("status") in ("critical", "warn")]
+    follow_ups += [
+        FOLLOW_UPS[c]
+        for c, d in sorted(diagnoses.items())
+        if c in FOLLOW_UPS and d.get("status") in ("critical", "warn")
+    ]
     applied_total = sum(int(r["n"]) for r in applied if r["outcome"] == "applied")
     return {
         "schema": "billing-remediation/evidence/v1",
         "run": {
-            "workflow_id": ref.workflow_id, "run_id": ref.run_id, "correlation_id": ref.correlation_id,
+            "workflow_id": ref.workflow_id,
+            "run_id": ref.run_id,
+            "correlation_id": ref.correlation_id,
             "trace_id": ref.trace_id or (run["trace_id"] if run else None),
-            "trigger": run["trigger"] if run else None, "requested_by": run["requested_by"] if run else None,
-            "outcome": request.outcome, "blast_radius": request.blast_radius,
+            "trigger": run["trigger"] if run else None,
+            "requested_by": run["requested_by"] if run else None,
+            "outcome": request.outcome,
+            "blast_radius": request.blast_radius,
         },
         "scope": json.loads(run["scope"]) if run else ref.scope.model_dump(),
-        "timeline": [{"at": r["at"].isoformat(), "phase": r["phase"], "actor": r["actor"], "message": r["message"],
-                      "correlation_id": ref.correlation_id, "trace_id": ref.trace_id} for r in timeline],
+        "timeline": [
+            {
+                "at": r["at"].isoformat(),
+                "phase": r["phase"],
+                "actor": r["actor"],
+                "message": r["message"],
+                "correlation_id": ref.correlation_id,
+                "trace_id": ref.trace_id,
+            }
+            for r in timeline
+        ],
         "diagnosis": diagnoses,
         "query_evidence": snapshots,
-        "plan": None if plan is None else {
-            "plan_id": plan["plan_id"], "plan_hash": plan["plan_hash"], "action_count": plan["action_count"],
-            "debit_total_minor": plan["debit_total_minor"], "credit_total_minor": plan["credit_total_minor"],
-            "counts_by_kind": json.loads(plan["counts_by_kind"])},
+        "plan": None
+        if plan is None
+        else {
+            "plan_id": plan["plan_id"],
+            "plan_hash": plan["plan_hash"],
+            "action_count": plan["action_count"],
+            "debit_total_minor": plan["debit_total_minor"],
+            "credit_total_minor": plan["credit_total_minor"],
+            "counts_by_kind": json.loads(plan["counts_by_kind"]),
+        },
         "approvals": approvals,
         "applied": [{"kind": r["kind"], "outcome": r["outcome"], "count": int(r["n"])} for r in applied],
         "verification": request.verification.model_dump() if request.verification else None,
-        "impacted": [{"org_id": r["org_id"], "currency": currencies.get(r["org_id"], "USD"),
-                      "projects": r["projects"] or [], "users": r["users"] or [], "findings": int(r["findings"])}
-                     for r in impacted],
+        "impacted": [
+            {
+                "org_id": r["org_id"],
+                "currency": currencies.get(r["org_id"], "USD"),
+                "projects": r["projects"] or [],
+                "users": r["users"] or [],
+                "findings": int(r["findings"]),
+            }
+            for r in impacted
+        ],
         "customer_summary": _customer_summary(request, plan, applied_total, currencies),
         "follow_ups": follow_ups,
     }
@@ -221,21 +344,28 @@ def _money(minor: int, currency: str) -> str:
     return f"{abs(minor) / 100:,.2f} {currency}"
 
 
-def _customer_summary(request: EvidenceRequest, plan: asyncpg.Record | None, applied: int,
-                      currencies: dict[str, str]) -> str:
+def _customer_summary(
+    request: EvidenceRequest, plan: asyncpg.Record | None, applied: int, currencies: dict[str, str]
+) -> str:
     currency = next(iter(set(currencies.values())), "USD") if len(set(currencies.values())) <= 1 else "mixed"
     if plan is None or plan["action_count"] == 0:
         return "We checked your billing records for this incident and found nothing that needed correcting."
     if request.outcome in ("rejected", "expired", "dry_run_complete", "cancelled"):
-        return ("We found billing records that need correcting; no change has been made yet while the "
-                "correction is reviewed.")
+        return (
+            "We found billing records that need correcting; no change has been made yet while the "
+            "correction is reviewed."
+        )
     debits, credits = plan["debit_total_minor"], plan["credit_total_minor"]
     parts = [f"A billing worker incident left some records out of step. We corrected {applied} record(s)."]
     if credits:
-        parts.append(f"Payments totalling {_money(credits, currency)} that had not reached your balance are now "
-                     "credited.")
+        parts.append(
+            f"Payments totalling {_money(credits, currency)} that had not reached your balance are now "
+            "credited."
+        )
     if debits:
-        parts.append(f"Usage totalling {_money(debits, currency)} that had not been billed is now on your ledger,"
-                     " charged once at the normal rate for the time the resources actually ran.")
+        parts.append(
+            f"Usage totalling {_money(debits, currency)} that had not been billed is now on your ledger,"
+            " charged once at the normal rate for the time the resources actually ran."
+        )
     parts.append("No charge or credit was applied twice.")
     return " ".join(parts)

@@ -12,16 +12,21 @@ from workflows.models import ApprovalPolicy, ApproverInfo, RuntimeOptions
 def runtime_options(settings: Settings) -> RuntimeOptions:
     """Settings → the options a workflow needs (public keys only, never secrets)."""
     policy = ApprovalPolicy(
-        approvers=[ApproverInfo(name=a.name, role=a.role, tier=a.tier, public_key=a.public_key)
-                   for a in settings.approvers],
+        approvers=[
+            ApproverInfo(name=a.name, role=a.role, tier=a.tier, public_key=a.public_key)
+            for a in settings.approvers
+        ],
         quorum=settings.approval_quorum,
         money_threshold_minor=settings.approval_money_threshold_minor,
         deadline_seconds=settings.approval_deadline_seconds,
         hard_limit_seconds=settings.approval_hard_limit_seconds,
     )
-    return RuntimeOptions(policy=policy, verify_window_seconds=settings.verify_window_seconds,
-                          widespread_org_threshold=settings.widespread_org_threshold,
-                          apply_batch_size=settings.apply_batch_size)
+    return RuntimeOptions(
+        policy=policy,
+        verify_window_seconds=settings.verify_window_seconds,
+        widespread_org_threshold=settings.widespread_org_threshold,
+        apply_batch_size=settings.apply_batch_size,
+    )
 
 
 class ConfigActivities:

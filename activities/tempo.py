@@ -35,8 +35,14 @@ def summarize(resource_spans: list[dict[str, Any]]) -> dict[str, Any]:
     ends: list[int] = []
     spans = 0
     for rs in resource_spans:
-        service = next((a["value"].get("stringValue", "") for a in rs.get("resource", {}).get("attributes", [])
-                        if a.get("key") == "service.name"), "unknown")
+        service = next(
+            (
+                a["value"].get("stringValue", "")
+                for a in rs.get("resource", {}).get("attributes", [])
+                if a.get("key") == "service.name"
+            ),
+            "unknown",
+        )
         services.add(service)
         for scope_spans in rs.get("scopeSpans", []) or rs.get("instrumentationLibrarySpans", []):
             for span in scope_spans.get("spans", []):
@@ -45,7 +51,9 @@ def summarize(resource_spans: list[dict[str, Any]]) -> dict[str, Any]:
                 ends.append(int(span.get("endTimeUnixNano", "0")))
                 if span.get("status", {}).get("code") == "STATUS_CODE_ERROR":
                     message = span["status"].get("message", "")
-                    errors.append(f"{service}: {span.get('name', '?')}" + (f" ({message})" if message else ""))
+                    errors.append(
+                        f"{service}: {span.get('name', '?')}" + (f" ({message})" if message else "")
+                    )
     duration_ms = (max(ends) - min(starts)) // 1_000_000 if spans else 0
     return {"services": sorted(services), "spans": spans, "error_spans": errors, "duration_ms": duration_ms}
 
@@ -82,12 +90,26 @@ class TempoActivities:
             return CheckResult(check="tempo_trace", status="skipped", headline="no trace id")
         spans = await self.fetch_trace(ref.trace_id)
         if spans is None:
-            return CheckResult(check="tempo_trace", status="warn", headline=f"trace {ref.trace_id} not found in Tempo",
-                               trace_ids=[ref.trace_id])
+            return CheckResult(
+                check="tempo_trace",
+                status="warn",
+                headline=f"trace {ref.trace_id} not found in Tempo",
+                trace_ids=[ref.trace_id],
+            )
         summary = summarize(spans)
         errors = summary["error_spans"]
-        headline = (f"{summary['spans']} spans over {', '.join(summary['services'])}, {summary['duration_ms']} ms"
-                    + (f"; errors: {'; '.join(errors[:3])}" if errors else ""))
-        return CheckResult(check="tempo_trace", status="warn" if errors else "ok", headline=headline[:500],
-                           counts={"spans": summary["spans"], "error_spans": len(errors),
-                                   "duration_ms": summary["duration_ms"]}, trace_ids=[ref.trace_id])
+        headline = (
+            f"{summary['spans']} spans over {', '.join(summary['services'])}, {summary['duration_ms']} ms"
+            + (f"; errors: {'; '.join(errors[:3])}" if errors else "")
+        )
+        return CheckResult(
+            check="tempo_trace",
+            status="warn" if errors else "ok",
+            headline=headline[:500],
+            counts={
+                "spans": summary["spans"],
+                "error_spans": len(errors),
+                "duration_ms": summary["duration_ms"],
+            },
+            trace_ids=[ref.trace_id],
+        )

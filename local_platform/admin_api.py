@@ -62,7 +62,9 @@ async def posture_for(conn: asyncpg.Pool | asyncpg.Connection, org_id: str) -> d
     balance = await conn.fetchval(
         "SELECT coalesce(sum(amount_minor), 0) FROM billing.ledger_entries WHERE org_id = $1", org_id
     )
-    restriction = await conn.fetchrow("SELECT * FROM billing.financial_restrictions WHERE org_id = $1", org_id)
+    restriction = await conn.fetchrow(
+        "SELECT * FROM billing.financial_restrictions WHERE org_id = $1", org_id
+    )
     state = restriction["state"] if restriction else "none"
     return {
         "org_id": org_id,
@@ -77,10 +79,19 @@ async def posture_for(conn: asyncpg.Pool | asyncpg.Connection, org_id: str) -> d
 
 def _billing_check(posture: dict[str, Any]) -> dict[str, Any]:
     if posture["state"] == "restricted" and posture["effects"]["block_new_launches"]:
-        return {"id": "billing", "severity": "blocker", "reason": posture["reason"],
-                "message": "new launches are blocked by the billing posture"}
+        return {
+            "id": "billing",
+            "severity": "blocker",
+            "reason": posture["reason"],
+            "message": "new launches are blocked by the billing posture",
+        }
     if posture["state"] == "warning":
-        return {"id": "billing", "severity": "warning", "reason": posture["reason"], "message": "billing warning"}
+        return {
+            "id": "billing",
+            "severity": "warning",
+            "reason": posture["reason"],
+            "message": "billing warning",
+        }
     return {"id": "billing", "severity": "ok", "reason": None, "message": "billing allows launches"}
 
 
@@ -119,9 +130,13 @@ async def launch_precheck(request: Request) -> Response:
     posture = await posture_for(_pool(request), org_id)
     if posture is None:
         return _error(404, "not_found", f"unknown org {org_id!r}")
-    checks = [_billing_check(posture), {"id": "quota", "severity": "ok", "reason": None, "message": "quota ok"}]
-    return JSONResponse({"sku": body["sku"], "ok": all(c["severity"] != "blocker" for c in checks),
-                         "checks": checks})
+    checks = [
+        _billing_check(posture),
+        {"id": "quota", "severity": "ok", "reason": None, "message": "quota ok"},
+    ]
+    return JSONResponse(
+        {"sku": body["sku"], "ok": all(c["severity"] != "blocker" for c in checks), "checks": checks}
+    )
 
 
 @authorized
@@ -149,13 +164,26 @@ async def freeze(request: Request) -> Response:
     await pool.execute(
         """INSERT INTO billing.adjustment_freezes (freeze_id, scope_key, reason, frozen_by, correlation_id)
            VALUES ($1,$2,$3,$4,$5) ON CONFLICT (freeze_id) DO NOTHING""",
-        body["freeze_id"], body["scope_key"], body["reason"], body["actor"], body.get("correlation_id"),
+        body["freeze_id"],
+        body["scope_key"],
+        body["reason"],
+        body["actor"],
+        body.get("correlation_id"),
     )
-    row = await pool.fetchrow("SELECT * FROM billing.adjustment_freezes WHERE freeze_id = $1", body["freeze_id"])
-    await telemetry.log(pool, SERVICE, "warn", f"manual adjustments frozen for {body['scope_key']}",
-                        correlation_id=body.get("correlation_id"), actor=body["actor"])
-    return JSONResponse({"freeze_id": row["freeze_id"], "scope_key": row["scope_key"],
-                         "active": row["lifted_at"] is None})
+    row = await pool.fetchrow(
+        "SELECT * FROM billing.adjustment_freezes WHERE freeze_id = $1", body["freeze_id"]
+    )
+    await telemetry.log(
+        pool,
+        SERVICE,
+        "warn",
+        f"manual adjustments frozen for {body['scope_key']}",
+        correlation_id=body.get("correlation_id"),
+        actor=body["actor"],
+    )
+    return JSONResponse(
+        {"freeze_id": row["freeze_id"], "scope_key": row["scope_key"], "active": row["lifted_at"] is None}
+    )
 
 
 @authorized
@@ -168,7 +196,8 @@ async def unfreeze(request: Request) -> Response:
     row = await pool.fetchrow(
         """UPDATE billing.adjustment_freezes SET lifted_at = coalesce(lifted_at, now()),
                lifted_by = coalesce(lifted_by, $2) WHERE freeze_id = $1 RETURNING *""",
-        body["freeze_id"], body["actor"],
+        body["freeze_id"],
+        body["actor"],
     )
     if row is None:
         return _error(404, "not_found", f"unknown freeze {body['freeze_id']!r}")
@@ -188,7 +217,9 @@ async def list_freezes(request: Request) -> Response:
 @authorized
 async def manual_adjustment(request: Request) -> Response:
     """POST /api/v1/admin/billing/adjustments: refused (423) while a freeze covers the org."""
-    body = await _json_body(request, "org_id", "user_id", "amount_minor", "reason", "actor", "idempotency_key")
+    body = await _json_body(
+        request, "org_id", "user_id", "amount_minor", "reason", "actor", "idempotency_key"
+    )
     if isinstance(body, JSONResponse):
         return body
     if not isinstance(body["amount_minor"], int) or isinstance(body["amount_minor"], bool):
@@ -197,7 +228,8 @@ async def manual_adjustment(request: Request) -> Response:
     frozen = await pool.fetchval(
         """SELECT freeze_id FROM billing.adjustment_freezes WHERE lifted_at IS NULL
            AND (scope_key = 'global' OR scope_key = $1 OR scope_key LIKE $2) LIMIT 1""",
-        f"org:{body['org_id']}", f"org:{body['org_id']}/%",
+        f"org:{body['org_id']}",
+        f"org:{body['org_id']}/%",
     )
     if frozen:
         return _error(423, "adjustments_frozen", f"manual adjustments are frozen ({frozen})")
@@ -205,7 +237,11 @@ async def manual_adjustment(request: Request) -> Response:
         """INSERT INTO billing.ledger_entries (org_id, requested_by_user_id, kind, amount_minor, idempotency_key,
                actor, correlation_id) VALUES ($1,$2,'adjustment',$3,$4,$5,$6)
            ON CONFLICT (idempotency_key) DO NOTHING RETURNING id""",
-        body["org_id"], body["user_id"], body["amount_minor"], body["idempotency_key"], body["actor"],
+        body["org_id"],
+        body["user_id"],
+        body["amount_minor"],
+        body["idempotency_key"],
+        body["actor"],
         body.get("correlation_id"),
     )
     return JSONResponse({"ledger_entry_id": entry_id, "duplicate": entry_id is None})
@@ -227,14 +263,23 @@ async def clear_restriction(request: Request) -> Response:
             """INSERT INTO billing.admin_audit (actor, action, target, correlation_id, idempotency_key, detail)
                VALUES ($1, 'restriction.' || $2, $3, $4, $5, $6) ON CONFLICT (idempotency_key) DO NOTHING
                RETURNING id""",
-            body["actor"], mode, org_id, body.get("correlation_id"), body["idempotency_key"], json.dumps(body),
+            body["actor"],
+            mode,
+            org_id,
+            body.get("correlation_id"),
+            body["idempotency_key"],
+            json.dumps(body),
         )
         if first is not None:
             new_state, block = ("none", False) if mode == "clear" else ("warning", False)
             await conn.execute(
                 """UPDATE billing.financial_restrictions SET state = $2, block_new_launches = $3,
                        updated_at = now(), updated_by = $4, correlation_id = $5 WHERE org_id = $1""",
-                org_id, new_state, block, body["actor"], body.get("correlation_id"),
+                org_id,
+                new_state,
+                block,
+                body["actor"],
+                body.get("correlation_id"),
             )
     posture = await posture_for(pool, org_id)
     if posture is None:
@@ -253,8 +298,14 @@ async def restart_worker(request: Request) -> Response:
         "UPDATE billing.worker_control SET mode = 'running', restarts = restarts + 1, updated_at = now()"
         " WHERE id = 1 RETURNING restarts"
     )
-    await telemetry.log(pool, "gpuaas-billing-worker", "info", "billing worker restarted",
-                        correlation_id=body.get("correlation_id"), actor=body["actor"])
+    await telemetry.log(
+        pool,
+        "gpuaas-billing-worker",
+        "info",
+        "billing worker restarted",
+        correlation_id=body.get("correlation_id"),
+        actor=body["actor"],
+    )
     return JSONResponse({"mode": "running", "restarts": restarts})
 
 

@@ -52,17 +52,28 @@ async def handle_event(conn: asyncpg.Connection, subject: str, event: dict[str, 
                        correlation_id)
                    VALUES ($1,$2,$3,$4,$5,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)
                    ON CONFLICT DO NOTHING""",
-                alloc_id, alloc["org_id"], alloc["project_id"], alloc["requested_by_user_id"],
-                alloc["activated_at"], alloc["app_instance_id"], alloc["usage_source"],
-                alloc["control_plane_component"], alloc["operating_mode"], alloc["control_plane_scope"],
-                alloc["runtime_backend"], f"usage-open:{alloc_id}", SERVICE, corr,
+                alloc_id,
+                alloc["org_id"],
+                alloc["project_id"],
+                alloc["requested_by_user_id"],
+                alloc["activated_at"],
+                alloc["app_instance_id"],
+                alloc["usage_source"],
+                alloc["control_plane_component"],
+                alloc["operating_mode"],
+                alloc["control_plane_scope"],
+                alloc["runtime_backend"],
+                f"usage-open:{alloc_id}",
+                SERVICE,
+                corr,
             )
         elif subject == "provisioning.releasing.completed":
             released_at = _ts(event["at"])
             alloc = await conn.fetchrow(
                 """UPDATE billing.allocations SET status = 'released', released_at = $2,
                        releasing_at = coalesce(releasing_at, $2) WHERE id = $1 RETURNING *""",
-                alloc_id, released_at,
+                alloc_id,
+                released_at,
             )
             usage = await conn.fetchrow(
                 "SELECT * FROM billing.usage_records WHERE allocation_id = $1 AND end_time IS NULL FOR UPDATE",
@@ -75,32 +86,53 @@ async def handle_event(conn: asyncpg.Connection, subject: str, event: dict[str, 
             await conn.execute(
                 """UPDATE billing.usage_records SET end_time = $2, last_billed_at = $2, accrued_cost_minor = $3
                    WHERE id = $1""",
-                usage["id"], released_at, cost,
+                usage["id"],
+                released_at,
+                cost,
             )
             if cost > 0:
                 await conn.execute(
                     """INSERT INTO billing.ledger_entries (org_id, requested_by_user_id, kind, amount_minor,
                            usage_record_id, idempotency_key, actor, correlation_id)
                        VALUES ($1, $2, 'usage_debit', $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING""",
-                    alloc["org_id"], alloc["requested_by_user_id"], -cost, usage["id"],
-                    f"usage-debit:{usage['id']}", SERVICE, corr,
+                    alloc["org_id"],
+                    alloc["requested_by_user_id"],
+                    -cost,
+                    usage["id"],
+                    f"usage-debit:{usage['id']}",
+                    SERVICE,
+                    corr,
                 )
             await conn.execute(
                 "INSERT INTO billing.outbox (subject, payload) VALUES ('billing.usage_debited', $1)",
-                json.dumps({"allocation_id": alloc_id, "amount_minor": cost, "correlation_id": corr,
-                            "trace_id": trace}),
+                json.dumps(
+                    {
+                        "allocation_id": alloc_id,
+                        "amount_minor": cost,
+                        "correlation_id": corr,
+                        "trace_id": trace,
+                    }
+                ),
             )
         elif subject == "provisioning.release_failed":
             await conn.execute(
                 "UPDATE billing.allocations SET status = 'release_failed' WHERE id = $1 AND status <> 'released'",
                 alloc_id,
             )
-        await telemetry.log(conn, SERVICE, "info", f"processed {subject}", correlation_id=corr, trace_id=trace,
-                            allocation_id=alloc_id)
+        await telemetry.log(
+            conn,
+            SERVICE,
+            "info",
+            f"processed {subject}",
+            correlation_id=corr,
+            trace_id=trace,
+            allocation_id=alloc_id,
+        )
 
 
-async def run_worker(pool: asyncpg.Pool, js: JetStreamContext, stream: str, durable: str,
-                     stop: asyncio.Event) -> None:
+async def run_worker(
+    pool: asyncpg.Pool, js: JetStreamContext, stream: str, durable: str, stop: asyncio.Event
+) -> None:
     """Consume provisioning events until ``stop`` is set, obeying the control mode."""
     sub = await js.pull_subscribe_bind(durable, stream=stream)
     while not stop.is_set():
@@ -136,8 +168,10 @@ async def run_outbox_relay(pool: asyncpg.Pool, js: JetStreamContext, stop: async
             )
             for row in rows:
                 await js.publish(row["subject"], row["payload"].encode())
-                await conn.execute("UPDATE billing.outbox SET published_at = now(), attempts = attempts + 1"
-                                   " WHERE id = $1", row["id"])
+                await conn.execute(
+                    "UPDATE billing.outbox SET published_at = now(), attempts = attempts + 1 WHERE id = $1",
+                    row["id"],
+                )
         if not rows:
             await _sleep(stop, 0.5)
 

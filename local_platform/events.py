@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -24,10 +25,8 @@ async def ensure_stream(js: JetStreamContext, stream: str) -> None:
 
 async def reset_worker_consumer(js: JetStreamContext, stream: str, durable: str) -> None:
     """(Re)create the billing worker's durable consumer from the start of the stream."""
-    try:
+    with contextlib.suppress(NotFoundError):
         await js.delete_consumer(stream, durable)
-    except NotFoundError:
-        pass
     await js.add_consumer(
         stream,
         ConsumerConfig(

@@ -35,43 +35,95 @@ class IncidentReport:
 INCIDENTS = ("worker-crash", "payments-reconcile", "user-dispute", "prepaid-depleted")
 
 
-async def _trace(conn: asyncpg.Connection, correlation_id: str, trace_id: str, failing: str,
-                 error: str) -> None:
+async def _trace(
+    conn: asyncpg.Connection, correlation_id: str, trace_id: str, failing: str, error: str
+) -> None:
     """A small incident trace: api -> billing worker -> postgres, one error span, plus log lines."""
     now = time.time_ns() - 60_000_000_000
-    root = telemetry.Span(trace_id, "gpuaas-api", "POST /api/v1/allocations/release", now, now + 900_000_000,
-                          kind="SPAN_KIND_SERVER", attributes={"correlation_id": correlation_id})
-    worker = telemetry.Span(trace_id, "gpuaas-billing-worker", "billing.process provisioning event",
-                            now + 100_000_000, now + 800_000_000, parent_span_id=root.span_id,
-                            kind="SPAN_KIND_CONSUMER")
-    failing_span = telemetry.Span(trace_id, failing, "billing.post_ledger_entry", now + 200_000_000,
-                                  now + 700_000_000, parent_span_id=worker.span_id, error=error)
+    root = telemetry.Span(
+        trace_id,
+        "gpuaas-api",
+        "POST /api/v1/allocations/release",
+        now,
+        now + 900_000_000,
+        kind="SPAN_KIND_SERVER",
+        attributes={"correlation_id": correlation_id},
+    )
+    worker = telemetry.Span(
+        trace_id,
+        "gpuaas-billing-worker",
+        "billing.process provisioning event",
+        now + 100_000_000,
+        now + 800_000_000,
+        parent_span_id=root.span_id,
+        kind="SPAN_KIND_CONSUMER",
+    )
+    failing_span = telemetry.Span(
+        trace_id,
+        failing,
+        "billing.post_ledger_entry",
+        now + 200_000_000,
+        now + 700_000_000,
+        parent_span_id=worker.span_id,
+        error=error,
+    )
     await telemetry.record_spans(conn, [root, worker, failing_span])
-    await telemetry.log(conn, "gpuaas-api", "info", "request accepted", correlation_id=correlation_id,
-                        trace_id=trace_id, ts_ns=now)
-    await telemetry.log(conn, failing, "error", error, correlation_id=correlation_id, trace_id=trace_id,
-                        ts_ns=now + 700_000_000)
+    await telemetry.log(
+        conn,
+        "gpuaas-api",
+        "info",
+        "request accepted",
+        correlation_id=correlation_id,
+        trace_id=trace_id,
+        ts_ns=now,
+    )
+    await telemetry.log(
+        conn,
+        failing,
+        "error",
+        error,
+        correlation_id=correlation_id,
+        trace_id=trace_id,
+        ts_ns=now + 700_000_000,
+    )
 
 
-async def _seed(conn: asyncpg.Connection, nc: NATS | None, spec: SeedSpec, stream: str,
-                durable: str) -> SeedReport:
+async def _seed(
+    conn: asyncpg.Connection, nc: NATS | None, spec: SeedSpec, stream: str, durable: str
+) -> SeedReport:
     del stream, durable
     return await seed(conn, spec, nc)
 
 
-async def run_incident(name: str, conn: asyncpg.Connection, nc: NATS | None, *, prefix: str = "inc",
-                       stream: str = "PLATFORM", durable: str = "billing-worker") -> IncidentReport:
+async def run_incident(
+    name: str,
+    conn: asyncpg.Connection,
+    nc: NATS | None,
+    *,
+    prefix: str = "inc",
+    stream: str = "PLATFORM",
+    durable: str = "billing-worker",
+) -> IncidentReport:
     """Set up incident ``name`` and return where to point the remediation."""
     trace_id = telemetry.new_trace_id()
     if name == "worker-crash":
-        spec = SeedSpec(orgs=6, allocations=120, prefix=prefix, seed=11,
-                        inject={"missing_open": 3, "orphan_open": 2, "unbilled_closed": 4, "payment_drift": 2})
+        spec = SeedSpec(
+            orgs=6,
+            allocations=120,
+            prefix=prefix,
+            seed=11,
+            inject={"missing_open": 3, "orphan_open": 2, "unbilled_closed": 4, "payment_drift": 2},
+        )
         report = await _seed(conn, nc, spec, stream, durable)
         corr = f"{prefix}-worker-crash"
         await conn.execute("UPDATE billing.worker_control SET mode = 'crashed', updated_at = now()")
         drifted = {a for ids in report.injected.values() for a in ids}
-        replay = [r["id"] for r in await conn.fetch(
-            "SELECT id FROM billing.allocations WHERE id LIKE $1 ORDER BY id", f"{prefix}-alloc-%")]
+        replay = [
+            r["id"]
+            for r in await conn.fetch(
+                "SELECT id FROM billing.allocations WHERE id LIKE $1 ORDER BY id", f"{prefix}-alloc-%"
+            )
+        ]
         if nc is not None:
             # The queue backs up: re-deliveries nobody consumes while the worker is down.
             backlog = [a for a in replay if a not in drifted][:150]
@@ -83,8 +135,13 @@ async def run_incident(name: str, conn: asyncpg.Connection, nc: NATS | None, *, 
                SELECT 'billing.usage_debited', jsonb_build_object('n', g), now() - interval '10 minutes'
                FROM generate_series(1, 120) g"""
         )
-        await _trace(conn, corr, trace_id, "gpuaas-billing-worker",
-                     "billing worker crashed: panic in ledger projection (connection reset)")
+        await _trace(
+            conn,
+            corr,
+            trace_id,
+            "gpuaas-billing-worker",
+            "billing worker crashed: panic in ledger projection (connection reset)",
+        )
         return IncidentReport(name, "worker_failure", corr, trace_id, {}, report.injected, report.as_dict())
     if name == "payments-reconcile":
         spec = SeedSpec(orgs=3, allocations=60, prefix=prefix, seed=12, inject={"payment_drift": 4})
@@ -94,43 +151,68 @@ async def run_incident(name: str, conn: asyncpg.Connection, nc: NATS | None, *, 
             for pay in report.injected["payment_drift"]:
                 await publish(nc, "payments.reconcile_failed", corr, trace_id, payment_session_id=pay)
             await nc.flush()
-        await _trace(conn, corr, trace_id, "gpuaas-webhook-worker",
-                     "payments.reconcile_failed: provider checkout completed but ledger link missing")
+        await _trace(
+            conn,
+            corr,
+            trace_id,
+            "gpuaas-webhook-worker",
+            "payments.reconcile_failed: provider checkout completed but ledger link missing",
+        )
         return IncidentReport(name, "reconcile_failed", corr, trace_id, {}, report.injected, report.as_dict())
     if name == "user-dispute":
         spec = SeedSpec(orgs=3, allocations=60, prefix=prefix, seed=13, inject={"orphan_open": 1})
         report = await _seed(conn, nc, spec, stream, durable)
         alloc = report.injected["orphan_open"][0]
         row = await conn.fetchrow(
-            "SELECT org_id, project_id, requested_by_user_id FROM billing.allocations WHERE id = $1", alloc)
+            "SELECT org_id, project_id, requested_by_user_id FROM billing.allocations WHERE id = $1", alloc
+        )
         corr = f"{prefix}-user-dispute"
-        await _trace(conn, corr, trace_id, "gpuaas-api",
-                     f"customer dispute: allocation {alloc} still accruing after release")
+        await _trace(
+            conn,
+            corr,
+            trace_id,
+            "gpuaas-api",
+            f"customer dispute: allocation {alloc} still accruing after release",
+        )
         scope = {"org_id": row["org_id"], "user_id": row["requested_by_user_id"]}
-        return IncidentReport(name, "customer_dispute", corr, trace_id, scope, report.injected, report.as_dict())
+        return IncidentReport(
+            name, "customer_dispute", corr, trace_id, scope, report.injected, report.as_dict()
+        )
     if name == "prepaid-depleted":
-        spec = SeedSpec(orgs=1, allocations=12, prefix=prefix, seed=14, prepaid_every=1,
-                        inject={"payment_drift": 1})
+        spec = SeedSpec(
+            orgs=1, allocations=12, prefix=prefix, seed=14, prepaid_every=1, inject={"payment_drift": 1}
+        )
         report = await _seed(conn, nc, spec, stream, durable)
         org = f"{prefix}-org-0000"
         pay = report.injected["payment_drift"][0]
-        debits = -int(await conn.fetchval(
-            "SELECT coalesce(sum(amount_minor), 0) FROM billing.ledger_entries WHERE org_id = $1", org))
+        debits = -int(
+            await conn.fetchval(
+                "SELECT coalesce(sum(amount_minor), 0) FROM billing.ledger_entries WHERE org_id = $1", org
+            )
+        )
         if debits <= 0:
             raise RuntimeError("prepaid-depleted: the seed produced no usage debits; choose another seed")
         # The lost top-up would have covered the usage: crediting it must restore a positive balance.
-        await conn.execute("UPDATE billing.payment_sessions SET amount_minor = $2 WHERE id = $1", pay,
-                           debits + 25_000)
+        await conn.execute(
+            "UPDATE billing.payment_sessions SET amount_minor = $2 WHERE id = $1", pay, debits + 25_000
+        )
         corr = f"{prefix}-prepaid-depleted"
         await conn.execute(
             """INSERT INTO billing.financial_restrictions (org_id, state, reason, block_new_launches, updated_by,
                    correlation_id) VALUES ($1, 'restricted', 'prepaid_balance_depleted', true, 'gpuaas-billing-worker', $2)
                ON CONFLICT (org_id) DO UPDATE SET state = 'restricted', reason = 'prepaid_balance_depleted',
                    block_new_launches = true""",
-            org, corr,
+            org,
+            corr,
         )
-        await _trace(conn, corr, trace_id, "gpuaas-webhook-worker",
-                     f"payments.reconcile_failed for {pay}: top-up not credited, org restricted")
-        return IncidentReport(name, "prepaid_depleted", corr, trace_id, {"org_id": org}, report.injected,
-                              report.as_dict())
+        await _trace(
+            conn,
+            corr,
+            trace_id,
+            "gpuaas-webhook-worker",
+            f"payments.reconcile_failed for {pay}: top-up not credited, org restricted",
+        )
+        return IncidentReport(
+            name, "prepaid_depleted", corr, trace_id, {"org_id": org}, report.injected, report.as_dict()
+        )
     raise ValueError(f"unknown incident {name!r}; expected one of {', '.join(INCIDENTS)}")

@@ -76,7 +76,9 @@ def parse_logql(text: str) -> Query:
         try:
             return next(it)
         except StopIteration:
-            raise LogQLError("parse error at line 1, col %d: syntax error: unexpected end" % (len(text) + 1)) from None
+            raise LogQLError(
+                f"parse error at line 1, col {len(text) + 1}: syntax error: unexpected end"
+            ) from None
 
     def matcher(first: tuple[str, str, int]) -> Matcher:
         if first[0] != "ident":
@@ -91,7 +93,9 @@ def parse_logql(text: str) -> Query:
 
     first = take()
     if first[1] != "{":
-        raise LogQLError(f"parse error at line 1, col {first[2]}: syntax error: unexpected {first[1]}, expecting {{")
+        raise LogQLError(
+            f"parse error at line 1, col {first[2]}: syntax error: unexpected {first[1]}, expecting {{"
+        )
     query = Query(selector=[])
     while True:
         tok = take()
@@ -134,7 +138,9 @@ def parse_time(value: str | None, default_ns: int) -> int:
     try:
         return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1_000_000_000)
     except ValueError as exc:
-        raise LogQLError(f'invalid parameter "start/end": cannot parse "{value}" to a valid timestamp') from exc
+        raise LogQLError(
+            f'invalid parameter "start/end": cannot parse "{value}" to a valid timestamp'
+        ) from exc
 
 
 def _text(status: int, message: str) -> PlainTextResponse:
@@ -162,8 +168,11 @@ async def loki_query_range(request: Request) -> Response:
     except ValueError:
         return _text(400, 'invalid parameter "limit"')
     if limit > MAX_ENTRIES:
-        return _text(400, f"max entries limit per query exceeded, limit > max_entries_limit_per_query "
-                          f"({limit} > {MAX_ENTRIES})")
+        return _text(
+            400,
+            f"max entries limit per query exceeded, limit > max_entries_limit_per_query "
+            f"({limit} > {MAX_ENTRIES})",
+        )
     direction = params.get("direction", "backward")
     if direction not in ("forward", "backward"):
         return _text(400, f'invalid parameter "direction": {direction}')
@@ -171,7 +180,8 @@ async def loki_query_range(request: Request) -> Response:
     rows = await request.app.state.pool.fetch(
         f"SELECT ts_ns, service, level, line FROM platform_obs.logs WHERE ts_ns >= $1 AND ts_ns < $2"
         f" ORDER BY ts_ns {order}, id {order}",
-        start, end,
+        start,
+        end,
     )
     streams: dict[tuple[tuple[str, str], ...], list[list[str]]] = {}
     taken = 0
@@ -201,8 +211,16 @@ async def loki_query_range(request: Request) -> Response:
         if taken >= limit:
             break
     result = [{"stream": dict(k), "values": v} for k, v in streams.items()]
-    return JSONResponse({"status": "success", "data": {"resultType": "streams", "result": result,
-                                                       "stats": {"summary": {"totalEntriesReturned": taken}}}})
+    return JSONResponse(
+        {
+            "status": "success",
+            "data": {
+                "resultType": "streams",
+                "result": result,
+                "stats": {"summary": {"totalEntriesReturned": taken}},
+            },
+        }
+    )
 
 
 def _line_ok(line: str, filters: list[tuple[str, str]]) -> bool:
@@ -224,7 +242,9 @@ def _b64(hex_id: str) -> str:
 
 def _validate_trace_id(raw: str) -> str | None:
     if not re.fullmatch(r"[0-9a-fA-F]+", raw):
-        return f"trace IDs can only contain hex characters: invalid character '{_first_bad(raw)}' at position 1"
+        return (
+            f"trace IDs can only contain hex characters: invalid character '{_first_bad(raw)}' at position 1"
+        )
     if len(raw) > 32:
         return "trace IDs can't be larger than 128 bits"
     return None
@@ -236,7 +256,8 @@ def _first_bad(raw: str) -> str:
 
 async def _resource_spans(request: Request, trace_id: str) -> list[dict[str, Any]]:
     rows = await request.app.state.pool.fetch(
-        "SELECT * FROM platform_obs.spans WHERE trace_id = $1 ORDER BY start_ns", trace_id.lower().rjust(32, "0")
+        "SELECT * FROM platform_obs.spans WHERE trace_id = $1 ORDER BY start_ns",
+        trace_id.lower().rjust(32, "0"),
     )
     by_service: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
@@ -247,17 +268,21 @@ async def _resource_spans(request: Request, trace_id: str) -> list[dict[str, Any
             "kind": r["kind"],
             "startTimeUnixNano": str(r["start_ns"]),
             "endTimeUnixNano": str(r["end_ns"]),
-            "attributes": [{"key": k, "value": {"stringValue": str(v)}}
-                           for k, v in json.loads(r["attributes"]).items()],
-            "status": ({"code": r["status_code"], "message": r["status_message"] or ""}
-                       if r["status_code"] else {}),
+            "attributes": [
+                {"key": k, "value": {"stringValue": str(v)}} for k, v in json.loads(r["attributes"]).items()
+            ],
+            "status": (
+                {"code": r["status_code"], "message": r["status_message"] or ""} if r["status_code"] else {}
+            ),
         }
         if r["parent_span_id"]:
             span["parentSpanId"] = _b64(r["parent_span_id"])
         by_service.setdefault(r["service"], []).append(span)
     return [
-        {"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": svc}}]},
-         "scopeSpans": [{"scope": {"name": "gpuaas"}, "spans": spans}]}
+        {
+            "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": svc}}]},
+            "scopeSpans": [{"scope": {"name": "gpuaas"}, "spans": spans}],
+        }
         for svc, spans in by_service.items()
     ]
 

@@ -64,7 +64,9 @@ def parse_inject(text: str) -> dict[str, int]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = part.partition("=")
         if not sep or name not in DRIFT_KINDS:
-            raise ValueError(f"--inject: unknown drift kind {name!r}; expected one of {', '.join(DRIFT_KINDS)}")
+            raise ValueError(
+                f"--inject: unknown drift kind {name!r}; expected one of {', '.join(DRIFT_KINDS)}"
+            )
         if not value.isdigit():
             raise ValueError(f"--inject: count for {name} must be a non-negative integer, got {value!r}")
         counts[name] = int(value)
@@ -108,23 +110,69 @@ async def seed(conn: asyncpg.Connection, spec: SeedSpec, nc: NATS | None = None)
         trace = f"{rng.getrandbits(128):032x}"
         app_instance = f"{p}-app-{a % 97:03d}" if a % 4 == 0 else None
         allocations.append(
-            (alloc_id, org_id, project_id, user_id, sku, rate, status, app_instance,
-             "gpu_allocation", "scheduler", "managed", "regional", "kubernetes",
-             activated, activated, releasing, released, corr, trace)
+            (
+                alloc_id,
+                org_id,
+                project_id,
+                user_id,
+                sku,
+                rate,
+                status,
+                app_instance,
+                "gpu_allocation",
+                "scheduler",
+                "managed",
+                "regional",
+                "kubernetes",
+                activated,
+                activated,
+                releasing,
+                released,
+                corr,
+                trace,
+            )
         )
         usage_id = id_base + a + 1
         closed = status == "released"
         cost = usage_cost_minor(duration, rate) if closed else 0
         usage.append(
-            (usage_id, alloc_id, org_id, project_id, user_id, activated, released,
-             released if closed else activated, cost, app_instance, "gpu_allocation", "scheduler",
-             "managed", "regional", "kubernetes", f"usage-open:{alloc_id}", "gpuaas-billing-worker", corr)
+            (
+                usage_id,
+                alloc_id,
+                org_id,
+                project_id,
+                user_id,
+                activated,
+                released,
+                released if closed else activated,
+                cost,
+                app_instance,
+                "gpu_allocation",
+                "scheduler",
+                "managed",
+                "regional",
+                "kubernetes",
+                f"usage-open:{alloc_id}",
+                "gpuaas-billing-worker",
+                corr,
+            )
         )
         events.append(("provisioning.active", {"allocation_id": alloc_id, "org_id": org_id, "at": activated}))
         if closed and cost > 0:
             ledger.append(
-                (ledger_base + len(ledger) + 1, org_id, user_id, "usage_debit", -cost, usage_id, None,
-                 f"usage-debit:{usage_id}", "gpuaas-billing-worker", corr, released)
+                (
+                    ledger_base + len(ledger) + 1,
+                    org_id,
+                    user_id,
+                    "usage_debit",
+                    -cost,
+                    usage_id,
+                    None,
+                    f"usage-debit:{usage_id}",
+                    "gpuaas-billing-worker",
+                    corr,
+                    released,
+                )
             )
             events.append(("provisioning.releasing.completed", {"allocation_id": alloc_id, "at": released}))
             events.append(("billing.usage_debited", {"allocation_id": alloc_id, "amount_minor": cost}))
@@ -141,39 +189,133 @@ async def seed(conn: asyncpg.Connection, spec: SeedSpec, nc: NATS | None = None)
         pay_id = f"{p}-pay-{i:07d}"
         created = BASE_TIME + timedelta(seconds=rng.randrange(0, 20 * 86400))
         corr = f"{p}-corr-pay-{i:07d}"
-        payments.append((pay_id, org_id, f"{p}-usr-{o:04d}-0", amount, "completed", f"cs_{pay_id}",
-                         entry_id, corr, created, created))
-        ledger.append((entry_id, org_id, f"{p}-usr-{o:04d}-0", "payment_credit", amount, None, pay_id,
-                       f"payment-credit:{pay_id}", "gpuaas-webhook-worker", corr, created))
+        payments.append(
+            (
+                pay_id,
+                org_id,
+                f"{p}-usr-{o:04d}-0",
+                amount,
+                "completed",
+                f"cs_{pay_id}",
+                entry_id,
+                corr,
+                created,
+                created,
+            )
+        )
+        ledger.append(
+            (
+                entry_id,
+                org_id,
+                f"{p}-usr-{o:04d}-0",
+                "payment_credit",
+                amount,
+                None,
+                pay_id,
+                f"payment-credit:{pay_id}",
+                "gpuaas-webhook-worker",
+                corr,
+                created,
+            )
+        )
         events.append(("payments.balance_credited", {"payment_session_id": pay_id, "amount_minor": amount}))
 
     async with conn.transaction():
-        await conn.copy_records_to_table("orgs", schema_name="billing", records=orgs,
-                                         columns=["id", "name", "billing_mode", "currency"])
-        await conn.copy_records_to_table("projects", schema_name="billing", records=projects,
-                                         columns=["id", "org_id", "name"])
-        await conn.copy_records_to_table("users", schema_name="billing", records=users,
-                                         columns=["id", "org_id", "email"])
         await conn.copy_records_to_table(
-            "allocations", schema_name="billing", records=allocations,
-            columns=["id", "org_id", "project_id", "requested_by_user_id", "sku", "hourly_rate_minor", "status",
-                     "app_instance_id", "usage_source", "control_plane_component", "operating_mode",
-                     "control_plane_scope", "runtime_backend", "created_at", "activated_at", "releasing_at",
-                     "released_at", "correlation_id", "trace_id"])
+            "orgs", schema_name="billing", records=orgs, columns=["id", "name", "billing_mode", "currency"]
+        )
         await conn.copy_records_to_table(
-            "usage_records", schema_name="billing", records=usage,
-            columns=["id", "allocation_id", "org_id", "project_id", "requested_by_user_id", "start_time",
-                     "end_time", "last_billed_at", "accrued_cost_minor", "app_instance_id", "usage_source",
-                     "control_plane_component", "operating_mode", "control_plane_scope", "runtime_backend",
-                     "idempotency_key", "created_by", "correlation_id"])
+            "projects", schema_name="billing", records=projects, columns=["id", "org_id", "name"]
+        )
         await conn.copy_records_to_table(
-            "payment_sessions", schema_name="billing", records=[(*r[:6], None, *r[7:]) for r in payments],
-            columns=["id", "org_id", "user_id", "amount_minor", "status", "provider_ref", "ledger_entry_id",
-                     "correlation_id", "created_at", "completed_at"])
+            "users", schema_name="billing", records=users, columns=["id", "org_id", "email"]
+        )
         await conn.copy_records_to_table(
-            "ledger_entries", schema_name="billing", records=ledger,
-            columns=["id", "org_id", "requested_by_user_id", "kind", "amount_minor", "usage_record_id",
-                     "payment_session_id", "idempotency_key", "actor", "correlation_id", "created_at"])
+            "allocations",
+            schema_name="billing",
+            records=allocations,
+            columns=[
+                "id",
+                "org_id",
+                "project_id",
+                "requested_by_user_id",
+                "sku",
+                "hourly_rate_minor",
+                "status",
+                "app_instance_id",
+                "usage_source",
+                "control_plane_component",
+                "operating_mode",
+                "control_plane_scope",
+                "runtime_backend",
+                "created_at",
+                "activated_at",
+                "releasing_at",
+                "released_at",
+                "correlation_id",
+                "trace_id",
+            ],
+        )
+        await conn.copy_records_to_table(
+            "usage_records",
+            schema_name="billing",
+            records=usage,
+            columns=[
+                "id",
+                "allocation_id",
+                "org_id",
+                "project_id",
+                "requested_by_user_id",
+                "start_time",
+                "end_time",
+                "last_billed_at",
+                "accrued_cost_minor",
+                "app_instance_id",
+                "usage_source",
+                "control_plane_component",
+                "operating_mode",
+                "control_plane_scope",
+                "runtime_backend",
+                "idempotency_key",
+                "created_by",
+                "correlation_id",
+            ],
+        )
+        await conn.copy_records_to_table(
+            "payment_sessions",
+            schema_name="billing",
+            records=[(*r[:6], None, *r[7:]) for r in payments],
+            columns=[
+                "id",
+                "org_id",
+                "user_id",
+                "amount_minor",
+                "status",
+                "provider_ref",
+                "ledger_entry_id",
+                "correlation_id",
+                "created_at",
+                "completed_at",
+            ],
+        )
+        await conn.copy_records_to_table(
+            "ledger_entries",
+            schema_name="billing",
+            records=ledger,
+            columns=[
+                "id",
+                "org_id",
+                "requested_by_user_id",
+                "kind",
+                "amount_minor",
+                "usage_record_id",
+                "payment_session_id",
+                "idempotency_key",
+                "actor",
+                "correlation_id",
+                "created_at",
+            ],
+        )
         await conn.execute(
             """UPDATE billing.payment_sessions ps SET ledger_entry_id = le.id
                FROM billing.ledger_entries le
@@ -195,35 +337,54 @@ async def seed(conn: asyncpg.Connection, spec: SeedSpec, nc: NATS | None = None)
             await publish(nc, subject, corr, "", replayed=True, **data)
         await nc.flush()
         published = len(events)
-    return SeedReport(len(orgs), len(allocations), len(usage), len(ledger), len(payments), injected, published)
+    return SeedReport(
+        len(orgs), len(allocations), len(usage), len(ledger), len(payments), injected, published
+    )
 
 
 async def _inject(conn: asyncpg.Connection, spec: SeedSpec, rng: random.Random) -> dict[str, list[str]]:
     """Inject each requested kind of drift into distinct, deterministic entities."""
     p = spec.prefix
     injected: dict[str, list[str]] = {kind: [] for kind in DRIFT_KINDS}
-    open_allocs = [r["id"] for r in await conn.fetch(
-        "SELECT id FROM billing.allocations WHERE id LIKE $1 AND status <> 'released' ORDER BY id", f"{p}-alloc-%")]
-    released = [r["id"] for r in await conn.fetch(
-        """SELECT a.id FROM billing.allocations a JOIN billing.usage_records u ON u.allocation_id = a.id
+    open_allocs = [
+        r["id"]
+        for r in await conn.fetch(
+            "SELECT id FROM billing.allocations WHERE id LIKE $1 AND status <> 'released' ORDER BY id",
+            f"{p}-alloc-%",
+        )
+    ]
+    released = [
+        r["id"]
+        for r in await conn.fetch(
+            """SELECT a.id FROM billing.allocations a JOIN billing.usage_records u ON u.allocation_id = a.id
            WHERE a.id LIKE $1 AND a.status = 'released' AND u.accrued_cost_minor > 0 ORDER BY a.id""",
-        f"{p}-alloc-%")]
-    payments = [r["id"] for r in await conn.fetch(
-        "SELECT id FROM billing.payment_sessions WHERE id LIKE $1 ORDER BY id", f"{p}-pay-%")]
+            f"{p}-alloc-%",
+        )
+    ]
+    payments = [
+        r["id"]
+        for r in await conn.fetch(
+            "SELECT id FROM billing.payment_sessions WHERE id LIKE $1 ORDER BY id", f"{p}-pay-%"
+        )
+    ]
     want = {k: spec.inject.get(k, 0) for k in DRIFT_KINDS}
     if want["missing_open"] > len(open_allocs):
-        raise ValueError(f"--inject missing_open={want['missing_open']}: only {len(open_allocs)} open allocations")
+        raise ValueError(
+            f"--inject missing_open={want['missing_open']}: only {len(open_allocs)} open allocations"
+        )
     if want["orphan_open"] + want["unbilled_closed"] > len(released):
         raise ValueError(
             f"--inject orphan_open+unbilled_closed={want['orphan_open'] + want['unbilled_closed']}:"
             f" only {len(released)} released allocations with cost"
         )
     if want["payment_drift"] > len(payments):
-        raise ValueError(f"--inject payment_drift={want['payment_drift']}: only {len(payments)} payment sessions")
+        raise ValueError(
+            f"--inject payment_drift={want['payment_drift']}: only {len(payments)} payment sessions"
+        )
 
     missing = sorted(rng.sample(open_allocs, want["missing_open"]))
     picked = rng.sample(released, want["orphan_open"] + want["unbilled_closed"])
-    orphans, unbilled = sorted(picked[: want["orphan_open"]]), sorted(picked[want["orphan_open"]:])
+    orphans, unbilled = sorted(picked[: want["orphan_open"]]), sorted(picked[want["orphan_open"] :])
     drifted_payments = sorted(rng.sample(payments, want["payment_drift"]))
 
     # Missing open usage: the worker never saw provisioning.active.
@@ -231,24 +392,35 @@ async def _inject(conn: asyncpg.Connection, spec: SeedSpec, rng: random.Random) 
     # Orphan open usage: the release was never metered (usage left open, no debit).
     await conn.execute(
         """DELETE FROM billing.ledger_entries le USING billing.usage_records u
-           WHERE le.usage_record_id = u.id AND u.allocation_id = ANY($1::text[])""", orphans)
+           WHERE le.usage_record_id = u.id AND u.allocation_id = ANY($1::text[])""",
+        orphans,
+    )
     await conn.execute(
         """UPDATE billing.usage_records SET end_time = NULL, accrued_cost_minor = 0, last_billed_at = start_time
-           WHERE allocation_id = ANY($1::text[])""", orphans)
+           WHERE allocation_id = ANY($1::text[])""",
+        orphans,
+    )
     # Unbilled closed usage: the worker crashed between closing usage and posting the debit.
     await conn.execute(
         """DELETE FROM billing.ledger_entries le USING billing.usage_records u
-           WHERE le.usage_record_id = u.id AND u.allocation_id = ANY($1::text[])""", unbilled)
+           WHERE le.usage_record_id = u.id AND u.allocation_id = ANY($1::text[])""",
+        unbilled,
+    )
     # Payment drift: even ones lost their credit (failed_reconcile), odd ones only the link.
     lost_credit = drifted_payments[0::2]
     lost_link = drifted_payments[1::2]
     await conn.execute(
-        "UPDATE billing.payment_sessions SET ledger_entry_id = NULL WHERE id = ANY($1::text[])", drifted_payments)
+        "UPDATE billing.payment_sessions SET ledger_entry_id = NULL WHERE id = ANY($1::text[])",
+        drifted_payments,
+    )
     await conn.execute(
-        "UPDATE billing.payment_sessions SET status = 'failed_reconcile' WHERE id = ANY($1::text[])", lost_credit)
+        "UPDATE billing.payment_sessions SET status = 'failed_reconcile' WHERE id = ANY($1::text[])",
+        lost_credit,
+    )
     await conn.execute(
         "DELETE FROM billing.ledger_entries WHERE kind = 'payment_credit' AND payment_session_id = ANY($1::text[])",
-        lost_credit)
+        lost_credit,
+    )
     del lost_link
     injected["missing_open"] = missing
     injected["orphan_open"] = orphans

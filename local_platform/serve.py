@@ -52,7 +52,9 @@ async def running_platform(settings: Settings, port: int) -> AsyncIterator[None]
     pool = await asyncpg.create_pool(settings.resolved_database_url(), min_size=1, max_size=8)
     nc = await nats.connect(settings.resolved_nats_url())
     app = build_app(pool, settings.billing_api_token.get_secret_value())
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
     stop = asyncio.Event()
     tasks = [
         asyncio.create_task(server.serve()),

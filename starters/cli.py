@@ -17,8 +17,11 @@ from devstack import StackError
 from workflows.models import RemediationRequest, Scope, Trigger
 
 T = TypeVar("T")
-app = typer.Typer(help="Durable, auditable billing remediation on Temporal.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Durable, auditable billing remediation on Temporal.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 dev = typer.Typer(help="The embedded stack (Postgres, NATS, Temporal) on loopback.", no_args_is_help=True)
 platform = typer.Typer(help="The local billing platform stand-in.", no_args_is_help=True)
 app.add_typer(dev, name="dev")
@@ -61,7 +64,9 @@ async def _client(settings: Settings) -> Any:
 
 
 @dev.command("up")
-def dev_up(services: Annotated[bool, typer.Option(help="Also start the platform stand-in and the worker.")] = False) -> None:
+def dev_up(
+    services: Annotated[bool, typer.Option(help="Also start the platform stand-in and the worker.")] = False,
+) -> None:
     """Start Postgres, NATS and Temporal (skipping any configured as external)."""
     from devstack import up
 
@@ -113,20 +118,29 @@ def platform_serve() -> None:
     """Run the stand-in's APIs, billing worker and outbox relay in the foreground."""
     from local_platform.serve import serve_forever
 
-    logging.basicConfig(level=logging.INFO, format='{"level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}')
+    logging.basicConfig(
+        level=logging.INFO, format='{"level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}'
+    )
     asyncio.run(serve_forever(_settings()))
 
 
 @platform.command("seed")
 def platform_seed(
-    orgs: int = 5, allocations: int = 100, seed: int = 7, prefix: str = "t",
-    inject: Annotated[str, typer.Option(help="missing_open=a,orphan_open=b,unbilled_closed=c,payment_drift=d")] = "",
+    orgs: int = 5,
+    allocations: int = 100,
+    seed: int = 7,
+    prefix: str = "t",
+    inject: Annotated[
+        str, typer.Option(help="missing_open=a,orphan_open=b,unbilled_closed=c,payment_drift=d")
+    ] = "",
 ) -> None:
     """Build a consistent platform and inject exactly the requested drift; prints what it injected."""
     from local_platform.seeder import SeedSpec, parse_inject
 
     try:
-        spec = SeedSpec(orgs=orgs, allocations=allocations, seed=seed, prefix=prefix, inject=parse_inject(inject))
+        spec = SeedSpec(
+            orgs=orgs, allocations=allocations, seed=seed, prefix=prefix, inject=parse_inject(inject)
+        )
     except ValueError as err:
         _fail(str(err))
     typer.echo(json.dumps(_run(_seed(_settings(), spec))))
@@ -175,8 +189,9 @@ async def _incident(settings: Settings, name: str, prefix: str) -> dict[str, Any
     conn = await asyncpg.connect(settings.resolved_database_url())
     nc = await nats.connect(settings.resolved_nats_url())
     try:
-        report = await run_incident(name, conn, nc, prefix=prefix, stream=settings.billing_stream,
-                                    durable=settings.billing_consumer)
+        report = await run_incident(
+            name, conn, nc, prefix=prefix, stream=settings.billing_stream, durable=settings.billing_consumer
+        )
     finally:
         await nc.close()
         await conn.close()
@@ -191,7 +206,9 @@ def worker() -> None:
     """Run the remediation worker (until SIGTERM)."""
     from worker.main import run_worker
 
-    logging.basicConfig(level=logging.INFO, format='{"level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}')
+    logging.basicConfig(
+        level=logging.INFO, format='{"level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}'
+    )
     asyncio.run(run_worker(_settings()))
 
 
@@ -214,18 +231,31 @@ def start(
     """Start a remediation (or attach to the one running for the same scope)."""
     try:
         request = RemediationRequest(
-            correlation_id=correlation_id, trace_id=trace_id, trigger=trigger, dry_run=dry_run,  # type: ignore[arg-type]
+            correlation_id=correlation_id,
+            trace_id=trace_id,
+            trigger=trigger,
+            dry_run=dry_run,
             requested_by=requested_by,
-            scope=Scope(org_id=org, project_id=project, user_id=user, allocation_id=allocation,
-                        app_instance_id=app_instance, usage_source=usage_source, control_plane_component=component))
+            scope=Scope(
+                org_id=org,
+                project_id=project,
+                user_id=user,
+                allocation_id=allocation,
+                app_instance_id=app_instance,
+                usage_source=usage_source,
+                control_plane_component=component,
+            ),
+        )
     except ValidationError as err:
         first = err.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "request"
         _fail(f"{field}: {first['msg']} (got {first.get('input')!r})")
     settings = _settings()
     started = _run(_start(settings, request, wait))
-    typer.echo(f"workflow id: {started[0].workflow_id}" + (" (attached to the running remediation)"
-                                                          if started[0].attached else ""))
+    typer.echo(
+        f"workflow id: {started[0].workflow_id}"
+        + (" (attached to the running remediation)" if started[0].attached else "")
+    )
     typer.echo(f"UI: {started[0].ui_link}")
     if started[1]:
         typer.echo(started[1])
@@ -241,7 +271,9 @@ async def _start(settings: Settings, request: RemediationRequest, wait: bool) ->
     if wait:
         from workflows.models import RemediationResult
 
-        outcome = await client.get_workflow_handle(started.workflow_id, result_type=RemediationResult).result()
+        outcome = await client.get_workflow_handle(
+            started.workflow_id, result_type=RemediationResult
+        ).result()
         result = f"outcome: {outcome.outcome.value}"
     return started, result
 
@@ -273,10 +305,16 @@ def plan(workflow_id: str, limit: int = 50) -> None:
         if summary is None:
             return "no plan yet"
         actions = await operations.plan_actions(settings, summary.plan_id, limit)
-        lines = [f"plan {summary.plan_id} hash {summary.plan_hash}", f"{summary.action_count} actions, debits "
-                 f"{summary.debit_total_minor}, credits {summary.credit_total_minor} (minor units)"]
-        lines += [f"  {a['seq']:>5} {a['kind']:<28} {a['entity_type']}:{a['entity_id']:<24} {a['amount_minor']:>10}"
-                  f"  {a['idempotency_key']}" for a in actions]
+        lines = [
+            f"plan {summary.plan_id} hash {summary.plan_hash}",
+            f"{summary.action_count} actions, debits "
+            f"{summary.debit_total_minor}, credits {summary.credit_total_minor} (minor units)",
+        ]
+        lines += [
+            f"  {a['seq']:>5} {a['kind']:<28} {a['entity_type']}:{a['entity_id']:<24} {a['amount_minor']:>10}"
+            f"  {a['idempotency_key']}"
+            for a in actions
+        ]
         return "\n".join(lines)
 
     typer.echo(_run(go()))
@@ -288,8 +326,15 @@ def _decide(workflow_id: str, plan_hash: str, approver: str, comment: str, decis
     settings = _settings()
 
     async def go() -> str:
-        return await operations.decide_plan(await _client(settings), settings, workflow_id, plan_hash=plan_hash,
-                                            approver=approver, decision=decision, comment=comment)
+        return await operations.decide_plan(
+            await _client(settings),
+            settings,
+            workflow_id,
+            plan_hash=plan_hash,
+            approver=approver,
+            decision=decision,
+            comment=comment,
+        )
 
     typer.echo(_run(go()))
 
@@ -331,8 +376,9 @@ def decide(
     settings = _settings()
 
     async def go() -> str:
-        return await operations.decide_verdict(await _client(settings), workflow_id, actor=actor, choice=choice,
-                                               comment=comment)
+        return await operations.decide_verdict(
+            await _client(settings), workflow_id, actor=actor, choice=choice, comment=comment
+        )
 
     typer.echo(_run(go()))
 
@@ -367,8 +413,10 @@ def list_(
         return await operations.list_runs(await _client(settings), query)
 
     for row in _run(go()):
-        typer.echo(f"{row['workflow_id']:<50} {row['status']:<11} {row['phase'] or '-':<20} "
-                   f"{row['org'] or '-':<14} {row['correlation_id'] or '-'}")
+        typer.echo(
+            f"{row['workflow_id']:<50} {row['status']:<11} {row['phase'] or '-':<20} "
+            f"{row['org'] or '-':<14} {row['correlation_id'] or '-'}"
+        )
 
 
 @app.command()

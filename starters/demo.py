@@ -30,7 +30,9 @@ async def _wait_phase(client: object, workflow_id: str, phases: set[Phase], time
         except operations.OperationError:
             pass
         await asyncio.sleep(0.5)
-    raise operations.OperationError(f"{workflow_id} did not reach {sorted(p.value for p in phases)} in {timeout}s")
+    raise operations.OperationError(
+        f"{workflow_id} did not reach {sorted(p.value for p in phases)} in {timeout}s"
+    )
 
 
 async def run_demo(settings: Settings) -> int:
@@ -43,22 +45,34 @@ async def run_demo(settings: Settings) -> int:
     nc = await nats.connect(settings.resolved_nats_url())
     try:
         _say("== 1. Incident: the billing worker crashed; queue lag and drift of all four kinds")
-        incident = await run_incident("worker-crash", conn, nc, prefix=prefix, stream=settings.billing_stream,
-                                      durable=settings.billing_consumer)
+        incident = await run_incident(
+            "worker-crash",
+            conn,
+            nc,
+            prefix=prefix,
+            stream=settings.billing_stream,
+            durable=settings.billing_consumer,
+        )
     finally:
         await nc.close()
         await conn.close()
     _say("   injected: " + ", ".join(f"{k}={len(v)}" for k, v in incident.injected.items()))
 
     client = await connect_temporal(settings)
-    request = RemediationRequest(correlation_id=incident.correlation_id, trace_id=incident.trace_id,
-                                 trigger=Trigger.WORKER_FAILURE, requested_by="ic-dana", scope=Scope())
+    request = RemediationRequest(
+        correlation_id=incident.correlation_id,
+        trace_id=incident.trace_id,
+        trigger=Trigger.WORKER_FAILURE,
+        requested_by="ic-dana",
+        scope=Scope(),
+    )
     _say("== 2. The incident commander starts the remediation")
     started = await operations.start(client, settings, request)
     _say(f"   workflow id: {started.workflow_id}\n   UI: {started.ui_link}")
 
-    phase = await _wait_phase(client, started.workflow_id, {Phase.AWAITING_APPROVAL, Phase.COMPLETED,
-                                                           Phase.FAILED})
+    phase = await _wait_phase(
+        client, started.workflow_id, {Phase.AWAITING_APPROVAL, Phase.COMPLETED, Phase.FAILED}
+    )
     view = await operations.status(client, started.workflow_id)
     _say("== 3. Diagnosis and plan")
     _say(render_status(started.workflow_id, view))
@@ -68,9 +82,15 @@ async def run_demo(settings: Settings) -> int:
 
     _say("== 4. Approvals (widespread plan: quorum of two, the requester may not approve)")
     for approver in [a.name for a in settings.approvers][: view.approvals_needed]:
-        answer = await operations.decide_plan(client, settings, started.workflow_id, plan_hash=view.plan.plan_hash,
-                                              approver=approver, decision="approve",
-                                              comment="matches the incident findings")
+        answer = await operations.decide_plan(
+            client,
+            settings,
+            started.workflow_id,
+            plan_hash=view.plan.plan_hash,
+            approver=approver,
+            decision="approve",
+            comment="matches the incident findings",
+        )
         _say(f"   {approver}: {answer}")
 
     _say("== 5. Remediation, verification, evidence")

@@ -80,13 +80,19 @@ async def start(client: Client, settings: Settings, request: RemediationRequest)
         SearchAttributePair(SA_CORRELATION, request.correlation_id),
         SearchAttributePair(SA_TRIGGER, request.trigger.value),
     ]
-    for key, value in ((SA_ORG, scope.org_id), (SA_PROJECT, scope.project_id), (SA_USER, scope.user_id),
-                       (SA_ALLOCATION, scope.allocation_id)):
+    for key, value in (
+        (SA_ORG, scope.org_id),
+        (SA_PROJECT, scope.project_id),
+        (SA_USER, scope.user_id),
+        (SA_ALLOCATION, scope.allocation_id),
+    ):
         if value:
             pairs.append(SearchAttributePair(key, value))
     mode = "dry run" if request.dry_run else "remediate after approval"
-    summary = (f"{request.trigger.value} · corr {request.correlation_id} · {scope.describe()} · {mode}"
-               f" · by {request.requested_by}")
+    summary = (
+        f"{request.trigger.value} · corr {request.correlation_id} · {scope.describe()} · {mode}"
+        f" · by {request.requested_by}"
+    )
     handle = await client.start_workflow(
         BillingRemediationWorkflow.run,
         request,
@@ -99,8 +105,9 @@ async def start(client: Client, settings: Settings, request: RemediationRequest)
     )
     description = await handle.describe()
     attached = description.run_id != handle.result_run_id if handle.result_run_id else False
-    return Started(handle.id, handle.result_run_id or description.run_id, attached,
-                   settings.workflow_ui_link(handle.id))
+    return Started(
+        handle.id, handle.result_run_id or description.run_id, attached, settings.workflow_ui_link(handle.id)
+    )
 
 
 def handle_for(client: Client, workflow_id: str) -> WorkflowHandle[Any, Any]:
@@ -111,7 +118,10 @@ def handle_for(client: Client, workflow_id: str) -> WorkflowHandle[Any, Any]:
 async def status(client: Client, workflow_id: str) -> StatusView:
     """The running (or last) remediation's status view."""
     try:
-        return await handle_for(client, workflow_id).query(names.QUERY_STATUS, result_type=StatusView)
+        view: StatusView = await handle_for(client, workflow_id).query(
+            names.QUERY_STATUS, result_type=StatusView
+        )
+        return view
     except RPCError as err:
         raise OperationError(f"remediation {workflow_id!r}: {err.message}") from None
 
@@ -121,21 +131,36 @@ async def plan(client: Client, workflow_id: str) -> PlanSummary | None:
     return (await status(client, workflow_id)).plan
 
 
-async def decide_plan(client: Client, settings: Settings, workflow_id: str, *, plan_hash: str, approver: str,
-                      decision: str, comment: str) -> str:
+async def decide_plan(
+    client: Client,
+    settings: Settings,
+    workflow_id: str,
+    *,
+    plan_hash: str,
+    approver: str,
+    decision: str,
+    comment: str,
+) -> str:
     """Send an approval/rejection as a validated Update; a refusal is audited and raised."""
     view = await status(client, workflow_id)
     if view.plan is not None and len(plan_hash) >= 8 and view.plan.plan_hash.startswith(plan_hash):
         plan_hash = view.plan.plan_hash  # accept an unambiguous prefix as printed by `status`
     try:
-        body = ApprovalDecision(plan_hash=plan_hash, approver=approver, decision=decision,  # type: ignore[arg-type]
-                                comment=comment)
+        body = ApprovalDecision(
+            plan_hash=plan_hash,
+            approver=approver,
+            decision=decision,
+            comment=comment,
+        )
     except ValueError as err:
         raise OperationError(f"invalid approval: {err}") from None
     handle = handle_for(client, workflow_id)
     try:
-        return str(await handle.execute_update(
-            names.UPDATE_APPROVE, body, id=f"{decision}:{plan_hash[:16]}:{approver}", result_type=str))
+        return str(
+            await handle.execute_update(
+                names.UPDATE_APPROVE, body, id=f"{decision}:{plan_hash[:16]}:{approver}", result_type=str
+            )
+        )
     except WorkflowUpdateFailedError as err:
         reason = err.cause.message if isinstance(err.cause, ApplicationError) else str(err.cause)
         # Temporal keeps no record of a rejected Update: the refusal is audited here.
@@ -146,14 +171,26 @@ async def decide_plan(client: Client, settings: Settings, workflow_id: str, *, p
         raise OperationError(f"remediation {workflow_id!r}: {err.message}") from None
 
 
-async def _audit_refusal(settings: Settings, run_id: str, decision: ApprovalDecision, reason: str,
-                         current: PlanSummary | None) -> None:
+async def _audit_refusal(
+    settings: Settings, run_id: str, decision: ApprovalDecision, reason: str, current: PlanSummary | None
+) -> None:
     conn = await asyncpg.connect(settings.resolved_database_url())
     try:
-        await record_approval_row(conn, ApprovalRecord(
-            run_id=run_id, event_key=f"{run_id}:refused:{uuid.uuid4()}", plan_id=current.plan_id if current else None,
-            plan_hash=decision.plan_hash, approver=decision.approver, decision=decision.decision,
-            comment=decision.comment, accepted=False, refusal_reason=reason, via="update"))
+        await record_approval_row(
+            conn,
+            ApprovalRecord(
+                run_id=run_id,
+                event_key=f"{run_id}:refused:{uuid.uuid4()}",
+                plan_id=current.plan_id if current else None,
+                plan_hash=decision.plan_hash,
+                approver=decision.approver,
+                decision=decision.decision,
+                comment=decision.comment,
+                accepted=False,
+                refusal_reason=reason,
+                via="update",
+            ),
+        )
     finally:
         await conn.close()
 
@@ -161,9 +198,13 @@ async def _audit_refusal(settings: Settings, run_id: str, decision: ApprovalDeci
 async def decide_verdict(client: Client, workflow_id: str, *, actor: str, choice: str, comment: str) -> str:
     """After a failed verification: retry or hand off."""
     try:
-        return str(await handle_for(client, workflow_id).execute_update(
-            names.UPDATE_DECIDE, VerdictDecision(actor=actor, choice=choice, comment=comment),  # type: ignore[arg-type]
-            result_type=str))
+        return str(
+            await handle_for(client, workflow_id).execute_update(
+                names.UPDATE_DECIDE,
+                VerdictDecision(actor=actor, choice=choice, comment=comment),
+                result_type=str,
+            )
+        )
     except WorkflowUpdateFailedError as err:
         reason = err.cause.message if isinstance(err.cause, ApplicationError) else str(err.cause)
         raise OperationError(f"refused: {reason}") from None
@@ -182,11 +223,16 @@ async def list_runs(client: Client, query: str, limit: int = 50) -> list[dict[st
     rows: list[dict[str, Any]] = []
     async for wf in client.list_workflows(query or None, limit=limit):
         sa = wf.typed_search_attributes
-        rows.append({
-            "workflow_id": wf.id, "status": wf.status.name if wf.status else "?",
-            "phase": sa.get(SA_PHASE), "org": sa.get(SA_ORG), "correlation_id": sa.get(SA_CORRELATION),
-            "started": wf.start_time.isoformat() if wf.start_time else "",
-        })
+        rows.append(
+            {
+                "workflow_id": wf.id,
+                "status": wf.status.name if wf.status else "?",
+                "phase": sa.get(SA_PHASE),
+                "org": sa.get(SA_ORG),
+                "correlation_id": sa.get(SA_CORRELATION),
+                "started": wf.start_time.isoformat() if wf.start_time else "",
+            }
+        )
     return rows
 
 
@@ -208,7 +254,9 @@ async def evidence(settings: Settings, workflow_id: str) -> dict[str, Any]:
     try:
         row = await conn.fetchrow(
             """SELECT e.document FROM remediation.evidence e JOIN remediation.runs r USING (run_id)
-               WHERE r.workflow_id = $1 ORDER BY r.started_at DESC LIMIT 1""", workflow_id)
+               WHERE r.workflow_id = $1 ORDER BY r.started_at DESC LIMIT 1""",
+            workflow_id,
+        )
     finally:
         await conn.close()
     if row is None:
@@ -225,8 +273,10 @@ async def plan_actions(settings: Settings, plan_id: str, limit: int = 200) -> li
             raise OperationError(f"plan {plan_id!r} does not exist")
         rows = await conn.fetch(
             """SELECT seq, kind, entity_type, entity_id, org_id, amount_minor, idempotency_key
-               FROM remediation.plan_actions WHERE plan_id = $1 ORDER BY seq LIMIT $2""", plan_id, limit)
+               FROM remediation.plan_actions WHERE plan_id = $1 ORDER BY seq LIMIT $2""",
+            plan_id,
+            limit,
+        )
     finally:
         await conn.close()
     return [dict(r) for r in rows]
-

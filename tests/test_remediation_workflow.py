@@ -48,13 +48,17 @@ async def drift(world: World) -> dict[str, set[str]]:
 
 
 async def ledger_state(world: World) -> tuple[Any, ...]:
-    return tuple(await world.db.fetch("SELECT id, amount_minor, idempotency_key FROM billing.ledger_entries ORDER BY id"))
+    return tuple(
+        await world.db.fetch(
+            "SELECT id, amount_minor, idempotency_key FROM billing.ledger_entries ORDER BY id"
+        )
+    )
 
 
 async def wait_phase(handle: WorkflowHandle[Any, Any], phases: set[Phase], timeout: float = 90) -> StatusView:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        view = await handle.query(names.QUERY_STATUS, result_type=StatusView)
+        view: StatusView = await handle.query(names.QUERY_STATUS, result_type=StatusView)
         if view.phase in phases:
             return view
         await asyncio.sleep(0.2)
@@ -80,32 +84,60 @@ async def refused(handle: WorkflowHandle[Any, Any], body: ApprovalDecision, matc
 
 def decision(view: StatusView, approver: str, verdict: str = "approve") -> ApprovalDecision:
     assert view.plan is not None
-    return ApprovalDecision(plan_hash=view.plan.plan_hash, approver=approver, decision=verdict,  # type: ignore[arg-type]
-                            comment="test")
+    return ApprovalDecision(
+        plan_hash=view.plan.plan_hash,
+        approver=approver,
+        decision=verdict,
+        comment="test",
+    )
 
 
 async def test_worker_crash_remediated_exactly(world: World) -> None:
     incident = await incident_in(world, "worker-crash", "wc")
     before = await drift(world)
-    assert {k: len(v) for k, v in before.items()} == {"missing_open": 3, "orphan_open": 2, "unbilled_closed": 4,
-                                                      "payment_drift": 2}
+    assert {k: len(v) for k, v in before.items()} == {
+        "missing_open": 3,
+        "orphan_open": 2,
+        "unbilled_closed": 4,
+        "payment_drift": 2,
+    }
     ledger_before = await ledger_state(world)
-    handle = await start(world, RemediationRequest(correlation_id=incident.correlation_id, trigger=Trigger.WORKER_FAILURE,
-                                                   trace_id=incident.trace_id, requested_by="ic-dana"))
+    handle = await start(
+        world,
+        RemediationRequest(
+            correlation_id=incident.correlation_id,
+            trigger=Trigger.WORKER_FAILURE,
+            trace_id=incident.trace_id,
+            requested_by="ic-dana",
+        ),
+    )
     view = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
     assert view.blast_radius is not None and view.blast_radius.value == "widespread"
     assert view.frozen
     assert view.plan is not None
     # The plan lists exactly the injected drift (+ the worker restart the lagging consumer calls for).
-    assert view.plan.counts_by_kind == {"open_usage_record": 3, "close_orphan_usage": 2, "post_usage_debit": 4,
-                                        "credit_payment": 1, "link_payment_credit": 1, "restart_billing_worker": 1}
-    planned = {r["entity_id"] for r in await world.db.fetch(
-        "SELECT entity_id FROM remediation.plan_actions WHERE plan_id = $1 AND kind = 'open_usage_record'",
-        view.plan.plan_id)}
+    assert view.plan.counts_by_kind == {
+        "open_usage_record": 3,
+        "close_orphan_usage": 2,
+        "post_usage_debit": 4,
+        "credit_payment": 1,
+        "link_payment_credit": 1,
+        "restart_billing_worker": 1,
+    }
+    planned = {
+        r["entity_id"]
+        for r in await world.db.fetch(
+            "SELECT entity_id FROM remediation.plan_actions WHERE plan_id = $1 AND kind = 'open_usage_record'",
+            view.plan.plan_id,
+        )
+    }
     assert planned == set(incident.injected["missing_open"])
     # Nothing changes before approval; manual adjustments are frozen.
     assert await ledger_state(world) == ledger_before
-    assert await world.db.fetchval("SELECT count(*) FROM billing.adjustment_freezes WHERE lifted_at IS NULL") == 1
+    assert (
+        await world.db.fetchval("SELECT count(*) FROM billing.adjustment_freezes WHERE lifted_at IS NULL")
+        == 1
+    )
     # Refusals: unknown approver, self-approval, stale hash.
     await refused(handle, decision(view, "mallory"), "not an approver")
     await refused(handle, decision(view, "alice").model_copy(update={"plan_hash": "0" * 64}), "stale plan")
@@ -120,16 +152,25 @@ async def test_worker_crash_remediated_exactly(world: World) -> None:
     assert result.verification is not None and result.verification.passed
     # The drift is gone by independent SQL; no idempotency key twice; the freeze is lifted.
     assert await drift(world) == {k: set() for k in DRIFT_SQL}
-    assert await world.db.fetchval(
-        "SELECT count(*) - count(DISTINCT idempotency_key) FROM billing.ledger_entries") == 0
-    assert await world.db.fetchval("SELECT count(*) FROM billing.adjustment_freezes WHERE lifted_at IS NULL") == 0
+    assert (
+        await world.db.fetchval(
+            "SELECT count(*) - count(DISTINCT idempotency_key) FROM billing.ledger_entries"
+        )
+        == 0
+    )
+    assert (
+        await world.db.fetchval("SELECT count(*) FROM billing.adjustment_freezes WHERE lifted_at IS NULL")
+        == 0
+    )
     applied = await world.db.fetchval(
         "SELECT count(*) FROM remediation.applied_actions WHERE plan_id = $1 AND outcome = 'applied'",
-        view.plan.plan_id)
+        view.plan.plan_id,
+    )
     assert applied == view.plan.action_count
     # Debits posted equal the planned totals exactly.
     posted = await world.db.fetchval(
-        "SELECT coalesce(sum(amount_minor), 0) FROM billing.ledger_entries WHERE actor LIKE 'remediation:%'")
+        "SELECT coalesce(sum(amount_minor), 0) FROM billing.ledger_entries WHERE actor LIKE 'remediation:%'"
+    )
     assert posted == view.plan.debit_total_minor + view.plan.credit_total_minor
     # Evidence exists and names the approvers.
     doc = await operations.evidence(world.settings, handle.id)
@@ -138,8 +179,12 @@ async def test_worker_crash_remediated_exactly(world: World) -> None:
 
     # Re-running the remediation on the repaired platform changes nothing.
     ledger_after = await ledger_state(world)
-    again = await start(world, RemediationRequest(correlation_id=incident.correlation_id, requested_by="ic-dana",
-                                                  trigger=Trigger.WORKER_FAILURE))
+    again = await start(
+        world,
+        RemediationRequest(
+            correlation_id=incident.correlation_id, requested_by="ic-dana", trigger=Trigger.WORKER_FAILURE
+        ),
+    )
     second = await again.result()
     assert second.outcome is Phase.COMPLETED
     assert second.plan is not None and second.plan.action_count == 0
@@ -154,46 +199,88 @@ async def test_worker_crash_remediated_exactly(world: World) -> None:
 async def test_rejection_changes_nothing_and_lifts_freeze(world: World) -> None:
     incident = await incident_in(world, "payments-reconcile", "pr")
     ledger_before = await ledger_state(world)
-    handle = await start(world, RemediationRequest(correlation_id=incident.correlation_id, requested_by="ic-dana",
-                                                   trigger=Trigger.RECONCILE_FAILED))
+    handle = await start(
+        world,
+        RemediationRequest(
+            correlation_id=incident.correlation_id, requested_by="ic-dana", trigger=Trigger.RECONCILE_FAILED
+        ),
+    )
     view = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
-    assert view.plan is not None and view.plan.counts_by_kind.get("credit_payment", 0) + \
-        view.plan.counts_by_kind.get("link_payment_credit", 0) == 4
+    assert (
+        view.plan is not None
+        and view.plan.counts_by_kind.get("credit_payment", 0)
+        + view.plan.counts_by_kind.get("link_payment_credit", 0)
+        == 4
+    )
     # The signal path: a refused signal is audited, an accepted one decides.
     await handle.signal(names.SIGNAL_APPROVE, decision(view, "nobody"))
     await handle.signal(names.SIGNAL_APPROVE, decision(view, "carol", "reject"))
     result = await handle.result()
     assert result.outcome is Phase.REJECTED
     assert await ledger_state(world) == ledger_before
-    assert await world.db.fetchval("SELECT count(*) FROM billing.adjustment_freezes WHERE lifted_at IS NULL") == 0
-    refused = await world.db.fetch("SELECT approver, refusal_reason FROM remediation.approvals WHERE NOT accepted")
+    assert (
+        await world.db.fetchval("SELECT count(*) FROM billing.adjustment_freezes WHERE lifted_at IS NULL")
+        == 0
+    )
+    refused = await world.db.fetch(
+        "SELECT approver, refusal_reason FROM remediation.approvals WHERE NOT accepted"
+    )
     assert [r["approver"] for r in refused] == ["nobody"]
 
 
 async def test_user_dispute_self_approval_and_dry_run(world: World) -> None:
     incident = await incident_in(world, "user-dispute", "ud")
     scope = Scope(**incident.scope)
-    dry = await start(world, RemediationRequest(correlation_id=incident.correlation_id, scope=scope, dry_run=True,
-                                                requested_by="alice", trigger=Trigger.CUSTOMER_DISPUTE))
+    dry = await start(
+        world,
+        RemediationRequest(
+            correlation_id=incident.correlation_id,
+            scope=scope,
+            dry_run=True,
+            requested_by="alice",
+            trigger=Trigger.CUSTOMER_DISPUTE,
+        ),
+    )
     dry_result = await dry.result()
     assert dry_result.outcome is Phase.DRY_RUN_COMPLETE
     assert dry_result.plan is not None and dry_result.plan.counts_by_kind == {"close_orphan_usage": 1}
     assert dry_result.blast_radius is not None and dry_result.blast_radius.value == "single"
 
-    handle = await start(world, RemediationRequest(correlation_id=incident.correlation_id, scope=scope,
-                                                   requested_by="alice", trigger=Trigger.CUSTOMER_DISPUTE))
+    handle = await start(
+        world,
+        RemediationRequest(
+            correlation_id=incident.correlation_id,
+            scope=scope,
+            requested_by="alice",
+            trigger=Trigger.CUSTOMER_DISPUTE,
+        ),
+    )
     # Starting again for the same scope attaches to the running remediation.
-    attached = await operations.start(world.client, world.settings, RemediationRequest(
-        correlation_id=incident.correlation_id, scope=scope, requested_by="alice"))
+    attached = await operations.start(
+        world.client,
+        world.settings,
+        RemediationRequest(correlation_id=incident.correlation_id, scope=scope, requested_by="alice"),
+    )
     assert attached.workflow_id == handle.id
     view = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
     # Small single-user plan: one approver suffices, and the requester may approve it.
     assert view.approvals_needed == 1
     with pytest.raises(operations.OperationError, match="not an approver"):
-        await operations.decide_plan(world.client, world.settings, handle.id, plan_hash=view.plan.plan_hash,  # type: ignore[union-attr]
-                                     approver="eve", decision="approve", comment="")
-    assert await world.db.fetchval(
-        "SELECT count(*) FROM remediation.approvals WHERE approver = 'eve' AND NOT accepted") == 1
+        await operations.decide_plan(
+            world.client,
+            world.settings,
+            handle.id,
+            plan_hash=view.plan.plan_hash,  # type: ignore[union-attr]
+            approver="eve",
+            decision="approve",
+            comment="",
+        )
+    assert (
+        await world.db.fetchval(
+            "SELECT count(*) FROM remediation.approvals WHERE approver = 'eve' AND NOT accepted"
+        )
+        == 1
+    )
     await handle.execute_update(names.UPDATE_APPROVE, decision(view, "alice"))
     result = await handle.result()
     assert result.outcome is Phase.COMPLETED
@@ -203,27 +290,46 @@ async def test_user_dispute_self_approval_and_dry_run(world: World) -> None:
 async def test_prepaid_depleted_recovers_launch_guard(world: World) -> None:
     incident = await incident_in(world, "prepaid-depleted", "pp")
     org = incident.scope["org_id"]
-    handle = await start(world, RemediationRequest(correlation_id=incident.correlation_id, scope=Scope(org_id=org),
-                                                   requested_by="ic-dana", trigger=Trigger.PREPAID_DEPLETED))
+    handle = await start(
+        world,
+        RemediationRequest(
+            correlation_id=incident.correlation_id,
+            scope=Scope(org_id=org),
+            requested_by="ic-dana",
+            trigger=Trigger.PREPAID_DEPLETED,
+        ),
+    )
     view = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
     assert view.plan is not None
     assert view.plan.counts_by_kind == {"credit_payment": 1, "clear_financial_restriction": 1}
-    assert await world.db.fetchval("SELECT state FROM billing.financial_restrictions WHERE org_id = $1", org) \
+    assert (
+        await world.db.fetchval("SELECT state FROM billing.financial_restrictions WHERE org_id = $1", org)
         == "restricted"
+    )
     await handle.execute_update(names.UPDATE_APPROVE, decision(view, "bob"))
     result = await handle.result()
     assert result.outcome is Phase.COMPLETED
     assert result.verification is not None
     guard = next(c for c in result.verification.criteria if c.name == "launch_guard_recovered")
     assert guard.passed, guard.detail
-    assert await world.db.fetchval("SELECT state FROM billing.financial_restrictions WHERE org_id = $1", org) == "none"
+    assert (
+        await world.db.fetchval("SELECT state FROM billing.financial_restrictions WHERE org_id = $1", org)
+        == "none"
+    )
 
 
 async def test_nats_outage_during_diagnosis_is_a_finding(world: World) -> None:
     incident = await incident_in(world, "user-dispute", "no")
     world.nats_server.stop()
-    handle = await start(world, RemediationRequest(correlation_id=incident.correlation_id,
-                                                   scope=Scope(**incident.scope), dry_run=True, requested_by="ic"))
+    handle = await start(
+        world,
+        RemediationRequest(
+            correlation_id=incident.correlation_id,
+            scope=Scope(**incident.scope),
+            dry_run=True,
+            requested_by="ic",
+        ),
+    )
     result = await handle.result()
     assert result.outcome is Phase.DRY_RUN_COMPLETE
     view = await handle.query(names.QUERY_STATUS, result_type=StatusView)
@@ -239,10 +345,18 @@ async def test_bad_scope_refused_before_start(world: World) -> None:
     other_project = "bs-prj-0001-0"
     alloc = incident.injected["orphan_open"][0]
     with pytest.raises(operations.OperationError, match=r"scope\.allocation_id"):
-        await operations.preflight(world.settings, RemediationRequest(
-            correlation_id="x", requested_by="ic", scope=Scope(project_id=other_project, allocation_id=alloc)))
+        await operations.preflight(
+            world.settings,
+            RemediationRequest(
+                correlation_id="x",
+                requested_by="ic",
+                scope=Scope(project_id=other_project, allocation_id=alloc),
+            ),
+        )
     with pytest.raises(operations.OperationError, match=r"scope\.org_id: unknown org"):
-        await operations.preflight(world.settings, RemediationRequest(
-            correlation_id="x", requested_by="ic", scope=Scope(org_id="nope")))
+        await operations.preflight(
+            world.settings,
+            RemediationRequest(correlation_id="x", requested_by="ic", scope=Scope(org_id="nope")),
+        )
     with pytest.raises(operations.OperationError, match="malformed remediation id"):
         await operations.status(world.client, "not a workflow; drop table")

@@ -43,8 +43,11 @@ class Resources:
 
 async def connect_temporal(settings: Settings) -> Client:
     """A Temporal client with the pydantic data converter."""
-    return await Client.connect(settings.resolved_temporal_address(), namespace=settings.temporal_namespace,
-                                data_converter=pydantic_data_converter)
+    return await Client.connect(
+        settings.resolved_temporal_address(),
+        namespace=settings.temporal_namespace,
+        data_converter=pydantic_data_converter,
+    )
 
 
 async def migrate_remediation_schema(pool: asyncpg.Pool) -> list[str]:
@@ -56,17 +59,25 @@ async def migrate_remediation_schema(pool: asyncpg.Pool) -> list[str]:
 @contextlib.asynccontextmanager
 async def resources(settings: Settings) -> AsyncIterator[Resources]:
     """Open every client once; close them all on exit."""
-    pool = await asyncpg.create_pool(settings.resolved_database_url(), min_size=1, max_size=10,
-                                     command_timeout=300)
+    pool = await asyncpg.create_pool(
+        settings.resolved_database_url(), min_size=1, max_size=10, command_timeout=300
+    )
     await migrate_remediation_schema(pool)
     timeout = httpx.Timeout(settings.http_timeout_seconds)
     token = settings.billing_api_token.get_secret_value()
-    http_api = httpx.AsyncClient(base_url=settings.resolved_billing_api_url(), timeout=timeout,
-                                 headers={"Authorization": f"Bearer {token}"})
+    http_api = httpx.AsyncClient(
+        base_url=settings.resolved_billing_api_url(),
+        timeout=timeout,
+        headers={"Authorization": f"Bearer {token}"},
+    )
     http_loki = httpx.AsyncClient(base_url=settings.resolved_loki_url(), timeout=timeout)
     http_tempo = httpx.AsyncClient(base_url=settings.resolved_tempo_url(), timeout=timeout)
-    nats_acts = NatsActivities(settings.resolved_nats_url(), settings.billing_stream, settings.billing_consumer,
-                               settings.consumer_pending_threshold)
+    nats_acts = NatsActivities(
+        settings.resolved_nats_url(),
+        settings.billing_stream,
+        settings.billing_consumer,
+        settings.consumer_pending_threshold,
+    )
     try:
         yield Resources(pool, http_api, http_loki, http_tempo, nats_acts)
     finally:
@@ -88,18 +99,37 @@ def activity_list(settings: Settings, res: Resources) -> Sequence[Callable[..., 
     cfg = ConfigActivities(settings)
     return [
         cfg.load_runtime_options,
-        records.register_run, records.record_timeline, records.record_approval, records.record_api_action,
-        records.snapshot_scope, records.capture_evidence, records.finish_run,
-        db.check_postgres, db.check_outbox, db.check_data_consistency, db.assess_blast_radius, db.reconcile,
-        db.build_plan, db.apply_plan, db.check_duplicates,
-        res.nats.check_consumer, res.nats.read_event_sequence, res.nats.publish_escalation,
-        loki.query_correlation_logs, tempo.summarize_trace,
-        api.freeze_adjustments, api.unfreeze_adjustments, api.clear_restriction, api.restart_billing_worker,
+        records.register_run,
+        records.record_timeline,
+        records.record_approval,
+        records.record_api_action,
+        records.snapshot_scope,
+        records.capture_evidence,
+        records.finish_run,
+        db.check_postgres,
+        db.check_outbox,
+        db.check_data_consistency,
+        db.assess_blast_radius,
+        db.reconcile,
+        db.build_plan,
+        db.apply_plan,
+        db.check_duplicates,
+        res.nats.check_consumer,
+        res.nats.read_event_sequence,
+        res.nats.publish_escalation,
+        loki.query_correlation_logs,
+        tempo.summarize_trace,
+        api.freeze_adjustments,
+        api.unfreeze_adjustments,
+        api.clear_restriction,
+        api.restart_billing_worker,
         api.check_launch_guard,
     ]
 
 
-def build_worker(client: Client, settings: Settings, res: Resources, *, task_queue: str | None = None) -> Worker:
+def build_worker(
+    client: Client, settings: Settings, res: Resources, *, task_queue: str | None = None
+) -> Worker:
     """The worker for the remediation task queue."""
     return Worker(
         client,

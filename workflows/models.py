@@ -94,7 +94,9 @@ class Scope(Frozen):
 
     def describe(self) -> str:
         """Human words for summaries."""
-        return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in self.model_dump().items() if v) or "all orgs"
+        return (
+            ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in self.model_dump().items() if v) or "all orgs"
+        )
 
 
 class RemediationRequest(Frozen):

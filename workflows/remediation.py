@@ -179,8 +179,12 @@ class BillingRemediationWorkflow:
             self._frozen_id = f"{ref.workflow_id}/{ref.run_id}"
             await self._act(
                 names.FREEZE_ADJUSTMENTS,
-                FreezeRequest(ref=ref, freeze_id=self._frozen_id, actor=request.requested_by,
-                              reason=f"widespread billing drift; remediation {ref.workflow_id}"),
+                FreezeRequest(
+                    ref=ref,
+                    freeze_id=self._frozen_id,
+                    actor=request.requested_by,
+                    reason=f"widespread billing drift; remediation {ref.workflow_id}",
+                ),
                 None,
                 f"Freeze manual adjustments for {request.scope.describe()}",
             )
@@ -202,8 +206,12 @@ class BillingRemediationWorkflow:
             )
             self._drift = dict(summary.counts)
             if pass_no == 0:
-                await self._act(names.SNAPSHOT_SCOPE, SnapshotRequest(ref=ref, label="before"), None,
-                                "Capture before-remediation query evidence")
+                await self._act(
+                    names.SNAPSHOT_SCOPE,
+                    SnapshotRequest(ref=ref, label="before"),
+                    None,
+                    "Capture before-remediation query evidence",
+                )
             plan = await self._act(
                 names.BUILD_PLAN,
                 PlanRequest(
@@ -242,15 +250,31 @@ class BillingRemediationWorkflow:
         scope_words = request.scope.describe()
         checks = await asyncio.gather(
             self._check(names.CHECK_POSTGRES, "postgres", ref, "Check Postgres connectivity"),
-            self._check(names.CHECK_CONSUMER, "nats_consumer", ref,
-                        "Check the billing worker's NATS consumer (pending, ack-pending, redeliveries)"),
+            self._check(
+                names.CHECK_CONSUMER,
+                "nats_consumer",
+                ref,
+                "Check the billing worker's NATS consumer (pending, ack-pending, redeliveries)",
+            ),
             self._check(names.CHECK_OUTBOX, "outbox_relay", ref, "Check outbox relay backlog and lag"),
-            self._check(names.QUERY_CORRELATION_LOGS, "loki_logs", ref,
-                        f"Search Loki for correlation id {request.correlation_id}"),
-            self._check(names.READ_EVENT_SEQUENCE, "event_sequence", ref,
-                        f"Validate the event sequence for {scope_words}"),
-            self._check(names.CHECK_DATA_CONSISTENCY, "data_consistency", ref,
-                        f"Check usage/ledger/allocation/attribution consistency for {scope_words}"),
+            self._check(
+                names.QUERY_CORRELATION_LOGS,
+                "loki_logs",
+                ref,
+                f"Search Loki for correlation id {request.correlation_id}",
+            ),
+            self._check(
+                names.READ_EVENT_SEQUENCE,
+                "event_sequence",
+                ref,
+                f"Validate the event sequence for {scope_words}",
+            ),
+            self._check(
+                names.CHECK_DATA_CONSISTENCY,
+                "data_consistency",
+                ref,
+                f"Check usage/ledger/allocation/attribution consistency for {scope_words}",
+            ),
         )
         self._diagnosis = list(checks)
         trace_id = request.trace_id or next(
@@ -259,15 +283,20 @@ class BillingRemediationWorkflow:
         if trace_id is not None:
             traced = ref.model_copy(update={"trace_id": trace_id})
             self._diagnosis.append(
-                await self._check(names.SUMMARIZE_TRACE, "tempo_trace", traced, f"Summarize Tempo trace {trace_id}")
+                await self._check(
+                    names.SUMMARIZE_TRACE, "tempo_trace", traced, f"Summarize Tempo trace {trace_id}"
+                )
             )
         degraded = any(c.check == "nats_consumer" and c.status == "critical" for c in self._diagnosis)
         try:
             self._blast = (
                 await self._act(
                     names.ASSESS_BLAST_RADIUS,
-                    BlastRadiusRequest(ref=ref, worker_degraded=degraded,
-                                       widespread_org_threshold=options.widespread_org_threshold),
+                    BlastRadiusRequest(
+                        ref=ref,
+                        worker_degraded=degraded,
+                        widespread_org_threshold=options.widespread_org_threshold,
+                    ),
                     BlastRadiusResult,
                     f"Assess the blast radius around {scope_words}",
                 )
@@ -281,7 +310,8 @@ class BillingRemediationWorkflow:
     async def _check(self, name: str, check: str, ref: RunRef, summary: str) -> CheckResult:
         """Run one diagnosis activity; a dependency that is down becomes a finding, not a crash."""
         try:
-            return await self._act(name, ref, CheckResult, summary, timeout=60, attempts=3)
+            result: CheckResult = await self._act(name, ref, CheckResult, summary, timeout=60, attempts=3)
+            return result
         except ActivityError as err:
             cause = err.cause.message if isinstance(err.cause, ApplicationError) else str(err.cause or err)
             return CheckResult(check=check, status="unreachable", headline=f"{check} unreachable: {cause}")
@@ -320,12 +350,20 @@ class BillingRemediationWorkflow:
 
     async def _escalate(self, plan: PlanSummary, tier: int) -> None:
         policy = self._require_options().policy
-        next_approvers = [a.name for a in policy.approvers if a.tier == tier] or [a.name for a in policy.approvers]
+        next_approvers = [a.name for a in policy.approvers if a.tier == tier] or [
+            a.name for a in policy.approvers
+        ]
         await self._act(
             names.PUBLISH_ESCALATION,
-            EscalationRequest(ref=self._require_ref(), plan_id=plan.plan_id, plan_hash=plan.plan_hash,
-                              action_count=plan.action_count, money_moved_minor=plan.money_moved_minor,
-                              next_tier=tier, next_approvers=next_approvers),
+            EscalationRequest(
+                ref=self._require_ref(),
+                plan_id=plan.plan_id,
+                plan_hash=plan.plan_hash,
+                action_count=plan.action_count,
+                money_moved_minor=plan.money_moved_minor,
+                next_tier=tier,
+                next_approvers=next_approvers,
+            ),
             None,
             f"Escalate the pending approval to tier {tier}",
         )
@@ -334,10 +372,16 @@ class BillingRemediationWorkflow:
         ref = self._require_ref()
         options = self._require_options()
         approvers = list(self._approval.approved_by)
-        applied = await self._act(
+        applied: ApplySummary = await self._act(
             names.APPLY_PLAN,
-            ApplyRequest(ref=ref, plan_id=plan.plan_id, plan_hash=plan.plan_hash, actor=self._request.requested_by,
-                         approvers=approvers, batch_size=options.apply_batch_size),
+            ApplyRequest(
+                ref=ref,
+                plan_id=plan.plan_id,
+                plan_hash=plan.plan_hash,
+                actor=self._request.requested_by,
+                approvers=approvers,
+                batch_size=options.apply_batch_size,
+            ),
             ApplySummary,
             f"Apply {plan.action_count} approved actions of plan {plan.plan_id} in batches",
             timeout=3600,
@@ -345,15 +389,30 @@ class BillingRemediationWorkflow:
             attempts=10,
         )
         for action in plan.api_actions:
-            activity = (names.CLEAR_RESTRICTION if action.kind == "clear_financial_restriction"
-                        else names.RESTART_BILLING_WORKER)
-            request = ApiActionRequest(ref=ref, plan_id=plan.plan_id, action=action,
-                                       actor=self._request.requested_by, approvers=approvers)
-            words = ("Clear the prepaid financial restriction of " + action.org_id
-                     if action.kind == "clear_financial_restriction" else "Restart the billing worker (hook)")
+            activity = (
+                names.CLEAR_RESTRICTION
+                if action.kind == "clear_financial_restriction"
+                else names.RESTART_BILLING_WORKER
+            )
+            request = ApiActionRequest(
+                ref=ref,
+                plan_id=plan.plan_id,
+                action=action,
+                actor=self._request.requested_by,
+                approvers=approvers,
+            )
+            words = (
+                "Clear the prepaid financial restriction of " + action.org_id
+                if action.kind == "clear_financial_restriction"
+                else "Restart the billing worker (hook)"
+            )
             result = await self._act(activity, request, ApiActionResult, words)
-            await self._act(names.RECORD_API_ACTION, request.model_copy(update={}), None,
-                            f"Audit: {action.kind} {result.outcome}")
+            await self._act(
+                names.RECORD_API_ACTION,
+                request.model_copy(update={}),
+                None,
+                f"Audit: {action.kind} {result.outcome}",
+            )
         self._refresh_details()
         return applied
 
@@ -367,33 +426,59 @@ class BillingRemediationWorkflow:
         second = await self._consumer_sample("Sample billing worker consumer lag (2/2)")
         criteria = [self._worker_criterion(first, second)]
         drift = await self._act(
-            names.RECONCILE, ReconcileRequest(ref=ref, pass_no=100 + pass_no), ReconcileSummary,
-            f"Re-run reconciliation for {request.scope.describe()} (expect no drift)", timeout=600, heartbeat=60,
+            names.RECONCILE,
+            ReconcileRequest(ref=ref, pass_no=100 + pass_no),
+            ReconcileSummary,
+            f"Re-run reconciliation for {request.scope.describe()} (expect no drift)",
+            timeout=600,
+            heartbeat=60,
         )
         self._drift = dict(drift.counts)
-        criteria.append(Criterion(name="no_unresolved_drift", passed=drift.total == 0,
-                                  detail=", ".join(f"{k}={v}" for k, v in drift.counts.items())))
-        criteria.append(await self._act(names.CHECK_DUPLICATES, VerificationRequest(ref=ref, pass_no=pass_no),
-                                        Criterion, "Check for duplicate debits and credits"))
-        outbox = await self._check(names.CHECK_OUTBOX, "outbox_relay", ref, "Re-check outbox relay (alerts)")
-        criteria.append(Criterion(name="alerts_below_threshold", passed=outbox.status in ("ok", "warn"),
-                                  detail=outbox.headline))
-        if request.trigger is Trigger.PREPAID_DEPLETED and request.scope.org_id:
-            criteria.append(await self._act(
-                names.CHECK_LAUNCH_GUARD,
-                LaunchGuardRequest(ref=ref, org_id=request.scope.org_id, expect="recovered"),
+        criteria.append(
+            Criterion(
+                name="no_unresolved_drift",
+                passed=drift.total == 0,
+                detail=", ".join(f"{k}={v}" for k, v in drift.counts.items()),
+            )
+        )
+        criteria.append(
+            await self._act(
+                names.CHECK_DUPLICATES,
+                VerificationRequest(ref=ref, pass_no=pass_no),
                 Criterion,
-                f"Verify launch precheck billing is ok for {request.scope.org_id}",
-            ))
+                "Check for duplicate debits and credits",
+            )
+        )
+        outbox = await self._check(names.CHECK_OUTBOX, "outbox_relay", ref, "Re-check outbox relay (alerts)")
+        criteria.append(
+            Criterion(
+                name="alerts_below_threshold", passed=outbox.status in ("ok", "warn"), detail=outbox.headline
+            )
+        )
+        if request.trigger is Trigger.PREPAID_DEPLETED and request.scope.org_id:
+            criteria.append(
+                await self._act(
+                    names.CHECK_LAUNCH_GUARD,
+                    LaunchGuardRequest(ref=ref, org_id=request.scope.org_id, expect="recovered"),
+                    Criterion,
+                    f"Verify launch precheck billing is ok for {request.scope.org_id}",
+                )
+            )
         self._verification = VerificationResult(passed=all(c.passed for c in criteria), criteria=criteria)
-        await self._act(names.SNAPSHOT_SCOPE, SnapshotRequest(ref=ref, label="after"), None,
-                        "Capture after-remediation query evidence")
+        await self._act(
+            names.SNAPSHOT_SCOPE,
+            SnapshotRequest(ref=ref, label="after"),
+            None,
+            "Capture after-remediation query evidence",
+        )
         self._refresh_details()
         return self._verification
 
     async def _consumer_sample(self, summary: str) -> ConsumerSample | None:
         try:
-            result = await self._act(names.CHECK_CONSUMER, self._require_ref(), CheckResult, summary, attempts=3)
+            result = await self._act(
+                names.CHECK_CONSUMER, self._require_ref(), CheckResult, summary, attempts=3
+            )
         except ActivityError:
             return None
         return ConsumerSample(
@@ -419,17 +504,23 @@ class BillingRemediationWorkflow:
         self._verdict = None
         self._set_phase(Phase.AWAITING_DECISION)
         await workflow.wait_condition(lambda: self._verdict is not None)
-        assert self._verdict is not None
-        await self._timeline(f"decision: {self._verdict.choice}", self._verdict.actor, self._verdict.comment)
-        return self._verdict.choice
+        verdict = self._verdict
+        if verdict is None:  # unreachable: the condition above guarantees it
+            raise ApplicationError("no verdict", type="BadInput", non_retryable=True)
+        await self._timeline(f"decision: {verdict.choice}", verdict.actor, verdict.comment)
+        return verdict.choice
 
     async def _cleanup(self, outcome: Phase, plan: PlanSummary | None) -> None:
         ref = self._require_ref()
         if self._frozen_id is not None:
             await self._act(
                 names.UNFREEZE_ADJUSTMENTS,
-                FreezeRequest(ref=ref, freeze_id=self._frozen_id, actor=self._request.requested_by,
-                              reason=f"remediation ended: {outcome.value}"),
+                FreezeRequest(
+                    ref=ref,
+                    freeze_id=self._frozen_id,
+                    actor=self._request.requested_by,
+                    reason=f"remediation ended: {outcome.value}",
+                ),
                 None,
                 "Lift the manual-adjustment freeze",
                 attempts=20,
@@ -438,15 +529,28 @@ class BillingRemediationWorkflow:
         self._set_phase(Phase.CAPTURING_EVIDENCE)
         await self._act(
             names.CAPTURE_EVIDENCE,
-            EvidenceRequest(ref=ref, outcome=outcome.value, blast_radius=self._blast.value if self._blast else None,
-                            plan_id=plan.plan_id if plan else None, verification=self._verification,
-                            approvers=list(self._approval.approved_by)),
+            EvidenceRequest(
+                ref=ref,
+                outcome=outcome.value,
+                blast_radius=self._blast.value if self._blast else None,
+                plan_id=plan.plan_id if plan else None,
+                verification=self._verification,
+                approvers=list(self._approval.approved_by),
+            ),
             None,
             "Capture the evidence pack",
         )
-        await self._act(names.FINISH_RUN, FinishRun(ref=ref, phase=outcome.value, outcome=outcome.value,
-                                                    blast_radius=self._blast.value if self._blast else None),
-                        None, f"Close the run as {outcome.value}")
+        await self._act(
+            names.FINISH_RUN,
+            FinishRun(
+                ref=ref,
+                phase=outcome.value,
+                outcome=outcome.value,
+                blast_radius=self._blast.value if self._blast else None,
+            ),
+            None,
+            f"Close the run as {outcome.value}",
+        )
         self._set_phase(outcome)
         await workflow.wait_condition(workflow.all_handlers_finished)
 
@@ -481,7 +585,9 @@ class BillingRemediationWorkflow:
     @decide.validator
     def _validate_decide(self, decision: VerdictDecision) -> None:
         if self._phase is not Phase.AWAITING_DECISION:
-            raise ApplicationError(f"no decision is pending (phase {self._phase.value})", type="DecisionRefused")
+            raise ApplicationError(
+                f"no decision is pending (phase {self._phase.value})", type="DecisionRefused"
+            )
         if self._require_options().policy.approver(decision.actor) is None:
             raise ApplicationError(f"not an approver: {decision.actor!r}", type="DecisionRefused")
 
@@ -511,30 +617,52 @@ class BillingRemediationWorkflow:
     def _refusal(self, decision: ApprovalDecision) -> str | None:
         if self._options is None:
             return "no plan is awaiting approval"
-        return refusal(self._approval, decision, self._options.policy, self._request.requested_by, self._blast,
-                       awaiting=self._awaiting_approval)
+        return refusal(
+            self._approval,
+            decision,
+            self._options.policy,
+            self._request.requested_by,
+            self._blast,
+            awaiting=self._awaiting_approval,
+        )
 
     async def _accept(self, decision: ApprovalDecision, *, via: str) -> str:
         apply_decision(self._approval, decision, self._approvals_needed())
-        self._set_phase(self._phase, approval="rejected" if self._approval.rejected_by else
-                        ("approved" if self._approval.decided else "pending"))
+        self._set_phase(
+            self._phase,
+            approval="rejected"
+            if self._approval.rejected_by
+            else ("approved" if self._approval.decided else "pending"),
+        )
         await self._record_approval(decision, accepted=True, reason=None, via=via)
-        return (f"{decision.decision} by {decision.approver} recorded "
-                f"({len(self._approval.approved_by)}/{self._approvals_needed()} approvals)")
+        return (
+            f"{decision.decision} by {decision.approver} recorded "
+            f"({len(self._approval.approved_by)}/{self._approvals_needed()} approvals)"
+        )
 
-    async def _record_approval(self, decision: ApprovalDecision, *, accepted: bool, reason: str | None,
-                               via: str) -> None:
+    async def _record_approval(
+        self, decision: ApprovalDecision, *, accepted: bool, reason: str | None, via: str
+    ) -> None:
         ref = self._require_ref()
         self._events += 1
         plan = self._approval.plan
         await self._act(
             names.RECORD_APPROVAL,
-            ApprovalRecord(run_id=ref.run_id, event_key=f"{ref.run_id}:approval:{self._events}",
-                           plan_id=plan.plan_id if plan else None, plan_hash=decision.plan_hash,
-                           approver=decision.approver, decision=decision.decision, comment=decision.comment,
-                           accepted=accepted, refusal_reason=reason, via=via),
+            ApprovalRecord(
+                run_id=ref.run_id,
+                event_key=f"{ref.run_id}:approval:{self._events}",
+                plan_id=plan.plan_id if plan else None,
+                plan_hash=decision.plan_hash,
+                approver=decision.approver,
+                decision=decision.decision,
+                comment=decision.comment,
+                accepted=accepted,
+                refusal_reason=reason,
+                via=via,
+            ),
             None,
-            f"Audit {decision.decision} by {decision.approver}" + ("" if accepted else f" (refused: {reason})"),
+            f"Audit {decision.decision} by {decision.approver}"
+            + ("" if accepted else f" (refused: {reason})"),
         )
         self._refresh_details()
 
@@ -543,8 +671,14 @@ class BillingRemediationWorkflow:
         self._events += 1
         await self._act(
             names.RECORD_TIMELINE,
-            TimelineEvent(run_id=ref.run_id, event_key=f"{ref.run_id}:wf:{self._events}", phase=self._phase.value,
-                          actor=actor, message=message, detail={"comment": comment}),
+            TimelineEvent(
+                run_id=ref.run_id,
+                event_key=f"{ref.run_id}:wf:{self._events}",
+                phase=self._phase.value,
+                actor=actor,
+                message=message,
+                detail={"comment": comment},
+            ),
             None,
             f"Timeline: {message}",
         )
@@ -593,8 +727,12 @@ class BillingRemediationWorkflow:
             SA_PHASE.value_set(self._phase.value),
             SA_APPROVAL.value_set("not_requested"),
         ]
-        for key, value in ((SA_ORG, scope.org_id), (SA_PROJECT, scope.project_id), (SA_USER, scope.user_id),
-                           (SA_ALLOCATION, scope.allocation_id)):
+        for key, value in (
+            (SA_ORG, scope.org_id),
+            (SA_PROJECT, scope.project_id),
+            (SA_USER, scope.user_id),
+            (SA_ALLOCATION, scope.allocation_id),
+        ):
             if value:
                 updates.append(key.value_set(value))
         workflow.upsert_search_attributes(updates)
@@ -602,13 +740,18 @@ class BillingRemediationWorkflow:
     def _refresh_details(self) -> None:
         """Markdown shown live in the Temporal UI: phase, drift, plan, approvals, verdict."""
         lines = [f"### Phase: `{self._phase.value}`", ""]
-        lines.append(f"- **Scope:** {self._request.scope.describe()} · **Trigger:** {self._request.trigger.value}"
-                     f" · **Correlation id:** `{self._request.correlation_id}`")
-        lines.append(f"- **Requested by:** {self._request.requested_by}"
-                     f"{' · dry run' if self._request.dry_run else ''}")
+        lines.append(
+            f"- **Scope:** {self._request.scope.describe()} · **Trigger:** {self._request.trigger.value}"
+            f" · **Correlation id:** `{self._request.correlation_id}`"
+        )
+        lines.append(
+            f"- **Requested by:** {self._request.requested_by}{' · dry run' if self._request.dry_run else ''}"
+        )
         if self._blast:
-            lines.append(f"- **Blast radius:** {self._blast.value}"
-                         f"{' · manual adjustments frozen' if self._frozen_id else ''}")
+            lines.append(
+                f"- **Blast radius:** {self._blast.value}"
+                f"{' · manual adjustments frozen' if self._frozen_id else ''}"
+            )
         if self._diagnosis:
             lines.append("")
             lines.append("**Diagnosis**")
@@ -619,16 +762,22 @@ class BillingRemediationWorkflow:
         plan = self._approval.plan
         if plan is not None:
             lines.append("")
-            lines.append(f"**Plan** `{plan.plan_id}` · hash `{plan.plan_hash[:12]}` · {plan.action_count} actions"
-                         f" · debits {plan.debit_total_minor} · credits {plan.credit_total_minor} (minor units)")
+            lines.append(
+                f"**Plan** `{plan.plan_id}` · hash `{plan.plan_hash[:12]}` · {plan.action_count} actions"
+                f" · debits {plan.debit_total_minor} · credits {plan.credit_total_minor} (minor units)"
+            )
             needed = self._approvals_needed()
             approved = ", ".join(self._approval.approved_by) or "none"
-            lines.append(f"- Approvals: {approved} ({len(self._approval.approved_by)}/{needed})"
-                         + (f" · rejected by {self._approval.rejected_by}" if self._approval.rejected_by else ""))
+            lines.append(
+                f"- Approvals: {approved} ({len(self._approval.approved_by)}/{needed})"
+                + (f" · rejected by {self._approval.rejected_by}" if self._approval.rejected_by else "")
+            )
         if self._verification is not None:
             lines.append("")
             lines.append(f"**Verification: {'PASSED' if self._verification.passed else 'FAILED'}**")
-            lines += [f"- {'✅' if c.passed else '❌'} {c.name}: {c.detail}" for c in self._verification.criteria]
+            lines += [
+                f"- {'✅' if c.passed else '❌'} {c.name}: {c.detail}" for c in self._verification.criteria
+            ]
         workflow.set_current_details("\n".join(lines))
 
     def _require_ref(self) -> RunRef:
