@@ -40,7 +40,7 @@ class BillingApiActivities:
             "/api/v1/admin/billing/adjustments/freeze",
             json={
                 "freeze_id": request.freeze_id,
-                "scope_key": _scope_key(request),
+                "scope_key": request.ref.scope.key(),
                 "reason": request.reason,
                 "actor": f"remediation:{request.actor}",
                 "correlation_id": request.ref.correlation_id,
@@ -116,10 +116,3 @@ class BillingApiActivities:
             detail=f"state={posture.get('state')} reason={posture.get('reason')} "
             f"block_new_launches={effects.get('block_new_launches')} precheck billing={severity}",
         )
-
-
-def _scope_key(request: FreezeRequest) -> str:
-    scope = request.ref.scope
-    if scope.is_global:
-        return "global"
-    return scope.key()

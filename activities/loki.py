@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 from temporalio import activity
 
+from activities.errors import dependency_down
 from activities.http_errors import json_object, raise_for, send
 from workflows import names
 from workflows.models import CheckResult, RunRef
@@ -31,7 +32,7 @@ def correlation_query(correlation_id: str) -> str:
     return f'{selector} |= {literal} | json | __error__="" | correlation_id={literal}'
 
 
-def trace_ids_of(stream: dict[str, Any], line: str) -> str | None:
+def trace_id_of(stream: dict[str, Any], line: str) -> str | None:
     """The trace id of an entry, from the JSON line or the stream's labels/structured metadata."""
     if stream.get("trace_id"):
         return str(stream["trace_id"])
@@ -78,13 +79,15 @@ class LokiActivities:
             body = json_object("Loki", response)
             data = body.get("data")
             if body.get("status") != "success" or not isinstance(data, dict):
-                raise_for("Loki", httpx.Response(502, text=f"unexpected body: {response.text[:100]}"))
-                break
-            page = [
-                (s.get("stream", {}), int(v[0]), str(v[1]))
-                for s in data.get("result", [])
-                for v in s.get("values", [])
-            ]
+                raise dependency_down(f"Loki answered an unexpected body: {response.text[:100]!r}")
+            try:
+                page = [
+                    (dict(s.get("stream", {})), int(v[0]), str(v[1]))
+                    for s in data.get("result", [])
+                    for v in s.get("values", [])
+                ]
+            except (TypeError, ValueError, IndexError, AttributeError) as exc:
+                raise dependency_down(f"Loki returned malformed streams: {exc}") from exc
             entries += page
             if len(page) < PAGE_LIMIT:
                 break
@@ -105,7 +108,7 @@ class LokiActivities:
             by_service[str(stream.get("service_name") or stream.get("service") or "unknown")] += 1
             if str(stream.get("level", "")).lower() in ("error", "fatal"):
                 errors += 1
-            trace = trace_ids_of(stream, line)
+            trace = trace_id_of(stream, line)
             if trace and trace not in trace_ids:
                 trace_ids.append(trace)
         status = "warn" if errors else "ok"

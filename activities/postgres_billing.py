@@ -199,7 +199,6 @@ class BillingDatabaseActivities:
         """Usage lifecycle, ledger projection, allocation status boundary and attribution boundary."""
         usage_pred, params = scope_predicate(ref.scope, USAGE_COLUMNS, 1)
         alloc_pred, _ = scope_predicate(ref.scope, ALLOCATION_COLUMNS, 1)
-        ledger_pred, ledger_params = scope_predicate(ref.scope, LEDGER_COLUMNS, 1)
         lifecycle = await self._fetchval(
             f"""SELECT count(*) FROM billing.usage_records u WHERE {usage_pred}
                 AND (u.end_time < u.start_time OR u.last_billed_at > coalesce(u.end_time, 'infinity')
@@ -228,7 +227,6 @@ class BillingDatabaseActivities:
                   GROUP BY 1 HAVING sum(u.accrued_cost_minor) <> -coalesce(sum(l.amount_minor), 0)) d""",
             *params,
         )
-        del ledger_pred, ledger_params
         counts = {
             "usage_lifecycle": int(lifecycle),
             "allocation_boundary": int(boundary),
@@ -378,8 +376,7 @@ class BillingDatabaseActivities:
                         request.plan_id,
                     )
                 )
-                if request.clear_prepaid_restrictions:
-                    next_seq = await self._plan_restriction_clears(conn, request, next_seq)
+                next_seq = await self._plan_restriction_clears(conn, request, next_seq)
                 if request.restart_worker:
                     await conn.execute(
                         """INSERT INTO remediation.plan_actions (plan_id, seq, kind, entity_type, entity_id, org_id,

@@ -13,7 +13,7 @@ from activities.postgres_billing import TRANSIENT, validate_scope
 from activities.scope_sql import LEDGER_COLUMNS, USAGE_COLUMNS, scope_predicate
 from workflows import names
 from workflows.models import (
-    ApiActionRequest,
+    ApiActionAudit,
     ApprovalRecord,
     EvidenceRequest,
     FinishRun,
@@ -113,21 +113,23 @@ class RecordsActivities:
         await record_approval_row(self._pool, record)
 
     @activity.defn(name=names.RECORD_API_ACTION)
-    async def record_api_action(self, request: ApiActionRequest) -> None:
-        """Audit an admin-API plan action (restriction clear, worker restart) like any other action."""
-        action = request.action
+    async def record_api_action(self, audit: ApiActionAudit) -> None:
+        """Audit an admin-API plan action (restriction clear, worker restart) with the outcome the API gave."""
+        request, action = audit.request, audit.request.action
         await self._pool.execute(
             """INSERT INTO remediation.applied_actions (plan_id, seq, idempotency_key, kind, outcome, actor, approvers,
                    workflow_id, correlation_id, before, after)
-               VALUES ($1,$2,$3,$4,'applied',$5,$6,$7,$8,'{}','{}') ON CONFLICT (plan_id, seq) DO NOTHING""",
+               VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,'{}',$10) ON CONFLICT (plan_id, seq) DO NOTHING""",
             request.plan_id,
             action.seq,
             action.idempotency_key,
             action.kind,
+            audit.result.outcome,
             request.actor,
             request.approvers,
             request.ref.workflow_id,
             request.ref.correlation_id,
+            json.dumps({"detail": audit.result.detail}),
         )
 
     @activity.defn(name=names.SNAPSHOT_SCOPE)

@@ -144,10 +144,6 @@ class Settings(BaseSettings):
         """Link to a workflow's page in the Temporal UI."""
         return f"{self.resolved_ui_url()}/namespaces/{self.temporal_namespace}/workflows/{workflow_id}"
 
-    def approver(self, name: str) -> Approver | None:
-        """The configured approver called ``name``, if any."""
-        return next((a for a in self.approvers if a.name == name), None)
-
 
 def load_settings() -> Settings:
     """Load settings from the environment; call once per entrypoint."""

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from config import SEARCH_ATTRIBUTES, Settings, redact_url
 from devstack.processes import (
@@ -99,10 +100,11 @@ class Component:
         return read_pid(self.pid_file)
 
     def healthy(self) -> bool:
-        """Cheap liveness check (a TCP connect)."""
-        host, _, port = self.address.rpartition(":")
+        """Cheap liveness check: a TCP connect to the address, embedded or external alike."""
+        address = self.address if "://" in self.address else f"tcp://{self.address}"
         try:
-            return port_accepts(int(port), host or "127.0.0.1")
+            parts = urlsplit(address)
+            return parts.port is not None and port_accepts(parts.port, parts.hostname or "127.0.0.1")
         except ValueError:
             return False
 
@@ -279,11 +281,6 @@ class Nats(Component):
     def address(self) -> str:
         return self.settings.nats_url or super().address
 
-    def healthy(self) -> bool:
-        if self.external:
-            return True  # checked for real by the activities' dependency health
-        return super().healthy()
-
     def _launch(self) -> None:
         store = self.state_dir / "nats"
         store.mkdir(parents=True, exist_ok=True)
@@ -381,9 +378,6 @@ class Platform(PythonService):
     @property
     def address(self) -> str:
         return self.settings.resolved_billing_api_url()
-
-    def healthy(self) -> bool:
-        return port_accepts(self.port) if not self.external else True
 
     def _wait_ready(self, pid: int) -> None:
         wait_for_port(self.port, timeout=60, name=self.name, log_file=self.log_file, pid=pid)

@@ -12,7 +12,7 @@ from nats.aio.client import Client as NATS
 
 from local_platform import telemetry
 from local_platform.events import publish
-from local_platform.seeder import SeedReport, SeedSpec, seed
+from local_platform.seeder import SeedSpec, seed
 
 
 @dataclass
@@ -88,21 +88,12 @@ async def _trace(
     )
 
 
-async def _seed(
-    conn: asyncpg.Connection, nc: NATS | None, spec: SeedSpec, stream: str, durable: str
-) -> SeedReport:
-    del stream, durable
-    return await seed(conn, spec, nc)
-
-
 async def run_incident(
     name: str,
     conn: asyncpg.Connection,
     nc: NATS | None,
     *,
     prefix: str = "inc",
-    stream: str = "PLATFORM",
-    durable: str = "billing-worker",
 ) -> IncidentReport:
     """Set up incident ``name`` and return where to point the remediation."""
     trace_id = telemetry.new_trace_id()
@@ -114,7 +105,7 @@ async def run_incident(
             seed=11,
             inject={"missing_open": 3, "orphan_open": 2, "unbilled_closed": 4, "payment_drift": 2},
         )
-        report = await _seed(conn, nc, spec, stream, durable)
+        report = await seed(conn, spec, nc)
         corr = f"{prefix}-worker-crash"
         await conn.execute("UPDATE billing.worker_control SET mode = 'crashed', updated_at = now()")
         drifted = {a for ids in report.injected.values() for a in ids}
@@ -145,7 +136,7 @@ async def run_incident(
         return IncidentReport(name, "worker_failure", corr, trace_id, {}, report.injected, report.as_dict())
     if name == "payments-reconcile":
         spec = SeedSpec(orgs=3, allocations=60, prefix=prefix, seed=12, inject={"payment_drift": 4})
-        report = await _seed(conn, nc, spec, stream, durable)
+        report = await seed(conn, spec, nc)
         corr = f"{prefix}-payments-reconcile"
         if nc is not None:
             for pay in report.injected["payment_drift"]:
@@ -161,7 +152,7 @@ async def run_incident(
         return IncidentReport(name, "reconcile_failed", corr, trace_id, {}, report.injected, report.as_dict())
     if name == "user-dispute":
         spec = SeedSpec(orgs=3, allocations=60, prefix=prefix, seed=13, inject={"orphan_open": 1})
-        report = await _seed(conn, nc, spec, stream, durable)
+        report = await seed(conn, spec, nc)
         alloc = report.injected["orphan_open"][0]
         row = await conn.fetchrow(
             "SELECT org_id, project_id, requested_by_user_id FROM billing.allocations WHERE id = $1", alloc
@@ -182,7 +173,7 @@ async def run_incident(
         spec = SeedSpec(
             orgs=1, allocations=12, prefix=prefix, seed=14, prepaid_every=1, inject={"payment_drift": 1}
         )
-        report = await _seed(conn, nc, spec, stream, durable)
+        report = await seed(conn, spec, nc)
         org = f"{prefix}-org-0000"
         pay = report.injected["payment_drift"][0]
         debits = -int(
@@ -191,7 +182,7 @@ async def run_incident(
             )
         )
         if debits <= 0:
-            raise RuntimeError("prepaid-depleted: the seed produced no usage debits; choose another seed")
+            raise ValueError("prepaid-depleted: the seed produced no usage debits; choose another seed")
         # The lost top-up would have covered the usage: crediting it must restore a positive balance.
         await conn.execute(
             "UPDATE billing.payment_sessions SET amount_minor = $2 WHERE id = $1", pay, debits + 25_000

@@ -287,15 +287,22 @@ async def _resource_spans(request: Request, trace_id: str) -> list[dict[str, Any
     ]
 
 
-async def tempo_trace_v1(request: Request) -> Response:
-    """GET /api/traces/{trace_id}: {"batches": [...]}, 404 with empty body when missing."""
+async def _trace_lookup(request: Request) -> list[dict[str, Any]] | Response:
+    """Tenant and id checks shared by both trace endpoints, then the trace's resource spans."""
     if not _tenant_ok(request):
         return _text(401, "no org id")
     raw = request.path_params["trace_id"]
     problem = _validate_trace_id(raw)
     if problem:
         return _text(400, problem)
-    batches = await _resource_spans(request, raw)
+    return await _resource_spans(request, raw)
+
+
+async def tempo_trace_v1(request: Request) -> Response:
+    """GET /api/traces/{trace_id}: {"batches": [...]}, 404 with empty body when missing."""
+    batches = await _trace_lookup(request)
+    if isinstance(batches, Response):
+        return batches
     if not batches:
         return Response(status_code=404)
     return JSONResponse({"batches": batches})
@@ -303,13 +310,9 @@ async def tempo_trace_v1(request: Request) -> Response:
 
 async def tempo_trace_v2(request: Request) -> Response:
     """GET /api/v2/traces/{trace_id}: {"trace": {"resourceSpans": [...]}}; 200 with an empty trace when missing."""
-    if not _tenant_ok(request):
-        return _text(401, "no org id")
-    raw = request.path_params["trace_id"]
-    problem = _validate_trace_id(raw)
-    if problem:
-        return _text(400, problem)
-    resource_spans = await _resource_spans(request, raw)
+    resource_spans = await _trace_lookup(request)
+    if isinstance(resource_spans, Response):
+        return resource_spans
     trace: dict[str, Any] = {"resourceSpans": resource_spans} if resource_spans else {}
     return JSONResponse({"trace": trace, "metrics": {"inspectedBytes": "0"}})
 

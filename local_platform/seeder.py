@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,7 +17,8 @@ from local_platform.events import publish
 DRIFT_KINDS = ("missing_open", "orphan_open", "unbilled_closed", "payment_drift")
 BASE_TIME = datetime(2026, 11, 1, tzinfo=UTC)
 SKUS = (("gpu-h100-x1", 350), ("gpu-a100-x1", 220), ("gpu-l40s-x1", 120), ("compute-vm-small", 9))
-SEED_ACTOR = "seeder"
+# usage_source, control_plane_component, operating_mode, control_plane_scope, runtime_backend
+ATTRIBUTION = ("gpu_allocation", "scheduler", "managed", "regional", "kubernetes")
 
 
 @dataclass
@@ -30,6 +32,16 @@ class SeedSpec:
     inject: dict[str, int] = field(default_factory=dict)
     prepaid_every: int = 3
     publish_events_limit: int = 20_000
+
+    def __post_init__(self) -> None:
+        if self.orgs < 1:
+            raise ValueError(f"--orgs must be at least 1, got {self.orgs}")
+        if self.allocations < 0:
+            raise ValueError(f"--allocations must not be negative, got {self.allocations}")
+        if not re.fullmatch(r"[a-z][a-z0-9]{0,15}", self.prefix):
+            raise ValueError(
+                f"--prefix must be 1-16 lower-case letters/digits starting with a letter, got {self.prefix!r}"
+            )
 
 
 @dataclass
@@ -77,6 +89,9 @@ async def seed(conn: asyncpg.Connection, spec: SeedSpec, nc: NATS | None = None)
     """Build a consistent platform for ``spec`` (COPY-fast), then inject its drift."""
     rng = random.Random(spec.seed)
     p = spec.prefix
+    if await conn.fetchval("SELECT 1 FROM billing.orgs WHERE id LIKE $1 LIMIT 1", f"{p}-org-%"):
+        # Checked before any write: a second seed with the same prefix would collide half-way.
+        raise ValueError(f"--prefix {p!r} is already seeded in this database; choose another prefix")
     orgs, projects, users = [], [], []
     for o in range(spec.orgs):
         org_id = f"{p}-org-{o:04d}"
@@ -119,11 +134,7 @@ async def seed(conn: asyncpg.Connection, spec: SeedSpec, nc: NATS | None = None)
                 rate,
                 status,
                 app_instance,
-                "gpu_allocation",
-                "scheduler",
-                "managed",
-                "regional",
-                "kubernetes",
+                *ATTRIBUTION,
                 activated,
                 activated,
                 releasing,
@@ -147,11 +158,7 @@ async def seed(conn: asyncpg.Connection, spec: SeedSpec, nc: NATS | None = None)
                 released if closed else activated,
                 cost,
                 app_instance,
-                "gpu_allocation",
-                "scheduler",
-                "managed",
-                "regional",
-                "kubernetes",
+                *ATTRIBUTION,
                 f"usage-open:{alloc_id}",
                 "gpuaas-billing-worker",
                 corr,
@@ -408,7 +415,6 @@ async def _inject(conn: asyncpg.Connection, spec: SeedSpec, rng: random.Random) 
     )
     # Payment drift: even ones lost their credit (failed_reconcile), odd ones only the link.
     lost_credit = drifted_payments[0::2]
-    lost_link = drifted_payments[1::2]
     await conn.execute(
         "UPDATE billing.payment_sessions SET ledger_entry_id = NULL WHERE id = ANY($1::text[])",
         drifted_payments,
@@ -421,7 +427,6 @@ async def _inject(conn: asyncpg.Connection, spec: SeedSpec, rng: random.Random) 
         "DELETE FROM billing.ledger_entries WHERE kind = 'payment_credit' AND payment_session_id = ANY($1::text[])",
         lost_credit,
     )
-    del lost_link
     injected["missing_open"] = missing
     injected["orphan_open"] = orphans
     injected["unbilled_closed"] = unbilled

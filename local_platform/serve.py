@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import nats
 import uvicorn
+from nats.aio.client import Client as NATS
 from starlette.applications import Starlette
 
 from config import Settings
@@ -43,6 +44,21 @@ async def prepare(settings: Settings) -> None:
         await ensure_worker_consumer(js, settings.billing_stream, settings.billing_consumer)
     finally:
         await nc.close()
+
+
+@contextlib.asynccontextmanager
+async def platform_connections(settings: Settings) -> AsyncIterator[tuple[asyncpg.Connection, NATS]]:
+    """A prepared platform's database connection and NATS client, closed on exit (seeders, incidents)."""
+    await prepare(settings)
+    conn = await asyncpg.connect(settings.resolved_database_url())
+    try:
+        nc = await nats.connect(settings.resolved_nats_url())
+        try:
+            yield conn, nc
+        finally:
+            await nc.close()
+    finally:
+        await conn.close()
 
 
 @contextlib.asynccontextmanager

@@ -34,14 +34,22 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
+    import asyncpg
+    from nats.errors import Error as NatsError
+    from temporalio.service import RPCError
+
     from starters.operations import OperationError
 
     try:
         return asyncio.run(coro)
     except OperationError as err:
         _fail(str(err), 1)
-    except (OSError, ConnectionError) as err:
-        _fail(f"cannot reach a dependency: {err}", 1)
+    except (OSError, NatsError) as err:
+        _fail(f"cannot reach a dependency ({type(err).__name__}): {err}; is `remediate dev up` running?", 1)
+    except asyncpg.PostgresError as err:
+        _fail(f"Postgres refused the request ({type(err).__name__}): {err}", 1)
+    except RPCError as err:
+        _fail(f"Temporal refused the request: {err.message}", 1)
     raise AssertionError("unreachable")
 
 
@@ -147,24 +155,15 @@ def platform_seed(
 
 
 async def _seed(settings: Settings, spec: Any) -> dict[str, Any]:
-    import asyncpg
-    import nats
-
     from local_platform.seeder import seed
-    from local_platform.serve import prepare
+    from local_platform.serve import platform_connections
+    from starters.operations import OperationError
 
-    await prepare(settings)
-    conn = await asyncpg.connect(settings.resolved_database_url())
-    nc = await nats.connect(settings.resolved_nats_url())
-    try:
-        report = await seed(conn, spec, nc)
-    except ValueError as err:
-        from starters.operations import OperationError
-
-        raise OperationError(str(err)) from None
-    finally:
-        await nc.close()
-        await conn.close()
+    async with platform_connections(settings) as (conn, nc):
+        try:
+            report = await seed(conn, spec, nc)
+        except ValueError as err:
+            raise OperationError(str(err)) from None
     return report.as_dict()
 
 
@@ -179,22 +178,15 @@ def platform_incident(name: str, prefix: str = "inc") -> None:
 
 
 async def _incident(settings: Settings, name: str, prefix: str) -> dict[str, Any]:
-    import asyncpg
-    import nats
-
     from local_platform.incidents import run_incident
-    from local_platform.serve import prepare
+    from local_platform.serve import platform_connections
+    from starters.operations import OperationError
 
-    await prepare(settings)
-    conn = await asyncpg.connect(settings.resolved_database_url())
-    nc = await nats.connect(settings.resolved_nats_url())
-    try:
-        report = await run_incident(
-            name, conn, nc, prefix=prefix, stream=settings.billing_stream, durable=settings.billing_consumer
-        )
-    finally:
-        await nc.close()
-        await conn.close()
+    async with platform_connections(settings) as (conn, nc):
+        try:
+            report = await run_incident(name, conn, nc, prefix=prefix)
+        except ValueError as err:
+            raise OperationError(str(err)) from None
     return report.as_dict()
 
 

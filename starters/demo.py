@@ -5,12 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-import asyncpg
-import nats
-
 from config import Settings
 from local_platform.incidents import run_incident
-from local_platform.serve import prepare
+from local_platform.serve import platform_connections
 from starters import operations
 from starters.render import render_evidence_markdown, render_status
 from workflows.models import Phase, RemediationRequest, RemediationResult, Scope, Trigger
@@ -39,23 +36,10 @@ async def run_demo(settings: Settings) -> int:
     """Run the scenario; returns the process exit code."""
     from worker.main import connect_temporal
 
-    await prepare(settings)
     prefix = f"d{int(time.time()) % 10_000_000}"
-    conn = await asyncpg.connect(settings.resolved_database_url())
-    nc = await nats.connect(settings.resolved_nats_url())
-    try:
+    async with platform_connections(settings) as (conn, nc):
         _say("== 1. Incident: the billing worker crashed; queue lag and drift of all four kinds")
-        incident = await run_incident(
-            "worker-crash",
-            conn,
-            nc,
-            prefix=prefix,
-            stream=settings.billing_stream,
-            durable=settings.billing_consumer,
-        )
-    finally:
-        await nc.close()
-        await conn.close()
+        incident = await run_incident("worker-crash", conn, nc, prefix=prefix)
     _say("   injected: " + ", ".join(f"{k}={len(v)}" for k, v in incident.injected.items()))
 
     client = await connect_temporal(settings)
@@ -69,6 +53,13 @@ async def run_demo(settings: Settings) -> int:
     _say("== 2. The incident commander starts the remediation")
     started = await operations.start(client, settings, request)
     _say(f"   workflow id: {started.workflow_id}\n   UI: {started.ui_link}")
+    if started.attached:
+        # Never approve someone else's run: the commander decides what happens to it.
+        _say(
+            f"   a remediation of this scope is already running ({started.ui_link});"
+            f" finish it or stop it with `remediate abort {started.workflow_id}`, then run the demo again"
+        )
+        return 1
 
     phase = await _wait_phase(
         client, started.workflow_id, {Phase.AWAITING_APPROVAL, Phase.COMPLETED, Phase.FAILED}

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from activities.postgres_billing import validate_scope
 from activities.postgres_records import record_approval_row
@@ -93,6 +93,8 @@ async def start(client: Client, settings: Settings, request: RemediationRequest)
         f"{request.trigger.value} · corr {request.correlation_id} · {scope.describe()} · {mode}"
         f" · by {request.requested_by}"
     )
+    # USE_EXISTING returns the running execution; look first so the commander is told it was attached.
+    attached = await _is_running(client, request.workflow_id())
     handle = await client.start_workflow(
         BillingRemediationWorkflow.run,
         request,
@@ -103,11 +105,18 @@ async def start(client: Client, settings: Settings, request: RemediationRequest)
         static_summary=summary[:400],
         static_details=STEPS_MARKDOWN,
     )
-    description = await handle.describe()
-    attached = description.run_id != handle.result_run_id if handle.result_run_id else False
-    return Started(
-        handle.id, handle.result_run_id or description.run_id, attached, settings.workflow_ui_link(handle.id)
-    )
+    run_id = handle.result_run_id or (await handle.describe()).run_id
+    return Started(handle.id, run_id, attached, settings.workflow_ui_link(handle.id))
+
+
+async def _is_running(client: Client, workflow_id: str) -> bool:
+    try:
+        description = await client.get_workflow_handle(workflow_id).describe()
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            return False
+        raise
+    return description.status == WorkflowExecutionStatus.RUNNING
 
 
 def handle_for(client: Client, workflow_id: str) -> WorkflowHandle[Any, Any]:
@@ -178,15 +187,11 @@ async def _audit_refusal(
     try:
         await record_approval_row(
             conn,
-            ApprovalRecord(
+            ApprovalRecord.of(
+                decision,
                 run_id=run_id,
                 event_key=f"{run_id}:refused:{uuid.uuid4()}",
                 plan_id=current.plan_id if current else None,
-                plan_hash=decision.plan_hash,
-                approver=decision.approver,
-                decision=decision.decision,
-                comment=decision.comment,
-                accepted=False,
                 refusal_reason=reason,
                 via="update",
             ),

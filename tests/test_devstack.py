@@ -47,3 +47,15 @@ def test_taken_port_fails_with_one_clear_line(tmp_path: Path) -> None:
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith("nats: port") and "NATS_PORT" in message
+
+
+def test_cli_bad_seed_input_exits_with_a_clear_message() -> None:
+    from typer.testing import CliRunner
+
+    from starters.cli import app
+
+    result = CliRunner().invoke(app, ["platform", "seed", "--orgs", "0"])
+    assert result.exit_code == 2
+    assert "--orgs must be at least 1" in result.output
+    result = CliRunner().invoke(app, ["platform", "seed", "--inject", "bogus=1"])
+    assert result.exit_code == 2 and "unknown drift kind" in result.output

@@ -138,3 +138,31 @@ async def test_loki_and_tempo_adapters_against_stand_in(world: World) -> None:
         with pytest.raises(ApplicationError) as err:
             await LokiActivities(dead, None).query_range('{a="b"}', 0, 1)
         assert err.value.type == dependency_down("x").type
+
+
+async def test_seed_refuses_bad_input_before_writing(world: World) -> None:
+    with pytest.raises(ValueError, match="--orgs"):
+        SeedSpec(orgs=0)
+    with pytest.raises(ValueError, match="--prefix"):
+        SeedSpec(prefix="Bad Prefix!")
+    async with world.db.acquire() as conn:
+        await seed(conn, SeedSpec(orgs=1, allocations=5, prefix="dup"))
+        before = await conn.fetchval("SELECT count(*) FROM billing.allocations")
+        with pytest.raises(ValueError, match="already seeded"):
+            await seed(conn, SeedSpec(orgs=2, allocations=5, prefix="dup"))
+        assert await conn.fetchval("SELECT count(*) FROM billing.allocations") == before
+
+
+async def test_loki_garbage_is_a_retryable_dependency_error() -> None:
+    # Loki itself cannot run here; a transport answering garbage stands in for a broken proxy.
+    answers = [
+        httpx.Response(200, text="<html>gateway</html>"),
+        httpx.Response(200, json={"status": "success", "data": {"result": [{"values": [["x"]]}]}}),
+        httpx.Response(200, json={"status": "error"}),
+    ]
+    for answer in answers:
+        transport = httpx.MockTransport(lambda request, a=answer: a)
+        async with httpx.AsyncClient(base_url="http://loki", transport=transport) as http:
+            with pytest.raises(ApplicationError) as err:
+                await LokiActivities(http, None).query_range('{a="b"}', 0, 1)
+        assert err.value.type == "DependencyDown" and not err.value.non_retryable

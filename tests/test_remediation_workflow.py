@@ -7,9 +7,9 @@ import time
 from typing import Any
 
 import pytest
-from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.client import WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.worker import Replayer
 
 from local_platform.incidents import IncidentReport, run_incident
@@ -67,7 +67,10 @@ async def wait_phase(handle: WorkflowHandle[Any, Any], phases: set[Phase], timeo
 
 async def start(world: World, request: RemediationRequest) -> WorkflowHandle[Any, RemediationResult]:
     started = await operations.start(world.client, world.settings, request)
-    return world.client.get_workflow_handle(started.workflow_id, result_type=RemediationResult)
+    assert not started.attached, "a fresh start must not report attaching"
+    return world.client.get_workflow_handle(
+        started.workflow_id, run_id=started.run_id, result_type=RemediationResult
+    )
 
 
 async def incident_in(world: World, name: str, prefix: str) -> IncidentReport:
@@ -261,7 +264,8 @@ async def test_user_dispute_self_approval_and_dry_run(world: World) -> None:
         world.settings,
         RemediationRequest(correlation_id=incident.correlation_id, scope=scope, requested_by="alice"),
     )
-    assert attached.workflow_id == handle.id
+    assert attached.workflow_id == handle.id and attached.attached
+    assert attached.run_id == handle.result_run_id
     view = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
     # Small single-user plan: one approver suffices, and the requester may approve it.
     assert view.approvals_needed == 1
@@ -360,3 +364,35 @@ async def test_bad_scope_refused_before_start(world: World) -> None:
         )
     with pytest.raises(operations.OperationError, match="malformed remediation id"):
         await operations.status(world.client, "not a workflow; drop table")
+
+
+async def test_abort_lifts_the_freeze_and_changes_nothing(world: World) -> None:
+    incident = await incident_in(world, "worker-crash", "ab")
+    ledger_before = await ledger_state(world)
+    handle = await start(
+        world,
+        RemediationRequest(
+            correlation_id=incident.correlation_id, requested_by="ic-dana", trigger=Trigger.WORKER_FAILURE
+        ),
+    )
+    view = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
+    assert view.frozen
+    assert (
+        await world.db.fetchval("SELECT count(*) FROM billing.adjustment_freezes WHERE lifted_at IS NULL")
+        == 1
+    )
+    await operations.abort(world.client, handle.id)
+    with pytest.raises(WorkflowFailureError) as err:
+        await handle.result()
+    assert isinstance(err.value.cause, CancelledError)
+    assert (
+        await world.db.fetchval("SELECT count(*) FROM billing.adjustment_freezes WHERE lifted_at IS NULL")
+        == 0
+    )
+    assert await ledger_state(world) == ledger_before
+    assert (
+        await world.db.fetchval(
+            "SELECT outcome FROM remediation.runs WHERE run_id = $1", handle.result_run_id
+        )
+        == "cancelled"
+    )

@@ -23,6 +23,7 @@ from activities.nats_jetstream import NatsActivities
 from activities.postgres_billing import BillingDatabaseActivities
 from activities.postgres_records import RecordsActivities
 from activities.runtime_config import ConfigActivities
+from activities.tempo import TempoActivities
 from config import Settings
 from migrations import apply_migrations, remediation_migrations_dir
 from workflows.remediation import BillingRemediationWorkflow
@@ -92,8 +93,6 @@ def activity_list(settings: Settings, res: Resources) -> Sequence[Callable[..., 
     db = BillingDatabaseActivities(res.pool)
     records = RecordsActivities(res.pool)
     loki = LokiActivities(res.http_loki, settings.loki_tenant)
-    from activities.tempo import TempoActivities
-
     tempo = TempoActivities(res.http_tempo, settings.tempo_tenant)
     api = BillingApiActivities(res.http_api, settings.worker_restart_hook_url)
     cfg = ConfigActivities(settings)

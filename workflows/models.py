@@ -239,7 +239,6 @@ class PlanRequest(Frozen):
     pass_no: int
     plan_id: str
     restart_worker: bool
-    clear_prepaid_restrictions: bool
 
 
 class ApiAction(Frozen):
@@ -308,6 +307,13 @@ class ApiActionResult(Frozen):
 
     outcome: Literal["applied", "skipped_stale", "already_applied"]
     detail: str
+
+
+class ApiActionAudit(Frozen):
+    """Input of `record_api_action`: what was asked and what the admin API did."""
+
+    request: ApiActionRequest
+    result: ApiActionResult
 
 
 class FreezeRequest(Frozen):
@@ -391,6 +397,31 @@ class ApprovalRecord(Frozen):
     accepted: bool
     refusal_reason: str | None
     via: str
+
+    @classmethod
+    def of(
+        cls,
+        decision: ApprovalDecision,
+        *,
+        run_id: str,
+        event_key: str,
+        plan_id: str | None,
+        refusal_reason: str | None,
+        via: str,
+    ) -> ApprovalRecord:
+        """The audit record of ``decision``; accepted when there is no refusal reason."""
+        return cls(
+            run_id=run_id,
+            event_key=event_key,
+            plan_id=plan_id,
+            plan_hash=decision.plan_hash,
+            approver=decision.approver,
+            decision=decision.decision,
+            comment=decision.comment,
+            accepted=refusal_reason is None,
+            refusal_reason=refusal_reason,
+            via=via,
+        )
 
 
 class VerdictDecision(Frozen):

@@ -25,6 +25,7 @@ with workflow.unsafe.imports_passed_through():
         reset_for_plan,
     )
     from workflows.models import (
+        ApiActionAudit,
         ApiActionRequest,
         ApiActionResult,
         ApplyRequest,
@@ -219,7 +220,6 @@ class BillingRemediationWorkflow:
                     pass_no=pass_no,
                     plan_id=f"{ref.run_id}-p{pass_no}",
                     restart_worker=worker_degraded and pass_no == 0,
-                    clear_prepaid_restrictions=True,
                 ),
                 PlanSummary,
                 "Build the remediation plan from the findings",
@@ -409,7 +409,7 @@ class BillingRemediationWorkflow:
             result = await self._act(activity, request, ApiActionResult, words)
             await self._act(
                 names.RECORD_API_ACTION,
-                request.model_copy(update={}),
+                ApiActionAudit(request=request, result=result),
                 None,
                 f"Audit: {action.kind} {result.outcome}",
             )
@@ -574,7 +574,7 @@ class BillingRemediationWorkflow:
         if reason is None:
             await self._accept(decision, via="signal")
             return
-        await self._record_approval(decision, accepted=False, reason=reason, via="signal")
+        await self._record_approval(decision, reason=reason, via="signal")
 
     @workflow.update(name=names.UPDATE_DECIDE)
     async def decide(self, decision: VerdictDecision) -> str:
@@ -634,35 +634,29 @@ class BillingRemediationWorkflow:
             if self._approval.rejected_by
             else ("approved" if self._approval.decided else "pending"),
         )
-        await self._record_approval(decision, accepted=True, reason=None, via=via)
+        await self._record_approval(decision, reason=None, via=via)
         return (
             f"{decision.decision} by {decision.approver} recorded "
             f"({len(self._approval.approved_by)}/{self._approvals_needed()} approvals)"
         )
 
-    async def _record_approval(
-        self, decision: ApprovalDecision, *, accepted: bool, reason: str | None, via: str
-    ) -> None:
+    async def _record_approval(self, decision: ApprovalDecision, *, reason: str | None, via: str) -> None:
         ref = self._require_ref()
         self._events += 1
         plan = self._approval.plan
         await self._act(
             names.RECORD_APPROVAL,
-            ApprovalRecord(
+            ApprovalRecord.of(
+                decision,
                 run_id=ref.run_id,
                 event_key=f"{ref.run_id}:approval:{self._events}",
                 plan_id=plan.plan_id if plan else None,
-                plan_hash=decision.plan_hash,
-                approver=decision.approver,
-                decision=decision.decision,
-                comment=decision.comment,
-                accepted=accepted,
                 refusal_reason=reason,
                 via=via,
             ),
             None,
             f"Audit {decision.decision} by {decision.approver}"
-            + ("" if accepted else f" (refused: {reason})"),
+            + ("" if reason is None else f" (refused: {reason})"),
         )
         self._refresh_details()
 
