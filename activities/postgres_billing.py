@@ -42,9 +42,11 @@ from workflows.models import (
 
 OPEN_STATUSES = "('active', 'releasing', 'release_failed')"
 # Cost of closing a usage record at the allocation's release: the platform's pricing rule in SQL.
+# When an orphan's release time was never recorded, close it at the last time it was billed: never
+# charge for time nothing proves was used.
+CLOSE_AT = "coalesce(a.released_at, a.releasing_at, u.last_billed_at, u.start_time)"
 CLOSE_COST = (
-    "((floor(extract(epoch from (coalesce(a.released_at, a.releasing_at) - u.start_time)))::bigint"
-    " * a.hourly_rate_minor + 3599) / 3600)"
+    f"((floor(extract(epoch from ({CLOSE_AT} - u.start_time)))::bigint * a.hourly_rate_minor + 3599) / 3600)"
 )
 
 # Driver errors that mean "the database is unreachable or restarting": retry them.
@@ -561,8 +563,8 @@ class BillingDatabaseActivities:
                 "SELECT to_jsonb(u) FROM billing.usage_records u WHERE id = $1", int(entity)
             )
             after = await conn.fetchval(
-                f"""UPDATE billing.usage_records u SET end_time = coalesce(a.released_at, a.releasing_at),
-                        last_billed_at = coalesce(a.released_at, a.releasing_at), accrued_cost_minor = $2
+                f"""UPDATE billing.usage_records u SET end_time = {CLOSE_AT},
+                        last_billed_at = {CLOSE_AT}, accrued_cost_minor = $2
                     FROM billing.allocations a
                     WHERE u.id = $1 AND a.id = u.allocation_id AND u.end_time IS NULL
                       AND a.status NOT IN {OPEN_STATUSES} AND {CLOSE_COST} = $2

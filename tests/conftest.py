@@ -15,12 +15,15 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import nats
 import pytest
 import pytest_asyncio
 from nats.aio.client import Client as NATS
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -88,6 +91,25 @@ async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
     await env.shutdown()
 
 
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
+    """Temporal's time-skipping test server; it takes no search attributes at start, so add them."""
+    path = shutil.which("temporal-test-server") or str(Path(sys.executable).parent / "temporal-test-server")
+    env = await WorkflowEnvironment.start_time_skipping(
+        data_converter=pydantic_data_converter, test_server_existing_path=path
+    )
+    await env.client.operator_service.add_search_attributes(
+        AddSearchAttributesRequest(
+            namespace=env.client.namespace,
+            search_attributes={
+                name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD for name in SEARCH_ATTRIBUTES
+            },
+        )
+    )
+    yield env
+    await env.shutdown()
+
+
 @dataclass
 class World:
     """One isolated billing platform with a remediation worker attached."""
@@ -101,7 +123,7 @@ class World:
 
 
 async def make_world(
-    pg_settings: Settings, template: str, state_root: Path, client: Client, **overrides: object
+    pg_settings: Settings, template: str, state_root: Path, client: Client, **overrides: Any
 ) -> AsyncIterator[World]:
     """Fresh database + nats-server + platform stand-in + worker; torn down afterwards."""
     name = "w_" + uuid.uuid4().hex[:10]
@@ -114,14 +136,15 @@ async def make_world(
     nats_settings = Settings(REMEDIATION_STATE_DIR=state_root / name, NATS_PORT=free_port())
     nats_server = Nats(nats_settings)
     nats_server.start()
-    settings = Settings(
-        REMEDIATION_STATE_DIR=state_root / name,
-        DATABASE_URL=f"{base}/{name}",
-        NATS_URL=f"nats://127.0.0.1:{nats_settings.nats_port}",
-        PLATFORM_PORT=free_port(),
-        REMEDIATION_TASK_QUEUE=f"tq-{name}",
-        VERIFY_WINDOW_SECONDS=1,
-    )
+    fields: dict[str, Any] = {
+        "REMEDIATION_STATE_DIR": state_root / name,
+        "DATABASE_URL": f"{base}/{name}",
+        "NATS_URL": f"nats://127.0.0.1:{nats_settings.nats_port}",
+        "PLATFORM_PORT": free_port(),
+        "REMEDIATION_TASK_QUEUE": f"tq-{name}",
+        "VERIFY_WINDOW_SECONDS": 1,
+    }
+    settings = Settings(**(fields | overrides))
     async with running_platform(settings, settings.platform_port), resources(settings) as res:
         worker: Worker = build_worker(client, settings, res)
         db = await asyncpg.create_pool(settings.resolved_database_url(), min_size=1, max_size=4)

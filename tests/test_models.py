@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
+from temporalio.contrib.pydantic import pydantic_data_converter
 
 from workflows.approval import ApprovalState, apply_decision, approvals_required, refusal, reset_for_plan
 from workflows.models import (
@@ -99,3 +100,69 @@ def test_quorum_and_self_approval_rules() -> None:
     # A changed plan needs fresh approvals.
     reset_for_plan(state, plan(h="c" * 64))
     assert state.approved_by == [] and not state.decided
+
+
+scopes = st.builds(
+    Scope,
+    org_id=st.one_of(st.none(), ids),
+    project_id=st.one_of(st.none(), ids),
+    user_id=st.one_of(st.none(), ids),
+    allocation_id=st.one_of(st.none(), ids),
+)
+requests = st.builds(
+    RemediationRequest,
+    correlation_id=ids,
+    requested_by=ids,
+    scope=scopes,
+    dry_run=st.booleans(),
+    trace_id=st.one_of(st.none(), st.from_regex(r"[0-9a-f]{32}", fullmatch=True)),
+)
+
+
+@given(requests)
+def test_requests_survive_the_temporal_payload_round_trip(request: RemediationRequest) -> None:
+    converter = pydantic_data_converter.payload_converter
+    (payload,) = converter.to_payloads([request])
+    (back,) = converter.from_payloads([payload], [RemediationRequest])
+    assert back == request
+    assert back.workflow_id() == request.workflow_id()
+
+
+@given(st.text(max_size=80))
+def test_plan_hashes_must_be_sha256_hex(text: str) -> None:
+    if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
+        assert ApprovalDecision(plan_hash=text, approver="alice", decision="approve").plan_hash == text
+    else:
+        with pytest.raises(ValidationError, match="plan_hash"):
+            ApprovalDecision(plan_hash=text, approver="alice", decision="approve")
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["alice", "bob", "carol", "mallory", "ic"]),
+            st.sampled_from(["approve", "reject"]),
+        ),
+        max_size=8,
+    ),
+    st.integers(min_value=0, max_value=5000),
+    st.sampled_from([BlastRadius.SINGLE, BlastRadius.WIDESPREAD]),
+)
+def test_accepted_decisions_obey_the_policy(
+    attempts: list[tuple[str, str]], money: int, radius: BlastRadius
+) -> None:
+    state = ApprovalState()
+    p = plan(money)
+    reset_for_plan(state, p)
+    needed = approvals_required(POLICY, p, radius)
+    for who, what in attempts:
+        d = dec(who, what=what)
+        if refusal(state, d, POLICY, "alice", radius, awaiting=True) is None:
+            apply_decision(state, d, needed)
+    # Only configured approvers, each once; the requester only for small single-scope plans.
+    assert set(state.approved_by) <= {"alice", "bob", "carol"}
+    assert len(state.approved_by) == len(set(state.approved_by))
+    if radius is BlastRadius.WIDESPREAD or money > POLICY.money_threshold_minor:
+        assert "alice" not in state.approved_by
+    assert state.decided == (state.rejected_by is not None or len(state.approved_by) >= needed)
+    assert len(state.approved_by) <= needed

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 from temporalio.client import WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError, CancelledError
+from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
+from config import Settings
 from local_platform.incidents import IncidentReport, run_incident
 from starters import operations
-from tests.conftest import World
+from tests.conftest import World, make_world
+from tests.histories import keep_history
 from workflows import names
 from workflows.models import (
     ApprovalDecision,
@@ -24,6 +30,7 @@ from workflows.models import (
     Scope,
     StatusView,
     Trigger,
+    VerdictDecision,
 )
 from workflows.remediation import BillingRemediationWorkflow
 
@@ -192,6 +199,7 @@ async def test_worker_crash_remediated_exactly(world: World) -> None:
     assert second.outcome is Phase.COMPLETED
     assert second.plan is not None and second.plan.action_count == 0
     assert await ledger_state(world) == ledger_after
+    await keep_history(handle, "approved_quorum")
 
     # The recorded history replays deterministically.
     history = await again.fetch_history()
@@ -229,6 +237,7 @@ async def test_rejection_changes_nothing_and_lifts_freeze(world: World) -> None:
         "SELECT approver, refusal_reason FROM remediation.approvals WHERE NOT accepted"
     )
     assert [r["approver"] for r in refused] == ["nobody"]
+    await keep_history(handle, "rejected")
 
 
 async def test_user_dispute_self_approval_and_dry_run(world: World) -> None:
@@ -248,6 +257,7 @@ async def test_user_dispute_self_approval_and_dry_run(world: World) -> None:
     assert dry_result.outcome is Phase.DRY_RUN_COMPLETE
     assert dry_result.plan is not None and dry_result.plan.counts_by_kind == {"close_orphan_usage": 1}
     assert dry_result.blast_radius is not None and dry_result.blast_radius.value == "single"
+    await keep_history(dry, "dry_run")
 
     handle = await start(
         world,
@@ -396,3 +406,63 @@ async def test_abort_lifts_the_freeze_and_changes_nothing(world: World) -> None:
         )
         == "cancelled"
     )
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def slow_verify_world(
+    pg_settings: Settings, template_db: str, state_root: Path, temporal_env: WorkflowEnvironment
+) -> AsyncIterator[World]:
+    """A world whose verification window is long enough for the test to move data inside it."""
+    async for w in make_world(
+        pg_settings, template_db, state_root, temporal_env.client, VERIFY_WINDOW_SECONDS=4
+    ):
+        yield w
+
+
+async def test_failed_verification_waits_for_a_decision_then_retries(slow_verify_world: World) -> None:
+    world = slow_verify_world
+    incident = await incident_in(world, "user-dispute", "vf")
+    scope = Scope(**incident.scope)
+    handle = await start(
+        world,
+        RemediationRequest(
+            correlation_id=incident.correlation_id,
+            scope=scope,
+            requested_by="ic-dana",
+            trigger=Trigger.CUSTOMER_DISPUTE,
+        ),
+    )
+    view = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
+    first_hash = view.plan.plan_hash  # type: ignore[union-attr]
+    await handle.execute_update(names.UPDATE_APPROVE, decision(view, "alice"))
+    await wait_phase(handle, {Phase.VERIFYING}, timeout=30)
+    # New drift appears in scope while verifying: an allocation released with its usage still open.
+    moved = await world.db.fetchval(
+        """UPDATE billing.allocations SET status = 'released' WHERE id = (
+               SELECT a.id FROM billing.allocations a JOIN billing.usage_records u ON u.allocation_id = a.id
+               WHERE a.requested_by_user_id = $1 AND a.status = 'active' AND u.end_time IS NULL
+               ORDER BY a.id LIMIT 1) RETURNING id""",
+        scope.user_id,
+    )
+    assert moved is not None
+    view = await wait_phase(handle, {Phase.AWAITING_DECISION})
+    assert view.verification is not None and not view.verification.passed
+    failed = {c.name for c in view.verification.criteria if not c.passed}
+    assert failed == {"no_unresolved_drift"}
+    # Only approvers decide; the retry builds a new plan that needs a fresh approval.
+    with pytest.raises(WorkflowUpdateFailedError):
+        await handle.execute_update(
+            names.UPDATE_DECIDE, VerdictDecision(actor="mallory", choice="retry", comment="")
+        )
+    await handle.execute_update(
+        names.UPDATE_DECIDE, VerdictDecision(actor="bob", choice="retry", comment="new drift; retry")
+    )
+    view = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
+    assert view.plan is not None and view.plan.plan_hash != first_hash
+    assert view.plan.counts_by_kind == {"close_orphan_usage": 1}
+    await refused(handle, decision(view, "alice").model_copy(update={"plan_hash": first_hash}), "stale plan")
+    await handle.execute_update(names.UPDATE_APPROVE, decision(view, "alice"))
+    result = await handle.result()
+    assert result.outcome is Phase.COMPLETED
+    assert moved not in (await drift(world))["orphan_open"]
+    await keep_history(handle, "verification_failed_retry")

@@ -1,0 +1,58 @@
+"""Committed histories replay against today's workflow code; a non-deterministic change is caught."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from temporalio import workflow
+from temporalio.client import WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer
+
+from tests.histories import recorded
+from workflows import names
+from workflows.models import RemediationRequest, RemediationResult
+from workflows.remediation import BillingRemediationWorkflow
+
+EXPECTED = {"approved_quorum", "dry_run", "expired", "rejected", "verification_failed_retry"}
+
+
+def load(path: Path) -> WorkflowHistory:
+    return WorkflowHistory.from_json(path.stem, path.read_text())
+
+
+def test_every_representative_run_is_recorded() -> None:
+    assert {p.stem for p in recorded()} >= EXPECTED
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize("path", recorded(), ids=lambda p: p.stem)
+async def test_recorded_history_replays(path: Path) -> None:
+    replayer = Replayer(workflows=[BillingRemediationWorkflow], data_converter=pydantic_data_converter)
+    result = await replayer.replay_workflow(load(path), raise_on_replay_failure=False)
+    assert result.replay_failure is None, f"{path.name}: {result.replay_failure}"
+
+
+@workflow.defn(name=names.WORKFLOW, sandboxed=False)
+class ReorderedRemediation(BillingRemediationWorkflow):
+    """A deliberately non-deterministic edit: an extra activity before the first recorded step."""
+
+    @workflow.run
+    async def run(self, request: RemediationRequest) -> RemediationResult:
+        await workflow.execute_activity(
+            names.RECORD_TIMELINE, "unexpected", start_to_close_timeout=timedelta(seconds=5)
+        )
+        return await super().run(request)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_nondeterministic_change_fails_replay() -> None:
+    replayer = Replayer(workflows=[ReorderedRemediation], data_converter=pydantic_data_converter)
+    for path in recorded():
+        result = await replayer.replay_workflow(load(path), raise_on_replay_failure=False)
+        assert result.replay_failure is not None, f"{path.name} replayed a changed workflow"
+        assert "nondeterminism" in str(result.replay_failure).lower() or "TMPRL1100" in str(
+            result.replay_failure
+        )
