@@ -5,6 +5,7 @@ from __future__ import annotations
 from temporalio import activity
 
 from config import Settings
+from config.approver_keys import read_public_key
 from workflows import names
 from workflows.models import ApprovalPolicy, ApproverInfo, RuntimeOptions
 
@@ -13,9 +14,15 @@ def runtime_options(settings: Settings) -> RuntimeOptions:
     """Settings → the options a workflow needs (public keys only, never secrets)."""
     policy = ApprovalPolicy(
         approvers=[
-            ApproverInfo(name=a.name, role=a.role, tier=a.tier, public_key=a.public_key)
+            ApproverInfo(
+                name=a.name,
+                role=a.role,
+                tier=a.tier,
+                public_key=a.public_key or read_public_key(settings.resolved_keys_dir(), a.name),
+            )
             for a in settings.approvers
         ],
+        require_signatures=settings.approval_signatures == "required",
         quorum=settings.approval_quorum,
         money_threshold_minor=settings.approval_money_threshold_minor,
         deadline_seconds=settings.approval_deadline_seconds,

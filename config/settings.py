@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
@@ -91,6 +92,9 @@ class Settings(BaseSettings):
     approval_money_threshold_minor: int = Field(default=100_000, ge=0, alias="APPROVAL_MONEY_THRESHOLD_MINOR")
     approval_deadline_seconds: int = Field(default=3600, ge=1, alias="APPROVAL_DEADLINE_SECONDS")
     approval_hard_limit_seconds: int = Field(default=86_400, ge=1, alias="APPROVAL_HARD_LIMIT_SECONDS")
+    # "required": only approvals signed with the approver's Ed25519 key count.
+    approval_signatures: Literal["required", "off"] = Field(default="required", alias="APPROVAL_SIGNATURES")
+    approver_keys_dir: Path | None = Field(default=None, alias="APPROVER_KEYS_DIR")
 
     # Verification.
     verify_window_seconds: int = Field(default=20, ge=0, alias="VERIFY_WINDOW_SECONDS")
@@ -139,6 +143,10 @@ class Settings(BaseSettings):
     def resolved_tempo_url(self) -> str:
         """Base URL of Tempo (the stand-in serves Tempo's API by default)."""
         return self.tempo_url or self.resolved_billing_api_url()
+
+    def resolved_keys_dir(self) -> Path:
+        """Where approver key files live (``NAME.key`` private, ``NAME.pub`` public)."""
+        return self.approver_keys_dir or self.state_dir / "keys"
 
     def workflow_ui_link(self, workflow_id: str) -> str:
         """Link to a workflow's page in the Temporal UI."""

@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from config import SEARCH_ATTRIBUTES, Settings, redact_url
+from config.approver_keys import new_key_pair, read_public_key
 from devstack.processes import (
     StackError,
     pid_alive,
@@ -419,7 +420,18 @@ def components(settings: Settings, *, services: bool) -> list[Component]:
 
 def up(settings: Settings, *, services: bool = False) -> list[str]:
     """Start every component not already running; harmless when repeated."""
-    return [component.start() for component in components(settings, services=services)]
+    return [*dev_approver_keys(settings), *(c.start() for c in components(settings, services=services))]
+
+
+def dev_approver_keys(settings: Settings) -> list[str]:
+    """Give each configured approver without a key a dev key pair (signed approvals stay on locally)."""
+    keys_dir = settings.resolved_keys_dir()
+    made = []
+    for approver in settings.approvers:
+        if approver.public_key is None and read_public_key(keys_dir, approver.name) is None:
+            new_key_pair(keys_dir, approver.name, overwrite=True)
+            made.append(approver.name)
+    return [f"approver keys: made {', '.join(made)} in {keys_dir}"] if made else []
 
 
 def down(settings: Settings) -> list[str]:

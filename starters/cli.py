@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -25,7 +26,9 @@ app = typer.Typer(
 dev = typer.Typer(help="The embedded stack (Postgres, NATS, Temporal) on loopback.", no_args_is_help=True)
 platform = typer.Typer(help="The local billing platform stand-in.", no_args_is_help=True)
 app.add_typer(dev, name="dev")
+keys = typer.Typer(help="Approver signing keys (Ed25519).", no_args_is_help=True)
 app.add_typer(platform, name="platform")
+app.add_typer(keys, name="keys")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -312,7 +315,9 @@ def plan(workflow_id: str, limit: int = 50) -> None:
     typer.echo(_run(go()))
 
 
-def _decide(workflow_id: str, plan_hash: str, approver: str, comment: str, decision: str) -> None:
+def _decide(
+    workflow_id: str, plan_hash: str, approver: str, comment: str, decision: str, key: Path | None
+) -> None:
     from starters import operations
 
     settings = _settings()
@@ -326,9 +331,35 @@ def _decide(workflow_id: str, plan_hash: str, approver: str, comment: str, decis
             approver=approver,
             decision=decision,
             comment=comment,
+            key_path=key,
         )
 
     typer.echo(_run(go()))
+
+
+KeyOption = Annotated[
+    Path | None,
+    typer.Option("--key", help="the approver's private key (default: APPROVER_KEYS_DIR/NAME.key)"),
+]
+
+
+@keys.command("new")
+def keys_new(
+    name: Annotated[str, typer.Argument(help="the approver's name, as in APPROVERS")],
+    directory: Annotated[Path | None, typer.Option("--dir", help="default: APPROVER_KEYS_DIR")] = None,
+    overwrite: bool = False,
+) -> None:
+    """Make an Ed25519 key pair for an approver and print the public key for APPROVERS."""
+    from config.approver_keys import ApproverKeyError, new_key_pair
+
+    settings = _settings()
+    try:
+        path, public = new_key_pair(directory or settings.resolved_keys_dir(), name, overwrite=overwrite)
+    except ApproverKeyError as err:
+        _fail(str(err))
+    typer.echo(f"private key: {path} (keep it on this machine, mode 0600)")
+    typer.echo(f"public key:  {public}")
+    typer.echo(f'APPROVERS entry: {{"name": "{name}", "public_key": "{public}"}}')
 
 
 @app.command()
@@ -337,9 +368,10 @@ def approve(
     plan_hash: Annotated[str, typer.Option("--plan", help="the plan hash (or a prefix of 8+ characters)")],
     approver: Annotated[str, typer.Option("--as")],
     comment: str = "",
+    key: KeyOption = None,
 ) -> None:
-    """Approve the plan awaiting approval (refusals are immediate and audited)."""
-    _decide(workflow_id, plan_hash, approver, comment, "approve")
+    """Sign and approve the plan awaiting approval (refusals are immediate and audited)."""
+    _decide(workflow_id, plan_hash, approver, comment, "approve", key)
 
 
 @app.command()
@@ -348,9 +380,10 @@ def reject(
     plan_hash: Annotated[str, typer.Option("--plan")],
     approver: Annotated[str, typer.Option("--as")],
     comment: str = "",
+    key: KeyOption = None,
 ) -> None:
-    """Reject the plan: the run ends with evidence and no change."""
-    _decide(workflow_id, plan_hash, approver, comment, "reject")
+    """Sign and reject the plan: the run ends with evidence and no change."""
+    _decide(workflow_id, plan_hash, approver, comment, "reject", key)
 
 
 @app.command()

@@ -6,6 +6,7 @@ import json
 import re
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -17,6 +18,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities.postgres_billing import validate_scope
 from activities.postgres_records import record_approval_row
 from config import Settings
+from config.approver_keys import ApproverKeyError, load_private_key, sign
 from workflows import names
 from workflows.models import (
     ApprovalDecision,
@@ -149,8 +151,9 @@ async def decide_plan(
     approver: str,
     decision: str,
     comment: str,
+    key_path: Path | None = None,
 ) -> str:
-    """Send an approval/rejection as a validated Update; a refusal is audited and raised."""
+    """Sign and send an approval/rejection as a validated Update; a refusal is audited and raised."""
     view = await status(client, workflow_id)
     if view.plan is not None and len(plan_hash) >= 8 and view.plan.plan_hash.startswith(plan_hash):
         plan_hash = view.plan.plan_hash  # accept an unambiguous prefix as printed by `status`
@@ -160,9 +163,17 @@ async def decide_plan(
             approver=approver,
             decision=decision,
             comment=comment,
+            plan_id=view.plan.plan_id if view.plan else None,
         )
     except ValueError as err:
         raise OperationError(f"invalid approval: {err}") from None
+    path = key_path or settings.resolved_keys_dir() / f"{approver}.key"
+    # Without a key file the decision goes unsigned: the workflow's refusal then says why, and is audited.
+    if settings.approval_signatures == "required" and (key_path is not None or path.exists()):
+        try:
+            body = sign(body, load_private_key(path))
+        except ApproverKeyError as err:
+            raise OperationError(f"cannot sign as {approver}: {err}") from None
     handle = handle_for(client, workflow_id)
     try:
         return str(

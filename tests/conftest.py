@@ -21,6 +21,7 @@ import asyncpg
 import nats
 import pytest
 import pytest_asyncio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.aio.client import Client as NATS
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
@@ -31,6 +32,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from config import SEARCH_ATTRIBUTES, Settings
+from config.approver_keys import public_key_b64
 from devstack.processes import free_port
 from devstack.stack import Nats, Postgres
 from local_platform.db import migrate
@@ -38,6 +40,18 @@ from local_platform.serve import running_platform
 from worker.main import build_worker, migrate_remediation_schema, resources
 
 TEMPLATE_DB = "billing_template"
+
+# The tests' approvers sign with these keys; their public keys are the worlds' configuration.
+APPROVER_KEYS = {name: Ed25519PrivateKey.generate() for name in ("alice", "bob", "carol")}
+APPROVER_TIERS = {"alice": ("billing-lead", 1), "bob": ("finance", 1), "carol": ("vp-engineering", 2)}
+
+
+def signed_approvers() -> list[dict[str, Any]]:
+    """The APPROVERS setting, with each test approver's public key."""
+    return [
+        {"name": name, "role": role, "tier": tier, "public_key": public_key_b64(APPROVER_KEYS[name])}
+        for name, (role, tier) in APPROVER_TIERS.items()
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -143,6 +157,7 @@ async def make_world(
         "PLATFORM_PORT": free_port(),
         "REMEDIATION_TASK_QUEUE": f"tq-{name}",
         "VERIFY_WINDOW_SECONDS": 1,
+        "APPROVERS": signed_approvers(),
     }
     settings = Settings(**(fields | overrides))
     async with running_platform(settings, settings.platform_port), resources(settings) as res:

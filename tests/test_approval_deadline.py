@@ -128,7 +128,9 @@ async def test_escalated_approval_is_still_accepted(
     assert [m["next_tier"] for m in seen] == [1 + 1]
     status = await handle.query(names.QUERY_STATUS, result_type=StatusView)
     assert status.phase is Phase.AWAITING_APPROVAL
-    await handle.execute_update(names.UPDATE_APPROVE, decision(view, "carol"))
+    # Signed on the server's virtual clock, which runs ahead of the wall clock once time was skipped.
+    virtual_now = await time_skipping_env.get_current_time()
+    await handle.execute_update(names.UPDATE_APPROVE, decision(view, "carol", at=virtual_now))
     result = await skipped_result(time_skipping_env, handle)  # skips the verification window too
     assert result.outcome is Phase.COMPLETED
     assert result.approvers == ["carol"]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 from temporalio.contrib.pydantic import pydantic_data_converter
 
+from config.approver_keys import public_key_b64, sign
 from workflows.approval import ApprovalState, apply_decision, approvals_required, refusal, reset_for_plan
 from workflows.models import (
     ApprovalDecision,
@@ -18,6 +22,7 @@ from workflows.models import (
     RemediationRequest,
     Scope,
 )
+from workflows.signatures import verify
 
 ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,30}", fullmatch=True)
 
@@ -54,6 +59,8 @@ def test_bad_requests_name_the_field(kwargs: dict[str, str], field: str) -> None
     assert field in str(err.value)
 
 
+T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+
 POLICY = ApprovalPolicy(
     approvers=[ApproverInfo(name=n, role="r") for n in ("alice", "bob", "carol")],
     quorum=2,
@@ -80,25 +87,27 @@ def dec(who: str, h: str = "a" * 64, what: str = "approve") -> ApprovalDecision:
 
 def test_quorum_and_self_approval_rules() -> None:
     state = ApprovalState()
-    reset_for_plan(state, plan())
+    reset_for_plan(state, plan(), T0)
     assert approvals_required(POLICY, plan(), BlastRadius.SINGLE) == 1
     assert approvals_required(POLICY, plan(5000), BlastRadius.SINGLE) == 2
     assert approvals_required(POLICY, plan(), BlastRadius.WIDESPREAD) == 2
-    assert refusal(state, dec("alice"), POLICY, "alice", BlastRadius.SINGLE, awaiting=True) is None
+    assert refusal(state, dec("alice"), POLICY, "alice", BlastRadius.SINGLE, awaiting=True, now=T0) is None
     assert "self-approval" in str(
-        refusal(state, dec("alice"), POLICY, "alice", BlastRadius.WIDESPREAD, awaiting=True)
+        refusal(state, dec("alice"), POLICY, "alice", BlastRadius.WIDESPREAD, awaiting=True, now=T0)
     )
-    assert "not an approver" in str(refusal(state, dec("zed"), POLICY, "ic", None, awaiting=True))
-    assert "stale plan" in str(refusal(state, dec("bob", "b" * 64), POLICY, "ic", None, awaiting=True))
-    assert "no plan" in str(refusal(state, dec("bob"), POLICY, "ic", None, awaiting=False))
+    assert "not an approver" in str(refusal(state, dec("zed"), POLICY, "ic", None, awaiting=True, now=T0))
+    assert "stale plan" in str(
+        refusal(state, dec("bob", "b" * 64), POLICY, "ic", None, awaiting=True, now=T0)
+    )
+    assert "no plan" in str(refusal(state, dec("bob"), POLICY, "ic", None, awaiting=False, now=T0))
     apply_decision(state, dec("bob"), 2)
     assert not state.decided
-    assert "already approved" in str(refusal(state, dec("bob"), POLICY, "ic", None, awaiting=True))
+    assert "already approved" in str(refusal(state, dec("bob"), POLICY, "ic", None, awaiting=True, now=T0))
     apply_decision(state, dec("carol"), 2)
     assert state.decided and state.approved_by == ["bob", "carol"]
-    assert "already decided" in str(refusal(state, dec("alice"), POLICY, "ic", None, awaiting=True))
+    assert "already decided" in str(refusal(state, dec("alice"), POLICY, "ic", None, awaiting=True, now=T0))
     # A changed plan needs fresh approvals.
-    reset_for_plan(state, plan(h="c" * 64))
+    reset_for_plan(state, plan(h="c" * 64), T0)
     assert state.approved_by == [] and not state.decided
 
 
@@ -153,11 +162,11 @@ def test_accepted_decisions_obey_the_policy(
 ) -> None:
     state = ApprovalState()
     p = plan(money)
-    reset_for_plan(state, p)
+    reset_for_plan(state, p, T0)
     needed = approvals_required(POLICY, p, radius)
     for who, what in attempts:
         d = dec(who, what=what)
-        if refusal(state, d, POLICY, "alice", radius, awaiting=True) is None:
+        if refusal(state, d, POLICY, "alice", radius, awaiting=True, now=T0) is None:
             apply_decision(state, d, needed)
     # Only configured approvers, each once; the requester only for small single-scope plans.
     assert set(state.approved_by) <= {"alice", "bob", "carol"}
@@ -166,3 +175,48 @@ def test_accepted_decisions_obey_the_policy(
         assert "alice" not in state.approved_by
     assert state.decided == (state.rejected_by is not None or len(state.approved_by) >= needed)
     assert len(state.approved_by) <= needed
+
+
+# --- signed approvals -------------------------------------------------------------------------------
+
+KEYS = {n: Ed25519PrivateKey.generate() for n in ("alice", "bob")}
+SIGNED_POLICY = POLICY.model_copy(
+    update={
+        "require_signatures": True,
+        "approvers": [ApproverInfo(name=n, role="r", public_key=public_key_b64(k)) for n, k in KEYS.items()]
+        + [ApproverInfo(name="carol", role="r")],
+    }
+)
+
+
+def signed(who: str, *, key: str | None = None, at: datetime = T0, **fields: str) -> ApprovalDecision:
+    body = dec(who).model_copy(update={"plan_id": "p", **fields})
+    return sign(body, KEYS[key or who], at=at)
+
+
+def signed_refusal(d: ApprovalDecision, now: datetime = T0) -> str | None:
+    state = ApprovalState()
+    reset_for_plan(state, plan(), T0)
+    return refusal(state, d, SIGNED_POLICY, "ic", BlastRadius.SINGLE, awaiting=True, now=now)
+
+
+def test_a_properly_signed_approval_is_accepted() -> None:
+    assert signed_refusal(signed("bob")) is None
+
+
+def test_forged_tampered_replayed_and_misdirected_approvals_are_refused() -> None:
+    # Unsigned, or signed with someone else's key (forged).
+    assert "unsigned" in str(signed_refusal(dec("bob").model_copy(update={"plan_id": "p"})))
+    assert "bad signature" in str(signed_refusal(signed("bob", key="alice")))
+    # Tampered after signing: the comment, the decision or the time changed.
+    good = signed("bob")
+    for change in ({"comment": "edited"}, {"decision": "reject"}, {"signed_at": T0.isoformat() + "x"}):
+        assert "bad signature" in str(signed_refusal(good.model_copy(update=change))), change
+    # For another plan (a different plan id, even with the same content hash).
+    assert "another plan" in str(signed_refusal(signed("bob", plan_id="other-plan")))
+    # Replayed: signed before this plan existed (an approval of an earlier pass).
+    assert "replayed" in str(signed_refusal(signed("bob", at=T0 - timedelta(hours=1))))
+    assert "future" in str(signed_refusal(signed("bob", at=T0 + timedelta(hours=1))))
+    # An approver without a configured public key cannot approve at all.
+    assert "no public key" in str(signed_refusal(dec("carol").model_copy(update={"plan_id": "p"})))
+    assert not verify(public_key_b64(KEYS["bob"]), good.model_copy(update={"signature": "!!notbase64"}))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,10 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
 from config import Settings
+from config.approver_keys import sign
 from local_platform.incidents import IncidentReport, run_incident
 from starters import operations
-from tests.conftest import World, make_world
+from tests.conftest import APPROVER_KEYS, World, make_world
 from tests.histories import keep_history
 from workflows import names
 from workflows.models import (
@@ -33,6 +35,7 @@ from workflows.models import (
     VerdictDecision,
 )
 from workflows.remediation import BillingRemediationWorkflow
+from workflows.sandbox import workflow_runner
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -92,14 +95,20 @@ async def refused(handle: WorkflowHandle[Any, Any], body: ApprovalDecision, matc
     assert match in err.value.cause.message, err.value.cause.message
 
 
-def decision(view: StatusView, approver: str, verdict: str = "approve") -> ApprovalDecision:
+def decision(
+    view: StatusView, approver: str, verdict: str = "approve", *, at: datetime | None = None
+) -> ApprovalDecision:
+    """A decision on the plan in ``view``, signed when ``approver`` is one of the tests' approvers."""
     assert view.plan is not None
-    return ApprovalDecision(
+    body = ApprovalDecision(
         plan_hash=view.plan.plan_hash,
         approver=approver,
         decision=verdict,
         comment="test",
+        plan_id=view.plan.plan_id,
     )
+    key = APPROVER_KEYS.get(approver)
+    return sign(body, key, at=at) if key else body
 
 
 async def test_worker_crash_remediated_exactly(world: World) -> None:
@@ -151,6 +160,10 @@ async def test_worker_crash_remediated_exactly(world: World) -> None:
     # Refusals: unknown approver, self-approval, stale hash.
     await refused(handle, decision(view, "mallory"), "not an approver")
     await refused(handle, decision(view, "alice").model_copy(update={"plan_hash": "0" * 64}), "stale plan")
+    # Anyone can claim a name: a decision signed with another approver's key, or unsigned, does not count.
+    forged = sign(decision(view, "mallory").model_copy(update={"approver": "alice"}), APPROVER_KEYS["bob"])
+    await refused(handle, forged, "bad signature")
+    await refused(handle, decision(view, "alice").model_copy(update={"signature": None}), "unsigned")
     # Duplicate update ids run once; the second approver completes the quorum.
     for _ in range(2):
         await handle.execute_update(names.UPDATE_APPROVE, decision(view, "alice"), id="same-approval")
@@ -203,7 +216,11 @@ async def test_worker_crash_remediated_exactly(world: World) -> None:
 
     # The recorded history replays deterministically.
     history = await again.fetch_history()
-    replayer = Replayer(workflows=[BillingRemediationWorkflow], data_converter=pydantic_data_converter)
+    replayer = Replayer(
+        workflows=[BillingRemediationWorkflow],
+        data_converter=pydantic_data_converter,
+        workflow_runner=workflow_runner(),
+    )
     assert (await replayer.replay_workflow(history, raise_on_replay_failure=False)).replay_failure is None
 
 
@@ -299,6 +316,17 @@ async def test_user_dispute_self_approval_and_dry_run(world: World) -> None:
     result = await handle.result()
     assert result.outcome is Phase.COMPLETED
     assert (await drift(world))["orphan_open"] == set()
+    # An approval for a finished remediation is refused with a clear message.
+    with pytest.raises(operations.OperationError, match=r"no plan is awaiting approval|completed"):
+        await operations.decide_plan(
+            world.client,
+            world.settings,
+            handle.id,
+            plan_hash=view.plan.plan_hash,  # type: ignore[union-attr]
+            approver="alice",
+            decision="approve",
+            comment="late",
+        )
 
 
 async def test_prepaid_depleted_recovers_launch_guard(world: World) -> None:

@@ -15,6 +15,7 @@ from tests.histories import recorded
 from workflows import names
 from workflows.models import RemediationRequest, RemediationResult
 from workflows.remediation import BillingRemediationWorkflow
+from workflows.sandbox import workflow_runner
 
 EXPECTED = {"approved_quorum", "dry_run", "expired", "rejected", "verification_failed_retry"}
 
@@ -30,7 +31,11 @@ def test_every_representative_run_is_recorded() -> None:
 @pytest.mark.asyncio(loop_scope="session")
 @pytest.mark.parametrize("path", recorded(), ids=lambda p: p.stem)
 async def test_recorded_history_replays(path: Path) -> None:
-    replayer = Replayer(workflows=[BillingRemediationWorkflow], data_converter=pydantic_data_converter)
+    replayer = Replayer(
+        workflows=[BillingRemediationWorkflow],
+        data_converter=pydantic_data_converter,
+        workflow_runner=workflow_runner(),
+    )
     result = await replayer.replay_workflow(load(path), raise_on_replay_failure=False)
     assert result.replay_failure is None, f"{path.name}: {result.replay_failure}"
 
@@ -49,7 +54,11 @@ class ReorderedRemediation(BillingRemediationWorkflow):
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_a_nondeterministic_change_fails_replay() -> None:
-    replayer = Replayer(workflows=[ReorderedRemediation], data_converter=pydantic_data_converter)
+    replayer = Replayer(
+        workflows=[ReorderedRemediation],
+        data_converter=pydantic_data_converter,
+        workflow_runner=workflow_runner(),
+    )
     for path in recorded():
         result = await replayer.replay_workflow(load(path), raise_on_replay_failure=False)
         assert result.replay_failure is not None, f"{path.name} replayed a changed workflow"

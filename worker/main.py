@@ -27,6 +27,7 @@ from activities.tempo import TempoActivities
 from config import Settings
 from migrations import apply_migrations, remediation_migrations_dir
 from workflows.remediation import BillingRemediationWorkflow
+from workflows.sandbox import workflow_runner
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ def build_worker(
         client,
         task_queue=task_queue or settings.task_queue,
         workflows=[BillingRemediationWorkflow],
+        workflow_runner=workflow_runner(),
         activities=activity_list(settings, res),
         max_concurrent_activities=50,
         graceful_shutdown_timeout=timedelta(seconds=10),

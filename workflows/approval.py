@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from workflows.models import ApprovalDecision, ApprovalPolicy, BlastRadius, PlanSummary
+from workflows.signatures import signature_problem
 
 
 @dataclass
@@ -12,6 +14,7 @@ class ApprovalState:
     """Approvals collected for the current plan."""
 
     plan: PlanSummary | None = None
+    plan_ready_at: datetime | None = None
     approved_by: list[str] = field(default_factory=list)
     rejected_by: str | None = None
     decided: bool = False
@@ -37,16 +40,22 @@ def refusal(
     radius: BlastRadius | None,
     *,
     awaiting: bool,
+    now: datetime,
 ) -> str | None:
     """Why ``decision`` must be refused, or None when it is acceptable."""
-    if policy.approver(decision.approver) is None:
+    approver = policy.approver(decision.approver)
+    if approver is None:
         return f"not an approver: {decision.approver!r} is not in the configured approvers"
-    if state.plan is None or not awaiting:
+    if state.plan is None or state.plan_ready_at is None or not awaiting:
         return "no plan is awaiting approval"
     if state.decided:
         return "already decided"
     if decision.plan_hash != state.plan.plan_hash:
         return f"stale plan: the plan awaiting approval has hash {state.plan.plan_hash[:12]}…"
+    if policy.require_signatures:
+        problem = signature_problem(decision, approver, state.plan, state.plan_ready_at, now)
+        if problem is not None:
+            return problem
     if decision.approver in state.approved_by:
         return f"already approved by {decision.approver}"
     if (
@@ -69,9 +78,10 @@ def apply_decision(state: ApprovalState, decision: ApprovalDecision, required: i
         state.decided = True
 
 
-def reset_for_plan(state: ApprovalState, plan: PlanSummary) -> None:
-    """A new plan needs fresh approvals."""
+def reset_for_plan(state: ApprovalState, plan: PlanSummary, ready_at: datetime) -> None:
+    """A new plan needs fresh approvals, signed after it was built."""
     state.plan = plan
+    state.plan_ready_at = ready_at
     state.approved_by = []
     state.rejected_by = None
     state.decided = False

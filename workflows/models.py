@@ -380,8 +380,9 @@ class ApprovalDecision(Frozen):
     approver: EntityId
     decision: Literal["approve", "reject"]
     comment: Annotated[str, StringConstraints(max_length=2000)] = ""
-    signed_at: str | None = None
-    signature: str | None = None
+    plan_id: Annotated[str, StringConstraints(max_length=200)] | None = None
+    signed_at: Annotated[str, StringConstraints(max_length=64)] | None = None
+    signature: Annotated[str, StringConstraints(max_length=200)] | None = None
 
 
 class ApprovalRecord(Frozen):

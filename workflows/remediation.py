@@ -225,7 +225,7 @@ class BillingRemediationWorkflow:
                 "Build the remediation plan from the findings",
                 timeout=600,
             )
-            reset_for_plan(self._approval, plan)
+            reset_for_plan(self._approval, plan, workflow.now())
             self._refresh_details()
             if request.dry_run:
                 return Phase.DRY_RUN_COMPLETE, plan, None
@@ -624,6 +624,7 @@ class BillingRemediationWorkflow:
             self._request.requested_by,
             self._blast,
             awaiting=self._awaiting_approval,
+            now=workflow.now(),
         )
 
     async def _accept(self, decision: ApprovalDecision, *, via: str) -> str:
