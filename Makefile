@@ -14,9 +14,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The demo keeps workflow history readable in the UI; everything else encrypts payloads by default.
 demo: $(STAMP)
-	$(BIN)/remediate dev up --services
-	VERIFY_WINDOW_SECONDS=5 $(BIN)/remediate demo
+	PAYLOAD_ENCRYPTION=off $(BIN)/remediate dev up --services
+	PAYLOAD_ENCRYPTION=off VERIFY_WINDOW_SECONDS=5 $(BIN)/remediate demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -101,6 +101,11 @@ class Settings(BaseSettings):
     consumer_pending_threshold: int = Field(default=100, ge=0, alias="CONSUMER_PENDING_THRESHOLD")
     widespread_org_threshold: int = Field(default=3, ge=1, alias="WIDESPREAD_ORG_THRESHOLD")
 
+    # Workflow-history encryption (AES-256-GCM payload codec); on everywhere except the demo.
+    payload_encryption: Literal["on", "off"] = Field(default="on", alias="PAYLOAD_ENCRYPTION")
+    payload_key: SecretStr | None = Field(default=None, alias="PAYLOAD_KEY")
+    payload_key_file: Path | None = Field(default=None, alias="PAYLOAD_KEY_FILE")
+
     apply_batch_size: int = Field(default=500, ge=1, le=10_000, alias="APPLY_BATCH_SIZE")
     worker_restart_hook_url: str | None = Field(default=None, alias="WORKER_RESTART_HOOK_URL")
 
@@ -143,6 +148,10 @@ class Settings(BaseSettings):
     def resolved_tempo_url(self) -> str:
         """Base URL of Tempo (the stand-in serves Tempo's API by default)."""
         return self.tempo_url or self.resolved_billing_api_url()
+
+    def resolved_payload_key_file(self) -> Path:
+        """Where the payload keys are read from when PAYLOAD_KEY is not set."""
+        return self.payload_key_file or self.state_dir / "payload.key"
 
     def resolved_keys_dir(self) -> Path:
         """Where approver key files live (``NAME.key`` private, ``NAME.pub`` public)."""

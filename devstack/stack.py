@@ -30,6 +30,7 @@ from devstack.processes import (
     stop_pid,
     wait_for_port,
 )
+from worker.payload_codec import new_key_text
 
 PG_SYSTEM_USER = "embedded_postgres"
 
@@ -420,7 +421,23 @@ def components(settings: Settings, *, services: bool) -> list[Component]:
 
 def up(settings: Settings, *, services: bool = False) -> list[str]:
     """Start every component not already running; harmless when repeated."""
-    return [*dev_approver_keys(settings), *(c.start() for c in components(settings, services=services))]
+    return [
+        *dev_approver_keys(settings),
+        *dev_payload_key(settings),
+        *(c.start() for c in components(settings, services=services)),
+    ]
+
+
+def dev_payload_key(settings: Settings) -> list[str]:
+    """Make the local payload-encryption key when encryption is on and none is configured."""
+    path = settings.resolved_payload_key_file()
+    if settings.payload_encryption == "off" or settings.payload_key is not None or path.exists():
+        return []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(new_key_text())
+    return [f"payload key: made {path}"]
 
 
 def dev_approver_keys(settings: Settings) -> list[str]:

@@ -42,10 +42,11 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     from temporalio.service import RPCError
 
     from starters.operations import OperationError
+    from worker.payload_codec import PayloadKeyError
 
     try:
         return asyncio.run(coro)
-    except OperationError as err:
+    except (OperationError, PayloadKeyError) as err:
         _fail(str(err), 1)
     except (OSError, NatsError) as err:
         _fail(f"cannot reach a dependency ({type(err).__name__}): {err}; is `remediate dev up` running?", 1)

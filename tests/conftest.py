@@ -137,7 +137,13 @@ class World:
 
 
 async def make_world(
-    pg_settings: Settings, template: str, state_root: Path, client: Client, **overrides: Any
+    pg_settings: Settings,
+    template: str,
+    state_root: Path,
+    client: Client,
+    *,
+    password: str | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[World]:
     """Fresh database + nats-server + platform stand-in + worker; torn down afterwards."""
     name = "w_" + uuid.uuid4().hex[:10]
@@ -147,6 +153,8 @@ async def make_world(
     finally:
         await admin.close()
     base = pg_settings.resolved_database_url().rsplit("/", 1)[0]
+    if password is not None:  # the embedded server trusts loopback, so any password connects
+        base = base.replace("postgres@", f"postgres:{password}@", 1)
     nats_settings = Settings(REMEDIATION_STATE_DIR=state_root / name, NATS_PORT=free_port())
     nats_server = Nats(nats_settings)
     nats_server.start()

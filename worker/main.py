@@ -26,6 +26,7 @@ from activities.runtime_config import ConfigActivities
 from activities.tempo import TempoActivities
 from config import Settings
 from migrations import apply_migrations, remediation_migrations_dir
+from worker.payload_codec import payload_keys, with_codec
 from workflows.remediation import BillingRemediationWorkflow
 from workflows.sandbox import workflow_runner
 
@@ -44,11 +45,11 @@ class Resources:
 
 
 async def connect_temporal(settings: Settings) -> Client:
-    """A Temporal client with the pydantic data converter."""
+    """A Temporal client with the pydantic data converter and, unless turned off, payload encryption."""
     return await Client.connect(
         settings.resolved_temporal_address(),
         namespace=settings.temporal_namespace,
-        data_converter=pydantic_data_converter,
+        data_converter=with_codec(pydantic_data_converter, payload_keys(settings)),
     )
 
 

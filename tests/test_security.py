@@ -1,0 +1,162 @@
+"""Billing data is encrypted in workflow history, and secrets appear nowhere a person or a log can read."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.converter import DataConverter
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Replayer
+
+from config import Settings
+from starters import operations
+from tests.conftest import make_world
+from tests.test_remediation_workflow import decision, incident_in, start, wait_phase
+from worker.payload_codec import PayloadKeyError, payload_keys, with_codec
+from workflows import names
+from workflows.models import Phase, RemediationRequest, RemediationResult, Scope, Trigger
+from workflows.remediation import BillingRemediationWorkflow
+from workflows.sandbox import workflow_runner
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+def keyed_client(client: Client, converter: DataConverter) -> Client:
+    """The same connection with another data converter."""
+    config = client.config()
+    config["data_converter"] = converter
+    return Client(**config)
+
+
+async def test_history_payloads_are_encrypted(
+    pg_settings: Settings, template_db: str, state_root: Path, temporal_env: WorkflowEnvironment
+) -> None:
+    key = os.urandom(32)
+    converter = with_codec(pydantic_data_converter, [key])
+    encrypted = keyed_client(temporal_env.client, converter)
+    async for world in make_world(pg_settings, template_db, state_root, encrypted):
+        incident = await incident_in(world, "user-dispute", "enc")
+        handle = await start(
+            world,
+            RemediationRequest(
+                correlation_id=incident.correlation_id,
+                scope=Scope(**incident.scope),
+                dry_run=True,
+                requested_by="ic",
+                trigger=Trigger.CUSTOMER_DISPUTE,
+            ),
+        )
+        result = await handle.result()
+        assert result.outcome is Phase.DRY_RUN_COMPLETE  # decoded transparently by the keyed client
+        # Read without the key (as anyone with namespace access would): no billing data visible.
+        raw = await temporal_env.client.get_workflow_handle(handle.id).fetch_history()
+        text = raw.to_json()
+        assert (
+            "binary/encrypted"
+            in base64.b64decode(
+                json.loads(text)["events"][0]["workflowExecutionStartedEventAttributes"]["input"]["payloads"][
+                    0
+                ]["metadata"]["encoding"]
+            ).decode()
+        )
+        # Ids stay readable by design (workflow id, search attributes: what the UI lists by); the
+        # billing data in payloads (plan, amounts, findings, diagnosis) does not.
+        assert result.plan is not None
+        for secret in (result.plan.plan_hash, "close_orphan_usage", "allocations", "release"):
+            assert secret not in text, secret
+        # The keyed replayer still proves determinism.
+        replayer = Replayer(
+            workflows=[BillingRemediationWorkflow],
+            data_converter=converter,
+            workflow_runner=workflow_runner(),
+        )
+        assert (await replayer.replay_workflow(raw, raise_on_replay_failure=False)).replay_failure is None
+        # A client with the wrong key cannot read it.
+        wrong = keyed_client(temporal_env.client, with_codec(pydantic_data_converter, [os.urandom(32)]))
+        with pytest.raises(Exception, match="not configured"):
+            await wrong.get_workflow_handle(handle.id, result_type=RemediationResult).result()
+
+
+async def test_payload_key_settings_fail_clearly(tmp_path: Path) -> None:
+    with pytest.raises(PayloadKeyError, match="PAYLOAD_ENCRYPTION is on but there is no key"):
+        payload_keys(Settings(REMEDIATION_STATE_DIR=tmp_path))
+    with pytest.raises(PayloadKeyError, match="32 bytes"):
+        payload_keys(Settings(PAYLOAD_KEY=base64.b64encode(b"short").decode()))
+    assert payload_keys(Settings(PAYLOAD_ENCRYPTION="off")) is None
+    two = [os.urandom(32), os.urandom(32)]
+    text = "\n".join(base64.b64encode(k).decode() for k in two)
+    assert payload_keys(Settings(PAYLOAD_KEY=text)) == two
+
+
+async def test_secrets_never_reach_history_evidence_records_logs_or_errors(
+    pg_settings: Settings,
+    template_db: str,
+    state_root: Path,
+    temporal_env: WorkflowEnvironment,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    password = "pw-" + uuid.uuid4().hex
+    token = "tok-" + uuid.uuid4().hex
+    async for world in make_world(
+        pg_settings, template_db, state_root, temporal_env.client, password=password, BILLING_API_TOKEN=token
+    ):
+        incident = await incident_in(world, "prepaid-depleted", "sec")
+        handle = await start(
+            world,
+            RemediationRequest(
+                correlation_id=incident.correlation_id,
+                scope=Scope(org_id=incident.scope["org_id"]),
+                requested_by="ic",
+                trigger=Trigger.PREPAID_DEPLETED,
+            ),
+        )
+        view = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
+        await handle.execute_update(names.UPDATE_APPROVE, decision(view, "bob"))
+        result = await handle.result()
+        assert result.outcome is Phase.COMPLETED  # the admin API (bearer token) was really used
+        evidence = json.dumps(await operations.evidence(world.settings, handle.id), default=str)
+        records = [
+            str(r[0])
+            for table in (
+                "runs",
+                "timeline",
+                "approvals",
+                "applied_actions",
+                "evidence",
+                "snapshots",
+                "plans",
+            )
+            for r in await world.db.fetch(f"SELECT row_to_json(t)::text FROM remediation.{table} t")
+        ]
+        history = (await handle.fetch_history()).to_json()
+        # Error paths: an unreachable database and a refused token name the problem, not the secret.
+        errors = []
+        bad_db = Settings(DATABASE_URL=f"postgresql://postgres:{password}@127.0.0.1:1/nowhere")
+        with pytest.raises(OSError) as db_err:
+            await operations.preflight(bad_db, RemediationRequest(correlation_id="c", requested_by="ic"))
+        errors.append(str(db_err.value))
+        errors.append(repr(world.settings))
+        errors.append(str(world.settings.model_dump()))
+        assert records and evidence and history
+        out = capsys.readouterr()
+        haystacks = {
+            "history": history,
+            "evidence": evidence,
+            "records": "\n".join(records),
+            "logs": caplog.text,
+            "output": out.out + out.err,
+            "errors": "\n".join(errors),
+        }
+        for where, text in haystacks.items():
+            assert password not in text, f"database password leaked into {where}"
+            assert token not in text, f"API token leaked into {where}"
