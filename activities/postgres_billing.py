@@ -13,6 +13,7 @@ import asyncpg
 from temporalio import activity
 
 from activities.errors import bad_input, dependency_down, not_found
+from activities.heartbeat import heartbeating
 from activities.scope_sql import (
     ALLOCATION_COLUMNS,
     LEDGER_COLUMNS,
@@ -295,6 +296,21 @@ class BillingDatabaseActivities:
         """Run the four checks for the scope; findings go to Postgres (idempotent per pass)."""
         ref = request.ref
         counts: dict[str, int] = {}
+        async with heartbeating(lambda: sorted(counts)):
+            await self._reconcile_checks(request, counts)
+        total = sum(counts.values())
+        await self._timeline(
+            ref.run_id,
+            f"reconcile:{request.pass_no}",
+            "reconciling",
+            f"reconciliation pass {request.pass_no}: {total} findings",
+            counts,
+        )
+        return ReconcileSummary(pass_no=request.pass_no, counts=counts, total=total)
+
+    async def _reconcile_checks(self, request: ReconcileRequest, counts: dict[str, int]) -> None:
+        """Each check is one set-based INSERT ... SELECT into the findings table."""
+        ref = request.ref
         for kind, (select, params) in _checks(ref.scope, 3).items():
             await self._execute(
                 f"""INSERT INTO remediation.findings (run_id, pass, kind, entity_type, entity_id, org_id, project_id,
@@ -312,20 +328,14 @@ class BillingDatabaseActivities:
                     kind.value,
                 )
             )
-            activity.heartbeat(kind.value)
-        total = sum(counts.values())
-        await self._timeline(
-            ref.run_id,
-            f"reconcile:{request.pass_no}",
-            "reconciling",
-            f"reconciliation pass {request.pass_no}: {total} findings",
-            counts,
-        )
-        return ReconcileSummary(pass_no=request.pass_no, counts=counts, total=total)
 
     @activity.defn(name=names.BUILD_PLAN)
     async def build_plan(self, request: PlanRequest) -> PlanSummary:
         """Turn a pass's findings into ordered, idempotency-keyed actions and hash them."""
+        async with heartbeating(lambda: request.plan_id):
+            return await self._build_plan(request)
+
+    async def _build_plan(self, request: PlanRequest) -> PlanSummary:
         ref = request.ref
         async with self._pool.acquire() as conn, conn.transaction():
             existing = await conn.fetchrow(
@@ -484,22 +494,9 @@ class BillingDatabaseActivities:
                 request.plan_id,
             )
         )
-        while True:
-            async with self._pool.acquire() as conn, conn.transaction():
-                actions = await conn.fetch(
-                    """SELECT * FROM remediation.plan_actions WHERE plan_id = $1 AND seq > $2
-                       AND kind NOT IN ('clear_financial_restriction', 'restart_billing_worker')
-                       ORDER BY seq LIMIT $3""",
-                    request.plan_id,
-                    last_seq,
-                    request.batch_size,
-                )
-                if not actions:
-                    break
-                for action in actions:
-                    await self._apply_one(conn, request, action)
-                last_seq = actions[-1]["seq"]
-            activity.heartbeat(last_seq)
+        progress = [last_seq]
+        async with heartbeating(lambda: progress[0]):
+            last_seq = await self._apply_batches(request, last_seq, progress)
         rows = await self._fetch(
             "SELECT outcome, count(*) AS n FROM remediation.applied_actions WHERE plan_id = $1 GROUP BY outcome",
             request.plan_id,
@@ -522,6 +519,25 @@ class BillingDatabaseActivities:
             {"approvers": ",".join(request.approvers)},
         )
         return summary
+
+    async def _apply_batches(self, request: ApplyRequest, last_seq: int, progress: list[int]) -> int:
+        """Apply the plan after ``last_seq`` in committed batches; returns the last applied seq."""
+        while True:
+            async with self._pool.acquire() as conn, conn.transaction():
+                actions = await conn.fetch(
+                    """SELECT * FROM remediation.plan_actions WHERE plan_id = $1 AND seq > $2
+                       AND kind NOT IN ('clear_financial_restriction', 'restart_billing_worker')
+                       ORDER BY seq LIMIT $3""",
+                    request.plan_id,
+                    last_seq,
+                    request.batch_size,
+                )
+                if not actions:
+                    return last_seq
+                for action in actions:
+                    await self._apply_one(conn, request, action)
+                last_seq = actions[-1]["seq"]
+            progress[0] = last_seq
 
     async def _apply_one(
         self, conn: asyncpg.Connection, request: ApplyRequest, action: asyncpg.Record

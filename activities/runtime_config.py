@@ -33,6 +33,9 @@ def runtime_options(settings: Settings) -> RuntimeOptions:
         verify_window_seconds=settings.verify_window_seconds,
         widespread_org_threshold=settings.widespread_org_threshold,
         apply_batch_size=settings.apply_batch_size,
+        activity_timeout_seconds=settings.activity_timeout_seconds,
+        heartbeat_seconds=settings.heartbeat_seconds,
+        retry_max_interval_seconds=settings.retry_max_interval_seconds,
     )
 
 

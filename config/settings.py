@@ -106,6 +106,11 @@ class Settings(BaseSettings):
     payload_key: SecretStr | None = Field(default=None, alias="PAYLOAD_KEY")
     payload_key_file: Path | None = Field(default=None, alias="PAYLOAD_KEY_FILE")
 
+    # How fast work held by a dead worker moves on: short activities' timeout, long ones' heartbeat.
+    activity_timeout_seconds: int = Field(default=60, ge=1, alias="ACTIVITY_TIMEOUT_SECONDS")
+    heartbeat_seconds: int = Field(default=30, ge=1, alias="ACTIVITY_HEARTBEAT_SECONDS")
+    retry_max_interval_seconds: int = Field(default=30, ge=1, alias="ACTIVITY_RETRY_MAX_INTERVAL_SECONDS")
+
     apply_batch_size: int = Field(default=500, ge=1, le=10_000, alias="APPLY_BATCH_SIZE")
     worker_restart_hook_url: str | None = Field(default=None, alias="WORKER_RESTART_HOOK_URL")
 

@@ -143,6 +143,7 @@ async def make_world(
     client: Client,
     *,
     password: str | None = None,
+    in_process_worker: bool = True,
     **overrides: Any,
 ) -> AsyncIterator[World]:
     """Fresh database + nats-server + platform stand-in + worker; torn down afterwards."""
@@ -169,11 +170,15 @@ async def make_world(
     }
     settings = Settings(**(fields | overrides))
     async with running_platform(settings, settings.platform_port), resources(settings) as res:
-        worker: Worker = build_worker(client, settings, res)
         db = await asyncpg.create_pool(settings.resolved_database_url(), min_size=1, max_size=4)
         nc = await nats.connect(settings.resolved_nats_url())
-        async with worker:
-            yield World(settings, client, db, nc, nats_server, settings.task_queue)
+        world = World(settings, client, db, nc, nats_server, settings.task_queue)
+        if in_process_worker:
+            worker: Worker = build_worker(client, settings, res)
+            async with worker:
+                yield world
+        else:
+            yield world
         with contextlib.suppress(Exception):
             await nc.close()
         await db.close()

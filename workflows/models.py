@@ -154,6 +154,9 @@ class RuntimeOptions(Frozen):
     verify_window_seconds: int
     widespread_org_threshold: int
     apply_batch_size: int
+    activity_timeout_seconds: int = 60
+    heartbeat_seconds: int = 30
+    retry_max_interval_seconds: int = 30
 
 
 # --- activity inputs and results ---------------------------------------------------------------------

@@ -79,11 +79,16 @@ NON_RETRYABLE = ["BadInput", "NotFound", "Unauthorized"]
 MAX_PASSES = 3
 
 
-def _retry(attempts: int) -> RetryPolicy:
+def _cause(err: ActivityError) -> str:
+    """The innermost failure message of an activity error, for findings and the UI."""
+    return err.cause.message if isinstance(err.cause, ApplicationError) else str(err.cause or err)
+
+
+def _retry(attempts: int, max_interval: int) -> RetryPolicy:
     return RetryPolicy(
         initial_interval=timedelta(seconds=1),
         backoff_coefficient=2.0,
-        maximum_interval=timedelta(seconds=30),
+        maximum_interval=timedelta(seconds=max_interval),
         maximum_attempts=attempts,
         non_retryable_error_types=NON_RETRYABLE,
     )
@@ -119,6 +124,7 @@ class BillingRemediationWorkflow:
         self._verification: VerificationResult | None = None
         self._verdict: VerdictDecision | None = None
         self._frozen_id: str | None = None
+        self._stalled: str | None = None
         self._ref: RunRef | None = None
         self._events = 0
 
@@ -203,7 +209,8 @@ class BillingRemediationWorkflow:
                 ReconcileSummary,
                 f"Reconcile the four runbook checks for {request.scope.describe()}",
                 timeout=600,
-                heartbeat=60,
+                heartbeat=True,
+                attempts=20,
             )
             self._drift = dict(summary.counts)
             if pass_no == 0:
@@ -224,6 +231,8 @@ class BillingRemediationWorkflow:
                 PlanSummary,
                 "Build the remediation plan from the findings",
                 timeout=600,
+                heartbeat=True,
+                attempts=20,
             )
             reset_for_plan(self._approval, plan, workflow.now())
             self._refresh_details()
@@ -233,7 +242,15 @@ class BillingRemediationWorkflow:
                 decided = await self._await_approval(plan)
                 if decided is not None:
                     return decided, plan, applied
-                applied = await self._apply(plan)
+                try:
+                    applied = await self._apply(plan)
+                except ActivityError as err:
+                    # Retries exhausted (a dependency down for long): stop and ask a human instead of
+                    # failing half-way. A retry re-reconciles, so committed batches are not redone.
+                    self._stalled = f"apply stopped: {_cause(err)}"
+                    if await self._await_verdict_decision() == "hand_off":
+                        return Phase.HANDED_OFF, plan, applied
+                    continue
             verdict = await self._verify(request, pass_no)
             if verdict.passed:
                 return Phase.COMPLETED, plan, applied
@@ -310,11 +327,12 @@ class BillingRemediationWorkflow:
     async def _check(self, name: str, check: str, ref: RunRef, summary: str) -> CheckResult:
         """Run one diagnosis activity; a dependency that is down becomes a finding, not a crash."""
         try:
-            result: CheckResult = await self._act(name, ref, CheckResult, summary, timeout=60, attempts=3)
+            result: CheckResult = await self._act(name, ref, CheckResult, summary, attempts=3)
             return result
         except ActivityError as err:
-            cause = err.cause.message if isinstance(err.cause, ApplicationError) else str(err.cause or err)
-            return CheckResult(check=check, status="unreachable", headline=f"{check} unreachable: {cause}")
+            return CheckResult(
+                check=check, status="unreachable", headline=f"{check} unreachable: {_cause(err)}"
+            )
 
     async def _await_approval(self, plan: PlanSummary) -> Phase | None:
         """Wait for the plan's approval; None when approved, else the ending phase."""
@@ -385,8 +403,8 @@ class BillingRemediationWorkflow:
             ApplySummary,
             f"Apply {plan.action_count} approved actions of plan {plan.plan_id} in batches",
             timeout=3600,
-            heartbeat=60,
-            attempts=10,
+            heartbeat=True,
+            attempts=50,
         )
         for action in plan.api_actions:
             activity = (
@@ -431,7 +449,7 @@ class BillingRemediationWorkflow:
             ReconcileSummary,
             f"Re-run reconciliation for {request.scope.describe()} (expect no drift)",
             timeout=600,
-            heartbeat=60,
+            heartbeat=True,
         )
         self._drift = dict(drift.counts)
         criteria.append(
@@ -504,6 +522,7 @@ class BillingRemediationWorkflow:
         self._verdict = None
         self._set_phase(Phase.AWAITING_DECISION)
         await workflow.wait_condition(lambda: self._verdict is not None)
+        self._stalled = None
         verdict = self._verdict
         if verdict is None:  # unreachable: the condition above guarantees it
             raise ApplicationError("no verdict", type="BadInput", non_retryable=True)
@@ -690,19 +709,24 @@ class BillingRemediationWorkflow:
         result_type: type[R] | None,
         summary: str,
         *,
-        timeout: int = 60,
-        heartbeat: int | None = None,
+        timeout: int | None = None,
+        heartbeat: bool = False,
         attempts: int = 5,
     ) -> Any:
         """Execute activity ``name`` with explicit timeouts, a bounded retry policy and a UI summary."""
         args = [] if arg is None else [arg]
+        # Short activities time out fast, so work held by a dead worker is retried elsewhere quickly;
+        # long ones heartbeat instead.
+        options = self._options
+        short = options.activity_timeout_seconds if options else 60
+        beat = options.heartbeat_seconds if options else 30
         return await workflow.execute_activity(
             name,
             args=args,
             result_type=result_type,
-            start_to_close_timeout=timedelta(seconds=timeout),
-            heartbeat_timeout=timedelta(seconds=heartbeat) if heartbeat else None,
-            retry_policy=_retry(attempts),
+            start_to_close_timeout=timedelta(seconds=timeout or short),
+            heartbeat_timeout=timedelta(seconds=beat) if heartbeat else None,
+            retry_policy=_retry(attempts, options.retry_max_interval_seconds if options else 30),
             summary=summary[:200],
         )
 
@@ -767,6 +791,9 @@ class BillingRemediationWorkflow:
                 f"- Approvals: {approved} ({len(self._approval.approved_by)}/{needed})"
                 + (f" · rejected by {self._approval.rejected_by}" if self._approval.rejected_by else "")
             )
+        if self._stalled is not None:
+            lines.append("")
+            lines.append(f"**Stopped, waiting for a decision (retry or hand_off):** {self._stalled}")
         if self._verification is not None:
             lines.append("")
             lines.append(f"**Verification: {'PASSED' if self._verification.passed else 'FAILED'}**")

@@ -1,0 +1,78 @@
+"""Real processes to kill: the remediation worker as a subprocess, configured like production."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from config import Settings
+from tests.conftest import signed_approvers
+
+
+def worker_env(settings: Settings, temporal_address: str) -> dict[str, str]:
+    """The environment a worker process needs to serve ``settings``' world."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "NATS_", "TEMPORAL_"))}
+    env.update(
+        {
+            "REMEDIATION_STATE_DIR": str(settings.state_dir),
+            "DATABASE_URL": settings.resolved_database_url(),
+            "NATS_URL": settings.resolved_nats_url(),
+            "TEMPORAL_ADDRESS": temporal_address,
+            "REMEDIATION_TASK_QUEUE": settings.task_queue,
+            "PLATFORM_PORT": str(settings.platform_port),
+            "APPROVERS": json.dumps(signed_approvers()),
+            "PAYLOAD_ENCRYPTION": "off",
+            "VERIFY_WINDOW_SECONDS": str(settings.verify_window_seconds),
+            "APPLY_BATCH_SIZE": str(settings.apply_batch_size),
+            "ACTIVITY_TIMEOUT_SECONDS": str(settings.activity_timeout_seconds),
+            "ACTIVITY_HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
+            "ACTIVITY_RETRY_MAX_INTERVAL_SECONDS": str(settings.retry_max_interval_seconds),
+        }
+    )
+    return env
+
+
+class WorkerProcess:
+    """`remediate worker` in its own process group, killed for real."""
+
+    def __init__(self, settings: Settings, temporal_address: str, log: Path) -> None:
+        self._env = worker_env(settings, temporal_address)
+        self._log = log
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.kills = 0
+
+    def start(self) -> None:
+        """Start a fresh worker process."""
+        with self._log.open("ab") as out:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "starters.cli", "worker"],
+                env=self._env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def kill9(self) -> None:
+        """SIGKILL the worker: no shutdown, no cleanup, in-flight transactions cut off."""
+        if self._proc is not None and self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
+            self.kills += 1
+
+    def stop(self) -> None:
+        """Stop gracefully (test teardown)."""
+        if self._proc is not None and self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait()
+
+    def alive(self) -> bool:
+        """True while the process runs."""
+        return self._proc is not None and self._proc.poll() is None
