@@ -25,7 +25,10 @@ def test_up_twice_harmless_down_leaves_nothing(tmp_path: Path) -> None:
         # Dev approvers get signing keys (private 0600) before anything starts.
         assert first[0].startswith("approver keys: made alice, bob, carol")
         assert ((tmp_path / "keys" / "alice.key").stat().st_mode & 0o777) == 0o600
-        assert all("started" in line for line in first[1:])
+        # ... and a payload-encryption key, since encryption is on by default.
+        assert first[1].startswith("payload key: made")
+        assert ((tmp_path / "payload.key").stat().st_mode & 0o777) == 0o600
+        assert all("started" in line for line in first[2:])
         assert all(row.healthy for row in status(settings) if row.name in ("postgres", "nats", "temporal"))
         second = up(settings)
         assert all("already running" in line for line in second)

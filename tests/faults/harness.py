@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 from config import Settings
-from tests.conftest import signed_approvers
+from tests.conftest import World, signed_approvers
+from tests.test_remediation_workflow import DRIFT_SQL, drift
+from workflows.models import PlanSummary
 
 
 def worker_env(settings: Settings, temporal_address: str) -> dict[str, str]:
@@ -76,3 +78,32 @@ class WorkerProcess:
     def alive(self) -> bool:
         """True while the process runs."""
         return self._proc is not None and self._proc.poll() is None
+
+
+async def assert_ledger_is_the_plan(world: World, plan: PlanSummary) -> None:
+    """The ledger ends exactly as approved: every action audited once, no key twice, no drift left."""
+    rows = await world.db.fetch(
+        "SELECT seq, outcome FROM remediation.applied_actions WHERE plan_id = $1", plan.plan_id
+    )
+    assert len(rows) == len({r["seq"] for r in rows})
+    # API actions (restriction clear, worker restart) are audited in the same table.
+    assert len(rows) == plan.action_count, (len(rows), plan)
+    assert {r["outcome"] for r in rows} == {"applied"}, {r["outcome"] for r in rows}
+    duplicates = await world.db.fetchval(
+        "SELECT count(*) - count(DISTINCT idempotency_key) FROM billing.ledger_entries"
+    )
+    assert duplicates == 0
+    posted = await world.db.fetchval(
+        "SELECT coalesce(sum(amount_minor), 0) FROM billing.ledger_entries WHERE actor LIKE 'remediation:%'"
+    )
+    assert posted == plan.debit_total_minor + plan.credit_total_minor
+    assert await drift(world) == {k: set() for k in DRIFT_SQL}
+
+
+async def applied_count(world: World, plan_id: str) -> int:
+    """Audited actions of ``plan_id`` so far (committed with their effects)."""
+    return int(
+        await world.db.fetchval(
+            "SELECT count(*) FROM remediation.applied_actions WHERE plan_id = $1", plan_id
+        )
+    )

@@ -16,8 +16,8 @@ from temporalio.testing import WorkflowEnvironment
 from config import Settings
 from local_platform.seeder import SeedSpec, seed
 from tests.conftest import World, make_world
-from tests.faults.harness import WorkerProcess
-from tests.test_remediation_workflow import DRIFT_SQL, decision, drift, start, wait_phase
+from tests.faults.harness import WorkerProcess, applied_count, assert_ledger_is_the_plan
+from tests.test_remediation_workflow import decision, start, wait_phase
 from workflows import names
 from workflows.models import Phase, RemediationRequest, Trigger
 
@@ -91,13 +91,9 @@ async def test_kill_9_at_seeded_points_ledger_equals_the_approved_plan(
             done = done_at_kill
             while time.monotonic() < deadline and done < target:
                 await asyncio.sleep(0.005)
-                done = await world.db.fetchval(
-                    "SELECT count(*) FROM remediation.applied_actions WHERE plan_id = $1", plan.plan_id
-                )
+                done = await applied_count(world, plan.plan_id)
             worker.kill9()
-            done_at_kill = await world.db.fetchval(
-                "SELECT count(*) FROM remediation.applied_actions WHERE plan_id = $1", plan.plan_id
-            )
+            done_at_kill = await applied_count(world, plan.plan_id)
             assert done_at_kill < plan.action_count, "the apply finished before the kill schedule"
             worker.start()
         result = await asyncio.wait_for(handle.result(), timeout=600)
@@ -105,23 +101,7 @@ async def test_kill_9_at_seeded_points_ledger_equals_the_approved_plan(
         worker.stop()
     assert worker.kills == RECONCILE_KILLS + APPLY_KILLS
     assert result.outcome is Phase.COMPLETED, result
-    # Exactly the approved plan: every action audited once, no idempotency key twice, no drift left.
-    rows = await world.db.fetch(
-        "SELECT seq, outcome FROM remediation.applied_actions WHERE plan_id = $1", plan.plan_id
-    )
-    assert len(rows) == plan.action_count
-    assert {r["outcome"] for r in rows} == {"applied"}
-    assert (
-        await world.db.fetchval(
-            "SELECT count(*) - count(DISTINCT idempotency_key) FROM billing.ledger_entries"
-        )
-        == 0
-    )
-    posted = await world.db.fetchval(
-        "SELECT coalesce(sum(amount_minor), 0) FROM billing.ledger_entries WHERE actor LIKE 'remediation:%'"
-    )
-    assert posted == plan.debit_total_minor + plan.credit_total_minor
-    assert await drift(world) == {k: set() for k in DRIFT_SQL}
+    await assert_ledger_is_the_plan(world, plan)
     # The kills really interrupted the apply: it took several attempts (each resumed from the audit rows).
     attempts = await activity_attempts(handle, names.APPLY_PLAN)
     assert attempts == APPLY_KILLS + 1, attempts

@@ -1,0 +1,183 @@
+"""Postgres, NATS and the Temporal server restarted under a running remediation: exact result or a clear stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from config import Settings
+from devstack.processes import free_port
+from devstack.stack import Postgres, Temporal
+from local_platform.seeder import SeedSpec, seed
+from tests.conftest import World, make_world
+from tests.faults.harness import applied_count, assert_ledger_is_the_plan
+from tests.test_remediation_workflow import decision, incident_in, start, wait_phase
+from workflows import names
+from workflows.models import Phase, RemediationRequest, Scope, StatusView, Trigger
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+T = TypeVar("T")
+FAST_FAILOVER: dict[str, Any] = {
+    "ACTIVITY_TIMEOUT_SECONDS": 5,
+    "ACTIVITY_HEARTBEAT_SECONDS": 2,
+    "ACTIVITY_RETRY_MAX_INTERVAL_SECONDS": 1,
+    "APPLY_BATCH_SIZE": 20,
+}
+
+
+async def retrying(fn: Callable[[], Awaitable[T]], seconds: float = 60) -> T:
+    """The test's own reads ride out the restart too."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while True:
+        try:
+            return await fn()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def failover_world(
+    pg_settings: Settings, template_db: str, state_root: Path, temporal_env: WorkflowEnvironment
+) -> AsyncIterator[World]:
+    async for w in make_world(pg_settings, template_db, state_root, temporal_env.client, **FAST_FAILOVER):
+        yield w
+
+
+async def restart_postgres(pg_settings: Settings) -> None:
+    """Stop the real server (fast shutdown: sessions cut) and start it again on the same data."""
+    server = Postgres(pg_settings)
+    await asyncio.to_thread(server.stop)
+    await asyncio.sleep(0.5)
+    await asyncio.to_thread(server.start)
+
+
+async def test_postgres_restarted_during_reconcile_and_apply(
+    failover_world: World, pg_settings: Settings
+) -> None:
+    world = failover_world
+    inject = {"unbilled_closed": 400, "orphan_open": 100, "missing_open": 100, "payment_drift": 20}
+    async with world.db.acquire() as conn:
+        await seed(conn, SeedSpec(orgs=3, allocations=1500, prefix="pgr", seed=3, inject=inject))
+    handle = await start(
+        world,
+        RemediationRequest(correlation_id="pg-restart", requested_by="ic", trigger=Trigger.WORKER_FAILURE),
+    )
+    await wait_phase(handle, {Phase.DIAGNOSING, Phase.RECONCILING})
+    await restart_postgres(pg_settings)
+    view = await retrying(lambda: wait_phase(handle, {Phase.AWAITING_APPROVAL}, timeout=120))
+    assert view.plan is not None and view.plan.action_count == sum(inject.values())
+    for who in ("alice", "bob"):
+        await handle.execute_update(names.UPDATE_APPROVE, decision(view, who))
+    plan_id = view.plan.plan_id
+    for _ in range(6000):
+        if await retrying(lambda: applied_count(world, plan_id)) > 0:
+            break
+        await asyncio.sleep(0.01)
+    await restart_postgres(pg_settings)
+    result = await asyncio.wait_for(handle.result(), timeout=240)
+    assert result.outcome is Phase.COMPLETED, result
+    await retrying(lambda: assert_ledger_is_the_plan(world, view.plan))  # type: ignore[arg-type]
+
+
+async def test_nats_stopped_during_verification_waits_for_a_human(failover_world: World) -> None:
+    world = failover_world
+    incident = await incident_in(world, "user-dispute", "nv")
+    handle = await start(
+        world,
+        RemediationRequest(
+            correlation_id=incident.correlation_id,
+            scope=Scope(**incident.scope),
+            requested_by="ic",
+            trigger=Trigger.CUSTOMER_DISPUTE,
+        ),
+    )
+    view = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
+    world.nats_server.stop()
+    try:
+        await handle.execute_update(names.UPDATE_APPROVE, decision(view, "alice"))
+        stopped = await wait_phase(handle, {Phase.AWAITING_DECISION, Phase.COMPLETED}, timeout=120)
+        # The data is repaired, but without NATS the worker's recovery cannot be shown: no success claimed.
+        assert stopped.phase is Phase.AWAITING_DECISION
+        assert stopped.verification is not None
+        failed = {c.name for c in stopped.verification.criteria if not c.passed}
+        assert "billing_worker_stable" in failed
+        assert "no_unresolved_drift" not in failed
+    finally:
+        world.nats_server.start()
+    await handle.execute_update(names.UPDATE_DECIDE, _verdict("bob", "hand_off"))
+    result = await handle.result()
+    assert result.outcome is Phase.HANDED_OFF
+
+
+def _verdict(actor: str, choice: str) -> Any:
+    from workflows.models import VerdictDecision
+
+    return VerdictDecision(actor=actor, choice=choice, comment="NATS down during verification")
+
+
+async def test_temporal_server_restarted_mid_run_keeps_the_run(
+    pg_settings: Settings, template_db: str, state_root: Path, tmp_path: Path
+) -> None:
+    own = Settings(
+        REMEDIATION_STATE_DIR=tmp_path / "temporal-state",
+        TEMPORAL_PORT=free_port(),
+        TEMPORAL_UI_PORT=free_port(),
+    )
+    server = Temporal(own)
+    server.start()
+    try:
+        client = await Client.connect(own.resolved_temporal_address(), data_converter=pydantic_data_converter)
+        async for world in make_world(pg_settings, template_db, state_root, client, **FAST_FAILOVER):
+            await _run_across_a_server_restart(world, server)
+    finally:
+        with contextlib.suppress(Exception):
+            server.stop()
+
+
+async def _run_across_a_server_restart(world: World, server: Temporal) -> None:
+    incident = await incident_in(world, "worker-crash", "tr")
+    handle = await start(
+        world,
+        RemediationRequest(
+            correlation_id=incident.correlation_id, requested_by="ic", trigger=Trigger.WORKER_FAILURE
+        ),
+    )
+    await wait_phase(handle, {Phase.DIAGNOSING, Phase.RECONCILING})
+    await asyncio.to_thread(server.stop)  # SQLite state kept
+    await asyncio.sleep(1)
+    await asyncio.to_thread(server.start)
+    view: StatusView = await retrying_rpc(lambda: wait_phase(handle, {Phase.AWAITING_APPROVAL}))
+    assert view.plan is not None
+    for who in ("alice", "bob"):
+        body = decision(view, who)
+        await retrying_rpc(lambda body=body: handle.execute_update(names.UPDATE_APPROVE, body))  # type: ignore[misc]
+    result = await asyncio.wait_for(handle.result(), timeout=180)
+    assert result.outcome is Phase.COMPLETED, result
+    await assert_ledger_is_the_plan(world, view.plan)
+
+
+async def retrying_rpc(fn: Callable[[], Awaitable[T]], seconds: float = 60) -> T:
+    """Client calls right after the server restart may fail while it warms up."""
+    from temporalio.service import RPCError
+
+    deadline = asyncio.get_running_loop().time() + seconds
+    while True:
+        try:
+            return await fn()
+        except (RPCError, AssertionError):
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.5)

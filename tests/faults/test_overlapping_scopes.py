@@ -1,0 +1,97 @@
+"""Two remediations on overlapping scopes (an org, and a user in it) never apply an action twice."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from tests.conftest import World
+from tests.test_remediation_workflow import DRIFT_SQL, decision, drift, incident_in, start, wait_phase
+from workflows import names
+from workflows.models import Phase, RemediationRequest, RemediationResult, Scope, StatusView, Trigger
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def approve(handle: Any, view: StatusView) -> RemediationResult:
+    for who in ("alice", "bob")[: view.approvals_needed]:
+        await handle.execute_update(names.UPDATE_APPROVE, decision(view, who))
+    result: RemediationResult = await handle.result()
+    return result
+
+
+async def test_org_and_user_runs_apply_each_fix_once(world: World) -> None:
+    await incident_in(world, "worker-crash", "ov")
+    # A user whose drift both runs will see.
+    row = await world.db.fetchrow(
+        """SELECT a.org_id, a.requested_by_user_id AS user_id FROM billing.usage_records u
+           JOIN billing.allocations a ON a.id = u.allocation_id
+           WHERE u.end_time IS NOT NULL AND u.accrued_cost_minor > 0
+             AND u.id NOT IN (SELECT usage_record_id FROM billing.ledger_entries WHERE usage_record_id IS NOT NULL)
+           ORDER BY a.id LIMIT 1"""
+    )
+    assert row is not None
+    org_run = await start(
+        world,
+        RemediationRequest(
+            correlation_id="overlap-org",
+            scope=Scope(org_id=row["org_id"]),
+            requested_by="ic",
+            trigger=Trigger.MANUAL,
+        ),
+    )
+    user_run = await start(
+        world,
+        RemediationRequest(
+            correlation_id="overlap-user",
+            scope=Scope(org_id=row["org_id"], user_id=row["user_id"]),
+            requested_by="ic",
+            trigger=Trigger.CUSTOMER_DISPUTE,
+        ),
+    )
+    assert org_run.id != user_run.id
+    org_view, user_view = await asyncio.gather(
+        wait_phase(org_run, {Phase.AWAITING_APPROVAL}), wait_phase(user_run, {Phase.AWAITING_APPROVAL})
+    )
+    assert org_view.plan is not None and user_view.plan is not None
+    org_keys = {
+        r[0]
+        for r in await world.db.fetch(
+            "SELECT idempotency_key FROM remediation.plan_actions WHERE plan_id = $1", org_view.plan.plan_id
+        )
+    }
+    user_keys = {
+        r[0]
+        for r in await world.db.fetch(
+            "SELECT idempotency_key FROM remediation.plan_actions WHERE plan_id = $1", user_view.plan.plan_id
+        )
+    }
+    shared = org_keys & user_keys
+    assert shared, "the two plans must overlap for this test to mean anything"
+    # Both approved at once: the applies race on the same rows.
+    org_result, user_result = await asyncio.gather(approve(org_run, org_view), approve(user_run, user_view))
+    assert org_result.outcome is Phase.COMPLETED and user_result.outcome is Phase.COMPLETED
+    outcomes = await world.db.fetch(
+        """SELECT idempotency_key, array_agg(outcome ORDER BY outcome) AS outcomes FROM remediation.applied_actions
+           WHERE plan_id = ANY($1::text[]) GROUP BY idempotency_key""",
+        [org_view.plan.plan_id, user_view.plan.plan_id],
+    )
+    for r in outcomes:
+        if r["idempotency_key"] in shared:
+            # One run applied it; the other re-checked, found it already fixed, and skipped it.
+            assert r["outcomes"] == ["applied", "skipped_stale"], dict(r)
+    assert (
+        await world.db.fetchval(
+            "SELECT count(*) - count(DISTINCT idempotency_key) FROM billing.ledger_entries"
+        )
+        == 0
+    )
+    in_org = {k: v for k, v in (await drift(world)).items() if k in DRIFT_SQL}
+    org_alloc_drift = await world.db.fetchval(
+        "SELECT count(*) FROM billing.allocations WHERE org_id = $1 AND id = ANY($2::text[])",
+        row["org_id"],
+        [a for ids in in_org.values() for a in ids],
+    )
+    assert org_alloc_drift == 0
