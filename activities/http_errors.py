@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -9,17 +10,41 @@ from temporalio.exceptions import ApplicationError
 
 from activities.errors import bad_input, dependency_down, not_found, unauthorized
 
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+
 
 async def send(
-    client: httpx.AsyncClient, system: str, method: str, url: str, **kwargs: Any
+    client: httpx.AsyncClient, system: str, method: str, url: str, *, attempts: int = 3, **kwargs: Any
 ) -> httpx.Response:
-    """Send a request; transport failures become a retryable DependencyDown naming ``system``."""
-    try:
-        return await client.request(method, url, **kwargs)
-    except httpx.TimeoutException as exc:
-        raise dependency_down(f"{system} timed out") from exc
-    except httpx.HTTPError as exc:
-        raise dependency_down(f"{system} unreachable: {type(exc).__name__}") from exc
+    """Send a request, retrying 429/5xx and transport failures with backoff (Retry-After honoured).
+
+    Quick in-place retries ride out a blip; what persists becomes a retryable DependencyDown naming
+    ``system`` (the activity's own retry policy takes over from there).
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            response = await client.request(method, url, **kwargs)
+        except httpx.TimeoutException as exc:
+            if attempt == attempts:
+                raise dependency_down(f"{system} timed out") from exc
+        except httpx.HTTPError as exc:
+            if attempt == attempts:
+                raise dependency_down(f"{system} unreachable: {type(exc).__name__}") from exc
+        else:
+            if response.status_code not in RETRY_STATUSES or attempt == attempts:
+                return response
+            delay = _retry_after(response)
+            if delay is not None:
+                await asyncio.sleep(delay)
+                continue
+        await asyncio.sleep(0.2 * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Retry-After in seconds (capped: the activity retry handles long waits)."""
+    value = response.headers.get("Retry-After", "")
+    return min(float(value), 5.0) if value.isdigit() else None
 
 
 def raise_for(system: str, response: httpx.Response) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 from temporalio import activity
 
-from activities.errors import bad_input
+from activities.errors import bad_input, dependency_down
 from activities.http_errors import json_object, raise_for, send
 from workflows import names
 from workflows.models import CheckResult, RunRef
@@ -76,12 +76,12 @@ class TempoActivities:
             if response.status_code == 404:
                 return None
             raise_for("Tempo", response)
-            batches = json_object("Tempo", response).get("batches") or []
-            return list(batches) or None
+            return _span_list(json_object("Tempo", response).get("batches"))
         raise_for("Tempo", response)
         trace = json_object("Tempo", response).get("trace") or {}
-        resource_spans = trace.get("resourceSpans") or [] if isinstance(trace, dict) else []
-        return list(resource_spans) or None
+        if not isinstance(trace, dict):
+            raise dependency_down("Tempo returned a trace that is not an object")
+        return _span_list(trace.get("resourceSpans"))
 
     @activity.defn(name=names.SUMMARIZE_TRACE)
     async def summarize_trace(self, ref: RunRef) -> CheckResult:
@@ -113,3 +113,12 @@ class TempoActivities:
             },
             trace_ids=[ref.trace_id],
         )
+
+
+def _span_list(value: Any) -> list[dict[str, Any]] | None:
+    """Resource spans as a list of objects, or a retryable error naming the malformed answer."""
+    if not value:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise dependency_down("Tempo returned malformed resource spans")
+    return value
