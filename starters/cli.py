@@ -136,6 +136,28 @@ def platform_serve() -> None:
     asyncio.run(serve_forever(_settings()))
 
 
+@app.command("codec-server")
+def codec_server(
+    port: Annotated[int, typer.Option(help="loopback port to listen on")] = 8481,
+) -> None:
+    """Serve /decode and /encode so the Temporal UI can show encrypted payloads to who may read them."""
+    import uvicorn
+
+    from worker.codec_server import codec_app
+    from worker.payload_codec import EncryptionCodec, PayloadKeyError, payload_keys
+
+    settings = _settings()
+    try:
+        keys = payload_keys(settings)
+    except PayloadKeyError as err:
+        _fail(str(err))
+    if not keys:
+        _fail("PAYLOAD_ENCRYPTION is off: there is nothing to decode")
+    app_ = codec_app(EncryptionCodec(keys or []), [settings.resolved_ui_url()])
+    typer.echo(f"codec server on http://127.0.0.1:{port} (UI origin {settings.resolved_ui_url()})")
+    uvicorn.run(app_, host="127.0.0.1", port=port, log_level="warning")
+
+
 @platform.command("seed")
 def platform_seed(
     orgs: int = 5,

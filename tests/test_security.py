@@ -9,7 +9,10 @@ import os
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
+from google.protobuf import json_format
+from temporalio.api.common.v1 import Payloads
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter
@@ -20,7 +23,8 @@ from config import Settings
 from starters import operations
 from tests.conftest import make_world
 from tests.test_remediation_workflow import decision, incident_in, start, wait_phase
-from worker.payload_codec import PayloadKeyError, payload_keys, with_codec
+from worker.codec_server import codec_app
+from worker.payload_codec import EncryptionCodec, PayloadKeyError, payload_keys, with_codec
 from workflows import names
 from workflows.models import Phase, RemediationRequest, RemediationResult, Scope, Trigger
 from workflows.remediation import BillingRemediationWorkflow
@@ -160,3 +164,22 @@ async def test_secrets_never_reach_history_evidence_records_logs_or_errors(
         for where, text in haystacks.items():
             assert password not in text, f"database password leaked into {where}"
             assert token not in text, f"API token leaked into {where}"
+
+
+async def test_codec_server_decodes_for_the_ui_origin_only() -> None:
+    key = os.urandom(32)
+    codec = EncryptionCodec([key])
+    app = codec_app(codec, ["http://127.0.0.1:8233"])
+    plain = pydantic_data_converter.payload_converter.to_payloads([{"amount_minor": 12345}])
+    encrypted = await codec.encode(plain)
+    body = json_format.MessageToJson(Payloads(payloads=encrypted))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://codec") as http:
+        answer = await http.post("/decode", content=body, headers={"Origin": "http://127.0.0.1:8233"})
+        assert answer.status_code == 200
+        assert answer.headers["access-control-allow-origin"] == "http://127.0.0.1:8233"
+        decoded = json_format.Parse(answer.text, Payloads())
+        assert list(decoded.payloads) == list(plain)
+        other = await http.post("/decode", content=body, headers={"Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+        bad = await http.post("/decode", content=b"{not json")
+        assert bad.status_code == 400 and "not JSON Payloads" in bad.json()["error"]
