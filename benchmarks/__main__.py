@@ -1,0 +1,5 @@
+"""Entry point: `python -m benchmarks`."""
+
+from benchmarks.run import cli
+
+cli()

@@ -1,0 +1,308 @@
+"""Benchmarks on the embedded Postgres: one JSON line per measurement, ratios measured side by side.
+
+    python -m benchmarks [--usage-rows 2000000] [--apply-actions 100000] [--scopes 200] [--naive-sample 500]
+
+Activities run through Temporal's ActivityEnvironment (the same code a worker runs, without a server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import tempfile
+import time
+import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+from temporalio.testing import ActivityEnvironment
+
+from activities.postgres_billing import BillingDatabaseActivities
+from config import Settings
+from devstack.processes import free_port
+from devstack.stack import Postgres
+from local_platform.db import migrate
+from local_platform.seeder import SeedSpec, seed
+from migrations.runner import apply_migrations, remediation_migrations_dir
+from workflows.models import ApplyRequest, PlanRequest, ReconcileRequest, RunRef, Scope
+
+T = TypeVar("T")
+FLOOR_TABLES = ("allocations", "usage_records", "ledger_entries", "payment_sessions")
+
+
+def emit(name: str, **figures: Any) -> None:
+    """One JSON line per measurement."""
+    print(json.dumps({"benchmark": name, **figures}), flush=True)
+
+
+async def timed(fn: Callable[[], Awaitable[T]]) -> tuple[float, T]:
+    started = time.perf_counter()
+    result = await fn()
+    return time.perf_counter() - started, result
+
+
+@asynccontextmanager
+async def database(name: str, keep: Settings) -> AsyncIterator[asyncpg.Pool]:
+    """A fresh database with both schemas on the benchmark's Postgres."""
+    admin = await asyncpg.connect(keep.resolved_database_url())
+    await admin.execute(f"DROP DATABASE IF EXISTS {name}")
+    await admin.execute(f"CREATE DATABASE {name}")
+    await admin.close()
+    url = keep.resolved_database_url().rsplit("/", 1)[0] + f"/{name}"
+    pool = await asyncpg.create_pool(url, min_size=2, max_size=8, command_timeout=3600)
+    async with pool.acquire() as conn:
+        await migrate(conn)
+        await apply_migrations(conn, remediation_migrations_dir(), component="remediation")
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+async def register(pool: asyncpg.Pool, run_id: str, scope: Scope) -> RunRef:
+    await pool.execute(
+        """INSERT INTO remediation.runs (run_id, workflow_id, correlation_id, trigger, scope, requested_by, dry_run)
+           VALUES ($1, $1, 'bench', 'manual', $2, 'bench', false) ON CONFLICT DO NOTHING""",
+        run_id,
+        scope.model_dump_json(),
+    )
+    return RunRef(run_id=run_id, workflow_id=run_id, correlation_id="bench", scope=scope)
+
+
+async def count_all(pool: asyncpg.Pool) -> list[int]:
+    """The floor: a bare scan of every table the checks read, one after the other."""
+    return [int(await pool.fetchval(f"SELECT count(*) FROM billing.{t}")) for t in FLOOR_TABLES]
+
+
+async def reconcile(
+    env: ActivityEnvironment, acts: BillingDatabaseActivities, ref: RunRef, pass_no: int
+) -> Any:
+    """One reconciliation pass through the activity, as a worker runs it."""
+    return await env.run(acts.reconcile, ReconcileRequest(ref=ref, pass_no=pass_no))
+
+
+def drift_spec(rows: int, prefix: str, fraction: float) -> SeedSpec:
+    """``rows`` usage records with ``fraction`` of them drifted, spread over the four kinds."""
+    n = max(4, int(rows * fraction))
+    inject = {
+        "unbilled_closed": n // 2,
+        "orphan_open": n // 4,
+        "missing_open": n // 8,
+        "payment_drift": n // 8,
+    }
+    return SeedSpec(
+        orgs=max(5, rows // 20_000),
+        allocations=rows,
+        prefix=prefix,
+        seed=1,
+        inject=inject,
+        publish_events_limit=0,
+    )
+
+
+async def bench_reconcile(
+    pool: asyncpg.Pool, acts: BillingDatabaseActivities, env: ActivityEnvironment
+) -> float:
+    """All four checks over the whole database vs a bare count(*) over the tables they read."""
+    ref = await register(pool, "bench-global", Scope())
+    floors, runs = [], []
+    total = 0
+    for attempt in range(3):  # interleaved, so caches favour neither side
+        floor, _ = await timed(partial(count_all, pool))
+        floors.append(floor)
+        took, summary = await timed(partial(reconcile, env, acts, ref, attempt))
+        runs.append(took)
+        total = summary.total
+    floor_s, reconcile_s = min(floors), min(runs)
+    emit(
+        "reconcile",
+        findings=total,
+        reconcile_s=round(reconcile_s, 3),
+        floor_s=round(floor_s, 3),
+        ratio_to_floor=round(reconcile_s / floor_s, 2),
+        note="floor = sequential count(*) over " + ", ".join(FLOOR_TABLES),
+    )
+    return reconcile_s
+
+
+async def bench_naive(pool: asyncpg.Pool, sample: int, reconcile_s: float) -> None:
+    """The runbook by hand: four lookups per allocation, timed on a sample and extrapolated."""
+    ids = [r[0] for r in await pool.fetch("SELECT id FROM billing.allocations")]
+    chosen = random.Random(3).sample(ids, min(sample, len(ids)))
+    async with pool.acquire() as conn:
+
+        async def by_hand() -> None:
+            for alloc in chosen:
+                status = await conn.fetchval("SELECT status FROM billing.allocations WHERE id = $1", alloc)
+                await conn.fetch(
+                    "SELECT id, end_time, accrued_cost_minor FROM billing.usage_records WHERE allocation_id = $1",
+                    alloc,
+                )
+                await conn.fetch(
+                    """SELECT l.id FROM billing.ledger_entries l JOIN billing.usage_records u
+                       ON u.id = l.usage_record_id WHERE u.allocation_id = $1""",
+                    alloc,
+                )
+                await conn.fetch(
+                    """SELECT p.id FROM billing.payment_sessions p JOIN billing.allocations a ON a.org_id = p.org_id
+                       WHERE a.id = $1 AND (p.status = 'failed_reconcile' OR p.ledger_entry_id IS NULL)""",
+                    alloc,
+                )
+                del status
+
+        took, _ = await timed(by_hand)
+    estimate = took / len(chosen) * len(ids)
+    emit(
+        "naive",
+        sampled_allocations=len(chosen),
+        sample_s=round(took, 3),
+        extrapolated_s=round(estimate, 1),
+        speedup_of_set_based=round(estimate / reconcile_s, 1),
+    )
+
+
+async def bench_scoped(
+    pool: asyncpg.Pool, acts: BillingDatabaseActivities, env: ActivityEnvironment, count: int
+) -> None:
+    """Latency of scoped reconciliations (an org, a user or an allocation) on the same data."""
+    rng = random.Random(9)
+    orgs = [r[0] for r in await pool.fetch("SELECT id FROM billing.orgs")]
+    users = [r[0] for r in await pool.fetch("SELECT id FROM billing.users LIMIT 5000")]
+    allocs = [
+        r[0] for r in await pool.fetch("SELECT id FROM billing.allocations TABLESAMPLE SYSTEM (1) LIMIT 5000")
+    ]
+    latencies = []
+    for i in range(count):
+        kind = rng.choice(["org", "user", "allocation"])
+        scope = {
+            "org": lambda: Scope(org_id=rng.choice(orgs)),
+            "user": lambda: Scope(user_id=rng.choice(users)),
+            "allocation": lambda: Scope(allocation_id=rng.choice(allocs)),
+        }[kind]()
+        ref = await register(pool, f"bench-scoped-{i}", scope)
+        took, _ = await timed(partial(reconcile, env, acts, ref, 0))
+        latencies.append(took * 1000)
+    latencies.sort()
+    emit(
+        "scoped",
+        scopes=count,
+        p50_ms=round(statistics.median(latencies), 1),
+        p99_ms=round(latencies[max(0, int(len(latencies) * 0.99) - 1)], 1),
+        max_ms=round(latencies[-1], 1),
+    )
+
+
+async def bench_apply(keep: Settings, actions: int) -> None:
+    """Approved actions applied per second, then the same fixes planned and applied again (0 changes)."""
+    async with database("bench_apply", keep) as pool:
+        async with pool.acquire() as conn:
+            spec = SeedSpec(
+                orgs=10,
+                allocations=int(actions * 1.7),  # about 2/3 of allocations are released with cost
+                prefix="ap",
+                seed=2,
+                inject={"unbilled_closed": actions},
+                publish_events_limit=0,
+            )
+            await seed(conn, spec)
+        acts = BillingDatabaseActivities(pool)
+        env = ActivityEnvironment()
+        ref = await register(pool, "bench-apply", Scope())
+        # Two passes over the same drift: the second plan repeats the first's fixes.
+        await reconcile(env, acts, ref, 0)
+        await reconcile(env, acts, ref, 1)
+        tracemalloc.start()
+        plan = await env.run(
+            acts.build_plan, PlanRequest(ref=ref, pass_no=0, plan_id="ap-p0", restart_worker=False)
+        )
+        request = ApplyRequest(
+            ref=ref,
+            plan_id=plan.plan_id,
+            plan_hash=plan.plan_hash,
+            actor="bench",
+            approvers=["a"],
+            batch_size=500,
+        )
+        took, summary = await timed(lambda: env.run(acts.apply_plan, request))
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        ledger = await pool.fetchval("SELECT count(*) FROM billing.ledger_entries")
+        # Same fixes again, as a new plan from the same findings: every action re-checks and skips.
+        again = await env.run(
+            acts.build_plan, PlanRequest(ref=ref, pass_no=1, plan_id="ap-p1", restart_worker=False)
+        )
+        second = await env.run(
+            acts.apply_plan,
+            request.model_copy(update={"plan_id": again.plan_id, "plan_hash": again.plan_hash}),
+        )
+        changed = await pool.fetchval("SELECT count(*) FROM billing.ledger_entries") - ledger
+        emit(
+            "apply",
+            actions=plan.action_count,
+            applied=summary.applied,
+            seconds=round(took, 2),
+            actions_per_s=round(summary.applied / took),
+            second_apply_changed_rows=changed,
+            second_apply_skipped=second.skipped_stale,
+            python_heap_peak_mb=round(peak / 2**20, 1),
+            plan_summary_bytes=len(plan.model_dump_json()),
+            apply_result_bytes=len(summary.model_dump_json()),
+        )
+
+
+async def main(args: argparse.Namespace) -> None:
+    root = Path(tempfile.mkdtemp(prefix="bench-"))
+    if os.environ.get("DATABASE_URL"):
+        keep = Settings()
+        server = None
+    else:
+        os.environ.setdefault("REMEDIATION_PG_FAST", "1")
+        keep = Settings(REMEDIATION_STATE_DIR=root, POSTGRES_PORT=free_port())
+        server = Postgres(keep)
+        server.start()
+    emit(
+        "machine",
+        cpus=os.cpu_count(),
+        python=platform.python_version(),
+        system=platform.platform(),
+        usage_rows=args.usage_rows,
+    )
+    try:
+        async with database("bench_main", keep) as pool:
+            async with pool.acquire() as conn:
+                took, report = await timed(lambda: seed(conn, drift_spec(args.usage_rows, "bm", 0.001)))
+                await conn.execute("ANALYZE")
+            emit(
+                "seed",
+                usage_rows=report.usage_records,
+                seconds=round(took, 1),
+                injected={k: len(v) for k, v in report.injected.items()},
+            )
+            acts = BillingDatabaseActivities(pool)
+            env = ActivityEnvironment()
+            reconcile_s = await bench_reconcile(pool, acts, env)
+            await bench_naive(pool, args.naive_sample, reconcile_s)
+            await bench_scoped(pool, acts, env, args.scopes)
+        await bench_apply(keep, args.apply_actions)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def cli() -> None:
+    """Parse flags and run every benchmark."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--usage-rows", type=int, default=2_000_000)
+    parser.add_argument("--apply-actions", type=int, default=100_000)
+    parser.add_argument("--scopes", type=int, default=200)
+    parser.add_argument("--naive-sample", type=int, default=500)
+    asyncio.run(main(parser.parse_args()))
