@@ -534,10 +534,51 @@ class BillingDatabaseActivities:
                 )
                 if not actions:
                     return last_seq
+                # Usage debits (the bulk of a worker outage's drift) go in one statement per batch.
+                debits = [a["seq"] for a in actions if a["kind"] == "post_usage_debit"]
+                if debits:
+                    await self._apply_debits(conn, request, debits)
                 for action in actions:
-                    await self._apply_one(conn, request, action)
+                    if action["kind"] != "post_usage_debit":
+                        await self._apply_one(conn, request, action)
                 last_seq = actions[-1]["seq"]
             progress[0] = last_seq
+
+    @staticmethod
+    async def _apply_debits(conn: asyncpg.Connection, request: ApplyRequest, seqs: list[int]) -> None:
+        """Post a batch of usage debits set-based: same re-checks, keys and audit rows as one at a time."""
+        await conn.execute(
+            """WITH acts AS (
+                   SELECT pa.seq, pa.entity_id::bigint AS usage_id, -pa.amount_minor AS cost, pa.idempotency_key
+                   FROM remediation.plan_actions pa WHERE pa.plan_id = $1 AND pa.seq = ANY($2::int[])),
+               before AS (
+                   SELECT a.seq, to_jsonb(u) AS doc FROM acts a JOIN billing.usage_records u ON u.id = a.usage_id),
+               posted AS (
+                   INSERT INTO billing.ledger_entries (org_id, requested_by_user_id, kind, amount_minor,
+                       usage_record_id, idempotency_key, actor, correlation_id)
+                   SELECT u.org_id, u.requested_by_user_id, 'usage_debit', -u.accrued_cost_minor, u.id,
+                          a.idempotency_key, $3, $4
+                   FROM acts a JOIN billing.usage_records u ON u.id = a.usage_id
+                   WHERE u.end_time IS NOT NULL AND u.accrued_cost_minor = a.cost
+                     AND NOT EXISTS (SELECT 1 FROM billing.ledger_entries l
+                                     WHERE l.usage_record_id = u.id AND l.kind = 'usage_debit')
+                   ON CONFLICT DO NOTHING
+                   RETURNING usage_record_id, to_jsonb(billing.ledger_entries.*) AS doc)
+               INSERT INTO remediation.applied_actions (plan_id, seq, idempotency_key, kind, outcome, actor,
+                   approvers, workflow_id, correlation_id, before, after)
+               SELECT $1, a.seq, a.idempotency_key, 'post_usage_debit',
+                      CASE WHEN p.doc IS NULL THEN 'skipped_stale' ELSE 'applied' END,
+                      $5, $6, $7, $4, coalesce(b.doc, 'null'::jsonb), coalesce(p.doc, 'null'::jsonb)
+               FROM acts a LEFT JOIN before b USING (seq) LEFT JOIN posted p ON p.usage_record_id = a.usage_id
+               ON CONFLICT (plan_id, seq) DO NOTHING""",
+            request.plan_id,
+            seqs,
+            f"remediation:{request.actor}",
+            request.ref.correlation_id,
+            request.actor,
+            request.approvers,
+            request.ref.workflow_id,
+        )
 
     async def _apply_one(
         self, conn: asyncpg.Connection, request: ApplyRequest, action: asyncpg.Record
