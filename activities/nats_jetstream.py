@@ -104,6 +104,8 @@ class NatsActivities:
     async def read_event_sequence(self, ref: RunRef) -> CheckResult:
         """provisioning.active → releasing.completed|release_failed per allocation in scope; gaps and disorder."""
         js = (await self._client()).jetstream()
+        # Read up to the stream's last sequence as of now, so the scan ends without waiting on a timeout.
+        last_seq = (await js.stream_info(self._stream)).state.last_seq
         sub = await js.pull_subscribe(
             ">",
             stream=self._stream,
@@ -117,15 +119,16 @@ class NatsActivities:
         by_alloc: dict[str, list[str]] = {}
         in_scope: set[str] = set()
         counts = {"events": 0, "billing": 0, "payments": 0}
-        scanned = 0
+        scanned = seen_seq = 0
         try:
-            while scanned < SCAN_LIMIT:
+            while scanned < SCAN_LIMIT and seen_seq < last_seq:
                 try:
                     msgs = await sub.fetch(500, timeout=1)
                 except NatsTimeout:
                     break
                 for msg in msgs:
                     scanned += 1
+                    seen_seq = max(seen_seq, msg.metadata.sequence.stream)
                     event = _decode(msg.data)
                     self._collect(ref, msg.subject, event, by_alloc, in_scope, counts)
                 activity.heartbeat(scanned)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import random
@@ -27,6 +26,8 @@ import asyncpg
 from temporalio.testing import ActivityEnvironment
 
 from activities.postgres_billing import BillingDatabaseActivities
+from benchmarks.report import emit
+from benchmarks.workflows import bench_memory, bench_workflows, full_stack, percentile
 from config import Settings
 from devstack.processes import free_port
 from devstack.stack import Postgres
@@ -37,11 +38,6 @@ from workflows.models import ApplyRequest, PlanRequest, ReconcileRequest, RunRef
 
 T = TypeVar("T")
 FLOOR_TABLES = ("allocations", "usage_records", "ledger_entries", "payment_sessions")
-
-
-def emit(name: str, **figures: Any) -> None:
-    """One JSON line per measurement."""
-    print(json.dumps({"benchmark": name, **figures}), flush=True)
 
 
 async def timed(fn: Callable[[], Awaitable[T]]) -> tuple[float, T]:
@@ -196,7 +192,7 @@ async def bench_scoped(
         "scoped",
         scopes=count,
         p50_ms=round(statistics.median(latencies), 1),
-        p99_ms=round(latencies[max(0, int(len(latencies) * 0.99) - 1)], 1),
+        p99_ms=round(percentile(latencies, 0.99), 1),
         max_ms=round(latencies[-1], 1),
     )
 
@@ -296,6 +292,13 @@ async def main(args: argparse.Namespace) -> None:
     finally:
         if server is not None:
             server.stop()
+            server = None
+    if args.incidents or args.memory_sizes:
+        async with full_stack(root / "stack") as stack:
+            if args.incidents:
+                await bench_workflows(stack, args.incidents)
+            if args.memory_sizes:
+                await bench_memory(stack, [int(n) for n in args.memory_sizes.split(",")])
 
 
 def cli() -> None:
@@ -305,4 +308,6 @@ def cli() -> None:
     parser.add_argument("--apply-actions", type=int, default=100_000)
     parser.add_argument("--scopes", type=int, default=200)
     parser.add_argument("--naive-sample", type=int, default=500)
+    parser.add_argument("--incidents", type=int, default=200, help="0 skips the workflow benchmark")
+    parser.add_argument("--memory-sizes", default="1000,100000", help="plan sizes; empty skips")
     asyncio.run(main(parser.parse_args()))
