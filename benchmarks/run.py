@@ -145,12 +145,13 @@ async def bench_naive(pool: asyncpg.Pool, sample: int, reconcile_s: float) -> No
                 )
                 await conn.fetch(
                     """SELECT l.id FROM billing.ledger_entries l JOIN billing.usage_records u
-                       ON u.id = l.usage_record_id WHERE u.allocation_id = $1""",
+                       ON u.id = l.usage_record_id AND l.kind = 'usage_debit' WHERE u.allocation_id = $1""",
                     alloc,
                 )
                 await conn.fetch(
-                    """SELECT p.id FROM billing.payment_sessions p JOIN billing.allocations a ON a.org_id = p.org_id
-                       WHERE a.id = $1 AND (p.status = 'failed_reconcile' OR p.ledger_entry_id IS NULL)""",
+                    """SELECT p.id FROM billing.payment_sessions p
+                       WHERE p.org_id = (SELECT org_id FROM billing.allocations WHERE id = $1)
+                         AND (p.status = 'failed_reconcile' OR p.ledger_entry_id IS NULL)""",
                     alloc,
                 )
                 del status

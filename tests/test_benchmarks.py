@@ -21,17 +21,28 @@ def test_benchmarks_print_one_json_line_per_measurement() -> None:
             "5",
             "--naive-sample",
             "10",
+            "--incidents",
+            "5",
+            "--memory-sizes",
+            "30,300",
         ],
         capture_output=True,
         text=True,
         timeout=300,
         check=True,
     )
-    lines = {row["benchmark"]: row for row in map(json.loads, out.stdout.splitlines())}
-    assert set(lines) == {"machine", "seed", "reconcile", "naive", "scoped", "apply"}
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    lines = {row["benchmark"]: row for row in rows}
+    assert set(lines) == {"machine", "seed", "reconcile", "naive", "scoped", "apply", "workflows", "memory"}
     assert lines["reconcile"]["findings"] == sum(lines["seed"]["injected"].values())
     assert lines["reconcile"]["ratio_to_floor"] > 0
     assert lines["apply"]["applied"] == lines["apply"]["actions"] == 300
     # Applying the same fixes again changes nothing.
     assert lines["apply"]["second_apply_changed_rows"] == 0
     assert lines["apply"]["second_apply_skipped"] == 300
+    # The workflow's history does not grow with the plan: ids pass through it, never the actions.
+    small, large = [row for row in rows if row["benchmark"] == "memory"]
+    assert small["outcome"] == large["outcome"] == "completed"
+    assert large["plan_actions"] > 5 * small["plan_actions"]
+    assert abs(large["history_events"] - small["history_events"]) <= 5
+    assert large["largest_payload_bytes"] < 4096
