@@ -5,6 +5,7 @@ Every check is set-based SQL; findings and plan actions are written to Postgres,
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -298,6 +299,7 @@ class BillingDatabaseActivities:
         counts: dict[str, int] = {}
         async with heartbeating(lambda: sorted(counts)):
             await self._reconcile_checks(request, counts)
+        counts = {kind.value: counts[kind.value] for kind in DriftKind if kind.value in counts}
         total = sum(counts.values())
         await self._timeline(
             ref.run_id,
@@ -309,9 +311,10 @@ class BillingDatabaseActivities:
         return ReconcileSummary(pass_no=request.pass_no, counts=counts, total=total)
 
     async def _reconcile_checks(self, request: ReconcileRequest, counts: dict[str, int]) -> None:
-        """Each check is one set-based INSERT ... SELECT into the findings table."""
+        """Each check is one set-based INSERT ... SELECT into the findings table; the four run concurrently."""
         ref = request.ref
-        for kind, (select, params) in _checks(ref.scope, 3).items():
+
+        async def check(kind: DriftKind, select: str, params: list[Any]) -> None:
             await self._execute(
                 f"""INSERT INTO remediation.findings (run_id, pass, kind, entity_type, entity_id, org_id, project_id,
                         user_id, allocation_id, amount_minor, detail)
@@ -328,6 +331,10 @@ class BillingDatabaseActivities:
                     kind.value,
                 )
             )
+
+        await asyncio.gather(
+            *(check(kind, select, params) for kind, (select, params) in _checks(ref.scope, 3).items())
+        )
 
     @activity.defn(name=names.BUILD_PLAN)
     async def build_plan(self, request: PlanRequest) -> PlanSummary:

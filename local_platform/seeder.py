@@ -395,22 +395,25 @@ async def _inject(conn: asyncpg.Connection, spec: SeedSpec, rng: random.Random) 
     drifted_payments = sorted(rng.sample(payments, want["payment_drift"]))
 
     # Missing open usage: the worker never saw provisioning.active.
-    await conn.execute("DELETE FROM billing.usage_records WHERE allocation_id = ANY($1::text[])", missing)
+    await conn.execute(
+        "DELETE FROM billing.usage_records u USING unnest($1::text[]) AS t(alloc) WHERE u.allocation_id = t.alloc",
+        missing,
+    )
     # Orphan open usage: the release was never metered (usage left open, no debit).
     await conn.execute(
-        """DELETE FROM billing.ledger_entries le USING billing.usage_records u
-           WHERE le.usage_record_id = u.id AND u.allocation_id = ANY($1::text[])""",
+        """DELETE FROM billing.ledger_entries le USING billing.usage_records u, unnest($1::text[]) AS t(alloc)
+           WHERE u.allocation_id = t.alloc AND le.usage_record_id = u.id AND le.kind = 'usage_debit'""",
         orphans,
     )
     await conn.execute(
-        """UPDATE billing.usage_records SET end_time = NULL, accrued_cost_minor = 0, last_billed_at = start_time
-           WHERE allocation_id = ANY($1::text[])""",
+        """UPDATE billing.usage_records u SET end_time = NULL, accrued_cost_minor = 0, last_billed_at = start_time
+           FROM unnest($1::text[]) AS t(alloc) WHERE u.allocation_id = t.alloc""",
         orphans,
     )
     # Unbilled closed usage: the worker crashed between closing usage and posting the debit.
     await conn.execute(
-        """DELETE FROM billing.ledger_entries le USING billing.usage_records u
-           WHERE le.usage_record_id = u.id AND u.allocation_id = ANY($1::text[])""",
+        """DELETE FROM billing.ledger_entries le USING billing.usage_records u, unnest($1::text[]) AS t(alloc)
+           WHERE u.allocation_id = t.alloc AND le.usage_record_id = u.id AND le.kind = 'usage_debit'""",
         unbilled,
     )
     # Payment drift: even ones lost their credit (failed_reconcile), odd ones only the link.
