@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench down status clean
+.PHONY: install demo test lint bench ui-check down status clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: $(STAMP) lint
 # Figures, not assertions: see docs/performance.md. BENCH_ARGS="--usage-rows 10000000" for the big run.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+# Looks at the demo's finished remediation in the real Temporal UI (installs Debian's chromium if missing).
+ui-check: $(STAMP)
+	@command -v chromium >/dev/null || (apt-get install -y -q chromium || sudo apt-get install -y -q chromium)
+	PAYLOAD_ENCRYPTION=off $(BIN)/remediate ui-check --out docs/ui-remediation.png
 
 status: $(STAMP)
 	$(BIN)/remediate dev status

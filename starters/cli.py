@@ -136,6 +136,26 @@ def platform_serve() -> None:
     asyncio.run(serve_forever(_settings()))
 
 
+@app.command("ui-check")
+def ui_check(
+    out: Annotated[Path, typer.Option(help="where to save the screenshot")] = Path("docs/ui-remediation.png"),
+) -> None:
+    """Open the newest finished remediation in the real Temporal UI (headless Chromium) and screenshot it."""
+    from starters.ui_check import UiCheckError
+    from starters.ui_check import ui_check as check
+
+    settings = _settings()
+
+    async def go() -> tuple[str, Path]:
+        return await check(await _client(settings), settings, out)
+
+    try:
+        url, path = _run(go())
+    except UiCheckError as err:
+        _fail(str(err), 1)
+    typer.echo(f"{url}\nscreenshot: {path}")
+
+
 @app.command("codec-server")
 def codec_server(
     port: Annotated[int, typer.Option(help="loopback port to listen on")] = 8481,
@@ -469,14 +489,19 @@ def list_(
 
 @app.command()
 def evidence(workflow_id: str, format: Annotated[str, typer.Option("--format")] = "markdown") -> None:
-    """The evidence pack of the latest run (markdown or json)."""
+    """The evidence pack of the latest run: markdown, json (docs/schemas/evidence.schema.json) or html."""
     from starters import operations
-    from starters.render import render_evidence_markdown
+    from starters.render import render_evidence_html, render_evidence_markdown
 
-    if format not in ("markdown", "json"):
-        _fail("--format must be markdown or json")
+    renderers = {
+        "markdown": render_evidence_markdown,
+        "json": lambda doc: json.dumps(doc, indent=2),
+        "html": render_evidence_html,
+    }
+    if format not in renderers:
+        _fail("--format must be markdown, json or html")
     doc = _run(operations.evidence(_settings(), workflow_id))
-    typer.echo(json.dumps(doc, indent=2) if format == "json" else render_evidence_markdown(doc))
+    typer.echo(renderers[format](doc))
 
 
 @app.command()

@@ -1,7 +1,9 @@
-"""Text renderings for the terminal: status views and evidence packs."""
+"""Renderings of status views and evidence packs: terminal text, markdown and self-contained HTML."""
 
 from __future__ import annotations
 
+import re
+from html import escape
 from typing import Any
 
 from workflows.models import StatusView
@@ -95,3 +97,89 @@ def render_evidence_markdown(doc: dict[str, Any]) -> str:
         ]
     out += ["", "## Follow-up tasks", ""] + ([f"- [ ] {f}" for f in doc["follow_ups"]] or ["- none"])
     return "\n".join(out) + "\n"
+
+
+def render_evidence_html(doc: dict[str, Any]) -> str:
+    """The evidence pack as one self-contained HTML page, with drift by kind before/after as a chart."""
+    body = markdown_to_html(render_evidence_markdown(doc))
+    chart = drift_chart_svg(doc["query_evidence"])
+    title = escape(f"Remediation evidence: {doc['run']['workflow_id']}")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body{{font:15px/1.5 system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;color:#1d2330}}
+table{{border-collapse:collapse;width:100%}}td,th{{border:1px solid #d0d5dd;padding:4px 8px;text-align:left}}
+code{{background:#f2f4f7;padding:0 3px}}h1{{font-size:1.5em}}h2{{margin-top:1.6em;font-size:1.2em}}
+</style></head><body>
+<h2>Drift by kind, before and after</h2>
+{chart}
+{body}
+</body></html>
+"""
+
+
+def drift_chart_svg(query_evidence: dict[str, Any]) -> str:
+    """An inline SVG bar chart of drift counts by kind (before in grey, after in green)."""
+    before = (query_evidence.get("before") or {}).get("drift", {})
+    after = (query_evidence.get("after") or {}).get("drift", {})
+    kinds = sorted(set(before) | set(after))
+    if not kinds:
+        return "<p>No drift snapshots were captured.</p>"
+    top = max([*before.values(), *after.values(), 1])
+    rows = []
+    for i, kind in enumerate(kinds):
+        y = 10 + i * 44
+        for j, (label, value, color) in enumerate(
+            (("before", before.get(kind, 0), "#98a2b3"), ("after", after.get(kind, 0), "#12b76a"))
+        ):
+            width = int(420 * value / top)
+            rows.append(
+                f'<rect x="230" y="{y + j * 18}" width="{width}" height="16" fill="{color}"/>'
+                f'<text x="{236 + width}" y="{y + j * 18 + 13}" font-size="12">{label}: {value}</text>'
+            )
+        rows.append(f'<text x="0" y="{y + 22}" font-size="13">{escape(kind)}</text>')
+    height = 20 + len(kinds) * 44
+    return (
+        f'<svg role="img" aria-label="drift by kind before and after" width="760" height="{height}"'
+        f' xmlns="http://www.w3.org/2000/svg">{"".join(rows)}</svg>'
+    )
+
+
+def markdown_to_html(text: str) -> str:
+    """The small markdown subset the evidence uses (headings, lists, tables, bold, code), escaped."""
+    out: list[str] = []
+    in_list = in_table = False
+    for line in text.splitlines():
+        if in_list and not line.startswith("- "):
+            out.append("</ul>")
+            in_list = False
+        if in_table and not line.startswith("|"):
+            out.append("</table>")
+            in_table = False
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
+        elif line.startswith("- "):
+            if not in_list:
+                out.append("<ul>")
+                in_list = True
+            out.append(f"<li>{_inline(line[2:])}</li>")
+        elif line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if all(set(c) <= {"-"} for c in cells):
+                continue
+            if not in_table:
+                out.append("<table>")
+                in_table = True
+            out.append("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in cells) + "</tr>")
+        elif line.strip():
+            out.append(f"<p>{_inline(line)}</p>")
+    out += ["</ul>"] if in_list else []
+    out += ["</table>"] if in_table else []
+    return "\n".join(out)
+
+
+def _inline(text: str) -> str:
+    html = escape(text)
+    html = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", html)

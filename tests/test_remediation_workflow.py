@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import pytest_asyncio
 from temporalio.client import WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
@@ -21,6 +23,7 @@ from config import Settings
 from config.approver_keys import sign
 from local_platform.incidents import IncidentReport, run_incident
 from starters import operations
+from starters.render import render_evidence_html
 from tests.conftest import APPROVER_KEYS, World, make_world
 from tests.histories import keep_history
 from workflows import names
@@ -199,6 +202,16 @@ async def test_worker_crash_remediated_exactly(world: World) -> None:
     doc = await operations.evidence(world.settings, handle.id)
     assert {a["approver"] for a in doc["approvals"] if a["accepted"]} == {"alice", "bob"}
     assert doc["query_evidence"]["before"]["drift"] and doc["query_evidence"]["after"]
+    # The JSON form follows its published schema; the HTML form is one self-contained page with the chart.
+    schema = json.loads((Path(__file__).parent.parent / "docs/schemas/evidence.schema.json").read_text())
+    jsonschema.validate(doc, schema, format_checker=jsonschema.FormatChecker())
+    page = render_evidence_html(doc)
+    assert (
+        page.startswith("<!doctype html>") and "<svg" in page and "src=" not in page and "href=" not in page
+    )
+    assert "missing_open_usage" in page and doc["run"]["correlation_id"] in page
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**doc, "plan": {**doc["plan"], "debit_total_minor": 5}}, schema)
 
     # Re-running the remediation on the repaired platform changes nothing.
     ledger_after = await ledger_state(world)
