@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     consumer_pending_threshold: int = Field(default=100, ge=0, alias="CONSUMER_PENDING_THRESHOLD")
     widespread_org_threshold: int = Field(default=3, ge=1, alias="WIDESPREAD_ORG_THRESHOLD")
 
+    # OpenTelemetry: spans go to this OTLP/HTTP endpoint when set (standard variable name).
+    otlp_endpoint: str | None = Field(default=None, alias="OTEL_EXPORTER_OTLP_ENDPOINT")
+
     # Workflow-history encryption (AES-256-GCM payload codec); on everywhere except the demo.
     payload_encryption: Literal["on", "off"] = Field(default="on", alias="PAYLOAD_ENCRYPTION")
     payload_key: SecretStr | None = Field(default=None, alias="PAYLOAD_KEY")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -68,7 +67,9 @@ def _settings() -> Settings:
 
 async def _client(settings: Settings) -> Any:
     from worker.main import connect_temporal
+    from worker.telemetry import configure_tracing
 
+    configure_tracing("billing-remediation-cli", settings.otlp_endpoint)
     return await connect_temporal(settings)
 
 
@@ -129,10 +130,9 @@ def platform_migrate() -> None:
 def platform_serve() -> None:
     """Run the stand-in's APIs, billing worker and outbox relay in the foreground."""
     from local_platform.serve import serve_forever
+    from worker.telemetry import configure_logging
 
-    logging.basicConfig(
-        level=logging.INFO, format='{"level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}'
-    )
+    configure_logging()
     asyncio.run(serve_forever(_settings()))
 
 
@@ -243,11 +243,12 @@ async def _incident(settings: Settings, name: str, prefix: str) -> dict[str, Any
 def worker() -> None:
     """Run the remediation worker (until SIGTERM)."""
     from worker.main import run_worker
+    from worker.telemetry import configure_logging, configure_tracing
 
-    logging.basicConfig(
-        level=logging.INFO, format='{"level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}'
-    )
-    asyncio.run(run_worker(_settings()))
+    settings = _settings()
+    configure_logging()
+    configure_tracing("billing-remediation-worker", settings.otlp_endpoint)
+    asyncio.run(run_worker(settings))
 
 
 @app.command()

@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 import httpx
 from temporalio.client import Client
+from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Worker
 
@@ -27,6 +28,7 @@ from activities.tempo import TempoActivities
 from config import Settings
 from migrations import apply_migrations, remediation_migrations_dir
 from worker.payload_codec import payload_keys, with_codec
+from worker.telemetry import RemediationSpanAttributes
 from workflows.remediation import BillingRemediationWorkflow
 from workflows.sandbox import workflow_runner
 
@@ -50,6 +52,8 @@ async def connect_temporal(settings: Settings) -> Client:
         settings.resolved_temporal_address(),
         namespace=settings.temporal_namespace,
         data_converter=with_codec(pydantic_data_converter, payload_keys(settings)),
+        # Spans for StartWorkflow/RunWorkflow/StartActivity/RunActivity; no-op unless tracing is configured.
+        interceptors=[TracingInterceptor()],
     )
 
 
@@ -137,6 +141,7 @@ def build_worker(
         task_queue=task_queue or settings.task_queue,
         workflows=[BillingRemediationWorkflow],
         workflow_runner=workflow_runner(),
+        interceptors=[RemediationSpanAttributes()],
         activities=activity_list(settings, res),
         max_concurrent_activities=50,
         graceful_shutdown_timeout=timedelta(seconds=10),

@@ -1,0 +1,107 @@
+"""Structured JSON logs and OpenTelemetry tracing for the worker and the CLI.
+
+Logs: one JSON object per line with the Temporal context (workflow id, activity) the SDK attaches,
+and correlation id / phase / actor when given as ``extra``. Traces: Temporal's tracing interceptor
+makes spans for starting and running workflows and activities; they are exported over OTLP/HTTP when
+``OTEL_EXPORTER_OTLP_ENDPOINT`` is set and cost nothing otherwise (the API's no-op tracer).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from opentelemetry import trace
+from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput, Interceptor
+
+from workflows.models import RunRef
+
+CONTEXT_FIELDS = ("correlation_id", "workflow_id", "phase", "actor")
+_configured: list[str] = []  # the global tracer provider can be set once per process
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log record, with the remediation context when known."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Render ``record`` as a single JSON line."""
+        out: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        temporal = getattr(record, "temporal_activity", None) or getattr(record, "temporal_workflow", None)
+        if isinstance(temporal, dict):
+            out["workflow_id"] = temporal.get("workflow_id")
+            if "activity_type" in temporal:
+                out["activity"] = temporal["activity_type"]
+        for field in CONTEXT_FIELDS:
+            value = getattr(record, field, None)
+            if value is not None:
+                out[field] = value
+        if record.exc_info:
+            out["error"] = self.formatException(record.exc_info).splitlines()[-1]
+        return json.dumps(out, default=str)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """JSON lines on stderr for every logger."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def configure_tracing(service: str, endpoint: str | None) -> bool:
+    """Export spans over OTLP/HTTP to ``endpoint`` (e.g. http://collector:4318); False when not configured."""
+    if not endpoint:
+        return False
+    if _configured:
+        return True
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    provider.add_span_processor(
+        BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint.rstrip("/") + "/v1/traces"))
+    )
+    trace.set_tracer_provider(provider)
+    _configured.append(service)
+    return True
+
+
+class RemediationSpanAttributes(Interceptor):
+    """Tags each activity's span with the run's correlation id, workflow id and scope ids."""
+
+    def intercept_activity(self, next: ActivityInboundInterceptor) -> ActivityInboundInterceptor:
+        """Wrap activity execution."""
+        return _ActivityAttributes(next)
+
+
+class _ActivityAttributes(ActivityInboundInterceptor):
+    async def execute_activity(self, input: ExecuteActivityInput) -> Any:
+        ref = _run_ref(input.args[0]) if input.args else None
+        span = trace.get_current_span()
+        if ref is not None and span.is_recording():
+            span.set_attribute("correlation_id", ref.correlation_id)
+            span.set_attribute("workflow_id", ref.workflow_id)
+            for field, value in ref.scope.model_dump().items():
+                if value:
+                    span.set_attribute(f"scope.{field}", value)
+        return await super().execute_activity(input)
+
+
+def _run_ref(arg: Any) -> RunRef | None:
+    if isinstance(arg, RunRef):
+        return arg
+    ref = getattr(arg, "ref", None)
+    if isinstance(ref, RunRef):
+        return ref
+    request = getattr(arg, "request", None)
+    return _run_ref(request) if request is not None and request is not arg else None
