@@ -75,7 +75,7 @@ async def test_postgres_restarted_during_reconcile_and_apply(
         world,
         RemediationRequest(correlation_id="pg-restart", requested_by="ic", trigger=Trigger.WORKER_FAILURE),
     )
-    await wait_phase(handle, {Phase.DIAGNOSING, Phase.RECONCILING})
+    await wait_phase(handle, {Phase.DIAGNOSING, Phase.FREEZING, Phase.RECONCILING, Phase.AWAITING_APPROVAL})
     await restart_postgres(pg_settings)
     view = await retrying(lambda: wait_phase(handle, {Phase.AWAITING_APPROVAL}, timeout=120))
     assert view.plan is not None and view.plan.action_count == sum(inject.values())
@@ -155,7 +155,8 @@ async def _run_across_a_server_restart(world: World, server: Temporal) -> None:
             correlation_id=incident.correlation_id, requested_by="ic", trigger=Trigger.WORKER_FAILURE
         ),
     )
-    await wait_phase(handle, {Phase.DIAGNOSING, Phase.RECONCILING})
+    # Mid-run: anywhere from diagnosis to waiting for approval (a fast run may already be waiting).
+    await wait_phase(handle, {Phase.DIAGNOSING, Phase.FREEZING, Phase.RECONCILING, Phase.AWAITING_APPROVAL})
     await asyncio.to_thread(server.stop)  # SQLite state kept
     await asyncio.sleep(1)
     await asyncio.to_thread(server.start)
@@ -163,7 +164,10 @@ async def _run_across_a_server_restart(world: World, server: Temporal) -> None:
     assert view.plan is not None
     for who in ("alice", "bob"):
         body = decision(view, who)
-        await retrying_rpc(lambda body=body: handle.execute_update(names.UPDATE_APPROVE, body))  # type: ignore[misc]
+        # A fixed update id: a retry after a lost answer is deduplicated by the server, not re-applied.
+        await retrying_rpc(
+            lambda body=body: handle.execute_update(names.UPDATE_APPROVE, body, id=f"approve-{body.approver}")  # type: ignore[misc]
+        )
     result = await asyncio.wait_for(handle.result(), timeout=180)
     assert result.outcome is Phase.COMPLETED, result
     await assert_ledger_is_the_plan(world, view.plan)
