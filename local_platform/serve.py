@@ -11,6 +11,7 @@ import asyncpg
 import nats
 import uvicorn
 from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
 from starlette.applications import Starlette
 
 from config import Settings
@@ -89,7 +90,9 @@ async def running_platform(settings: Settings, port: int) -> AsyncIterator[None]
         stop.set()
         server.should_exit = True
         await asyncio.gather(*tasks, return_exceptions=True)
-        await nc.close()
+        # A connection NATS already dropped (server restarted) must not fail the shutdown.
+        with contextlib.suppress(OSError, NatsError):
+            await nc.close()
         await pool.close()
 
 
