@@ -291,13 +291,25 @@ async def main(args: argparse.Namespace) -> None:
     finally:
         if server is not None:
             server.stop()
-            server = None
     if args.incidents or args.memory_sizes:
         async with full_stack(root / "stack") as stack:
             if args.incidents:
                 await bench_workflows(stack, args.incidents)
             if args.memory_sizes:
-                await bench_memory(stack, [int(n) for n in args.memory_sizes.split(",")])
+                await bench_memory(stack, args.memory_sizes)
+
+
+def sizes(text: str) -> list[int]:
+    """``1000,100000`` → [1000, 100000]; a clear argparse error for anything else."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers, got {text!r}"
+        ) from None
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return values
 
 
 def cli() -> None:
@@ -308,5 +320,7 @@ def cli() -> None:
     parser.add_argument("--scopes", type=int, default=200)
     parser.add_argument("--naive-sample", type=int, default=500)
     parser.add_argument("--incidents", type=int, default=200, help="0 skips the workflow benchmark")
-    parser.add_argument("--memory-sizes", default="1000,100000", help="plan sizes; empty skips")
+    parser.add_argument(
+        "--memory-sizes", type=sizes, default=[1000, 100000], help="plan sizes, e.g. 1000,100000; empty skips"
+    )
     asyncio.run(main(parser.parse_args()))

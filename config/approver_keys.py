@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from workflows.models import ApprovalDecision
 from workflows.signatures import signed_message
+
+# Names become file names: no separators, no leading dot.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class ApproverKeyError(Exception):
@@ -30,6 +34,8 @@ def public_key_b64(key: Ed25519PrivateKey) -> str:
 
 def new_key_pair(keys_dir: Path, name: str, *, overwrite: bool = False) -> tuple[Path, str]:
     """Write ``NAME.key`` (private, 0600) and ``NAME.pub``; return the private path and public key."""
+    if not NAME.fullmatch(name):
+        raise ApproverKeyError(f"approver name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
     keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     private_path = keys_dir / f"{name}.key"
     if private_path.exists() and not overwrite:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -30,6 +32,19 @@ class Approver(BaseModel):
     role: str = Field(default="billing-oncall", max_length=64)
     tier: int = Field(default=1, ge=1, le=9)
     public_key: str | None = None
+
+    @field_validator("public_key")
+    @classmethod
+    def _ed25519(cls, value: str | None) -> str | None:
+        # A malformed key would make every approval "bad signature"; say so at start instead.
+        if value is not None:
+            try:
+                raw = base64.b64decode(value, validate=True)
+            except binascii.Error:
+                raise ValueError("public_key is not base64") from None
+            if len(raw) != 32:
+                raise ValueError(f"public_key must be a 32-byte Ed25519 key, got {len(raw)} bytes")
+        return value
 
 
 def redact_url(url: str) -> str:

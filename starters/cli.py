@@ -248,7 +248,7 @@ def worker() -> None:
     settings = _settings()
     configure_logging()
     configure_tracing("billing-remediation-worker", settings.otlp_endpoint)
-    asyncio.run(run_worker(settings))
+    _run(run_worker(settings))
 
 
 @app.command()

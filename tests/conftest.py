@@ -124,6 +124,13 @@ async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
     await env.shutdown()
 
 
+def client_with(client: Client, **changes: Any) -> Client:
+    """The same connection with other client options (a data converter, interceptors)."""
+    config: dict[str, Any] = dict(client.config())
+    config.update(changes)
+    return Client(**config)
+
+
 @dataclass
 class World:
     """One isolated billing platform with a remediation worker attached."""

@@ -14,12 +14,11 @@ from nats.aio.msg import Msg
 from temporalio.testing import WorkflowEnvironment
 
 from config import Settings
-from starters import operations
 from tests.conftest import World, make_world
 from tests.histories import keep_history
-from tests.test_remediation_workflow import decision, incident_in, ledger_state, wait_phase
+from tests.test_remediation_workflow import decision, ledger_state, start_dispute, wait_phase
 from workflows import names
-from workflows.models import Phase, RemediationRequest, RemediationResult, Scope, StatusView, Trigger
+from workflows.models import Phase, RemediationResult, StatusView
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -53,23 +52,6 @@ async def escalations(world: World) -> tuple[list[dict[str, Any]], Any]:
     return seen, sub
 
 
-async def start_dispute(world: World, prefix: str) -> Any:
-    incident = await incident_in(world, "user-dispute", prefix)
-    started = await operations.start(
-        world.client,
-        world.settings,
-        RemediationRequest(
-            correlation_id=incident.correlation_id,
-            scope=Scope(**incident.scope),
-            requested_by="ic-dana",
-            trigger=Trigger.CUSTOMER_DISPUTE,
-        ),
-    )
-    return world.client.get_workflow_handle(
-        started.workflow_id, run_id=started.run_id, result_type=RemediationResult
-    )
-
-
 async def skipped_result(env: WorkflowEnvironment, handle: Any) -> RemediationResult:
     """Await the result with the virtual clock running (handles not made by start_workflow lock it)."""
     async with env.time_skipping_unlocked():  # type: ignore[attr-defined]
@@ -82,7 +64,7 @@ async def test_unanswered_approval_escalates_then_expires_without_change(
 ) -> None:
     world = skipping_world
     seen, sub = await escalations(world)
-    handle = await start_dispute(world, "ex")
+    _, handle = await start_dispute(world, "ex")
     await wait_phase(handle, {Phase.AWAITING_APPROVAL})
     ledger_before = await ledger_state(world)
     result = await skipped_result(time_skipping_env, handle)  # 30 virtual minutes
@@ -117,7 +99,7 @@ async def test_escalated_approval_is_still_accepted(
 ) -> None:
     world = skipping_world
     seen, sub = await escalations(world)
-    handle = await start_dispute(world, "es")
+    _, handle = await start_dispute(world, "es")
     view = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
     await time_skipping_env.sleep(DEADLINE + 5)
     for _ in range(50):

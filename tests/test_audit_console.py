@@ -9,26 +9,17 @@ from temporalio.api.sdk.v1 import WorkflowMetadata
 
 from starters import operations
 from tests.conftest import World
-from tests.test_remediation_workflow import decision, incident_in, start, wait_phase
+from tests.test_remediation_workflow import decision, start_dispute, wait_phase
 from workflows import names
-from workflows.models import Phase, RemediationRequest, Scope, Trigger
+from workflows.models import Phase, Scope
 from workflows.remediation import SA_APPROVAL, SA_BLAST, SA_CORRELATION, SA_ORG, SA_PHASE, SA_TRIGGER, SA_USER
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 async def test_summary_details_and_search_attributes_tell_the_story(world: World) -> None:
-    incident = await incident_in(world, "user-dispute", "au")
+    incident, handle = await start_dispute(world, "au")
     scope = Scope(**incident.scope)
-    handle = await start(
-        world,
-        RemediationRequest(
-            correlation_id=incident.correlation_id,
-            scope=scope,
-            requested_by="ic-dana",
-            trigger=Trigger.CUSTOMER_DISPUTE,
-        ),
-    )
     view = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
     # While waiting: listed by phase and org; live details show the plan and pending approvals.
     query = operations.list_query(phase="awaiting_approval", org=scope.org_id, correlation_id=None)

@@ -91,6 +91,24 @@ async def incident_in(world: World, name: str, prefix: str) -> IncidentReport:
         return await run_incident(name, conn, world.nc, prefix=prefix)
 
 
+async def start_dispute(
+    world: World, prefix: str, *, dry_run: bool = False, requested_by: str = "ic-dana"
+) -> tuple[IncidentReport, WorkflowHandle[Any, RemediationResult]]:
+    """The user-dispute incident and a remediation started for its (org, user) scope."""
+    incident = await incident_in(world, "user-dispute", prefix)
+    handle = await start(
+        world,
+        RemediationRequest(
+            correlation_id=incident.correlation_id,
+            scope=Scope(**incident.scope),
+            dry_run=dry_run,
+            requested_by=requested_by,
+            trigger=Trigger.CUSTOMER_DISPUTE,
+        ),
+    )
+    return incident, handle
+
+
 async def refused(handle: WorkflowHandle[Any, Any], body: ApprovalDecision, match: str) -> None:
     with pytest.raises(WorkflowUpdateFailedError) as err:
         await handle.execute_update(names.UPDATE_APPROVE, body)
@@ -462,17 +480,8 @@ async def slow_verify_world(
 
 async def test_failed_verification_waits_for_a_decision_then_retries(slow_verify_world: World) -> None:
     world = slow_verify_world
-    incident = await incident_in(world, "user-dispute", "vf")
+    incident, handle = await start_dispute(world, "vf")
     scope = Scope(**incident.scope)
-    handle = await start(
-        world,
-        RemediationRequest(
-            correlation_id=incident.correlation_id,
-            scope=scope,
-            requested_by="ic-dana",
-            trigger=Trigger.CUSTOMER_DISPUTE,
-        ),
-    )
     view = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
     first_hash = view.plan.plan_hash  # type: ignore[union-attr]
     await handle.execute_update(names.UPDATE_APPROVE, decision(view, "alice"))

@@ -13,16 +13,15 @@ import httpx
 import pytest
 from google.protobuf import json_format
 from temporalio.api.common.v1 import Payloads
-from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.converter import DataConverter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
 from config import Settings
+from config.approver_keys import ApproverKeyError, new_key_pair
 from starters import operations
-from tests.conftest import make_world
-from tests.test_remediation_workflow import decision, incident_in, start, wait_phase
+from tests.conftest import client_with, make_world
+from tests.test_remediation_workflow import decision, incident_in, start, start_dispute, wait_phase
 from worker.codec_server import codec_app
 from worker.payload_codec import EncryptionCodec, PayloadKeyError, payload_keys, with_codec
 from workflows import names
@@ -33,31 +32,14 @@ from workflows.sandbox import workflow_runner
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
-def keyed_client(client: Client, converter: DataConverter) -> Client:
-    """The same connection with another data converter."""
-    config = client.config()
-    config["data_converter"] = converter
-    return Client(**config)
-
-
 async def test_history_payloads_are_encrypted(
     pg_settings: Settings, template_db: str, state_root: Path, temporal_env: WorkflowEnvironment
 ) -> None:
     key = os.urandom(32)
     converter = with_codec(pydantic_data_converter, [key])
-    encrypted = keyed_client(temporal_env.client, converter)
+    encrypted = client_with(temporal_env.client, data_converter=converter)
     async for world in make_world(pg_settings, template_db, state_root, encrypted):
-        incident = await incident_in(world, "user-dispute", "enc")
-        handle = await start(
-            world,
-            RemediationRequest(
-                correlation_id=incident.correlation_id,
-                scope=Scope(**incident.scope),
-                dry_run=True,
-                requested_by="ic",
-                trigger=Trigger.CUSTOMER_DISPUTE,
-            ),
-        )
+        _, handle = await start_dispute(world, "enc", dry_run=True)
         result = await handle.result()
         assert result.outcome is Phase.DRY_RUN_COMPLETE  # decoded transparently by the keyed client
         # Read without the key (as anyone with namespace access would): no billing data visible.
@@ -84,7 +66,9 @@ async def test_history_payloads_are_encrypted(
         )
         assert (await replayer.replay_workflow(raw, raise_on_replay_failure=False)).replay_failure is None
         # A client with the wrong key cannot read it.
-        wrong = keyed_client(temporal_env.client, with_codec(pydantic_data_converter, [os.urandom(32)]))
+        wrong = client_with(
+            temporal_env.client, data_converter=with_codec(pydantic_data_converter, [os.urandom(32)])
+        )
         with pytest.raises(Exception, match="not configured"):
             await wrong.get_workflow_handle(handle.id, result_type=RemediationResult).result()
 
@@ -183,3 +167,18 @@ async def test_codec_server_decodes_for_the_ui_origin_only() -> None:
         assert "access-control-allow-origin" not in other.headers
         bad = await http.post("/decode", content=b"{not json")
         assert bad.status_code == 400 and "not JSON Payloads" in bad.json()["error"]
+
+
+async def test_tampered_payloads_and_bad_key_material_fail_clearly(tmp_path: Path) -> None:
+    codec = EncryptionCodec([os.urandom(32)])
+    (sealed,) = await codec.encode(
+        pydantic_data_converter.payload_converter.to_payloads([{"amount_minor": 1}])
+    )
+    sealed.data = sealed.data[:-1] + bytes([sealed.data[-1] ^ 1])
+    with pytest.raises(PayloadKeyError, match="failed authentication"):
+        await codec.decode([sealed])
+    with pytest.raises(ValueError, match="32-byte Ed25519"):
+        Settings(APPROVERS=[{"name": "alice", "public_key": base64.b64encode(b"short").decode()}])
+    with pytest.raises(ApproverKeyError, match="approver name"):
+        new_key_pair(tmp_path, "../escape")
+    assert not (tmp_path.parent / "escape.key").exists()

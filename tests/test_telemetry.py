@@ -10,15 +10,14 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from temporalio.client import Client
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.testing import WorkflowEnvironment
 
 from config import Settings
-from tests.conftest import make_world
-from tests.test_remediation_workflow import incident_in, start
+from tests.conftest import client_with, make_world
+from tests.test_remediation_workflow import start_dispute
 from worker.telemetry import JsonFormatter, configure_tracing
-from workflows.models import Phase, RemediationRequest, Scope, Trigger
+from workflows.models import Phase
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -42,21 +41,9 @@ async def test_spans_for_workflow_and_activities_carry_ids(
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    config = temporal_env.client.config()
-    config["interceptors"] = [TracingInterceptor(provider.get_tracer("test"))]
-    traced = Client(**config)
+    traced = client_with(temporal_env.client, interceptors=[TracingInterceptor(provider.get_tracer("test"))])
     async for world in make_world(pg_settings, template_db, state_root, traced):
-        incident = await incident_in(world, "user-dispute", "ot")
-        handle = await start(
-            world,
-            RemediationRequest(
-                correlation_id=incident.correlation_id,
-                scope=Scope(**incident.scope),
-                dry_run=True,
-                requested_by="ic",
-                trigger=Trigger.CUSTOMER_DISPUTE,
-            ),
-        )
+        incident, handle = await start_dispute(world, "ot", dry_run=True)
         assert (await handle.result()).outcome is Phase.DRY_RUN_COMPLETE
     spans = exporter.get_finished_spans()
     names = {s.name for s in spans}

@@ -13,6 +13,7 @@ import hashlib
 import os
 from collections.abc import Iterable, Sequence
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from temporalio.api.common.v1 import Payload
 from temporalio.converter import DataConverter, PayloadCodec
@@ -102,7 +103,12 @@ class EncryptionCodec(PayloadCodec):
         cipher = self._ciphers.get(kid)
         if cipher is None:
             raise PayloadKeyError(f"payload was encrypted with key {kid!r}, which is not configured")
-        plain = cipher.decrypt(payload.data[:12], payload.data[12:], None)
+        try:
+            plain = cipher.decrypt(payload.data[:12], payload.data[12:], None)
+        except InvalidTag:
+            raise PayloadKeyError(
+                f"payload under key {kid!r} failed authentication (tampered or corrupt)"
+            ) from None
         return Payload.FromString(plain)
 
 

@@ -75,10 +75,6 @@ class WorkerProcess:
                 os.killpg(self._proc.pid, signal.SIGKILL)
                 self._proc.wait()
 
-    def alive(self) -> bool:
-        """True while the process runs."""
-        return self._proc is not None and self._proc.poll() is None
-
 
 async def assert_ledger_is_the_plan(world: World, plan: PlanSummary) -> None:
     """The ledger ends exactly as approved: every action audited once, no key twice, no drift left."""

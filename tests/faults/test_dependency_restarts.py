@@ -21,9 +21,9 @@ from devstack.stack import Postgres, Temporal
 from local_platform.seeder import SeedSpec, seed
 from tests.conftest import World, make_world
 from tests.faults.harness import applied_count, assert_ledger_is_the_plan
-from tests.test_remediation_workflow import decision, incident_in, start, wait_phase
+from tests.test_remediation_workflow import decision, incident_in, start, start_dispute, wait_phase
 from workflows import names
-from workflows.models import Phase, RemediationRequest, Scope, StatusView, Trigger
+from workflows.models import Phase, RemediationRequest, StatusView, Trigger
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -94,16 +94,7 @@ async def test_postgres_restarted_during_reconcile_and_apply(
 
 async def test_nats_stopped_during_verification_waits_for_a_human(failover_world: World) -> None:
     world = failover_world
-    incident = await incident_in(world, "user-dispute", "nv")
-    handle = await start(
-        world,
-        RemediationRequest(
-            correlation_id=incident.correlation_id,
-            scope=Scope(**incident.scope),
-            requested_by="ic",
-            trigger=Trigger.CUSTOMER_DISPUTE,
-        ),
-    )
+    _, handle = await start_dispute(world, "nv")
     view = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
     world.nats_server.stop()
     try:
