@@ -281,6 +281,10 @@ async def bench_memory(stack: Stack, sizes: list[int]) -> None:
             plan_actions=view.plan.action_count,
             outcome=result.outcome.value,
             history_events=len(history.events),
+            # Workflow-task events vary with how updates and parallel results batch; activities do not.
+            activities_scheduled=sum(
+                1 for e in history.events if e.HasField("activity_task_scheduled_event_attributes")
+            ),
             largest_payload_bytes=largest,
             peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             apply_and_verify_s=round(took, 1),

@@ -45,5 +45,7 @@ def test_benchmarks_print_one_json_line_per_measurement() -> None:
     small, large = [row for row in rows if row["benchmark"] == "memory"]
     assert small["outcome"] == large["outcome"] == "completed"
     assert large["plan_actions"] > 5 * small["plan_actions"]
-    assert abs(large["history_events"] - small["history_events"]) <= 5
+    assert large["activities_scheduled"] == small["activities_scheduled"]
+    # Total events differ only by how workflow tasks batched (a few), never by the plan's size (10x).
+    assert large["history_events"] <= small["history_events"] * 1.1 + 5
     assert large["largest_payload_bytes"] < 4096
