@@ -5,16 +5,23 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 from temporalio import activity
 
+from activities.errors import dependency_down
 from activities.http_errors import json_object, raise_for, send
 from workflows import names
+from workflows.launch_guard import launch_guard_criteria
 from workflows.models import (
     ApiActionRequest,
     ApiActionResult,
     Criterion,
     FreezeRequest,
     LaunchGuardRequest,
+    LaunchProbe,
+    PostureObservation,
+    PrecheckObservation,
+    SubmitObservation,
 )
 
 SYSTEM = "admin billing API"
@@ -84,35 +91,87 @@ class BillingApiActivities:
         )
         return ApiActionResult(outcome="applied", detail=f"worker {body.get('mode', 'restarted')}")
 
-    @activity.defn(name=names.CHECK_LAUNCH_GUARD)
-    async def check_launch_guard(self, request: LaunchGuardRequest) -> Criterion:
-        """Financial posture and launch precheck against the runbook's expected state."""
-        posture = await self._call(
-            "GET", "/api/v1/billing/financial-posture", headers={"X-Org-ID": request.org_id}
+    @staticmethod
+    def _launch_headers(probe: LaunchProbe) -> dict[str, str]:
+        # The runbook scopes launches by project; the org is the fallback when no project is named.
+        if probe.project_id:
+            return {"X-Project-ID": probe.project_id, "X-Correlation-ID": probe.correlation_id}
+        return {"X-Org-ID": probe.org_id, "X-Correlation-ID": probe.correlation_id}
+
+    @activity.defn(name=names.READ_POSTURE)
+    async def read_posture(self, probe: LaunchProbe) -> PostureObservation:
+        """GET the financial posture (of the project's org when a project is named)."""
+        body = await self._call(
+            "GET", "/api/v1/billing/financial-posture", headers=self._launch_headers(probe)
         )
-        precheck = await self._call(
+        effects = body.get("effects") or {}
+        try:
+            return PostureObservation(
+                org_id=body["org_id"],
+                state=body["state"],
+                reason=body.get("reason"),
+                block_new_launches=effects.get("block_new_launches") is True,
+                balance_minor=body.get("balance_minor"),
+            )
+        except (KeyError, ValidationError) as exc:
+            raise dependency_down(f"{SYSTEM} financial posture has an unexpected shape: {exc}") from None
+
+    @activity.defn(name=names.RUN_PRECHECK)
+    async def run_precheck(self, probe: LaunchProbe) -> PrecheckObservation:
+        """POST the launch precheck for the SKU and keep its `billing` check."""
+        body = await self._call(
             "POST",
             "/api/v1/v3/launch/compute/precheck",
-            json={"sku": request.sku},
-            headers={"X-Org-ID": request.org_id},
+            json={"sku": probe.sku},
+            headers=self._launch_headers(probe),
         )
+        checks = body.get("checks")
         billing = next(
-            (c for c in precheck.get("checks", []) if isinstance(c, dict) and c.get("id") == "billing"), {}
+            (c for c in checks or [] if isinstance(c, dict) and c.get("id") == "billing"),
+            None,
         )
-        severity = billing.get("severity")
-        effects = posture.get("effects") or {}
-        if request.expect == "restricted":
-            passed = (
-                posture.get("state") == "restricted"
-                and posture.get("reason") == "prepaid_balance_depleted"
-                and effects.get("block_new_launches") is True
-                and severity == "blocker"
+        if billing is None:
+            # A precheck without a billing check cannot prove anything either way.
+            return PrecheckObservation(
+                sku=probe.sku, billing_severity=None, billing_reason="no billing check"
             )
-        else:
-            passed = posture.get("state") != "restricted" and severity == "ok"
+        return PrecheckObservation(
+            sku=probe.sku, billing_severity=billing.get("severity"), billing_reason=billing.get("reason")
+        )
+
+    @activity.defn(name=names.PROBE_SUBMIT)
+    async def probe_submit(self, probe: LaunchProbe) -> SubmitObservation:
+        """POST a launch expecting 402 insufficient_balance; any answer is an observation, not an error."""
+        response = await send(
+            self._client,
+            SYSTEM,
+            "POST",
+            "/api/v1/v3/launch/compute",
+            json={"sku": probe.sku, "idempotency_key": f"launch-guard-probe:{probe.correlation_id}"},
+            headers=self._launch_headers(probe),
+        )
+        if response.status_code in (401, 403, 429) or response.status_code >= 500:
+            raise_for(SYSTEM, response)
+        code: str | None = None
+        try:
+            body = response.json()
+            if isinstance(body, dict):
+                error = body.get("error")
+                code = error.get("code") if isinstance(error, dict) else body.get("code")
+        except ValueError:
+            code = None
+        return SubmitObservation(status_code=response.status_code, code=code)
+
+    @activity.defn(name=names.CHECK_LAUNCH_GUARD)
+    async def check_launch_guard(self, request: LaunchGuardRequest) -> Criterion:
+        """Posture and precheck against the expected state, as one criterion (runs started before v0.3)."""
+        probe = LaunchProbe(correlation_id=request.ref.correlation_id, org_id=request.org_id, sku=request.sku)
+        posture = await self.read_posture(probe)
+        precheck = await self.run_precheck(probe)
+        criteria = launch_guard_criteria(request.expect, posture, precheck, None)
         return Criterion(
             name="launch_guard_" + request.expect,
-            passed=passed,
-            detail=f"state={posture.get('state')} reason={posture.get('reason')} "
-            f"block_new_launches={effects.get('block_new_launches')} precheck billing={severity}",
+            passed=all(c.passed for c in criteria),
+            detail=f"state={posture.state} reason={posture.reason} "
+            f"block_new_launches={posture.block_new_launches} precheck billing={precheck.billing_severity}",
         )

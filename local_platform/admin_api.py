@@ -86,11 +86,12 @@ def _billing_check(posture: dict[str, Any]) -> dict[str, Any]:
             "message": "new launches are blocked by the billing posture",
         }
     if posture["state"] == "warning":
+        # A downgraded restriction warns but no longer blocks: the runbook's recovery expects `ok` here.
         return {
             "id": "billing",
-            "severity": "warning",
+            "severity": "ok",
             "reason": posture["reason"],
-            "message": "billing warning",
+            "message": "billing warning: launches allowed",
         }
     return {"id": "billing", "severity": "ok", "reason": None, "message": "billing allows launches"}
 

@@ -35,6 +35,13 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _invalid(err: ValidationError) -> None:
+    """Refuse bad input naming the field, before anything starts."""
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "request"
+    _fail(f"{field}: {first['msg']} (got {first.get('input')!r})")
+
+
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     import asyncpg
     from nats.errors import Error as NatsError
@@ -286,9 +293,7 @@ def start(
             ),
         )
     except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "request"
-        _fail(f"{field}: {first['msg']} (got {first.get('input')!r})")
+        _invalid(err)
     settings = _settings()
     started = _run(_start(settings, request, wait))
     typer.echo(
@@ -298,6 +303,52 @@ def start(
     typer.echo(f"UI: {started[0].ui_link}")
     if started[1]:
         typer.echo(started[1])
+
+
+@app.command("verify-launch-guard")
+def verify_launch_guard(
+    org: Annotated[str, typer.Option("--org")],
+    project: Annotated[str | None, typer.Option("--project")] = None,
+    expect: Annotated[str, typer.Option("--expect", help="restricted | recovered")] = "restricted",
+    sku: Annotated[str, typer.Option("--sku")] = "compute-vm-small",
+    correlation_id: Annotated[str | None, typer.Option("--correlation-id")] = None,
+    no_submit_probe: Annotated[bool, typer.Option("--no-submit-probe")] = False,
+    requested_by: Annotated[str, typer.Option("--as", help="who runs it (audited)")] = "incident-commander",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Verify the launch boundary (posture, precheck, submit 402) against the expected state; exit 1 if not."""
+    from workflows.models import LaunchGuardVerifyRequest
+
+    try:
+        request = LaunchGuardVerifyRequest(
+            correlation_id=correlation_id or f"launch-guard-{org}",
+            org_id=org,
+            project_id=project,
+            expect=expect,  # validated by the model
+            sku=sku,
+            probe_submit=not no_submit_probe,
+            requested_by=requested_by,
+        )
+    except ValidationError as err:
+        _invalid(err)
+    settings = _settings()
+
+    async def go() -> tuple[str, Any]:
+        from starters import operations
+
+        return await operations.verify_launch_guard(await _client(settings), settings, request)
+
+    workflow_id, report = _run(go())
+    if as_json:
+        typer.echo(report.model_dump_json(indent=2))
+    else:
+        typer.echo(f"workflow id: {workflow_id}")
+        typer.echo(f"UI: {settings.workflow_ui_link(workflow_id)}")
+        for c in report.criteria:
+            typer.echo(f"  {'ok  ' if c.passed else 'FAIL'} {c.name}: {c.detail}")
+        typer.echo(f"launch guard {report.expect}: {'PASSED' if report.passed else 'FAILED'}")
+    if not report.passed:
+        raise typer.Exit(1)
 
 
 async def _start(settings: Settings, request: RemediationRequest, wait: bool) -> tuple[Any, str]:

@@ -10,7 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+)
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
@@ -20,9 +26,12 @@ from activities.postgres_records import record_approval_row
 from config import Settings
 from config.approver_keys import ApproverKeyError, load_private_key, sign
 from workflows import names
+from workflows.launch_guard import LaunchGuardWorkflow
 from workflows.models import (
     ApprovalDecision,
     ApprovalRecord,
+    LaunchGuardReport,
+    LaunchGuardVerifyRequest,
     PlanSummary,
     RemediationRequest,
     StatusView,
@@ -109,6 +118,35 @@ async def start(client: Client, settings: Settings, request: RemediationRequest)
     )
     run_id = handle.result_run_id or (await handle.describe()).run_id
     return Started(handle.id, run_id, attached, settings.workflow_ui_link(handle.id))
+
+
+async def verify_launch_guard(
+    client: Client, settings: Settings, request: LaunchGuardVerifyRequest
+) -> tuple[str, LaunchGuardReport]:
+    """Run the launch-restriction verification to its verdict; returns the workflow id and the report."""
+    where = request.org_id + (f"-{request.project_id}" if request.project_id else "")
+    workflow_id = f"launch-guard-{where}-{uuid.uuid4().hex[:8]}"
+    try:
+        report = await client.execute_workflow(
+            LaunchGuardWorkflow.run,
+            request,
+            id=workflow_id,
+            task_queue=settings.task_queue,
+            static_summary=f"launch guard · expect {request.expect} · {where} · corr {request.correlation_id}"
+            f" · by {request.requested_by}",
+        )
+    except WorkflowFailureError as err:
+        raise OperationError(
+            f"launch guard verification {workflow_id} failed: {_root_message(err)}"
+        ) from None
+    return workflow_id, report
+
+
+def _root_message(err: BaseException) -> str:
+    """The innermost cause's message (an activity's or the workflow's own ApplicationError)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return getattr(err, "message", None) or str(err)
 
 
 async def _is_running(client: Client, workflow_id: str) -> bool:

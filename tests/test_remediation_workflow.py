@@ -385,6 +385,11 @@ async def test_prepaid_depleted_recovers_launch_guard(world: World) -> None:
     assert result.verification is not None
     guard = next(c for c in result.verification.criteria if c.name == "launch_guard_recovered")
     assert guard.passed, guard.detail
+    # The check ran as its own child workflow, linked to this run in the UI.
+    child = await world.client.get_workflow_handle(f"{handle.id}-launch-guard-0").describe()
+    assert child.workflow_type == "LaunchGuardVerification"
+    assert child.parent_id == handle.id
+    await keep_history(handle, "prepaid_launch_guard")
     assert (
         await world.db.fetchval("SELECT state FROM billing.financial_restrictions WHERE org_id = $1", org)
         == "none"

@@ -29,6 +29,7 @@ from config import Settings
 from migrations import apply_migrations, remediation_migrations_dir
 from worker.payload_codec import payload_keys, with_codec
 from worker.telemetry import RemediationSpanAttributes
+from workflows.launch_guard import LaunchGuardWorkflow
 from workflows.remediation import BillingRemediationWorkflow
 from workflows.sandbox import workflow_runner
 
@@ -129,6 +130,9 @@ def activity_list(settings: Settings, res: Resources) -> Sequence[Callable[..., 
         api.clear_restriction,
         api.restart_billing_worker,
         api.check_launch_guard,
+        api.read_posture,
+        api.run_precheck,
+        api.probe_submit,
     ]
 
 
@@ -139,7 +143,7 @@ def build_worker(
     return Worker(
         client,
         task_queue=task_queue or settings.task_queue,
-        workflows=[BillingRemediationWorkflow],
+        workflows=[BillingRemediationWorkflow, LaunchGuardWorkflow],
         workflow_runner=workflow_runner(),
         interceptors=[RemediationSpanAttributes()],
         activities=activity_list(settings, res),

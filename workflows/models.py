@@ -369,6 +369,70 @@ class LaunchGuardRequest(Frozen):
     sku: str = "compute-vm-small"
 
 
+class LaunchGuardVerifyRequest(Frozen):
+    """What `remediate verify-launch-guard` (or a prepaid remediation's verification) asks for."""
+
+    org_id: EntityId
+    project_id: EntityId | None = None
+    correlation_id: Annotated[str, StringConstraints(pattern=ID_PATTERN, strip_whitespace=True)]
+    expect: Literal["restricted", "recovered"] = "restricted"
+    sku: EntityId = "compute-vm-small"
+    # Submitting a launch is only a safe probe while launches are expected to be refused (402).
+    probe_submit: bool = True
+    requested_by: EntityId
+
+    def probe(self) -> LaunchProbe:
+        """The activities' input."""
+        return LaunchProbe(
+            correlation_id=self.correlation_id, org_id=self.org_id, project_id=self.project_id, sku=self.sku
+        )
+
+
+class LaunchProbe(Frozen):
+    """Input of the posture, precheck and submit probes."""
+
+    correlation_id: str
+    org_id: str
+    project_id: str | None = None
+    sku: str = "compute-vm-small"
+
+
+class PostureObservation(Frozen):
+    """GET /api/v1/billing/financial-posture, the fields the runbook compares."""
+
+    org_id: str
+    state: str
+    reason: str | None = None
+    block_new_launches: bool
+    balance_minor: int | None = None
+
+
+class PrecheckObservation(Frozen):
+    """The `billing` check of POST /api/v1/v3/launch/compute/precheck."""
+
+    sku: str
+    billing_severity: str | None
+    billing_reason: str | None = None
+
+
+class SubmitObservation(Frozen):
+    """What POST /api/v1/v3/launch/compute answered."""
+
+    status_code: int
+    code: str | None = None
+
+
+class LaunchGuardReport(Frozen):
+    """The verdict of one launch-restriction verification."""
+
+    expect: Literal["restricted", "recovered"]
+    passed: bool
+    criteria: list[Criterion]
+    posture: PostureObservation
+    precheck: PrecheckObservation
+    submit: SubmitObservation | None = None
+
+
 class VerificationResult(Frozen):
     """The verdict on the runbook's recovery criteria."""
 

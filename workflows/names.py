@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 WORKFLOW = "BillingRemediation"
+LAUNCH_GUARD_WORKFLOW = "LaunchGuardVerification"
 
 # Configuration
 LOAD_RUNTIME_OPTIONS = "config.load_runtime_options"
@@ -41,6 +42,9 @@ UNFREEZE_ADJUSTMENTS = "billing_api.unfreeze_adjustments"
 CLEAR_RESTRICTION = "billing_api.clear_restriction"
 RESTART_BILLING_WORKER = "billing_api.restart_billing_worker"
 CHECK_LAUNCH_GUARD = "billing_api.check_launch_guard"
+READ_POSTURE = "billing_api.read_posture"
+RUN_PRECHECK = "billing_api.run_precheck"
+PROBE_SUBMIT = "billing_api.probe_submit"
 
 # Workflow handlers
 UPDATE_APPROVE = "approve"
@@ -48,3 +52,5 @@ SIGNAL_APPROVE = "approve_signal"
 UPDATE_DECIDE = "decide"
 QUERY_STATUS = "status"
 QUERY_PLAN = "plan"
+QUERY_LAUNCH_GUARD = "launch_guard_report"
+SIGNAL_ALERT = "alert"

@@ -24,6 +24,7 @@ with workflow.unsafe.imports_passed_through():
         refusal,
         reset_for_plan,
     )
+    from workflows.launch_guard import LaunchGuardWorkflow
     from workflows.models import (
         ApiActionAudit,
         ApiActionRequest,
@@ -43,6 +44,7 @@ with workflow.unsafe.imports_passed_through():
         FinishRun,
         FreezeRequest,
         LaunchGuardRequest,
+        LaunchGuardVerifyRequest,
         Phase,
         PlanRequest,
         PlanSummary,
@@ -474,14 +476,7 @@ class BillingRemediationWorkflow:
             )
         )
         if request.trigger is Trigger.PREPAID_DEPLETED and request.scope.org_id:
-            criteria.append(
-                await self._act(
-                    names.CHECK_LAUNCH_GUARD,
-                    LaunchGuardRequest(ref=ref, org_id=request.scope.org_id, expect="recovered"),
-                    Criterion,
-                    f"Verify launch precheck billing is ok for {request.scope.org_id}",
-                )
-            )
+            criteria.append(await self._verify_launch_guard(request, pass_no))
         self._verification = VerificationResult(passed=all(c.passed for c in criteria), criteria=criteria)
         await self._act(
             names.SNAPSHOT_SCOPE,
@@ -491,6 +486,36 @@ class BillingRemediationWorkflow:
         )
         self._refresh_details()
         return self._verification
+
+    async def _verify_launch_guard(self, request: RemediationRequest, pass_no: int) -> Criterion:
+        """The launch-restriction verification, as a child workflow visible on its own in the UI."""
+        org = request.scope.org_id or ""
+        if not workflow.patched("launch-guard-child-workflow"):
+            # Runs started before the child workflow existed replay their original activity.
+            result: Criterion = await self._act(
+                names.CHECK_LAUNCH_GUARD,
+                LaunchGuardRequest(ref=self._require_ref(), org_id=org, expect="recovered"),
+                Criterion,
+                f"Verify launch precheck billing is ok for {org}",
+            )
+            return result
+        report = await workflow.execute_child_workflow(
+            LaunchGuardWorkflow.run,
+            LaunchGuardVerifyRequest(
+                correlation_id=request.correlation_id,
+                org_id=org,
+                project_id=request.scope.project_id,
+                expect="recovered",
+                requested_by=request.requested_by,
+            ),
+            id=f"{workflow.info().workflow_id}-launch-guard-{pass_no}",
+            static_summary=f"Verify launch precheck billing is ok for {org}",
+        )
+        return Criterion(
+            name="launch_guard_recovered",
+            passed=report.passed,
+            detail="; ".join(f"{c.name}: {c.detail}" for c in report.criteria),
+        )
 
     async def _consumer_sample(self, summary: str) -> ConsumerSample | None:
         try:

@@ -6,11 +6,12 @@ them with the workflow change they belong to, so older histories keep proving th
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
-from temporalio.client import WorkflowHandle
+from temporalio.client import WorkflowHandle, WorkflowHistory
 
 HISTORY_DIR = Path(__file__).parent
 
@@ -20,7 +21,15 @@ async def keep_history(handle: WorkflowHandle[Any, Any], name: str) -> None:
     if os.environ.get("RECORD_HISTORIES") != "1":
         return
     history = await handle.fetch_history()
-    (HISTORY_DIR / f"{name}.json").write_text(history.to_json())
+    # The workflow id is not in the events, but child workflow ids derive from it: keep it beside them.
+    data = {"workflowId": handle.id, **json.loads(history.to_json())}
+    (HISTORY_DIR / f"{name}.json").write_text(json.dumps(data))
+
+
+def load(path: Path) -> WorkflowHistory:
+    """A committed history with the workflow id it ran under."""
+    data = json.loads(path.read_text())
+    return WorkflowHistory.from_json(data.pop("workflowId", path.stem), data)
 
 
 def recorded() -> list[Path]:

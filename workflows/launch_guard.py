@@ -1,0 +1,158 @@
+"""The runbook's "Launch Restriction Verification" as its own workflow.
+
+Reads the org's financial posture, runs the launch precheck for a SKU and, while launches are expected to
+be blocked, probes submit (expecting HTTP 402 ``insufficient_balance``); then compares every observation
+with the expected state. Orchestration only; the probes are activities of the admin billing API adapter.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Literal, TypeVar
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy, SearchAttributeKey
+from temporalio.exceptions import ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from workflows import names
+    from workflows.models import (
+        Criterion,
+        LaunchGuardReport,
+        LaunchGuardVerifyRequest,
+        LaunchProbe,
+        Phase,
+        PostureObservation,
+        PrecheckObservation,
+        SubmitObservation,
+    )
+
+SA_CORRELATION = SearchAttributeKey.for_keyword("CorrelationId")
+SA_ORG = SearchAttributeKey.for_keyword("OrgId")
+SA_PROJECT = SearchAttributeKey.for_keyword("ProjectId")
+SA_PHASE = SearchAttributeKey.for_keyword("RemediationPhase")
+SA_TRIGGER = SearchAttributeKey.for_keyword("Trigger")
+
+T = TypeVar("T")
+TRIGGER = "launch_guard"
+RESTRICTED_REASON = "prepaid_balance_depleted"
+_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    maximum_interval=timedelta(seconds=10),
+    maximum_attempts=5,
+    non_retryable_error_types=["BadInput", "NotFound", "Unauthorized"],
+)
+
+
+def _check(name: str, expected: object, actual: object) -> Criterion:
+    return Criterion(name=name, passed=expected == actual, detail=f"expected {expected}, got {actual}")
+
+
+def launch_guard_criteria(
+    expect: Literal["restricted", "recovered"],
+    posture: PostureObservation,
+    precheck: PrecheckObservation,
+    submit: SubmitObservation | None,
+) -> list[Criterion]:
+    """Each observed field against the runbook's expected restricted (or recovered) state."""
+    if expect == "restricted":
+        criteria = [
+            _check("posture_state", "restricted", posture.state),
+            _check("posture_reason", RESTRICTED_REASON, posture.reason),
+            _check("effects.block_new_launches", True, posture.block_new_launches),
+            _check("precheck_billing_severity", "blocker", precheck.billing_severity),
+        ]
+        if submit is not None:
+            criteria.append(
+                _check(
+                    "submit_refused",
+                    "HTTP 402 insufficient_balance",
+                    f"HTTP {submit.status_code} {submit.code}",
+                )
+            )
+        return criteria
+    # Recovery: the restriction is cleared ("none") or downgraded ("warning"); either way launches proceed.
+    return [
+        Criterion(
+            name="posture_state",
+            passed=posture.state != "restricted",
+            detail=f"expected not restricted, got {posture.state}",
+        ),
+        _check("effects.block_new_launches", False, posture.block_new_launches),
+        _check("precheck_billing_severity", "ok", precheck.billing_severity),
+    ]
+
+
+@workflow.defn(name=names.LAUNCH_GUARD_WORKFLOW)
+class LaunchGuardWorkflow:
+    """Verify the product launch boundary of one org/project against the expected state."""
+
+    def __init__(self) -> None:
+        self._report: LaunchGuardReport | None = None
+
+    @workflow.run
+    async def run(self, request: LaunchGuardVerifyRequest) -> LaunchGuardReport:
+        """Posture, precheck, (submit probe), compare."""
+        updates = [
+            SA_CORRELATION.value_set(request.correlation_id),
+            SA_ORG.value_set(request.org_id),
+            SA_TRIGGER.value_set(TRIGGER),
+            SA_PHASE.value_set(Phase.VERIFYING.value),
+        ]
+        if request.project_id:
+            updates.append(SA_PROJECT.value_set(request.project_id))
+        workflow.upsert_search_attributes(updates)
+        where = request.org_id + (f"/{request.project_id}" if request.project_id else "")
+        probe = request.probe()
+        posture = await self._probe(
+            names.READ_POSTURE, probe, PostureObservation, f"Read financial posture of {request.org_id}"
+        )
+        if posture.org_id != request.org_id:
+            # The project named belongs to another org: comparing would verify the wrong customer.
+            raise ApplicationError(
+                f"project {request.project_id} belongs to org {posture.org_id}, not {request.org_id}",
+                type="BadInput",
+                non_retryable=True,
+            )
+        precheck = await self._probe(
+            names.RUN_PRECHECK, probe, PrecheckObservation, f"Launch precheck {request.sku} for {where}"
+        )
+        submit: SubmitObservation | None = None
+        if request.expect == "restricted" and request.probe_submit:
+            submit = await self._probe(
+                names.PROBE_SUBMIT, probe, SubmitObservation, f"Probe launch submit for {where} (expect 402)"
+            )
+        criteria = launch_guard_criteria(request.expect, posture, precheck, submit)
+        passed = all(c.passed for c in criteria)
+        self._report = LaunchGuardReport(
+            expect=request.expect,
+            passed=passed,
+            criteria=criteria,
+            posture=posture,
+            precheck=precheck,
+            submit=submit,
+        )
+        workflow.upsert_search_attributes(
+            [SA_PHASE.value_set((Phase.COMPLETED if passed else Phase.FAILED).value)]
+        )
+        lines = [f"### Launch guard {request.expect}: {'PASSED' if passed else 'FAILED'}", ""]
+        lines += [f"- {'✅' if c.passed else '❌'} **{c.name}**: {c.detail}" for c in criteria]
+        workflow.set_current_details("\n".join(lines))
+        return self._report
+
+    @workflow.query(name=names.QUERY_LAUNCH_GUARD)
+    def report(self) -> LaunchGuardReport | None:
+        """The verdict so far (None until every probe answered)."""
+        return self._report
+
+    @staticmethod
+    async def _probe(name: str, probe: LaunchProbe, result_type: type[T], summary: str) -> T:
+        result: T = await workflow.execute_activity(
+            name,
+            probe,
+            result_type=result_type,
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=_RETRY,
+            summary=summary,
+        )
+        return result
