@@ -129,6 +129,15 @@ class Settings(BaseSettings):
     heartbeat_seconds: int = Field(default=30, ge=1, alias="ACTIVITY_HEARTBEAT_SECONDS")
     retry_max_interval_seconds: int = Field(default=30, ge=1, alias="ACTIVITY_RETRY_MAX_INTERVAL_SECONDS")
 
+    # Alert intake (`remediate alerts serve`): Alertmanager webhook receiver and NATS subscriber.
+    alerts_host: str = Field(default="127.0.0.1", alias="ALERTS_HOST")
+    alerts_port: int = Field(default=9095, alias="ALERTS_PORT")
+    alerts_token: SecretStr | None = Field(default=None, alias="ALERTS_TOKEN")
+    alerts_mapping_file: Path | None = Field(default=None, alias="ALERTS_MAPPING_FILE")
+    alerts_nats: Literal["on", "off"] = Field(default="on", alias="ALERTS_NATS")
+    alerts_nats_subject: str = Field(default="payments.reconcile_failed", alias="ALERTS_NATS_SUBJECT")
+    alerts_nats_durable: str = Field(default="remediation-alert-intake", alias="ALERTS_NATS_DURABLE")
+
     apply_batch_size: int = Field(default=500, ge=1, le=10_000, alias="APPLY_BATCH_SIZE")
     worker_restart_hook_url: str | None = Field(default=None, alias="WORKER_RESTART_HOOK_URL")
 

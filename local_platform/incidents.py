@@ -139,8 +139,15 @@ async def run_incident(
         report = await seed(conn, spec, nc)
         corr = f"{prefix}-payments-reconcile"
         if nc is not None:
+            rows = await conn.fetch(
+                "SELECT id, org_id FROM billing.payment_sessions WHERE id = ANY($1::text[])",
+                report.injected["payment_drift"],
+            )
+            orgs = {row["id"]: row["org_id"] for row in rows}
             for pay in report.injected["payment_drift"]:
-                await publish(nc, "payments.reconcile_failed", corr, trace_id, payment_session_id=pay)
+                await publish(
+                    nc, "payments.reconcile_failed", corr, trace_id, payment_session_id=pay, org_id=orgs[pay]
+                )
             await nc.flush()
         await _trace(
             conn,

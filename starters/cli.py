@@ -28,6 +28,8 @@ app.add_typer(dev, name="dev")
 keys = typer.Typer(help="Approver signing keys (Ed25519).", no_args_is_help=True)
 app.add_typer(platform, name="platform")
 app.add_typer(keys, name="keys")
+alerts = typer.Typer(help="Alert intake: Alertmanager webhooks and NATS events start remediations.")
+app.add_typer(alerts, name="alerts")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -256,6 +258,22 @@ def worker() -> None:
     configure_logging()
     configure_tracing("billing-remediation-worker", settings.otlp_endpoint)
     _run(run_worker(settings))
+
+
+@alerts.command("serve")
+def alerts_serve() -> None:
+    """Receive Alertmanager webhooks (POST /alertmanager) and payments.reconcile_failed events."""
+    from alert_intake.mapping import MappingError
+    from alert_intake.serve import serve_forever
+    from worker.telemetry import configure_logging, configure_tracing
+
+    settings = _settings()
+    configure_logging()
+    configure_tracing("billing-remediation-alert-intake", settings.otlp_endpoint)
+    try:
+        _run(serve_forever(settings))
+    except (MappingError, ValueError) as err:
+        _fail(str(err))
 
 
 @app.command()

@@ -6,6 +6,7 @@ No field defaults to a clock or a random value: models are built inside the work
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
@@ -369,6 +370,23 @@ class LaunchGuardRequest(Frozen):
     sku: str = "compute-vm-small"
 
 
+class AlertNotice(Frozen):
+    """An alert (or platform event) about a remediation's scope, recorded on the run."""
+
+    source: Literal["alertmanager", "nats"]
+    name: Annotated[str, StringConstraints(max_length=200)]
+    status: Literal["firing", "resolved"]
+    fingerprint: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    starts_at: datetime | None = None
+    ends_at: datetime | None = None
+    correlation_id: str | None = None
+    summary: Annotated[str, StringConstraints(max_length=300)] = ""
+
+    def key(self) -> str:
+        """One record per alert and status, however often it repeats."""
+        return f"{self.source}:{self.fingerprint}:{self.status}"
+
+
 class LaunchGuardVerifyRequest(Frozen):
     """What `remediate verify-launch-guard` (or a prepaid remediation's verification) asks for."""
 
@@ -558,3 +576,4 @@ class StatusView(Frozen):
     rejected_by: str | None
     verification: VerificationResult | None
     frozen: bool
+    alerts: list[AlertNotice] = Field(default_factory=list)

@@ -26,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from workflows.launch_guard import LaunchGuardWorkflow
     from workflows.models import (
+        AlertNotice,
         ApiActionAudit,
         ApiActionRequest,
         ApiActionResult,
@@ -79,6 +80,7 @@ SA_APPROVAL = SearchAttributeKey.for_keyword("ApprovalState")
 # Expected failures that retrying cannot fix; everything else retries with backoff up to the limit.
 NON_RETRYABLE = ["BadInput", "NotFound", "Unauthorized"]
 MAX_PASSES = 3
+MAX_ALERTS = 50  # distinct alerts recorded per run; history stays bounded under alert storms
 
 
 def _cause(err: ActivityError) -> str:
@@ -129,6 +131,7 @@ class BillingRemediationWorkflow:
         self._stalled: str | None = None
         self._ref: RunRef | None = None
         self._events = 0
+        self._alerts: dict[str, AlertNotice] = {}
 
     # ---------------------------------------------------------------- run
 
@@ -635,6 +638,17 @@ class BillingRemediationWorkflow:
         if self._require_options().policy.approver(decision.actor) is None:
             raise ApplicationError(f"not an approver: {decision.actor!r}", type="DecisionRefused")
 
+    @workflow.signal(name=names.SIGNAL_ALERT)
+    def alert(self, notice: AlertNotice) -> None:
+        """Record an alert about this scope (repeats of one alert and status are kept once).
+
+        A resolved alert is recorded, not obeyed: a quiet alert does not prove the billing data is whole.
+        """
+        if notice.key() in self._alerts or len(self._alerts) >= MAX_ALERTS:
+            return
+        self._alerts[notice.key()] = notice
+        self._refresh_details()
+
     @workflow.query(name=names.QUERY_STATUS)
     def status(self) -> StatusView:
         """Phase, diagnosis, drift, plan, approvals and verdict."""
@@ -649,6 +663,7 @@ class BillingRemediationWorkflow:
             rejected_by=self._approval.rejected_by,
             verification=self._verification,
             frozen=self._frozen_id is not None,
+            alerts=list(self._alerts.values()),
         )
 
     @workflow.query(name=names.QUERY_PLAN)
@@ -796,6 +811,14 @@ class BillingRemediationWorkflow:
                 f"- **Blast radius:** {self._blast.value}"
                 f"{' · manual adjustments frozen' if self._frozen_id else ''}"
             )
+        if self._alerts:
+            lines.append("")
+            lines.append("**Alerts**")
+            lines += [
+                f"- {a.name} **{a.status}** ({a.source}, `{a.fingerprint[:16]}`)"
+                + (f" · {a.summary}" if a.summary else "")
+                for a in self._alerts.values()
+            ]
         if self._diagnosis:
             lines.append("")
             lines.append("**Diagnosis**")

@@ -1,0 +1,1 @@
+"""Alert intake: Alertmanager webhooks and platform NATS events start (or attach to) remediations."""

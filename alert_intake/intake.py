@@ -1,0 +1,182 @@
+"""Turn alerts into remediations: start one per scope, attach repeats, record each alert once on the run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+import asyncpg
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+
+from activities.postgres_billing import validate_scope
+from alert_intake.alertmanager import Alert
+from alert_intake.mapping import AlertRefused, Mapping
+from config import Settings
+from starters import operations
+from workflows import names
+from workflows.models import AlertNotice, RemediationRequest, Trigger
+
+log = logging.getLogger("billing_remediation.alert_intake")
+Action = Literal["started", "attached", "resolved_recorded", "no_running_remediation", "ignored"]
+REMEMBERED = 20_000  # recorded (run, alert, status) keys kept to skip repeat signals in a storm
+
+
+@dataclass(frozen=True)
+class Intended:
+    """A validated alert: the remediation it belongs to and how it is recorded on the run."""
+
+    request: RemediationRequest
+    notice: AlertNotice
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the intake did with one alert (the receiver's response lists these)."""
+
+    fingerprint: str
+    action: Action
+    workflow_id: str | None = None
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+def _when(value: datetime | None) -> datetime | None:
+    # Alertmanager sends 0001-01-01T00:00:00Z as the end of a firing alert.
+    return value if value is not None and value.year > 1 else None
+
+
+class Intake:
+    """Shared by the webhook receiver and the NATS subscriber."""
+
+    def __init__(self, client: Client, settings: Settings, mapping: Mapping, db: asyncpg.Pool) -> None:
+        self._client = client
+        self._settings = settings
+        self._mapping = mapping
+        self._db = db
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._recorded: OrderedDict[str, None] = OrderedDict()
+        self._valid_scopes: set[str] = set()
+
+    # ------------------------------------------------------------------ validation (no side effects)
+
+    async def from_alert(self, alert: Alert) -> Intended | None:
+        """The remediation an Alertmanager alert asks for; None when no route matches its name."""
+        name = alert.labels.get("alertname", "")
+        trigger = self._mapping.trigger_for(name)
+        if trigger is None:
+            return None
+        request = self._mapping.request(
+            trigger, alert.labels, default_correlation=f"alert-{alert.fingerprint}"[:128]
+        )
+        notice = AlertNotice(
+            source="alertmanager",
+            name=name[:200],
+            status=alert.status,
+            fingerprint=alert.fingerprint,
+            starts_at=_when(alert.startsAt),
+            ends_at=_when(alert.endsAt),
+            correlation_id=request.correlation_id,
+            summary=(alert.annotations.get("summary") or alert.annotations.get("description") or "")[:300],
+        )
+        await self._check_scope(request)
+        return Intended(request, notice)
+
+    async def from_event(self, subject: str, data: bytes) -> Intended:
+        """The remediation a platform event (e.g. ``payments.reconcile_failed``) asks for."""
+        try:
+            event = json.loads(data)
+        except ValueError:
+            raise AlertRefused(f"{subject}: payload is not JSON ({data[:60]!r})") from None
+        if not isinstance(event, dict):
+            raise AlertRefused(f"{subject}: payload is not a JSON object")
+        correlation = event.get("correlation_id")
+        if not isinstance(correlation, str) or not correlation:
+            raise AlertRefused(f"{subject}: correlation_id is missing")
+        labels = {k: str(v) for k, v in event.items() if isinstance(v, str | int) and not isinstance(v, bool)}
+        request = self._mapping.request(
+            Trigger.RECONCILE_FAILED, labels, default_correlation=correlation, requested_by="nats-intake"
+        )
+        subject_key = event.get("payment_session_id") or correlation
+        notice = AlertNotice(
+            source="nats",
+            name=subject[:200],
+            status="firing",
+            fingerprint=f"{subject}:{subject_key}"[:200],
+            correlation_id=request.correlation_id,
+            summary=f"{subject} for {subject_key}"[:300],
+        )
+        await self._check_scope(request)
+        return Intended(request, notice)
+
+    async def _check_scope(self, request: RemediationRequest) -> None:
+        key = request.scope.key()
+        if key in self._valid_scopes:
+            return
+        try:
+            await validate_scope(self._db, request.scope)
+        except ApplicationError as err:
+            raise AlertRefused(err.message) from None
+        self._valid_scopes.add(key)
+
+    # ------------------------------------------------------------------ effects
+
+    async def deliver(self, intended: Intended) -> Outcome:
+        """Start or attach (firing) or record on the running run (resolved)."""
+        workflow_id = intended.request.workflow_id()
+        notice = intended.notice
+        # One start per scope at a time, so "started" vs "attached" is reported truthfully in a storm.
+        lock = self._locks.setdefault(workflow_id, asyncio.Lock())
+        async with lock:
+            if notice.status == "resolved":
+                run_id = await self._running_run(workflow_id)
+                if run_id is None:
+                    return Outcome(notice.fingerprint, "no_running_remediation", workflow_id)
+                await self._record(workflow_id, run_id, notice)
+                return Outcome(notice.fingerprint, "resolved_recorded", workflow_id)
+            started = await operations.start(self._client, self._settings, intended.request)
+            await self._record(started.workflow_id, started.run_id, notice)
+        action: Action = "attached" if started.attached else "started"
+        if action == "started":
+            log.info(
+                "started remediation %s for %s %s",
+                workflow_id,
+                notice.source,
+                notice.name,
+                extra={"correlation_id": intended.request.correlation_id, "workflow_id": workflow_id},
+            )
+        return Outcome(notice.fingerprint, action, workflow_id, started.ui_link)
+
+    async def _running_run(self, workflow_id: str) -> str | None:
+        try:
+            description = await self._client.get_workflow_handle(workflow_id).describe()
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                return None
+            raise
+        return description.run_id if description.status == WorkflowExecutionStatus.RUNNING else None
+
+    async def _record(self, workflow_id: str, run_id: str, notice: AlertNotice) -> None:
+        key = f"{run_id}:{notice.key()}"
+        if key in self._recorded:
+            return
+        try:
+            await self._client.get_workflow_handle(workflow_id, run_id=run_id).signal(
+                names.SIGNAL_ALERT, notice
+            )
+        except RPCError as err:
+            # The run finished between start and signal: nothing left to record it on.
+            if err.status != RPCStatusCode.NOT_FOUND:
+                raise
+        self._recorded[key] = None
+        while len(self._recorded) > REMEMBERED:
+            self._recorded.popitem(last=False)

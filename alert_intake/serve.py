@@ -1,0 +1,97 @@
+"""`remediate alerts serve`: the webhook receiver and the NATS subscriber in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+
+import asyncpg
+import nats
+import uvicorn
+from nats.errors import Error as NatsError
+from temporalio.client import Client
+
+from alert_intake.intake import Intake
+from alert_intake.mapping import load_mapping
+from alert_intake.nats_events import consume_events
+from alert_intake.receiver import receiver_app
+from config import Settings
+from worker.main import connect_temporal
+
+log = logging.getLogger("billing_remediation.alert_intake")
+
+
+@contextlib.asynccontextmanager
+async def running_intake(
+    settings: Settings, *, client: Client | None = None, port: int | None = None
+) -> AsyncIterator[Intake]:
+    """Serve the receiver (and the subscriber unless ALERTS_NATS=off) until the context exits."""
+    if settings.alerts_token is None or not settings.alerts_token.get_secret_value():
+        raise ValueError("ALERTS_TOKEN is not set: the alert receiver never runs without bearer auth")
+    mapping = load_mapping(settings.alerts_mapping_file)
+    client = client or await connect_temporal(settings)
+    pool = await asyncpg.create_pool(settings.resolved_database_url(), min_size=1, max_size=8)
+    intake = Intake(client, settings, mapping, pool)
+    app = receiver_app(intake, settings.alerts_token.get_secret_value())
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=settings.alerts_host,
+            port=port if port is not None else settings.alerts_port,
+            log_level="warning",
+            lifespan="off",
+        )
+    )
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(server.serve())]
+    nc = None
+    if settings.alerts_nats == "on":
+        nc = await nats.connect(settings.resolved_nats_url())
+        tasks.append(
+            asyncio.create_task(
+                consume_events(
+                    intake,
+                    nc,
+                    stream=settings.billing_stream,
+                    subject=settings.alerts_nats_subject,
+                    durable=settings.alerts_nats_durable,
+                    stop=stop,
+                )
+            )
+        )
+    try:
+        while not server.started:
+            for task in tasks:
+                if task.done():
+                    task.result()
+                    raise RuntimeError(f"alert intake: could not serve on {settings.alerts_host}")
+            await asyncio.sleep(0.05)
+        yield intake
+    finally:
+        stop.set()
+        server.should_exit = True
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if nc is not None:
+            with contextlib.suppress(OSError, NatsError):
+                await nc.close()
+        await pool.close()
+
+
+async def serve_forever(settings: Settings) -> None:
+    """Run until SIGINT/SIGTERM."""
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, done.set)
+    async with running_intake(settings):
+        log.info(
+            "alert intake on http://%s:%s/alertmanager (NATS %s: %s)",
+            settings.alerts_host,
+            settings.alerts_port,
+            settings.alerts_nats,
+            settings.alerts_nats_subject,
+        )
+        await done.wait()
