@@ -37,7 +37,9 @@ class Receiver:
 @pytest_asyncio.fixture(loop_scope="session")
 async def receiver(world: World) -> AsyncIterator[Receiver]:
     port = free_port()
-    settings = world.settings.model_copy(update={"alerts_token": SecretStr(TOKEN), "alerts_host": "127.0.0.1"})
+    settings = world.settings.model_copy(
+        update={"alerts_token": SecretStr(TOKEN), "alerts_host": "127.0.0.1"}
+    )
     async with (
         running_intake(settings, client=world.client, port=port),
         httpx.AsyncClient(

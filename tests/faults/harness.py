@@ -8,11 +8,28 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+from temporalio.testing import WorkflowEnvironment
 
 from config import Settings
 from tests.conftest import World, signed_approvers
 from tests.test_remediation_workflow import DRIFT_SQL, drift
 from workflows.models import PlanSummary
+
+# Work held by a dead worker moves on within seconds (production defaults are a minute).
+FAST_FAILOVER: dict[str, Any] = {
+    "ACTIVITY_TIMEOUT_SECONDS": 5,
+    "ACTIVITY_HEARTBEAT_SECONDS": 2,
+    "ACTIVITY_RETRY_MAX_INTERVAL_SECONDS": 1,
+    "APPLY_BATCH_SIZE": 20,
+    "VERIFY_WINDOW_SECONDS": 1,
+}
+
+
+def temporal_address(env: WorkflowEnvironment) -> str:
+    """host:port of the test's Temporal server, for worker processes."""
+    return str(env.client.service_client.config.target_host)
 
 
 def worker_env(settings: Settings, temporal_address: str) -> dict[str, str]:
@@ -46,6 +63,11 @@ class WorkerProcess:
         self._log = log
         self._proc: subprocess.Popen[bytes] | None = None
         self.kills = 0
+
+    @property
+    def pid(self) -> int | None:
+        """The running worker's pid (its Temporal identity is ``pid@host``)."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
     def start(self) -> None:
         """Start a fresh worker process."""

@@ -20,7 +20,7 @@ from devstack.processes import free_port
 from devstack.stack import Postgres, Temporal
 from local_platform.seeder import SeedSpec, seed
 from tests.conftest import World, make_world
-from tests.faults.harness import applied_count, assert_ledger_is_the_plan
+from tests.faults.harness import FAST_FAILOVER, applied_count, assert_ledger_is_the_plan
 from tests.test_remediation_workflow import decision, incident_in, start, start_dispute, wait_phase
 from workflows import names
 from workflows.models import Phase, RemediationRequest, StatusView, Trigger
@@ -28,12 +28,6 @@ from workflows.models import Phase, RemediationRequest, StatusView, Trigger
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 T = TypeVar("T")
-FAST_FAILOVER: dict[str, Any] = {
-    "ACTIVITY_TIMEOUT_SECONDS": 5,
-    "ACTIVITY_HEARTBEAT_SECONDS": 2,
-    "ACTIVITY_RETRY_MAX_INTERVAL_SECONDS": 1,
-    "APPLY_BATCH_SIZE": 20,
-}
 
 
 async def retrying(fn: Callable[[], Awaitable[T]], seconds: float = 60) -> T:

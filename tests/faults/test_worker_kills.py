@@ -5,18 +5,15 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from temporalio.testing import WorkflowEnvironment
 
-from config import Settings
 from local_platform.seeder import SeedSpec, seed
-from tests.conftest import World, make_world
-from tests.faults.harness import WorkerProcess, applied_count, assert_ledger_is_the_plan
+from tests.conftest import World
+from tests.faults.harness import WorkerProcess, applied_count, assert_ledger_is_the_plan, temporal_address
 from tests.test_remediation_workflow import decision, start, wait_phase
 from workflows import names
 from workflows.models import Phase, RemediationRequest, Trigger
@@ -27,29 +24,6 @@ KILL_SEED = 20261125
 RECONCILE_KILLS = 4
 APPLY_KILLS = 16
 INJECT = {"unbilled_closed": 900, "orphan_open": 300, "missing_open": 300, "payment_drift": 60}
-
-FAST_FAILOVER: dict[str, Any] = {
-    "ACTIVITY_TIMEOUT_SECONDS": 5,
-    "ACTIVITY_HEARTBEAT_SECONDS": 2,
-    "ACTIVITY_RETRY_MAX_INTERVAL_SECONDS": 1,
-    "APPLY_BATCH_SIZE": 20,
-    "VERIFY_WINDOW_SECONDS": 1,
-}
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def process_world(
-    pg_settings: Settings, template_db: str, state_root: Path, temporal_env: WorkflowEnvironment
-) -> AsyncIterator[World]:
-    """A world whose worker is a separate process (started by the test)."""
-    async for w in make_world(
-        pg_settings, template_db, state_root, temporal_env.client, in_process_worker=False, **FAST_FAILOVER
-    ):
-        yield w
-
-
-def temporal_address(env: WorkflowEnvironment) -> str:
-    return str(env.client.service_client.config.target_host)
 
 
 async def test_kill_9_at_seeded_points_ledger_equals_the_approved_plan(
