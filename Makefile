@@ -15,9 +15,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The demo keeps workflow history readable in the UI; everything else encrypts payloads by default.
+# The stand-in also plays the OTLP collector, so the remediation's own trace shows next to the incident's.
+DEMO_ENV = PAYLOAD_ENCRYPTION=off OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:$${PLATFORM_PORT:-8480}
 demo: $(STAMP)
-	PAYLOAD_ENCRYPTION=off $(BIN)/remediate dev up --services
-	PAYLOAD_ENCRYPTION=off VERIFY_WINDOW_SECONDS=5 $(BIN)/remediate demo
+	$(DEMO_ENV) $(BIN)/remediate dev up --services
+	$(DEMO_ENV) VERIFY_WINDOW_SECONDS=5 $(BIN)/remediate demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -15,7 +15,7 @@ from nats.errors import Error as NatsError
 from starlette.applications import Starlette
 
 from config import Settings
-from local_platform import admin_api, billing_worker, observability_api
+from local_platform import admin_api, billing_worker, observability_api, otlp_receiver
 from local_platform.db import migrate
 from local_platform.events import ensure_stream, ensure_worker_consumer
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 def build_app(pool: asyncpg.Pool, token: str, *, require_tenant: bool = False) -> Starlette:
     """The stand-in's ASGI app over an existing pool."""
-    app = Starlette(routes=[*admin_api.ROUTES, *observability_api.ROUTES])
+    app = Starlette(routes=[*admin_api.ROUTES, *observability_api.ROUTES, *otlp_receiver.ROUTES])
     app.state.pool = pool
     app.state.token = token
     app.state.require_tenant = require_tenant

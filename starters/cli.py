@@ -76,8 +76,10 @@ def _settings() -> Settings:
 
 async def _client(settings: Settings) -> Any:
     from worker.main import connect_temporal
-    from worker.telemetry import configure_tracing
+    from worker.telemetry import configure_logging, configure_tracing
 
+    # What the commander does is logged as JSON lines on stderr (stdout stays for people).
+    configure_logging()
     configure_tracing("billing-remediation-cli", settings.otlp_endpoint)
     return await connect_temporal(settings)
 
@@ -319,6 +321,8 @@ def start(
         + (" (attached to the running remediation)" if started[0].attached else "")
     )
     typer.echo(f"UI: {started[0].ui_link}")
+    if started[0].trace_id:
+        typer.echo(f"trace: {started[0].trace_id}")
     if started[1]:
         typer.echo(started[1])
 

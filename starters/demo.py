@@ -32,9 +32,41 @@ async def _wait_phase(client: object, workflow_id: str, phases: set[Phase], time
     )
 
 
+async def _show_traces(settings: Settings, incident_trace: str, own_trace: str | None) -> None:
+    """The incident's trace and the remediation's own, side by side, through the Tempo API."""
+    if own_trace is None:
+        return
+    import httpx
+    from opentelemetry import trace
+
+    from activities.tempo import TempoActivities, summarize
+
+    flush = getattr(trace.get_tracer_provider(), "force_flush", None)
+    if flush is not None:
+        await asyncio.to_thread(flush)
+    _say("== 7. Traces (Tempo API; the worker exports its spans over OTLP)")
+    async with httpx.AsyncClient(base_url=settings.resolved_tempo_url(), timeout=10) as http:
+        tempo = TempoActivities(http, settings.tempo_tenant)
+        for label, trace_id in (("incident", incident_trace), ("remediation", own_trace)):
+            summary = summarize(await tempo.fetch_trace(trace_id) or [])
+            # The worker batches its spans (about every 5 s): wait for them rather than show half a trace.
+            for _ in range(30):
+                if label == "incident" or "billing-remediation-worker" in summary["services"]:
+                    break
+                await asyncio.sleep(0.5)
+                summary = summarize(await tempo.fetch_trace(trace_id) or [])
+            _say(
+                f"   {label:<11} trace {trace_id}: {summary['spans']} spans from "
+                + ", ".join(summary["services"])
+            )
+
+
 async def run_demo(settings: Settings) -> int:
     """Run the scenario; returns the process exit code."""
     from worker.main import connect_temporal
+    from worker.telemetry import configure_tracing
+
+    configure_tracing("billing-remediation-cli", settings.otlp_endpoint)
 
     prefix = f"d{int(time.time()) % 10_000_000}"
     async with platform_connections(settings) as (conn, nc):
@@ -93,6 +125,7 @@ async def run_demo(settings: Settings) -> int:
     markdown = render_evidence_markdown(doc)
     _say("== 6. Evidence summary (full pack: remediate evidence " + started.workflow_id + ")")
     _say("\n".join(markdown.splitlines()[:12]))
+    await _show_traces(settings, incident.trace_id, started.trace_id)
     _say(f"\nTemporal UI: {started.ui_link}")
     _say("The stack is still running. Explore the UI, then stop everything with: make down")
     return 0 if result.outcome is Phase.COMPLETED else 1

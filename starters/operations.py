@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import uuid
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from opentelemetry import trace
 from temporalio.client import (
     Client,
     WorkflowExecutionStatus,
@@ -49,6 +51,8 @@ from workflows.remediation import (
     BillingRemediationWorkflow,
 )
 
+log = logging.getLogger("billing_remediation.cli")
+_tracer = trace.get_tracer("billing_remediation.cli")
 WORKFLOW_ID = re.compile(r"^remediation-[A-Za-z0-9._:/\-]{1,200}$")
 
 
@@ -64,6 +68,7 @@ class Started:
     run_id: str
     attached: bool
     ui_link: str
+    trace_id: str | None = None  # the remediation's own trace, when tracing is exported
 
 
 def check_workflow_id(workflow_id: str) -> str:
@@ -106,18 +111,35 @@ async def start(client: Client, settings: Settings, request: RemediationRequest)
     )
     # USE_EXISTING returns the running execution; look first so the commander is told it was attached.
     attached = await _is_running(client, request.workflow_id())
-    handle = await client.start_workflow(
-        BillingRemediationWorkflow.run,
-        request,
-        id=request.workflow_id(),
-        task_queue=settings.task_queue,
-        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-        search_attributes=TypedSearchAttributes(pairs),
-        static_summary=summary[:400],
-        static_details=STEPS_MARKDOWN,
-    )
+    # The start's span is the root of the remediation's trace (the worker's spans hang under it).
+    with _tracer.start_as_current_span(
+        "remediate start",
+        attributes={"correlation_id": request.correlation_id, "actor": request.requested_by},
+    ) as span:
+        handle = await client.start_workflow(
+            BillingRemediationWorkflow.run,
+            request,
+            id=request.workflow_id(),
+            task_queue=settings.task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            search_attributes=TypedSearchAttributes(pairs),
+            static_summary=summary[:400],
+            static_details=STEPS_MARKDOWN,
+        )
     run_id = handle.result_run_id or (await handle.describe()).run_id
-    return Started(handle.id, run_id, attached, settings.workflow_ui_link(handle.id))
+    context = span.get_span_context()
+    trace_id = format(context.trace_id, "032x") if context.is_valid and not attached else None
+    log.info(
+        "remediation %s %s",
+        handle.id,
+        "attached" if attached else "started",
+        extra={
+            "correlation_id": request.correlation_id,
+            "workflow_id": handle.id,
+            "actor": request.requested_by,
+        },
+    )
+    return Started(handle.id, run_id, attached, settings.workflow_ui_link(handle.id), trace_id)
 
 
 async def verify_launch_guard(
@@ -213,8 +235,9 @@ async def decide_plan(
         except ApproverKeyError as err:
             raise OperationError(f"cannot sign as {approver}: {err}") from None
     handle = handle_for(client, workflow_id)
+    context = {"workflow_id": workflow_id, "actor": approver, "phase": view.phase.value}
     try:
-        return str(
+        answer = str(
             await handle.execute_update(
                 names.UPDATE_APPROVE, body, id=f"{decision}:{plan_hash[:16]}:{approver}", result_type=str
             )
@@ -224,9 +247,12 @@ async def decide_plan(
         # Temporal keeps no record of a rejected Update: the refusal is audited here.
         description = await handle.describe()
         await _audit_refusal(settings, description.run_id, body, reason, view.plan)
+        log.warning("%s of plan %s refused: %s", decision, plan_hash[:12], reason, extra=context)
         raise OperationError(f"refused: {reason}") from None
     except RPCError as err:
         raise OperationError(f"remediation {workflow_id!r}: {err.message}") from None
+    log.info("%s of plan %s accepted: %s", decision, plan_hash[:12], answer, extra=context)
+    return answer
 
 
 async def _audit_refusal(
@@ -252,7 +278,7 @@ async def _audit_refusal(
 async def decide_verdict(client: Client, workflow_id: str, *, actor: str, choice: str, comment: str) -> str:
     """After a failed verification: retry or hand off."""
     try:
-        return str(
+        answer = str(
             await handle_for(client, workflow_id).execute_update(
                 names.UPDATE_DECIDE,
                 VerdictDecision(actor=actor, choice=choice, comment=comment),
@@ -262,6 +288,8 @@ async def decide_verdict(client: Client, workflow_id: str, *, actor: str, choice
     except WorkflowUpdateFailedError as err:
         reason = err.cause.message if isinstance(err.cause, ApplicationError) else str(err.cause)
         raise OperationError(f"refused: {reason}") from None
+    log.info("verdict %s: %s", choice, answer, extra={"workflow_id": workflow_id, "actor": actor})
+    return answer
 
 
 async def abort(client: Client, workflow_id: str) -> None:
@@ -270,6 +298,7 @@ async def abort(client: Client, workflow_id: str) -> None:
         await handle_for(client, workflow_id).cancel()
     except RPCError as err:
         raise OperationError(f"remediation {workflow_id!r}: {err.message}") from None
+    log.info("remediation %s cancelled", workflow_id, extra={"workflow_id": workflow_id})
 
 
 async def list_runs(client: Client, query: str, limit: int = 50) -> list[dict[str, Any]]:

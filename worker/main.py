@@ -28,7 +28,7 @@ from activities.tempo import TempoActivities
 from config import Settings
 from migrations import apply_migrations, remediation_migrations_dir
 from worker.payload_codec import payload_keys, with_codec
-from worker.telemetry import RemediationSpanAttributes
+from worker.telemetry import RemediationContext
 from workflows.launch_guard import LaunchGuardWorkflow
 from workflows.remediation import BillingRemediationWorkflow
 from workflows.sandbox import workflow_runner
@@ -145,7 +145,7 @@ def build_worker(
         task_queue=task_queue or settings.task_queue,
         workflows=[BillingRemediationWorkflow, LaunchGuardWorkflow],
         workflow_runner=workflow_runner(),
-        interceptors=[RemediationSpanAttributes()],
+        interceptors=[RemediationContext()],
         activities=activity_list(settings, res),
         max_concurrent_activities=50,
         graceful_shutdown_timeout=timedelta(seconds=10),

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 from opentelemetry import trace
+from temporalio import activity
 from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput, Interceptor
 
 from workflows.models import RunRef
@@ -76,17 +78,18 @@ def configure_tracing(service: str, endpoint: str | None) -> bool:
     return True
 
 
-class RemediationSpanAttributes(Interceptor):
-    """Tags each activity's span with the run's correlation id, workflow id and scope ids."""
+class RemediationContext(Interceptor):
+    """Tags each activity's span with the run's ids and logs its start and end as JSON lines."""
 
     def intercept_activity(self, next: ActivityInboundInterceptor) -> ActivityInboundInterceptor:
         """Wrap activity execution."""
-        return _ActivityAttributes(next)
+        return _ActivityContext(next)
 
 
-class _ActivityAttributes(ActivityInboundInterceptor):
+class _ActivityContext(ActivityInboundInterceptor):
     async def execute_activity(self, input: ExecuteActivityInput) -> Any:
-        ref = _run_ref(input.args[0]) if input.args else None
+        arg = input.args[0] if input.args else None
+        ref = _run_ref(arg) if arg is not None else None
         span = trace.get_current_span()
         if ref is not None and span.is_recording():
             span.set_attribute("correlation_id", ref.correlation_id)
@@ -94,7 +97,24 @@ class _ActivityAttributes(ActivityInboundInterceptor):
             for field, value in ref.scope.model_dump().items():
                 if value:
                     span.set_attribute(f"scope.{field}", value)
-        return await super().execute_activity(input)
+        extra: dict[str, Any] = {}
+        if ref is not None:
+            extra["correlation_id"] = ref.correlation_id
+        actor = getattr(arg, "actor", None)
+        if isinstance(actor, str):
+            extra["actor"] = actor
+        started = time.monotonic()
+        info = activity.info()
+        activity.logger.info("activity started (attempt %d)", info.attempt, extra=extra)
+        try:
+            result = await super().execute_activity(input)
+        except BaseException as err:
+            activity.logger.warning(
+                "activity failed after %.2fs: %s", time.monotonic() - started, err, extra=extra
+            )
+            raise
+        activity.logger.info("activity completed in %.2fs", time.monotonic() - started, extra=extra)
+        return result
 
 
 def _run_ref(arg: Any) -> RunRef | None:

@@ -772,6 +772,16 @@ class BillingRemediationWorkflow:
 
     def _set_phase(self, phase: Phase, *, approval: str | None = None) -> None:
         self._phase = phase
+        # workflow.logger is replay-safe: each transition is logged once, with the run's context.
+        workflow.logger.info(
+            "phase %s",
+            phase.value,
+            extra={
+                "phase": phase.value,
+                "correlation_id": self._request.correlation_id,
+                "actor": self._request.requested_by,
+            },
+        )
         updates = [SA_PHASE.value_set(phase.value)]
         if approval is not None:
             updates.append(SA_APPROVAL.value_set(approval))
