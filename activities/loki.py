@@ -44,6 +44,23 @@ def trace_id_of(stream: dict[str, Any], line: str) -> str | None:
     return str(value) if value else None
 
 
+Entry = tuple[dict[str, Any], int, str]  # labels (stream + structured metadata + parsed), ts ns, line
+
+
+def _labels(stream: dict[str, Any], value: list[Any]) -> dict[str, Any]:
+    """Stream labels merged with the entry's categorized labels (categorize-labels encoding), if any."""
+    labels = dict(stream)
+    if len(value) > 2 and isinstance(value[2], dict):
+        for category in ("structuredMetadata", "parsed"):
+            labels.update(value[2].get(category) or {})
+    return labels
+
+
+def _key(entry: Entry) -> tuple[int, str, tuple[tuple[str, str], ...]]:
+    labels, ts, line = entry
+    return ts, line, tuple(sorted((str(k), str(v)) for k, v in labels.items()))
+
+
 class LokiActivities:
     """Queries Loki (or the stand-in's Loki-compatible endpoint)."""
 
@@ -54,51 +71,64 @@ class LokiActivities:
         self._tenant = tenant
         self._lookback = lookback_seconds
 
-    async def query_range(
-        self, query: str, start_ns: int, end_ns: int
-    ) -> list[tuple[dict[str, Any], int, str]]:
-        """All entries of ``query`` in [start, end), paging forward past the per-query limit."""
-        headers = {"X-Scope-OrgID": self._tenant} if self._tenant else {}
-        entries: list[tuple[dict[str, Any], int, str]] = []
+    async def query_range(self, query: str, start_ns: int, end_ns: int) -> tuple[list[Entry], bool]:
+        """Entries of ``query`` in [start, end), paging forward past the per-query limit.
+
+        Returns the entries and whether they are complete (False when MAX_PAGES stopped the paging).
+        Pages restart *at* the last timestamp seen, not after it, so entries sharing that nanosecond
+        are never skipped; the ones already taken are dropped.
+        """
+        headers = {"X-Loki-Response-Encoding-Flags": "categorize-labels"}
+        if self._tenant:
+            headers["X-Scope-OrgID"] = self._tenant
+        entries: list[Entry] = []
+        at_boundary: set[tuple[int, str, tuple[tuple[str, str], ...]]] = set()
         for _ in range(MAX_PAGES):
-            response = await send(
-                self._client,
-                "Loki",
-                "GET",
-                "/loki/api/v1/query_range",
-                headers=headers,
-                params={
-                    "query": query,
-                    "start": str(start_ns),
-                    "end": str(end_ns),
-                    "limit": str(PAGE_LIMIT),
-                    "direction": "forward",
-                },
-            )
-            raise_for("Loki", response)
-            body = json_object("Loki", response)
-            data = body.get("data")
-            if body.get("status") != "success" or not isinstance(data, dict):
-                raise dependency_down(f"Loki answered an unexpected body: {response.text[:100]!r}")
-            try:
-                page = [
-                    (dict(s.get("stream", {})), int(v[0]), str(v[1]))
-                    for s in data.get("result", [])
-                    for v in s.get("values", [])
-                ]
-            except (TypeError, ValueError, IndexError, AttributeError) as exc:
-                raise dependency_down(f"Loki returned malformed streams: {exc}") from exc
-            entries += page
+            page = await self._page(query, start_ns, end_ns, headers)
+            fresh = [e for e in page if _key(e) not in at_boundary]
+            entries += fresh
             if len(page) < PAGE_LIMIT:
-                break
-            start_ns = max(ts for _, ts, _ in page) + 1
-        return entries
+                return entries, True
+            if not fresh:
+                break  # a whole page within one nanosecond: cannot move on without losing lines
+            start_ns = max(ts for _, ts, _ in page)
+            at_boundary = {_key(e) for e in page if e[1] == start_ns}
+        return entries, False
+
+    async def _page(self, query: str, start_ns: int, end_ns: int, headers: dict[str, str]) -> list[Entry]:
+        response = await send(
+            self._client,
+            "Loki",
+            "GET",
+            "/loki/api/v1/query_range",
+            headers=headers,
+            params={
+                "query": query,
+                "start": str(start_ns),
+                "end": str(end_ns),
+                "limit": str(PAGE_LIMIT),
+                "direction": "forward",
+            },
+        )
+        raise_for("Loki", response)
+        body = json_object("Loki", response)
+        data = body.get("data")
+        if body.get("status") != "success" or not isinstance(data, dict):
+            raise dependency_down(f"Loki answered an unexpected body: {response.text[:100]!r}")
+        try:
+            return [
+                (_labels(s.get("stream", {}), v), int(v[0]), str(v[1]))
+                for s in data.get("result", [])
+                for v in s.get("values", [])
+            ]
+        except (TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise dependency_down(f"Loki returned malformed streams: {exc}") from exc
 
     @activity.defn(name=names.QUERY_CORRELATION_LOGS)
     async def query_correlation_logs(self, ref: RunRef) -> CheckResult:
         """Log lines for the correlation id across the billing services, the trace ids found, errors."""
         end = time.time_ns()
-        entries = await self.query_range(
+        entries, complete = await self.query_range(
             correlation_query(ref.correlation_id), end - self._lookback * 10**9, end
         )
         by_service: Counter[str] = Counter()
@@ -116,6 +146,7 @@ class LokiActivities:
             (
                 f"{len(entries)} lines ({', '.join(f'{s}: {n}' for s, n in sorted(by_service.items()))}), "
                 f"{errors} errors, {len(trace_ids)} trace ids"
+                + ("" if complete else f" (first {len(entries)} lines only; more exist)")
             )
             if entries
             else "no log lines for this correlation id"

@@ -85,6 +85,8 @@ async def _trace(
         correlation_id=correlation_id,
         trace_id=trace_id,
         ts_ns=now + 700_000_000,
+        # The failing service ships its trace id as structured metadata, not inside the line.
+        trace_in_line=False,
     )
 
 

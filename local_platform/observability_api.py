@@ -177,50 +177,62 @@ async def loki_query_range(request: Request) -> Response:
     if direction not in ("forward", "backward"):
         return _text(400, f'invalid parameter "direction": {direction}')
     order = "ASC" if direction == "forward" else "DESC"
+    categorize = "categorize-labels" in request.headers.get("x-loki-response-encoding-flags", "")
     rows = await request.app.state.pool.fetch(
-        f"SELECT ts_ns, service, level, line FROM platform_obs.logs WHERE ts_ns >= $1 AND ts_ns < $2"
+        f"SELECT ts_ns, service, level, trace_id, line FROM platform_obs.logs WHERE ts_ns >= $1 AND ts_ns < $2"
         f" ORDER BY ts_ns {order}, id {order}",
         start,
         end,
     )
-    streams: dict[tuple[tuple[str, str], ...], list[list[str]]] = {}
+    streams: dict[tuple[tuple[str, str], ...], list[list[Any]]] = {}
     taken = 0
     for row in rows:
-        labels = {"service_name": row["service"], "service": row["service"], "level": row["level"]}
-        if not all(m.matches(labels) for m in query.selector):
+        indexed = {"service_name": row["service"], "service": row["service"], "level": row["level"]}
+        if not all(m.matches(indexed) for m in query.selector):
             continue
         line: str = row["line"]
         if not _line_ok(line, query.line_filters):
             continue
+        # A trace id kept out of the line is the entry's structured metadata.
+        metadata = {"trace_id": row["trace_id"]} if row["trace_id"] and '"trace_id"' not in line else {}
+        parsed: dict[str, str] = {}
         if query.json_stage:
             try:
-                parsed = json.loads(line)
-                for key, value in parsed.items():
-                    if isinstance(value, str | int | float | bool) and key not in labels:
-                        labels[key] = str(value)
+                for key, value in json.loads(line).items():
+                    if (
+                        isinstance(value, str | int | float | bool)
+                        and key not in indexed
+                        and key not in metadata
+                    ):
+                        parsed[key] = str(value)
             except json.JSONDecodeError:
-                labels["__error__"] = "JSONParserErr"
+                parsed["__error__"] = "JSONParserErr"
+        labels = {**indexed, **metadata, **parsed}
         labels.setdefault("__error__", "")
         if not all(m.matches(labels) for m in query.label_filters):
             continue
-        if not labels["__error__"]:
-            del labels["__error__"]
-        key = tuple(sorted(labels.items()))
-        streams.setdefault(key, []).append([str(row["ts_ns"]), line])
+        if categorize:
+            # Loki's categorize-labels encoding: stream = index labels; the rest per entry.
+            key = tuple(sorted(indexed.items()))
+            extra = {k: v for k, v in (("structuredMetadata", metadata), ("parsed", parsed)) if v}
+            streams.setdefault(key, []).append([str(row["ts_ns"]), line, extra])
+        else:
+            if not labels["__error__"]:
+                del labels["__error__"]
+            key = tuple(sorted(labels.items()))
+            streams.setdefault(key, []).append([str(row["ts_ns"]), line])
         taken += 1
         if taken >= limit:
             break
     result = [{"stream": dict(k), "values": v} for k, v in streams.items()]
-    return JSONResponse(
-        {
-            "status": "success",
-            "data": {
-                "resultType": "streams",
-                "result": result,
-                "stats": {"summary": {"totalEntriesReturned": taken}},
-            },
-        }
-    )
+    data: dict[str, Any] = {
+        "resultType": "streams",
+        "result": result,
+        "stats": {"summary": {"totalEntriesReturned": taken}},
+    }
+    if categorize:
+        data["encodingFlags"] = ["categorize-labels"]
+    return JSONResponse({"status": "success", "data": data})
 
 
 def _line_ok(line: str, filters: list[tuple[str, str]]) -> bool:

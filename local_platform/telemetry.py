@@ -32,14 +32,19 @@ async def log(
     correlation_id: str | None = None,
     trace_id: str | None = None,
     ts_ns: int | None = None,
+    trace_in_line: bool = True,
     **fields: Any,
 ) -> None:
-    """Write one JSON log line for ``service``."""
+    """Write one JSON log line for ``service``.
+
+    With ``trace_in_line=False`` the trace id is kept out of the line and served as Loki structured
+    metadata instead (as OTel log pipelines attach it).
+    """
     ts = ts_ns if ts_ns is not None else time.time_ns()
     line = {"level": level, "msg": msg, "service": service, **fields}
     if correlation_id:
         line["correlation_id"] = correlation_id
-    if trace_id:
+    if trace_id and trace_in_line:
         line["trace_id"] = trace_id
     await conn.execute(
         "INSERT INTO platform_obs.logs (ts_ns, service, level, correlation_id, trace_id, line)"
