@@ -1,13 +1,18 @@
-"""The README's configuration table documents every setting."""
+"""The README's configuration table documents every setting; the compose file matches the code."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from config import Settings
+import yaml
+from temporalio.common import SearchAttributeKey
 
-README = Path(__file__).parents[1] / "README.md"
+from config import Settings
+from workflows import remediation
+
+ROOT = Path(__file__).parents[1]
+README = ROOT / "README.md"
 
 
 def test_every_setting_is_in_the_readme_configuration_table() -> None:
@@ -15,3 +20,19 @@ def test_every_setting_is_in_the_readme_configuration_table() -> None:
     documented = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", table))
     aliases = {field.alias for field in Settings.model_fields.values() if field.alias}
     assert aliases - documented == set(), "settings missing from README ## Configuration"
+
+
+def test_compose_file_registers_the_workflows_search_attributes_and_sets_only_known_settings() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.temporal.yml").read_text())
+    services = compose["services"]
+    registered = set(
+        re.findall(r"for a in ([A-Za-z ]+);", services["temporal-admin-tools"]["entrypoint"])[0].split()
+    )
+    used = {value.name for value in vars(remediation).values() if isinstance(value, SearchAttributeKey)}
+    assert registered == used
+    aliases = {field.alias for field in Settings.model_fields.values() if field.alias}
+    for name in ("remediation-worker", "alert-intake"):
+        service = services[name]
+        assert set(service["environment"]) <= aliases, name
+        assert "PAYLOAD_KEY" in service["environment"], "payloads are encrypted by default"
+        assert service["depends_on"]["temporal-admin-tools"]["condition"] == "service_completed_successfully"
