@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 from temporalio import activity
@@ -20,7 +20,9 @@ from activities.scope_sql import (
     LEDGER_COLUMNS,
     PAYMENT_COLUMNS,
     USAGE_COLUMNS,
+    columns_as,
     scope_predicate,
+    scope_prefilter,
 )
 from workflows import names
 from workflows.models import (
@@ -43,6 +45,7 @@ from workflows.models import (
 )
 
 OPEN_STATUSES = "('active', 'releasing', 'release_failed')"
+RECONCILE_WORK_MEM = "256MB"
 # Cost of closing a usage record at the allocation's release: the platform's pricing rule in SQL.
 # When an orphan's release time was never recorded, close it at the last time it was billed: never
 # charge for time nothing proves was used.
@@ -62,52 +65,114 @@ TRANSIENT = (
 )
 
 
-def _checks(scope: Scope, first: int) -> dict[DriftKind, tuple[str, list[str]]]:
-    """The runbook's four reconciliation checks as SELECTs producing finding rows, with their params."""
-    alloc_pred, alloc_params = scope_predicate(scope, ALLOCATION_COLUMNS, first)
-    usage_pred, usage_params = scope_predicate(scope, USAGE_COLUMNS, first)
+class Check(NamedTuple):
+    """One runbook check in two steps: the drifted keys first (index-only anti-joins over narrow
+    indexes), then the finding rows for just those keys (a lookup per key: ``LATERAL ... OFFSET 0``
+    keeps the planner from scanning a whole table to decorate a handful of drifted rows)."""
+
+    candidates: str  # SELECT of one column: the drifted entity's key
+    details: str  # SELECT of finding rows FROM cand (the materialised candidates)
+    params: list[str]
+
+    def statement(self) -> str:
+        """One SELECT producing the finding rows (one snapshot)."""
+        return f"WITH cand(key) AS MATERIALIZED ({self.candidates}) {self.details}"
+
+
+def _candidates(scope: Scope, inside: str, outside: str | None, key: str, exact: str) -> str:
+    """Drifted keys: ``inside`` keys with no match per ``exact`` (a NOT EXISTS over the whole table).
+
+    Globally that anti-join is a merge of two sorted narrow indexes. For a scope, the keys are first
+    narrowed by subtracting ``outside`` (the same scope's matches, a small hashed EXCEPT), then the few
+    left are checked exactly, so a match recorded under another scope still counts.
+    """
+    if scope.is_global or outside is None:
+        return f"SELECT {key} FROM ({inside}) k WHERE NOT EXISTS ({exact})"
+    return f"SELECT {key} FROM (({inside}) EXCEPT ({outside})) k WHERE NOT EXISTS ({exact})"
+
+
+def _checks(scope: Scope, first: int) -> dict[DriftKind, Check]:
+    """The runbook's four reconciliation checks, each as candidates + details, with their params."""
+    params = [value for value in scope.model_dump().values() if value]
+    open_pred, _ = scope_predicate(scope, columns_as(ALLOCATION_COLUMNS, "c"), first)
+    usage_pred, _ = scope_predicate(scope, columns_as(USAGE_COLUMNS, "o"), first)
     pay_pred, pay_params = scope_predicate(scope, PAYMENT_COLUMNS, first)
+    ledger_pre = scope_prefilter(scope, columns_as(LEDGER_COLUMNS, "l"), first)
+    if ledger_pre is None and scope.project_id:
+        # The ledger has no project: its project's org is a cheap superset.
+        number = first + [f for f, v in scope.model_dump().items() if v].index("project_id")
+        ledger_pre = f"l.org_id = (SELECT pr.org_id FROM billing.projects pr WHERE pr.id = ${number})"
+    open_allocations = (
+        f"SELECT c.id FROM billing.allocations c WHERE c.status IN {OPEN_STATUSES} AND {open_pred}"
+    )
+    open_usage = (
+        f"SELECT o.allocation_id FROM billing.usage_records o WHERE o.end_time IS NULL AND {usage_pred}"
+    )
+    billable = f"""SELECT o.id FROM billing.usage_records o
+                   WHERE o.end_time IS NOT NULL AND o.accrued_cost_minor > 0 AND {usage_pred}"""
+    debits = (
+        None
+        if ledger_pre is None
+        else f"SELECT l.usage_record_id FROM billing.ledger_entries l WHERE l.kind = 'usage_debit' AND {ledger_pre}"
+    )
     return {
-        DriftKind.MISSING_OPEN_USAGE: (
-            f"""
-            SELECT 'missing_open_usage', 'allocation', a.id, a.org_id, a.project_id, a.requested_by_user_id, a.id,
-                   0::bigint, jsonb_build_object('status', a.status, 'activated_at', a.activated_at)
-            FROM billing.allocations a
-            WHERE a.status IN {OPEN_STATUSES} AND {alloc_pred}
-              AND NOT EXISTS (SELECT 1 FROM billing.usage_records u
-                              WHERE u.allocation_id = a.id AND u.end_time IS NULL)""",
-            alloc_params,
+        DriftKind.MISSING_OPEN_USAGE: Check(
+            _candidates(
+                scope,
+                open_allocations,
+                open_usage,
+                "k.id",
+                "SELECT 1 FROM billing.usage_records u WHERE u.allocation_id = k.id AND u.end_time IS NULL",
+            ),
+            """SELECT 'missing_open_usage', 'allocation', a.id, a.org_id, a.project_id, a.requested_by_user_id, a.id,
+                      0::bigint, jsonb_build_object('status', a.status, 'activated_at', a.activated_at)
+               FROM cand CROSS JOIN LATERAL (
+                   SELECT * FROM billing.allocations a WHERE a.id = cand.key OFFSET 0) a""",
+            params,
         ),
-        DriftKind.ORPHAN_OPEN_USAGE: (
-            f"""
-            SELECT 'orphan_open_usage', 'usage_record', u.id::text, u.org_id, u.project_id, u.requested_by_user_id,
-                   u.allocation_id, {CLOSE_COST},
-                   jsonb_build_object('allocation_status', a.status, 'released_at', a.released_at,
-                                      'start_time', u.start_time)
-            FROM billing.usage_records u JOIN billing.allocations a ON a.id = u.allocation_id
-            WHERE u.end_time IS NULL AND a.status NOT IN {OPEN_STATUSES} AND {usage_pred}""",
-            usage_params,
+        DriftKind.ORPHAN_OPEN_USAGE: Check(
+            _candidates(
+                scope,
+                open_usage,
+                open_allocations,
+                "k.allocation_id",
+                f"SELECT 1 FROM billing.allocations c WHERE c.id = k.allocation_id AND c.status IN {OPEN_STATUSES}",
+            ),
+            f"""SELECT 'orphan_open_usage', 'usage_record', u.id::text, u.org_id, u.project_id, u.requested_by_user_id,
+                       u.allocation_id, {CLOSE_COST},
+                       jsonb_build_object('allocation_status', a.status, 'released_at', a.released_at,
+                                          'start_time', u.start_time)
+                FROM cand
+                CROSS JOIN LATERAL (SELECT * FROM billing.usage_records u
+                                    WHERE u.allocation_id = cand.key AND u.end_time IS NULL OFFSET 0) u
+                CROSS JOIN LATERAL (SELECT * FROM billing.allocations a WHERE a.id = u.allocation_id OFFSET 0) a""",
+            params,
         ),
-        DriftKind.UNBILLED_CLOSED_USAGE: (
-            f"""
-            SELECT 'unbilled_closed_usage', 'usage_record', u.id::text, u.org_id, u.project_id,
-                   u.requested_by_user_id, u.allocation_id, u.accrued_cost_minor,
-                   jsonb_build_object('end_time', u.end_time)
-            FROM billing.usage_records u
-            WHERE u.end_time IS NOT NULL AND u.accrued_cost_minor > 0 AND {usage_pred}
-              AND NOT EXISTS (SELECT 1 FROM billing.ledger_entries l
-                              WHERE l.usage_record_id = u.id AND l.kind = 'usage_debit')""",
-            usage_params,
+        DriftKind.UNBILLED_CLOSED_USAGE: Check(
+            _candidates(
+                scope,
+                billable,
+                debits,
+                "k.id",
+                "SELECT 1 FROM billing.ledger_entries l WHERE l.usage_record_id = k.id AND l.kind = 'usage_debit'",
+            ),
+            """SELECT 'unbilled_closed_usage', 'usage_record', u.id::text, u.org_id, u.project_id,
+                      u.requested_by_user_id, u.allocation_id, u.accrued_cost_minor,
+                      jsonb_build_object('end_time', u.end_time)
+               FROM cand CROSS JOIN LATERAL (
+                   SELECT * FROM billing.usage_records u WHERE u.id = cand.key OFFSET 0) u""",
+            params,
         ),
-        DriftKind.PAYMENT_DRIFT: (
-            f"""
-            SELECT 'payment_drift', 'payment_session', p.id, p.org_id, NULL, p.user_id, NULL, p.amount_minor,
-                   jsonb_build_object('status', p.status, 'existing_credit_id',
-                       (SELECT l.id FROM billing.ledger_entries l
-                        WHERE l.payment_session_id = p.id AND l.kind = 'payment_credit'))
-            FROM billing.payment_sessions p
-            WHERE (p.status = 'failed_reconcile' OR (p.status = 'completed' AND p.ledger_entry_id IS NULL))
-              AND {pay_pred}""",
+        DriftKind.PAYMENT_DRIFT: Check(
+            f"""SELECT p.id FROM billing.payment_sessions p
+                WHERE (p.status = 'failed_reconcile' OR (p.status = 'completed' AND p.ledger_entry_id IS NULL))
+                  AND {pay_pred}""",
+            """SELECT 'payment_drift', 'payment_session', p.id, p.org_id, NULL, p.user_id, NULL, p.amount_minor,
+                      jsonb_build_object('status', p.status, 'existing_credit_id',
+                          (SELECT l.id FROM billing.ledger_entries l
+                           WHERE l.payment_session_id = p.id AND l.kind = 'payment_credit'))
+               FROM cand CROSS JOIN LATERAL (
+                   SELECT * FROM billing.payment_sessions p WHERE p.id = cand.key OFFSET 0) p""",
             pay_params,
         ),
     }
@@ -314,27 +379,31 @@ class BillingDatabaseActivities:
         """Each check is one set-based INSERT ... SELECT into the findings table; the four run concurrently."""
         ref = request.ref
 
-        async def check(kind: DriftKind, select: str, params: list[Any]) -> None:
-            await self._execute(
-                f"""INSERT INTO remediation.findings (run_id, pass, kind, entity_type, entity_id, org_id, project_id,
-                        user_id, allocation_id, amount_minor, detail)
-                    SELECT $1, $2, q.* FROM ({select}) q ON CONFLICT DO NOTHING""",
-                ref.run_id,
-                request.pass_no,
-                *params,
-            )
-            counts[kind.value] = int(
-                await self._fetchval(
-                    "SELECT count(*) FROM remediation.findings WHERE run_id = $1 AND pass = $2 AND kind = $3",
-                    ref.run_id,
-                    request.pass_no,
-                    kind.value,
-                )
-            )
+        async def run(kind: DriftKind, check: Check) -> None:
+            try:
+                async with self._pool.acquire() as conn, conn.transaction():
+                    # Room for the scoped anti-joins' hashes; without it they spill to disk in batches.
+                    await conn.execute(f"SET LOCAL work_mem = '{RECONCILE_WORK_MEM}'")
+                    await conn.execute(
+                        f"""INSERT INTO remediation.findings (run_id, pass, kind, entity_type, entity_id, org_id,
+                                project_id, user_id, allocation_id, amount_minor, detail)
+                            SELECT $1, $2, q.* FROM ({check.statement()}) q ON CONFLICT DO NOTHING""",
+                        ref.run_id,
+                        request.pass_no,
+                        *check.params,
+                    )
+                    counts[kind.value] = int(
+                        await conn.fetchval(
+                            "SELECT count(*) FROM remediation.findings WHERE run_id = $1 AND pass = $2 AND kind = $3",
+                            ref.run_id,
+                            request.pass_no,
+                            kind.value,
+                        )
+                    )
+            except TRANSIENT as exc:
+                raise dependency_down(f"Postgres unavailable: {type(exc).__name__}") from exc
 
-        await asyncio.gather(
-            *(check(kind, select, params) for kind, (select, params) in _checks(ref.scope, 3).items())
-        )
+        await asyncio.gather(*(run(kind, check) for kind, check in _checks(ref.scope, 3).items()))
 
     @activity.defn(name=names.BUILD_PLAN)
     async def build_plan(self, request: PlanRequest) -> PlanSummary:
@@ -754,8 +823,8 @@ class BillingDatabaseActivities:
 
     async def _count_drift(self, scope: Scope) -> int:
         total = 0
-        for select, params in _checks(scope, 1).values():
-            total += int(await self._fetchval(f"SELECT count(*) FROM ({select}) q", *params))
+        for check in _checks(scope, 1).values():
+            total += int(await self._fetchval(f"SELECT count(*) FROM ({check.candidates}) q", *check.params))
         return total
 
     async def _diagnosis(self, ref: RunRef, check: str, status: str, data: dict[str, Any]) -> None:
