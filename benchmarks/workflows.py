@@ -104,11 +104,12 @@ async def bench_workflows(stack: Stack, incidents: int) -> None:
         await seed(
             conn,
             SeedSpec(
-                orgs=max(5, incidents // 10),
+                # Three users per org: enough distinct users for one incident each.
+                orgs=max(5, incidents // 3 + 2),
                 allocations=incidents * 20,
                 prefix="wf",
                 seed=4,
-                inject={"orphan_open": incidents * 2},
+                inject={"orphan_open": incidents * 4},
             ),
         )
     users = [
