@@ -229,6 +229,8 @@ class Postgres(Component):
         if os.environ.get("REMEDIATION_PG_FAST") == "1":
             # Tests trade durability for speed; the demo and production keep fsync on.
             options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        # Extra server settings for the embedded server, e.g. "-c shared_buffers=4GB" for benchmarks.
+        options += " " + os.environ.get("REMEDIATION_PG_OPTIONS", "")
         result = subprocess.run(
             [
                 str(_pg_bin("pg_ctl")),

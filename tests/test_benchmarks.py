@@ -49,4 +49,4 @@ def test_benchmarks_print_one_json_line_per_measurement() -> None:
     # Total events differ only by how workflow tasks batched (a few), never by the plan's size (10x).
     assert large["history_events"] <= small["history_events"] * 1.1 + 5
     assert large["largest_payload_bytes"] < 4096
-    assert 0 < small["run_peak_rss_mb"] and 0 < large["run_peak_rss_mb"]
+    assert small["run_peak_rss_mb"] > 0 and large["run_peak_rss_mb"] > 0
