@@ -28,6 +28,7 @@ from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -143,6 +144,15 @@ class World:
     task_queue: str
 
 
+async def terminate_leftovers(client: Client, task_queue: str) -> None:
+    """Terminate runs still open on ``task_queue`` (a test that failed half-way)."""
+    query = f'TaskQueue = "{task_queue}" AND ExecutionStatus = "Running"'
+    with contextlib.suppress(RPCError):
+        async for wf in client.list_workflows(query):
+            with contextlib.suppress(RPCError):
+                await client.get_workflow_handle(wf.id, run_id=wf.run_id).terminate("test world torn down")
+
+
 async def make_world(
     pg_settings: Settings,
     template: str,
@@ -180,12 +190,17 @@ async def make_world(
         db = await asyncpg.create_pool(settings.resolved_database_url(), min_size=1, max_size=4)
         nc = await nats.connect(settings.resolved_nats_url())
         world = World(settings, client, db, nc, nats_server, settings.task_queue)
-        if in_process_worker:
-            worker: Worker = build_worker(client, settings, res)
-            async with worker:
+        try:
+            if in_process_worker:
+                worker: Worker = build_worker(client, settings, res)
+                async with worker:
+                    yield world
+            else:
                 yield world
-        else:
-            yield world
+        finally:
+            # Scope-derived workflow ids are shared by every world on the test server: a run a failed
+            # test left behind must not make the next test "attach" to it.
+            await terminate_leftovers(client, settings.task_queue)
         with contextlib.suppress(Exception):
             await nc.close()
         await db.close()

@@ -255,6 +255,35 @@ async def test_worker_crash_remediated_exactly(world: World) -> None:
     assert (await replayer.replay_workflow(history, raise_on_replay_failure=False)).replay_failure is None
 
 
+async def test_concurrent_approvals_are_audited_and_replay_deterministically(world: World) -> None:
+    incident = await incident_in(world, "worker-crash", "ca")
+    handle = await start(
+        world,
+        RemediationRequest(
+            correlation_id=incident.correlation_id, trigger=Trigger.WORKER_FAILURE, requested_by="ic-dana"
+        ),
+    )
+    view = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
+    # Both approvers at once: the updates can land in one workflow task.
+    await asyncio.gather(
+        *(handle.execute_update(names.UPDATE_APPROVE, decision(view, who)) for who in ("alice", "bob"))
+    )
+    result = await handle.result()
+    assert result.outcome is Phase.COMPLETED
+    audited = await world.db.fetch(
+        "SELECT approver FROM remediation.approvals WHERE run_id = $1 AND refusal_reason IS NULL ORDER BY approver",
+        result.run_id,
+    )
+    assert [r["approver"] for r in audited] == ["alice", "bob"]
+    history = await handle.fetch_history()
+    replayer = Replayer(
+        workflows=[BillingRemediationWorkflow],
+        data_converter=pydantic_data_converter,
+        workflow_runner=workflow_runner(),
+    )
+    assert (await replayer.replay_workflow(history, raise_on_replay_failure=False)).replay_failure is None
+
+
 async def test_rejection_changes_nothing_and_lifts_freeze(world: World) -> None:
     incident = await incident_in(world, "payments-reconcile", "pr")
     ledger_before = await ledger_state(world)

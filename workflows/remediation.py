@@ -80,6 +80,7 @@ SA_APPROVAL = SearchAttributeKey.for_keyword("ApprovalState")
 # Expected failures that retrying cannot fix; everything else retries with backoff up to the limit.
 NON_RETRYABLE = ["BadInput", "NotFound", "Unauthorized"]
 MAX_PASSES = 3
+AUDIT_QUEUE_PATCH = "approval-audit-queue"
 MAX_ALERTS = 50  # distinct alerts recorded per run; history stays bounded under alert storms
 
 
@@ -132,6 +133,9 @@ class BillingRemediationWorkflow:
         self._ref: RunRef | None = None
         self._events = 0
         self._alerts: dict[str, AlertNotice] = {}
+        # Approval audits waiting for the auditor coroutine (handlers never await activities).
+        self._audits: list[tuple[ApprovalDecision, str | None, str]] = []
+        self._auditing = False
 
     # ---------------------------------------------------------------- run
 
@@ -147,6 +151,8 @@ class BillingRemediationWorkflow:
             scope=request.scope,
         )
         self._upsert_scope_attributes()
+        # Issues no command until an audit is queued, so runs recorded before it replay unchanged.
+        self._auditor = asyncio.create_task(self._audit_approvals())
         self._options = await self._act(
             names.LOAD_RUNTIME_OPTIONS, None, RuntimeOptions, "Load the approval policy and thresholds"
         )
@@ -574,6 +580,7 @@ class BillingRemediationWorkflow:
             )
             self._frozen_id = None
         self._set_phase(Phase.CAPTURING_EVIDENCE)
+        await workflow.wait_condition(lambda: not self._audits and not self._auditing)
         await self._act(
             names.CAPTURE_EVIDENCE,
             EvidenceRequest(
@@ -621,7 +628,7 @@ class BillingRemediationWorkflow:
         if reason is None:
             await self._accept(decision, via="signal")
             return
-        await self._record_approval(decision, reason=reason, via="signal")
+        await self._audit(decision, reason=reason, via="signal")
 
     @workflow.update(name=names.UPDATE_DECIDE)
     async def decide(self, decision: VerdictDecision) -> str:
@@ -694,11 +701,35 @@ class BillingRemediationWorkflow:
             if self._approval.rejected_by
             else ("approved" if self._approval.decided else "pending"),
         )
-        await self._record_approval(decision, reason=None, via=via)
+        await self._audit(decision, reason=None, via=via)
         return (
             f"{decision.decision} by {decision.approver} recorded "
             f"({len(self._approval.approved_by)}/{self._approvals_needed()} approvals)"
         )
+
+    async def _audit(self, decision: ApprovalDecision, *, reason: str | None, via: str) -> None:
+        """Audit a decision: queued for the auditor coroutine, so the handler finishes in its own task.
+
+        A handler that awaited the audit activity stayed open across workflow tasks; a second approval
+        arriving in the task that completed the first one's audit then replayed in a different order
+        (a nondeterminism error after a worker restart, seen in the kill test). Runs started before
+        this change keep their recorded behaviour.
+        """
+        if workflow.patched(AUDIT_QUEUE_PATCH):
+            self._audits.append((decision, reason, via))
+            return
+        await self._record_approval(decision, reason=reason, via=via)
+
+    async def _audit_approvals(self) -> None:
+        """Record queued approval audits in order (one activity each)."""
+        while True:
+            await workflow.wait_condition(lambda: bool(self._audits))
+            decision, reason, via = self._audits.pop(0)
+            self._auditing = True
+            try:
+                await self._record_approval(decision, reason=reason, via=via)
+            finally:
+                self._auditing = False
 
     async def _record_approval(self, decision: ApprovalDecision, *, reason: str | None, via: str) -> None:
         ref = self._require_ref()
