@@ -34,6 +34,10 @@ async def _webhook(request: Request) -> Response:
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
         return _error(401, "missing or invalid bearer token")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        # Refused before reading: an oversized post never sits in memory.
+        return _error(413, f"body is {declared} bytes; the limit is {MAX_BODY_BYTES}")
     body = await request.body()
     if len(body) > MAX_BODY_BYTES:
         return _error(413, f"body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")

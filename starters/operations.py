@@ -39,17 +39,8 @@ from workflows.models import (
     StatusView,
     VerdictDecision,
 )
-from workflows.remediation import (
-    SA_ALLOCATION,
-    SA_CORRELATION,
-    SA_ORG,
-    SA_PHASE,
-    SA_PROJECT,
-    SA_TRIGGER,
-    SA_USER,
-    STEPS_MARKDOWN,
-    BillingRemediationWorkflow,
-)
+from workflows.remediation import STEPS_MARKDOWN, BillingRemediationWorkflow
+from workflows.search_attributes import SA_CORRELATION, SA_ORG, SA_PHASE, scope_values
 
 log = logging.getLogger("billing_remediation.cli")
 _tracer = trace.get_tracer("billing_remediation.cli")
@@ -93,17 +84,9 @@ async def start(client: Client, settings: Settings, request: RemediationRequest)
     """Start a remediation, or attach to the one already running for the same scope."""
     scope = request.scope
     pairs: list[SearchAttributePair[Any]] = [
-        SearchAttributePair(SA_CORRELATION, request.correlation_id),
-        SearchAttributePair(SA_TRIGGER, request.trigger.value),
+        SearchAttributePair(key, value)
+        for key, value in scope_values(request.correlation_id, request.trigger.value, scope)
     ]
-    for key, value in (
-        (SA_ORG, scope.org_id),
-        (SA_PROJECT, scope.project_id),
-        (SA_USER, scope.user_id),
-        (SA_ALLOCATION, scope.allocation_id),
-    ):
-        if value:
-            pairs.append(SearchAttributePair(key, value))
     mode = "dry run" if request.dry_run else "remediate after approval"
     summary = (
         f"{request.trigger.value} · corr {request.correlation_id} · {scope.describe()} · {mode}"
@@ -322,7 +305,11 @@ async def list_runs(client: Client, query: str, limit: int = 50) -> list[dict[st
 def list_query(*, phase: str | None, org: str | None, correlation_id: str | None) -> str:
     """Visibility query for `remediate list` (values quoted safely)."""
     clauses = [f"WorkflowType = '{names.WORKFLOW}'"]
-    for attribute, value in (("RemediationPhase", phase), ("OrgId", org), ("CorrelationId", correlation_id)):
+    for attribute, value in (
+        (SA_PHASE.name, phase),
+        (SA_ORG.name, org),
+        (SA_CORRELATION.name, correlation_id),
+    ):
         if value is not None:
             if not re.fullmatch(r"[A-Za-z0-9._:\-]{1,128}", value):
                 raise OperationError(f"--{attribute}: malformed value {value!r}")

@@ -22,6 +22,7 @@ from devstack.processes import free_port
 from starters import operations
 from tests.test_remediation_workflow import incident_in
 from workflows.models import RemediationRequest, Scope, StatusView
+from workflows.search_attributes import SA_ORG, SA_TRIGGER
 
 from .conftest import World
 
@@ -115,6 +116,10 @@ async def test_malformed_and_unauthorized_posts_get_4xx_with_the_reason(receiver
     assert answer.status_code == 400 and "not JSON" in answer.json()["error"]
     answer = await http.post("/alertmanager", json={**body, "version": "3"})
     assert answer.status_code == 422 and "version" in answer.json()["error"]
+    huge = await http.post(
+        "/alertmanager", content=b"x" * 5_000_001, headers={"Content-Type": "application/json"}
+    )
+    assert huge.status_code == 413 and "limit" in huge.json()["error"]
     answer = await http.post("/alertmanager", json={**body, "alerts": []})
     assert answer.status_code == 422 and "alerts" in answer.json()["error"]
     no_fingerprint = {k: v for k, v in alert("BillingWorkerDown", {}).items() if k != "fingerprint"}
@@ -232,7 +237,10 @@ async def test_reconcile_failed_events_on_nats_start_one_remediation_per_org(rec
             a.source == "nats" and a.name == "payments.reconcile_failed" for a in view.alerts
         )
         description = await world.client.get_workflow_handle(workflow_id).describe()
-        assert description.typed_search_attributes is not None
+        # Findable in the UI as what it is: started by a reconcile failure, for that org.
+        attributes = description.typed_search_attributes
+        assert attributes.get(SA_TRIGGER) == "reconcile_failed"
+        assert attributes.get(SA_ORG) == workflow_id.removeprefix("remediation-org:")
         await operations.abort(world.client, workflow_id)
     # Every payment session's event is recorded once on its org's run.
     total = 0

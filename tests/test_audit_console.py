@@ -12,7 +12,15 @@ from tests.conftest import World
 from tests.test_remediation_workflow import decision, start_dispute, wait_phase
 from workflows import names
 from workflows.models import Phase, Scope
-from workflows.remediation import SA_APPROVAL, SA_BLAST, SA_CORRELATION, SA_ORG, SA_PHASE, SA_TRIGGER, SA_USER
+from workflows.search_attributes import (
+    SA_APPROVAL,
+    SA_BLAST,
+    SA_CORRELATION,
+    SA_ORG,
+    SA_PHASE,
+    SA_TRIGGER,
+    SA_USER,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -14,10 +14,8 @@ import jsonschema
 import pytest
 import pytest_asyncio
 from temporalio.client import WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Replayer
 
 from config import Settings
 from config.approver_keys import sign
@@ -25,7 +23,7 @@ from local_platform.incidents import IncidentReport, run_incident
 from starters import operations
 from starters.render import render_evidence_html
 from tests.conftest import APPROVER_KEYS, World, make_world
-from tests.histories import keep_history
+from tests.histories import keep_history, replay_failure
 from workflows import names
 from workflows.models import (
     ApprovalDecision,
@@ -37,8 +35,6 @@ from workflows.models import (
     Trigger,
     VerdictDecision,
 )
-from workflows.remediation import BillingRemediationWorkflow
-from workflows.sandbox import workflow_runner
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -247,12 +243,7 @@ async def test_worker_crash_remediated_exactly(world: World) -> None:
 
     # The recorded history replays deterministically.
     history = await again.fetch_history()
-    replayer = Replayer(
-        workflows=[BillingRemediationWorkflow],
-        data_converter=pydantic_data_converter,
-        workflow_runner=workflow_runner(),
-    )
-    assert (await replayer.replay_workflow(history, raise_on_replay_failure=False)).replay_failure is None
+    assert await replay_failure(history) is None
 
 
 async def test_concurrent_approvals_are_audited_and_replay_deterministically(world: World) -> None:
@@ -276,12 +267,7 @@ async def test_concurrent_approvals_are_audited_and_replay_deterministically(wor
     )
     assert [r["approver"] for r in audited] == ["alice", "bob"]
     history = await handle.fetch_history()
-    replayer = Replayer(
-        workflows=[BillingRemediationWorkflow],
-        data_converter=pydantic_data_converter,
-        workflow_runner=workflow_runner(),
-    )
-    assert (await replayer.replay_workflow(history, raise_on_replay_failure=False)).replay_failure is None
+    assert await replay_failure(history) is None
 
 
 async def test_rejection_changes_nothing_and_lifts_freeze(world: World) -> None:

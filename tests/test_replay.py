@@ -10,9 +10,8 @@ from temporalio import workflow
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
-from tests.histories import load, recorded
+from tests.histories import load, recorded, replay_failure
 from workflows import names
-from workflows.launch_guard import LaunchGuardWorkflow
 from workflows.models import RemediationRequest, RemediationResult
 from workflows.remediation import BillingRemediationWorkflow
 from workflows.sandbox import workflow_runner
@@ -35,13 +34,8 @@ def test_every_representative_run_is_recorded() -> None:
 @pytest.mark.asyncio(loop_scope="session")
 @pytest.mark.parametrize("path", recorded(), ids=lambda p: p.stem)
 async def test_recorded_history_replays(path: Path) -> None:
-    replayer = Replayer(
-        workflows=[BillingRemediationWorkflow, LaunchGuardWorkflow],
-        data_converter=pydantic_data_converter,
-        workflow_runner=workflow_runner(),
-    )
-    result = await replayer.replay_workflow(load(path), raise_on_replay_failure=False)
-    assert result.replay_failure is None, f"{path.name}: {result.replay_failure}"
+    failure = await replay_failure(load(path))
+    assert failure is None, f"{path.name}: {failure}"
 
 
 @workflow.defn(name=names.WORKFLOW, sandboxed=False)

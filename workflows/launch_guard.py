@@ -11,7 +11,7 @@ from datetime import timedelta
 from typing import Literal, TypeVar
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributeKey
+from temporalio.common import RetryPolicy
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
@@ -24,14 +24,11 @@ with workflow.unsafe.imports_passed_through():
         Phase,
         PostureObservation,
         PrecheckObservation,
+        Scope,
         SubmitObservation,
     )
+    from workflows.search_attributes import SA_PHASE, scope_values
 
-SA_CORRELATION = SearchAttributeKey.for_keyword("CorrelationId")
-SA_ORG = SearchAttributeKey.for_keyword("OrgId")
-SA_PROJECT = SearchAttributeKey.for_keyword("ProjectId")
-SA_PHASE = SearchAttributeKey.for_keyword("RemediationPhase")
-SA_TRIGGER = SearchAttributeKey.for_keyword("Trigger")
 
 T = TypeVar("T")
 TRIGGER = "launch_guard"
@@ -40,7 +37,7 @@ _RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     maximum_interval=timedelta(seconds=10),
     maximum_attempts=5,
-    non_retryable_error_types=["BadInput", "NotFound", "Unauthorized"],
+    non_retryable_error_types=names.NON_RETRYABLE_ERRORS,
 )
 
 
@@ -93,14 +90,10 @@ class LaunchGuardWorkflow:
     @workflow.run
     async def run(self, request: LaunchGuardVerifyRequest) -> LaunchGuardReport:
         """Posture, precheck, (submit probe), compare."""
-        updates = [
-            SA_CORRELATION.value_set(request.correlation_id),
-            SA_ORG.value_set(request.org_id),
-            SA_TRIGGER.value_set(TRIGGER),
-            SA_PHASE.value_set(Phase.VERIFYING.value),
-        ]
-        if request.project_id:
-            updates.append(SA_PROJECT.value_set(request.project_id))
+        pairs = scope_values(
+            request.correlation_id, TRIGGER, Scope(org_id=request.org_id, project_id=request.project_id)
+        )
+        updates = [key.value_set(value) for key, value in pairs] + [SA_PHASE.value_set(Phase.VERIFYING.value)]
         workflow.upsert_search_attributes(updates)
         where = request.org_id + (f"/{request.project_id}" if request.project_id else "")
         probe = request.probe()

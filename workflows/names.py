@@ -54,3 +54,6 @@ QUERY_STATUS = "status"
 QUERY_PLAN = "plan"
 QUERY_LAUNCH_GUARD = "launch_guard_report"
 SIGNAL_ALERT = "alert"
+
+# Failure types retrying cannot fix (activities raise them; every retry policy stops on them)
+NON_RETRYABLE_ERRORS = ["BadInput", "NotFound", "Unauthorized"]

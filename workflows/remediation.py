@@ -10,7 +10,7 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributeKey
+from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
@@ -64,21 +64,12 @@ with workflow.unsafe.imports_passed_through():
         VerificationRequest,
         VerificationResult,
     )
+    from workflows.search_attributes import SA_APPROVAL, SA_BLAST, SA_PHASE, scope_values
 
 R = TypeVar("R", bound=BaseModel)
 
-SA_CORRELATION = SearchAttributeKey.for_keyword("CorrelationId")
-SA_ORG = SearchAttributeKey.for_keyword("OrgId")
-SA_PROJECT = SearchAttributeKey.for_keyword("ProjectId")
-SA_USER = SearchAttributeKey.for_keyword("UserId")
-SA_ALLOCATION = SearchAttributeKey.for_keyword("AllocationId")
-SA_PHASE = SearchAttributeKey.for_keyword("RemediationPhase")
-SA_BLAST = SearchAttributeKey.for_keyword("BlastRadius")
-SA_TRIGGER = SearchAttributeKey.for_keyword("Trigger")
-SA_APPROVAL = SearchAttributeKey.for_keyword("ApprovalState")
 
 # Expected failures that retrying cannot fix; everything else retries with backoff up to the limit.
-NON_RETRYABLE = ["BadInput", "NotFound", "Unauthorized"]
 MAX_PASSES = 3
 AUDIT_QUEUE_PATCH = "approval-audit-queue"
 MAX_ALERTS = 50  # distinct alerts recorded per run; history stays bounded under alert storms
@@ -95,7 +86,7 @@ def _retry(attempts: int, max_interval: int) -> RetryPolicy:
         backoff_coefficient=2.0,
         maximum_interval=timedelta(seconds=max_interval),
         maximum_attempts=attempts,
-        non_retryable_error_types=NON_RETRYABLE,
+        non_retryable_error_types=names.NON_RETRYABLE_ERRORS,
     )
 
 
@@ -820,22 +811,12 @@ class BillingRemediationWorkflow:
         self._refresh_details()
 
     def _upsert_scope_attributes(self) -> None:
-        scope = self._request.scope
-        updates = [
-            SA_CORRELATION.value_set(self._request.correlation_id),
-            SA_TRIGGER.value_set(self._request.trigger.value),
-            SA_PHASE.value_set(self._phase.value),
-            SA_APPROVAL.value_set("not_requested"),
-        ]
-        for key, value in (
-            (SA_ORG, scope.org_id),
-            (SA_PROJECT, scope.project_id),
-            (SA_USER, scope.user_id),
-            (SA_ALLOCATION, scope.allocation_id),
-        ):
-            if value:
-                updates.append(key.value_set(value))
-        workflow.upsert_search_attributes(updates)
+        request = self._request
+        pairs = scope_values(request.correlation_id, request.trigger.value, request.scope)
+        workflow.upsert_search_attributes(
+            [key.value_set(value) for key, value in pairs]
+            + [SA_PHASE.value_set(self._phase.value), SA_APPROVAL.value_set("not_requested")]
+        )
 
     def _refresh_details(self) -> None:
         """Markdown shown live in the Temporal UI: phase, drift, plan, approvals, verdict."""

@@ -12,6 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from temporalio.client import WorkflowHandle, WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer
+
+from workflows.launch_guard import LaunchGuardWorkflow
+from workflows.remediation import BillingRemediationWorkflow
+from workflows.sandbox import workflow_runner
 
 HISTORY_DIR = Path(__file__).parent
 
@@ -30,6 +36,16 @@ def load(path: Path) -> WorkflowHistory:
     """A committed history with the workflow id it ran under."""
     data = json.loads(path.read_text())
     return WorkflowHistory.from_json(data.pop("workflowId", path.stem), data)
+
+
+async def replay_failure(history: WorkflowHistory) -> Exception | None:
+    """Replay ``history`` against today's workflow code, as a worker would; the failure, if any."""
+    replayer = Replayer(
+        workflows=[BillingRemediationWorkflow, LaunchGuardWorkflow],
+        data_converter=pydantic_data_converter,
+        workflow_runner=workflow_runner(),
+    )
+    return (await replayer.replay_workflow(history, raise_on_replay_failure=False)).replay_failure
 
 
 def recorded() -> list[Path]:
