@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -28,6 +29,7 @@ from activities.postgres_records import record_approval_row
 from config import Settings
 from config.approver_keys import ApproverKeyError, load_private_key, sign
 from workflows import names
+from workflows.approval import NOT_OPEN
 from workflows.launch_guard import LaunchGuardWorkflow
 from workflows.models import (
     ApprovalDecision,
@@ -44,6 +46,9 @@ from workflows.search_attributes import SA_CORRELATION, SA_ORG, SA_PHASE, scope_
 
 log = logging.getLogger("billing_remediation.cli")
 _tracer = trace.get_tracer("billing_remediation.cli")
+# An approval sent while the plan is still opening (or reopening after an escalation) is retried.
+NOT_OPEN_RETRIES = 20
+NOT_OPEN_RETRY_SECONDS = 0.5
 WORKFLOW_ID = re.compile(r"^remediation-[A-Za-z0-9._:/\-]{1,200}$")
 
 
@@ -220,11 +225,7 @@ async def decide_plan(
     handle = handle_for(client, workflow_id)
     context = {"workflow_id": workflow_id, "actor": approver, "phase": view.phase.value}
     try:
-        answer = str(
-            await handle.execute_update(
-                names.UPDATE_APPROVE, body, id=f"{decision}:{plan_hash[:16]}:{approver}", result_type=str
-            )
-        )
+        answer = await approve_when_open(handle, body, f"{decision}:{plan_hash[:16]}:{approver}")
     except WorkflowUpdateFailedError as err:
         reason = err.cause.message if isinstance(err.cause, ApplicationError) else str(err.cause)
         # Temporal keeps no record of a rejected Update: the refusal is audited here.
@@ -236,6 +237,18 @@ async def decide_plan(
         raise OperationError(f"remediation {workflow_id!r}: {err.message}") from None
     log.info("%s of plan %s accepted: %s", decision, plan_hash[:12], answer, extra=context)
     return answer
+
+
+async def approve_when_open(handle: WorkflowHandle[Any, Any], body: ApprovalDecision, update_id: str) -> str:
+    """Send the approval Update, retrying while the plan is only about to open (a transient refusal)."""
+    for _ in range(NOT_OPEN_RETRIES):
+        try:
+            return str(await handle.execute_update(names.UPDATE_APPROVE, body, id=update_id, result_type=str))
+        except WorkflowUpdateFailedError as err:
+            if not (isinstance(err.cause, ApplicationError) and err.cause.message == NOT_OPEN):
+                raise
+        await asyncio.sleep(NOT_OPEN_RETRY_SECONDS)
+    return str(await handle.execute_update(names.UPDATE_APPROVE, body, id=update_id, result_type=str))
 
 
 async def _audit_refusal(

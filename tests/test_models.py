@@ -12,7 +12,14 @@ from pydantic import ValidationError
 from temporalio.contrib.pydantic import pydantic_data_converter
 
 from config.approver_keys import public_key_b64, sign
-from workflows.approval import ApprovalState, apply_decision, approvals_required, refusal, reset_for_plan
+from workflows.approval import (
+    NOT_OPEN,
+    ApprovalState,
+    apply_decision,
+    approvals_required,
+    refusal,
+    reset_for_plan,
+)
 from workflows.models import (
     ApprovalDecision,
     ApprovalPolicy,
@@ -99,7 +106,9 @@ def test_quorum_and_self_approval_rules() -> None:
     assert "stale plan" in str(
         refusal(state, dec("bob", "b" * 64), POLICY, "ic", None, awaiting=True, now=T0)
     )
-    assert "no plan" in str(refusal(state, dec("bob"), POLICY, "ic", None, awaiting=False, now=T0))
+    # A plan that exists but is not open (being opened, or escalating) is a transient refusal.
+    assert refusal(state, dec("bob"), POLICY, "ic", None, awaiting=False, now=T0) == NOT_OPEN
+    assert "no plan" in str(refusal(ApprovalState(), dec("bob"), POLICY, "ic", None, awaiting=True, now=T0))
     apply_decision(state, dec("bob"), 2)
     assert not state.decided
     assert "already approved" in str(refusal(state, dec("bob"), POLICY, "ic", None, awaiting=True, now=T0))

@@ -27,6 +27,11 @@ def approvals_required(policy: ApprovalPolicy, plan: PlanSummary, radius: BlastR
     return 1
 
 
+# A transient refusal: the plan exists but approvals open a moment later (or reopen after an
+# escalation); clients retry it.
+NOT_OPEN = "not open yet: the plan is being opened for approval; retry in a moment"
+
+
 def self_approval_forbidden(policy: ApprovalPolicy, plan: PlanSummary, radius: BlastRadius | None) -> bool:
     """The requester may not approve their own widespread or above-threshold plan."""
     return radius is BlastRadius.WIDESPREAD or plan.money_moved_minor > policy.money_threshold_minor
@@ -46,10 +51,12 @@ def refusal(
     approver = policy.approver(decision.approver)
     if approver is None:
         return f"not an approver: {decision.approver!r} is not in the configured approvers"
-    if state.plan is None or state.plan_ready_at is None or not awaiting:
+    if state.plan is None or state.plan_ready_at is None:
         return "no plan is awaiting approval"
     if state.decided:
         return "already decided"
+    if not awaiting:
+        return NOT_OPEN
     if decision.plan_hash != state.plan.plan_hash:
         return f"stale plan: the plan awaiting approval has hash {state.plan.plan_hash[:12]}…"
     if policy.require_signatures:

@@ -71,7 +71,11 @@ R = TypeVar("R", bound=BaseModel)
 
 # Expected failures that retrying cannot fix; everything else retries with backoff up to the limit.
 MAX_PASSES = 3
-AUDIT_QUEUE_PATCH = "approval-audit-queue"
+AUDIT_QUEUE_PATCH = "approval-audit-queue"  # runs that decided it in their first approval's handler
+# Decided once at the start of the run (a patch first met inside an Update handler is itself a replay
+# hazard). Gated runs open an approval or decision only in an activation that issues no command; see
+# _open_gate.
+APPROVAL_GATE_PATCH = "approval-gate"
 MAX_ALERTS = 50  # distinct alerts recorded per run; history stays bounded under alert storms
 
 
@@ -127,6 +131,7 @@ class BillingRemediationWorkflow:
         # Approval audits waiting for the auditor coroutine (handlers never await activities).
         self._audits: list[tuple[ApprovalDecision, str | None, str]] = []
         self._auditing = False
+        self._gated: bool | None = None  # set by run() before any approval can be accepted
 
     # ---------------------------------------------------------------- run
 
@@ -141,6 +146,7 @@ class BillingRemediationWorkflow:
             trace_id=request.trace_id,
             scope=request.scope,
         )
+        self._gated = workflow.patched(APPROVAL_GATE_PATCH)
         self._upsert_scope_attributes()
         # Issues no command until an audit is queued, so runs recorded before it replay unchanged.
         self._auditor = asyncio.create_task(self._audit_approvals())
@@ -338,6 +344,59 @@ class BillingRemediationWorkflow:
 
     async def _await_approval(self, plan: PlanSummary) -> Phase | None:
         """Wait for the plan's approval; None when approved, else the ending phase."""
+        if not self._gated:
+            return await self._await_approval_ungated(plan)
+        policy = self._require_options().policy
+        self._announce(Phase.AWAITING_APPROVAL, approval="pending")
+        waited = 0
+        tier = 1
+        while True:
+            timeout = min(policy.deadline_seconds, policy.hard_limit_seconds - waited)
+            deadline = asyncio.create_task(
+                workflow.sleep(timedelta(seconds=timeout), summary=f"approval deadline (tier {tier})")
+            )
+            try:
+                await self._open_gate(
+                    Phase.AWAITING_APPROVAL, f"plan {plan.plan_id} open for approval (tier {tier})"
+                )
+                self._awaiting_approval = True
+                await workflow.wait_condition(lambda timer=deadline: self._approval.decided or timer.done())  # type: ignore[misc]
+            finally:
+                self._awaiting_approval = False
+                if not deadline.done():
+                    deadline.cancel()
+            if self._approval.decided:
+                break
+            waited += timeout
+            if waited >= policy.hard_limit_seconds:
+                self._set_phase(Phase.EXPIRED, approval="expired")
+                return Phase.EXPIRED
+            tier += 1
+            await self._escalate(plan, tier)
+        if self._approval.rejected_by is not None:
+            self._set_phase(Phase.REJECTED, approval="rejected")
+            return Phase.REJECTED
+        self._set_phase(Phase.REMEDIATING, approval="approved")
+        return None
+
+    async def _open_gate(self, phase: Phase, message: str) -> None:
+        """Enter ``phase`` (where Updates are accepted) only after a round trip to the server.
+
+        A query can run workflow code ahead of the last completed workflow task (seen in the kill
+        test: a worker restarted, the query applied a finished activity, the approver answered what it
+        showed). The Update then lands in the same workflow task as that progress, and on replay Temporal
+        runs the Update first: if entering the phase had issued commands, their order differs and the
+        run fails with a nondeterminism error. So every command of the transition (search attributes,
+        the deadline timer) is issued first, and the phase opens when this timeline activity returns,
+        in an activation that issues none; an Update arriving together with it is refused by the
+        validator (not yet open) and retried by the client.
+        """
+        await self._timeline(message, self._request.requested_by, "")
+        self._phase = phase
+        self._refresh_details()
+
+    async def _await_approval_ungated(self, plan: PlanSummary) -> Phase | None:
+        """The approval wait of runs started before the gate (kept for their replay)."""
         options = self._require_options()
         policy = options.policy
         self._awaiting_approval = True
@@ -545,7 +604,13 @@ class BillingRemediationWorkflow:
 
     async def _await_verdict_decision(self) -> str:
         self._verdict = None
-        self._set_phase(Phase.AWAITING_DECISION)
+        if self._gated:
+            self._announce(Phase.AWAITING_DECISION)
+            await self._open_gate(
+                Phase.AWAITING_DECISION, "verification failed: waiting for retry or hand-off"
+            )
+        else:
+            self._set_phase(Phase.AWAITING_DECISION)
         await workflow.wait_condition(lambda: self._verdict is not None)
         self._stalled = None
         verdict = self._verdict
@@ -686,12 +751,17 @@ class BillingRemediationWorkflow:
 
     async def _accept(self, decision: ApprovalDecision, *, via: str) -> str:
         apply_decision(self._approval, decision, self._approvals_needed())
-        self._set_phase(
-            self._phase,
-            approval="rejected"
+        state = (
+            "rejected"
             if self._approval.rejected_by
-            else ("approved" if self._approval.decided else "pending"),
+            else ("approved" if self._approval.decided else "pending")
         )
+        if self._gated:
+            # Nothing here may depend on where the main coroutine is: on replay this may run first.
+            workflow.upsert_search_attributes([SA_APPROVAL.value_set(state)])
+            self._refresh_details()
+        else:
+            self._set_phase(self._phase, approval=state)
         await self._audit(decision, reason=None, via=via)
         return (
             f"{decision.decision} by {decision.approver} recorded "
@@ -706,7 +776,9 @@ class BillingRemediationWorkflow:
         (a nondeterminism error after a worker restart, seen in the kill test). Runs started before
         this change keep their recorded behaviour.
         """
-        if workflow.patched(AUDIT_QUEUE_PATCH):
+        # Short-circuit: new runs never call patched() inside a handler. (None: a refused signal that
+        # arrived with the start, before run() decided; only new code gets there first.)
+        if self._gated is not False or workflow.patched(AUDIT_QUEUE_PATCH):
             self._audits.append((decision, reason, via))
             return
         await self._record_approval(decision, reason=reason, via=via)
@@ -794,6 +866,10 @@ class BillingRemediationWorkflow:
 
     def _set_phase(self, phase: Phase, *, approval: str | None = None) -> None:
         self._phase = phase
+        self._announce(phase, approval=approval)
+
+    def _announce(self, phase: Phase, *, approval: str | None = None) -> None:
+        """Log the transition and upsert the phase search attributes (``_phase`` is set by the caller)."""
         # workflow.logger is replay-safe: each transition is logged once, with the run's context.
         workflow.logger.info(
             "phase %s",

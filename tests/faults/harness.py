@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from temporalio.testing import WorkflowEnvironment
 
 from config import Settings
 from tests.conftest import World, signed_approvers
-from tests.test_remediation_workflow import DRIFT_SQL, drift
-from workflows.models import PlanSummary
 
 # Work held by a dead worker moves on within seconds (production defaults are a minute).
 FAST_FAILOVER: dict[str, Any] = {
@@ -98,26 +100,6 @@ class WorkerProcess:
                 self._proc.wait()
 
 
-async def assert_ledger_is_the_plan(world: World, plan: PlanSummary) -> None:
-    """The ledger ends exactly as approved: every action audited once, no key twice, no drift left."""
-    rows = await world.db.fetch(
-        "SELECT seq, outcome FROM remediation.applied_actions WHERE plan_id = $1", plan.plan_id
-    )
-    assert len(rows) == len({r["seq"] for r in rows})
-    # API actions (restriction clear, worker restart) are audited in the same table.
-    assert len(rows) == plan.action_count, (len(rows), plan)
-    assert {r["outcome"] for r in rows} == {"applied"}, {r["outcome"] for r in rows}
-    duplicates = await world.db.fetchval(
-        "SELECT count(*) - count(DISTINCT idempotency_key) FROM billing.ledger_entries"
-    )
-    assert duplicates == 0
-    posted = await world.db.fetchval(
-        "SELECT coalesce(sum(amount_minor), 0) FROM billing.ledger_entries WHERE actor LIKE 'remediation:%'"
-    )
-    assert posted == plan.debit_total_minor + plan.credit_total_minor
-    assert await drift(world) == {k: set() for k in DRIFT_SQL}
-
-
 async def applied_count(world: World, plan_id: str) -> int:
     """Audited actions of ``plan_id`` so far (committed with their effects)."""
     return int(
@@ -125,3 +107,74 @@ async def applied_count(world: World, plan_id: str) -> int:
             "SELECT count(*) FROM remediation.applied_actions WHERE plan_id = $1", plan_id
         )
     )
+
+
+class Pin:
+    """A table held locked so that a worker's statement on it waits: the worker is provably inside that step."""
+
+    def __init__(self, watch: asyncpg.Connection, statement: str) -> None:
+        # Its own connection outside the lock's transaction: pg_stat_activity is a per-transaction snapshot.
+        self._watch = watch
+        self._statement = statement
+        self._done: set[int] = set()
+
+    async def _waiters(self) -> set[int]:
+        rows = await self._watch.fetch(
+            """SELECT pid FROM pg_stat_activity WHERE datname = current_database()
+               AND wait_event_type = 'Lock' AND strpos(query, $1) > 0""",
+            self._statement,
+        )
+        return {r["pid"] for r in rows}
+
+    async def next_waiter(self, timeout: float = 120) -> int:
+        """The backend pid of a live session whose ``statement`` waits on the lock."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if fresh := await self._waiters() - self._done:
+                # A killed worker's session lingers up to one client check (250 ms): live ones stay.
+                await asyncio.sleep(0.4)
+                if alive := fresh & await self._waiters():
+                    return min(alive)
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"no worker statement {self._statement!r} waited on the lock within {timeout}s")
+
+    async def kill_inside(self, worker: WorkerProcess) -> None:
+        """kill -9 ``worker`` while its statement waits here; its session must end with the process."""
+        pid = await self.next_waiter()
+        worker.kill9()
+        self._done.add(pid)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        # The server notices the dead client (client_connection_check_interval) and rolls back.
+        while pid in await self._waiters():
+            if loop.time() > deadline:
+                raise AssertionError(f"backend {pid} of the killed worker still waits after 30s")
+            await asyncio.sleep(0.05)
+        worker.start()
+
+
+async def notice_dead_clients(world: World) -> None:
+    """New sessions of the world's database check for a vanished client every 250 ms (also in lock waits)."""
+    async with world.db.acquire() as conn:
+        db = await conn.fetchval("SELECT current_database()")
+        await conn.execute(f'ALTER DATABASE "{db}" SET client_connection_check_interval = 250')
+
+
+@contextlib.asynccontextmanager
+async def pinned(world: World, table: str, statement: str) -> AsyncIterator[Pin]:
+    """Hold ``table`` in ACCESS EXCLUSIVE mode until the block ends (also when Postgres restarts inside it)."""
+    dsn = world.settings.resolved_database_url()
+    conn = await asyncpg.connect(dsn)
+    watch = await asyncpg.connect(dsn)
+    tx = conn.transaction()
+    await tx.start()
+    await conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+    try:
+        yield Pin(watch, statement)
+    finally:
+        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            await tx.rollback()
+        for c in (conn, watch):
+            with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                await c.close(timeout=5)

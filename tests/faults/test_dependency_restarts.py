@@ -20,8 +20,16 @@ from devstack.processes import free_port
 from devstack.stack import Postgres, Temporal
 from local_platform.seeder import SeedSpec, seed
 from tests.conftest import World, make_world
-from tests.faults.harness import FAST_FAILOVER, applied_count, assert_ledger_is_the_plan
-from tests.test_remediation_workflow import decision, incident_in, start, start_dispute, wait_phase
+from tests.faults.harness import FAST_FAILOVER, applied_count, pinned
+from tests.test_remediation_workflow import (
+    approve,
+    assert_ledger_is_the_plan,
+    decision,
+    incident_in,
+    start,
+    start_dispute,
+    wait_phase,
+)
 from workflows import names
 from workflows.models import Phase, RemediationRequest, StatusView, Trigger
 
@@ -65,16 +73,20 @@ async def test_postgres_restarted_during_reconcile_and_apply(
     inject = {"unbilled_closed": 400, "orphan_open": 100, "missing_open": 100, "payment_drift": 20}
     async with world.db.acquire() as conn:
         await seed(conn, SeedSpec(orgs=3, allocations=1500, prefix="pgr", seed=3, inject=inject))
-    handle = await start(
-        world,
-        RemediationRequest(correlation_id="pg-restart", requested_by="ic", trigger=Trigger.WORKER_FAILURE),
-    )
-    await wait_phase(handle, {Phase.DIAGNOSING, Phase.FREEZING, Phase.RECONCILING, Phase.AWAITING_APPROVAL})
-    await restart_postgres(pg_settings)
+    # Restarted while a reconcile check's INSERT ... SELECT is provably running (waiting on the pin).
+    async with pinned(world, "remediation.findings", "INSERT INTO remediation.findings (run_id, pass") as pin:
+        handle = await start(
+            world,
+            RemediationRequest(
+                correlation_id="pg-restart", requested_by="ic", trigger=Trigger.WORKER_FAILURE
+            ),
+        )
+        await pin.next_waiter()
+        await restart_postgres(pg_settings)
     view = await retrying(lambda: wait_phase(handle, {Phase.AWAITING_APPROVAL}, timeout=120))
     assert view.plan is not None and view.plan.action_count == sum(inject.values())
     for who in ("alice", "bob"):
-        await handle.execute_update(names.UPDATE_APPROVE, decision(view, who))
+        await approve(handle, decision(view, who))
     plan_id = view.plan.plan_id
     for _ in range(6000):
         if await retrying(lambda: applied_count(world, plan_id)) > 0:
@@ -92,7 +104,7 @@ async def test_nats_stopped_during_verification_waits_for_a_human(failover_world
     view = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
     world.nats_server.stop()
     try:
-        await handle.execute_update(names.UPDATE_APPROVE, decision(view, "alice"))
+        await approve(handle, decision(view, "alice"))
         stopped = await wait_phase(handle, {Phase.AWAITING_DECISION, Phase.COMPLETED}, timeout=120)
         # The data is repaired, but without NATS the worker's recovery cannot be shown: no success claimed.
         assert stopped.phase is Phase.AWAITING_DECISION
@@ -151,7 +163,7 @@ async def _run_across_a_server_restart(world: World, server: Temporal) -> None:
         body = decision(view, who)
         # A fixed update id: a retry after a lost answer is deduplicated by the server, not re-applied.
         await retrying_rpc(
-            lambda body=body: handle.execute_update(names.UPDATE_APPROVE, body, id=f"approve-{body.approver}")  # type: ignore[misc]
+            lambda body=body: approve(handle, body, f"approve-{body.approver}")  # type: ignore[misc]
         )
     result = await asyncio.wait_for(handle.result(), timeout=180)
     assert result.outcome is Phase.COMPLETED, result

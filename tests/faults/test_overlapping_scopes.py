@@ -8,16 +8,23 @@ from typing import Any
 import pytest
 
 from tests.conftest import World
-from tests.test_remediation_workflow import DRIFT_SQL, decision, drift, incident_in, start, wait_phase
-from workflows import names
+from tests.test_remediation_workflow import (
+    DRIFT_SQL,
+    approve,
+    decision,
+    drift,
+    incident_in,
+    start,
+    wait_phase,
+)
 from workflows.models import Phase, RemediationRequest, RemediationResult, Scope, StatusView, Trigger
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
-async def approve(handle: Any, view: StatusView) -> RemediationResult:
+async def approved(handle: Any, view: StatusView) -> RemediationResult:
     for who in ("alice", "bob")[: view.approvals_needed]:
-        await handle.execute_update(names.UPDATE_APPROVE, decision(view, who))
+        await approve(handle, decision(view, who))
     result: RemediationResult = await handle.result()
     return result
 
@@ -71,7 +78,7 @@ async def test_org_and_user_runs_apply_each_fix_once(world: World) -> None:
     shared = org_keys & user_keys
     assert shared, "the two plans must overlap for this test to mean anything"
     # Both approved at once: the applies race on the same rows.
-    org_result, user_result = await asyncio.gather(approve(org_run, org_view), approve(user_run, user_view))
+    org_result, user_result = await asyncio.gather(approved(org_run, org_view), approved(user_run, user_view))
     assert org_result.outcome is Phase.COMPLETED and user_result.outcome is Phase.COMPLETED
     outcomes = await world.db.fetch(
         """SELECT idempotency_key, array_agg(outcome ORDER BY outcome) AS outcomes FROM remediation.applied_actions

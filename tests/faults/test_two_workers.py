@@ -12,9 +12,9 @@ from temporalio.testing import WorkflowEnvironment
 
 from local_platform.seeder import SeedSpec, seed
 from tests.conftest import World
-from tests.faults.harness import WorkerProcess, applied_count, assert_ledger_is_the_plan, temporal_address
+from tests.faults.harness import WorkerProcess, applied_count, temporal_address
 from tests.faults.test_worker_kills import activity_attempts
-from tests.test_remediation_workflow import decision, start, wait_phase
+from tests.test_remediation_workflow import approve, assert_ledger_is_the_plan, decision, start, wait_phase
 from workflows import names
 from workflows.models import Phase, RemediationRequest, Trigger
 
@@ -44,7 +44,7 @@ async def test_two_workers_one_killed_mid_apply_the_other_finishes(
         assert view.plan is not None
         plan = view.plan
         for who in ("alice", "bob"):
-            await handle.execute_update(names.UPDATE_APPROVE, decision(view, who))
+            await approve(handle, decision(view, who))
         # Wait until the apply is under way, then find the worker holding it from the server's own record.
         deadline = time.monotonic() + 120
         holder = None

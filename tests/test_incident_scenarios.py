@@ -1,0 +1,121 @@
+"""Every incident scenario of the stand-in, held to the same promises.
+
+For each: the plan lists exactly the injected drift; nothing changes before approval; a rejection
+changes nothing; after approval the drift is gone by independent SQL; no idempotency key is used
+twice; re-running changes nothing; the freeze is lifted on every path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from local_platform.incidents import INCIDENTS
+from tests.conftest import World
+from tests.test_remediation_workflow import (
+    approve,
+    assert_ledger_is_the_plan,
+    decision,
+    drift,
+    incident_in,
+    ledger_state,
+    start,
+    wait_phase,
+)
+from workflows.models import Phase, RemediationRequest, Scope, StatusView, Trigger
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+# Which drift kind (the incident's own vocabulary) each corrective action answers.
+ACTION_FIXES = {
+    "open_usage_record": "missing_open",
+    "close_orphan_usage": "orphan_open",
+    "post_usage_debit": "unbilled_closed",
+    "credit_payment": "payment_drift",
+    "link_payment_credit": "payment_drift",
+}
+# Actions that repair a process or a posture rather than one drifted row.
+NON_ROW_ACTIONS = {"restart_billing_worker", "clear_financial_restriction"}
+
+
+async def planned_drift(world: World, plan_id: str) -> dict[str, set[str]]:
+    """The plan's row actions as drift kind -> allocation (usage actions) or payment session ids."""
+    rows = await world.db.fetch(
+        """SELECT pa.kind, coalesce(u.allocation_id, pa.entity_id) AS target
+           FROM remediation.plan_actions pa
+           LEFT JOIN billing.usage_records u
+             ON u.id = CASE WHEN pa.kind IN ('close_orphan_usage', 'post_usage_debit')
+                            THEN pa.entity_id::bigint END
+           WHERE pa.plan_id = $1""",
+        plan_id,
+    )
+    found: dict[str, set[str]] = {}
+    for r in rows:
+        if r["kind"] in NON_ROW_ACTIONS:
+            continue
+        found.setdefault(ACTION_FIXES[r["kind"]], set()).add(r["target"])
+    return found
+
+
+async def open_freezes(world: World) -> int:
+    return int(
+        await world.db.fetchval("SELECT count(*) FROM billing.adjustment_freezes WHERE lifted_at IS NULL")
+    )
+
+
+async def awaiting(world: World, request: RemediationRequest) -> tuple[Any, StatusView]:
+    handle = await start(world, request)
+    view = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
+    assert view.plan is not None
+    # A freeze is in force exactly when the blast radius called for one.
+    assert await open_freezes(world) == (1 if view.frozen else 0)
+    return handle, view
+
+
+@pytest.mark.parametrize("name", INCIDENTS)
+async def test_every_incident_reject_then_approve_then_rerun(world: World, name: str) -> None:
+    incident = await incident_in(world, name, name[:2])
+    injected = {k: set(v) for k, v in incident.injected.items() if v}
+    # Independent SQL sees exactly what the incident says it injected.
+    assert {k: v for k, v in (await drift(world)).items() if v} == injected
+    request = RemediationRequest(
+        correlation_id=incident.correlation_id,
+        trace_id=incident.trace_id,
+        scope=Scope(**incident.scope),
+        trigger=Trigger(incident.trigger),
+        requested_by="ic-dana",
+    )
+    ledger_before = await ledger_state(world)
+
+    # Rejected: nothing changes, the freeze is lifted.
+    handle, view = await awaiting(world, request)
+    assert await planned_drift(world, view.plan.plan_id) == injected  # type: ignore[union-attr]
+    assert await ledger_state(world) == ledger_before
+    await approve(handle, decision(view, "carol", "reject"))
+    assert (await handle.result()).outcome is Phase.REJECTED
+    assert await ledger_state(world) == ledger_before
+    assert {k: v for k, v in (await drift(world)).items() if v} == injected
+    assert await open_freezes(world) == 0
+
+    # Started again and approved by the quorum: exactly the drift is repaired.
+    handle, view = await awaiting(world, request)
+    plan = view.plan
+    assert plan is not None and await planned_drift(world, plan.plan_id) == injected
+    assert await ledger_state(world) == ledger_before
+    for approver in ("alice", "bob")[: view.approvals_needed]:
+        await approve(handle, decision(view, approver))
+    result = await handle.result()
+    assert result.outcome is Phase.COMPLETED, result
+    assert result.verification is not None and result.verification.passed
+    await assert_ledger_is_the_plan(world, plan)
+    assert await open_freezes(world) == 0
+
+    # Re-running on the repaired platform finds nothing and changes nothing.
+    ledger_after = await ledger_state(world)
+    again = await start(world, request)
+    second = await again.result()
+    assert second.outcome is Phase.COMPLETED, second
+    assert second.plan is not None and second.plan.action_count == 0
+    assert await ledger_state(world) == ledger_after
+    assert await open_freezes(world) == 0
