@@ -463,8 +463,29 @@ async def test_bad_scope_refused_before_start(world: World) -> None:
             world.settings,
             RemediationRequest(correlation_id="x", requested_by="ic", scope=Scope(org_id="nope")),
         )
+    with pytest.raises(operations.OperationError, match=r"scope\.user_id: unknown user"):
+        await operations.preflight(
+            world.settings,
+            RemediationRequest(correlation_id="x", requested_by="ic", scope=Scope(user_id="bs-nobody")),
+        )
+    other_org = await world.db.fetchval(
+        "SELECT id FROM billing.orgs WHERE id <> $1 ORDER BY id LIMIT 1", incident.scope["org_id"]
+    )
+    with pytest.raises(operations.OperationError, match=r"scope\.user_id: .* belongs to org"):
+        await operations.preflight(
+            world.settings,
+            RemediationRequest(
+                correlation_id="x",
+                requested_by="ic",
+                scope=Scope(org_id=other_org, user_id=incident.scope["user_id"]),
+            ),
+        )
     with pytest.raises(operations.OperationError, match="malformed remediation id"):
         await operations.status(world.client, "not a workflow; drop table")
+    # Nothing was started or written.
+    assert await world.db.fetchval("SELECT count(*) FROM remediation.runs") == 0
+    started = [wf async for wf in world.client.list_workflows(f'TaskQueue = "{world.task_queue}"')]
+    assert started == []
 
 
 async def test_abort_lifts_the_freeze_and_changes_nothing(world: World) -> None:
