@@ -315,7 +315,7 @@ def start(
     except ValidationError as err:
         _invalid(err)
     settings = _settings()
-    started = _run(_start(settings, request, wait))
+    started = _run(start_checked(settings, request, wait))
     typer.echo(
         f"workflow id: {started[0].workflow_id}"
         + (" (attached to the running remediation)" if started[0].attached else "")
@@ -373,7 +373,8 @@ def verify_launch_guard(
         raise typer.Exit(1)
 
 
-async def _start(settings: Settings, request: RemediationRequest, wait: bool) -> tuple[Any, str]:
+async def start_checked(settings: Settings, request: RemediationRequest, wait: bool) -> tuple[Any, str]:
+    """`remediate start`: refuse a scope that contradicts the billing data, then start (or attach)."""
     from starters import operations
 
     await operations.preflight(settings, request)

@@ -241,14 +241,15 @@ async def decide_plan(
 
 async def approve_when_open(handle: WorkflowHandle[Any, Any], body: ApprovalDecision, update_id: str) -> str:
     """Send the approval Update, retrying while the plan is only about to open (a transient refusal)."""
-    for _ in range(NOT_OPEN_RETRIES):
+    for attempt in range(NOT_OPEN_RETRIES + 1):
         try:
             return str(await handle.execute_update(names.UPDATE_APPROVE, body, id=update_id, result_type=str))
         except WorkflowUpdateFailedError as err:
-            if not (isinstance(err.cause, ApplicationError) and err.cause.message == NOT_OPEN):
+            opening = isinstance(err.cause, ApplicationError) and err.cause.message == NOT_OPEN
+            if not opening or attempt == NOT_OPEN_RETRIES:
                 raise
         await asyncio.sleep(NOT_OPEN_RETRY_SECONDS)
-    return str(await handle.execute_update(names.UPDATE_APPROVE, body, id=update_id, result_type=str))
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 async def _audit_refusal(

@@ -15,15 +15,17 @@ from local_platform.incidents import INCIDENTS
 from tests.conftest import World
 from tests.test_remediation_workflow import (
     approve,
+    approve_quorum,
     assert_ledger_is_the_plan,
     decision,
     drift,
     incident_in,
     ledger_state,
+    request_for,
     start,
     wait_phase,
 )
-from workflows.models import Phase, RemediationRequest, Scope, StatusView, Trigger
+from workflows.models import BlastRadius, Phase, RemediationRequest, StatusView
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -68,7 +70,8 @@ async def awaiting(world: World, request: RemediationRequest) -> tuple[Any, Stat
     handle = await start(world, request)
     view = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
     assert view.plan is not None
-    # A freeze is in force exactly when the blast radius called for one.
+    # Frozen exactly when the blast radius is widespread, and the admin API holds that freeze.
+    assert view.frozen == (view.blast_radius is BlastRadius.WIDESPREAD)
     assert await open_freezes(world) == (1 if view.frozen else 0)
     return handle, view
 
@@ -79,13 +82,7 @@ async def test_every_incident_reject_then_approve_then_rerun(world: World, name:
     injected = {k: set(v) for k, v in incident.injected.items() if v}
     # Independent SQL sees exactly what the incident says it injected.
     assert {k: v for k, v in (await drift(world)).items() if v} == injected
-    request = RemediationRequest(
-        correlation_id=incident.correlation_id,
-        trace_id=incident.trace_id,
-        scope=Scope(**incident.scope),
-        trigger=Trigger(incident.trigger),
-        requested_by="ic-dana",
-    )
+    request = request_for(incident)
     ledger_before = await ledger_state(world)
 
     # Rejected: nothing changes, the freeze is lifted.
@@ -103,8 +100,7 @@ async def test_every_incident_reject_then_approve_then_rerun(world: World, name:
     plan = view.plan
     assert plan is not None and await planned_drift(world, plan.plan_id) == injected
     assert await ledger_state(world) == ledger_before
-    for approver in ("alice", "bob")[: view.approvals_needed]:
-        await approve(handle, decision(view, approver))
+    await approve_quorum(handle, view)
     result = await handle.result()
     assert result.outcome is Phase.COMPLETED, result
     assert result.verification is not None and result.verification.passed

@@ -15,12 +15,14 @@ import pytest
 import pytest_asyncio
 from temporalio.client import WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError, CancelledError
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
 from config import Settings
 from config.approver_keys import sign
 from local_platform.incidents import IncidentReport, run_incident
 from starters import operations
+from starters.cli import start_checked
 from starters.render import render_evidence_html
 from tests.conftest import APPROVER_KEYS, World, make_world
 from tests.histories import keep_history, replay_failure
@@ -108,21 +110,24 @@ async def incident_in(world: World, name: str, prefix: str) -> IncidentReport:
         return await run_incident(name, conn, world.nc, prefix=prefix)
 
 
+def request_for(incident: IncidentReport, **overrides: Any) -> RemediationRequest:
+    """The remediation an incident commander would start for ``incident`` (its scope and trigger)."""
+    fields: dict[str, Any] = {
+        "correlation_id": incident.correlation_id,
+        "trace_id": incident.trace_id,
+        "scope": Scope(**incident.scope),
+        "trigger": Trigger(incident.trigger),
+        "requested_by": "ic-dana",
+    }
+    return RemediationRequest(**(fields | overrides))
+
+
 async def start_dispute(
     world: World, prefix: str, *, dry_run: bool = False, requested_by: str = "ic-dana"
 ) -> tuple[IncidentReport, WorkflowHandle[Any, RemediationResult]]:
     """The user-dispute incident and a remediation started for its (org, user) scope."""
     incident = await incident_in(world, "user-dispute", prefix)
-    handle = await start(
-        world,
-        RemediationRequest(
-            correlation_id=incident.correlation_id,
-            scope=Scope(**incident.scope),
-            dry_run=dry_run,
-            requested_by=requested_by,
-            trigger=Trigger.CUSTOMER_DISPUTE,
-        ),
-    )
+    handle = await start(world, request_for(incident, dry_run=dry_run, requested_by=requested_by))
     return incident, handle
 
 
@@ -131,6 +136,12 @@ async def approve(
 ) -> str:
     """Send an approval Update as the CLI does: retried while the plan is still opening."""
     return await operations.approve_when_open(handle, body, update_id or f"{body.approver}:{body.decision}")
+
+
+async def approve_quorum(handle: WorkflowHandle[Any, Any], view: StatusView) -> None:
+    """Approve the plan in ``view`` by as many of the tests' approvers as it needs."""
+    for who in ("alice", "bob")[: view.approvals_needed]:
+        await approve(handle, decision(view, who), f"approve-{who}")
 
 
 async def refused(handle: WorkflowHandle[Any, Any], body: ApprovalDecision, match: str) -> None:
@@ -426,15 +437,7 @@ async def test_prepaid_depleted_recovers_launch_guard(world: World) -> None:
 async def test_nats_outage_during_diagnosis_is_a_finding(world: World) -> None:
     incident = await incident_in(world, "user-dispute", "no")
     world.nats_server.stop()
-    handle = await start(
-        world,
-        RemediationRequest(
-            correlation_id=incident.correlation_id,
-            scope=Scope(**incident.scope),
-            dry_run=True,
-            requested_by="ic",
-        ),
-    )
+    handle = await start(world, request_for(incident, dry_run=True))
     result = await handle.result()
     assert result.outcome is Phase.DRY_RUN_COMPLETE
     view = await handle.query(names.QUERY_STATUS, result_type=StatusView)
@@ -447,45 +450,32 @@ async def test_nats_outage_during_diagnosis_is_a_finding(world: World) -> None:
 
 async def test_bad_scope_refused_before_start(world: World) -> None:
     incident = await incident_in(world, "user-dispute", "bs")
-    other_project = "bs-prj-0001-0"
     alloc = incident.injected["orphan_open"][0]
-    with pytest.raises(operations.OperationError, match=r"scope\.allocation_id"):
-        await operations.preflight(
-            world.settings,
-            RemediationRequest(
-                correlation_id="x",
-                requested_by="ic",
-                scope=Scope(project_id=other_project, allocation_id=alloc),
-            ),
-        )
-    with pytest.raises(operations.OperationError, match=r"scope\.org_id: unknown org"):
-        await operations.preflight(
-            world.settings,
-            RemediationRequest(correlation_id="x", requested_by="ic", scope=Scope(org_id="nope")),
-        )
-    with pytest.raises(operations.OperationError, match=r"scope\.user_id: unknown user"):
-        await operations.preflight(
-            world.settings,
-            RemediationRequest(correlation_id="x", requested_by="ic", scope=Scope(user_id="bs-nobody")),
-        )
     other_org = await world.db.fetchval(
         "SELECT id FROM billing.orgs WHERE id <> $1 ORDER BY id LIMIT 1", incident.scope["org_id"]
     )
-    with pytest.raises(operations.OperationError, match=r"scope\.user_id: .* belongs to org"):
-        await operations.preflight(
-            world.settings,
-            RemediationRequest(
-                correlation_id="x",
-                requested_by="ic",
-                scope=Scope(org_id=other_org, user_id=incident.scope["user_id"]),
-            ),
-        )
+    # `remediate start`'s own path, pointed at the tests' Temporal server: a start that slipped
+    # through would really start.
+    settings = world.settings.model_copy(
+        update={"temporal_address": world.client.service_client.config.target_host}
+    )
+    refusals = [
+        (Scope(project_id="bs-prj-0001-0", allocation_id=alloc), r"scope\.allocation_id: .* outside project"),
+        (Scope(org_id="nope"), r"scope\.org_id: unknown org"),
+        (Scope(user_id="bs-nobody"), r"scope\.user_id: unknown user"),
+        (Scope(org_id=other_org, user_id=incident.scope["user_id"]), r"scope\.user_id: .* belongs to org"),
+    ]
+    for scope, message in refusals:
+        request = request_for(incident, scope=scope)
+        with pytest.raises(operations.OperationError, match=message):
+            await start_checked(settings, request, wait=False)
+        # Nothing was started: the server knows no workflow under the id this start would have used.
+        with pytest.raises(RPCError) as missing:
+            await world.client.get_workflow_handle(request.workflow_id()).describe()
+        assert missing.value.status is RPCStatusCode.NOT_FOUND
+    assert await world.db.fetchval("SELECT count(*) FROM remediation.runs") == 0
     with pytest.raises(operations.OperationError, match="malformed remediation id"):
         await operations.status(world.client, "not a workflow; drop table")
-    # Nothing was started or written.
-    assert await world.db.fetchval("SELECT count(*) FROM remediation.runs") == 0
-    started = [wf async for wf in world.client.list_workflows(f'TaskQueue = "{world.task_queue}"')]
-    assert started == []
 
 
 async def test_abort_lifts_the_freeze_and_changes_nothing(world: World) -> None:

@@ -344,8 +344,18 @@ class BillingRemediationWorkflow:
 
     async def _await_approval(self, plan: PlanSummary) -> Phase | None:
         """Wait for the plan's approval; None when approved, else the ending phase."""
-        if not self._gated:
-            return await self._await_approval_ungated(plan)
+        wait = self._wait_for_decision if self._gated else self._wait_for_decision_ungated
+        if not await wait(plan):
+            self._set_phase(Phase.EXPIRED, approval="expired")
+            return Phase.EXPIRED
+        if self._approval.rejected_by is not None:
+            self._set_phase(Phase.REJECTED, approval="rejected")
+            return Phase.REJECTED
+        self._set_phase(Phase.REMEDIATING, approval="approved")
+        return None
+
+    async def _wait_for_decision(self, plan: PlanSummary) -> bool:
+        """Open the plan for approval, escalating at each deadline; False at the hard limit."""
         policy = self._require_options().policy
         self._announce(Phase.AWAITING_APPROVAL, approval="pending")
         waited = 0
@@ -366,18 +376,12 @@ class BillingRemediationWorkflow:
                 if not deadline.done():
                     deadline.cancel()
             if self._approval.decided:
-                break
+                return True
             waited += timeout
             if waited >= policy.hard_limit_seconds:
-                self._set_phase(Phase.EXPIRED, approval="expired")
-                return Phase.EXPIRED
+                return False
             tier += 1
             await self._escalate(plan, tier)
-        if self._approval.rejected_by is not None:
-            self._set_phase(Phase.REJECTED, approval="rejected")
-            return Phase.REJECTED
-        self._set_phase(Phase.REMEDIATING, approval="approved")
-        return None
 
     async def _open_gate(self, phase: Phase, message: str) -> None:
         """Enter ``phase`` (where Updates are accepted) only after a round trip to the server.
@@ -395,7 +399,7 @@ class BillingRemediationWorkflow:
         self._phase = phase
         self._refresh_details()
 
-    async def _await_approval_ungated(self, plan: PlanSummary) -> Phase | None:
+    async def _wait_for_decision_ungated(self, plan: PlanSummary) -> bool:
         """The approval wait of runs started before the gate (kept for their replay)."""
         options = self._require_options()
         policy = options.policy
@@ -415,17 +419,12 @@ class BillingRemediationWorkflow:
                 except TimeoutError:
                     waited += timeout
                     if waited >= policy.hard_limit_seconds:
-                        self._set_phase(Phase.EXPIRED, approval="expired")
-                        return Phase.EXPIRED
+                        return False
                     tier += 1
                     await self._escalate(plan, tier)
         finally:
             self._awaiting_approval = False
-        if self._approval.rejected_by is not None:
-            self._set_phase(Phase.REJECTED, approval="rejected")
-            return Phase.REJECTED
-        self._set_phase(Phase.REMEDIATING, approval="approved")
-        return None
+        return True
 
     async def _escalate(self, plan: PlanSummary, tier: int) -> None:
         policy = self._require_options().policy

@@ -23,6 +23,7 @@ from tests.conftest import World, make_world
 from tests.faults.harness import FAST_FAILOVER, applied_count, pinned
 from tests.test_remediation_workflow import (
     approve,
+    approve_quorum,
     assert_ledger_is_the_plan,
     decision,
     incident_in,
@@ -85,8 +86,7 @@ async def test_postgres_restarted_during_reconcile_and_apply(
         await restart_postgres(pg_settings)
     view = await retrying(lambda: wait_phase(handle, {Phase.AWAITING_APPROVAL}, timeout=120))
     assert view.plan is not None and view.plan.action_count == sum(inject.values())
-    for who in ("alice", "bob"):
-        await approve(handle, decision(view, who))
+    await approve_quorum(handle, view)
     plan_id = view.plan.plan_id
     for _ in range(6000):
         if await retrying(lambda: applied_count(world, plan_id)) > 0:

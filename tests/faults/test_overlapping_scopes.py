@@ -10,8 +10,7 @@ import pytest
 from tests.conftest import World
 from tests.test_remediation_workflow import (
     DRIFT_SQL,
-    approve,
-    decision,
+    approve_quorum,
     drift,
     incident_in,
     start,
@@ -23,8 +22,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 async def approved(handle: Any, view: StatusView) -> RemediationResult:
-    for who in ("alice", "bob")[: view.approvals_needed]:
-        await approve(handle, decision(view, who))
+    await approve_quorum(handle, view)
     result: RemediationResult = await handle.result()
     return result
 

@@ -14,7 +14,12 @@ from local_platform.seeder import SeedSpec, seed
 from tests.conftest import World
 from tests.faults.harness import WorkerProcess, applied_count, temporal_address
 from tests.faults.test_worker_kills import activity_attempts
-from tests.test_remediation_workflow import approve, assert_ledger_is_the_plan, decision, start, wait_phase
+from tests.test_remediation_workflow import (
+    approve_quorum,
+    assert_ledger_is_the_plan,
+    start,
+    wait_phase,
+)
 from workflows import names
 from workflows.models import Phase, RemediationRequest, Trigger
 
@@ -43,8 +48,7 @@ async def test_two_workers_one_killed_mid_apply_the_other_finishes(
         view = await wait_phase(handle, {Phase.AWAITING_APPROVAL}, timeout=180)
         assert view.plan is not None
         plan = view.plan
-        for who in ("alice", "bob"):
-            await approve(handle, decision(view, who))
+        await approve_quorum(handle, view)
         # Wait until the apply is under way, then find the worker holding it from the server's own record.
         deadline = time.monotonic() + 120
         holder = None
