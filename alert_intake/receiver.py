@@ -18,6 +18,7 @@ from temporalio.service import RPCError
 from alert_intake.alertmanager import Notification
 from alert_intake.intake import Intake, Intended, Outcome
 from alert_intake.mapping import AlertRefused
+from worker.supervised_loop import health_report
 
 log = logging.getLogger("billing_remediation.alert_intake")
 MAX_BODY_BYTES = 5_000_000
@@ -76,8 +77,10 @@ async def _webhook(request: Request) -> Response:
     return JSONResponse({"results": [o.as_dict() for o in [*outcomes, *ignored]]})
 
 
-async def _health(_: Request) -> Response:
-    return JSONResponse({"status": "ok"})
+async def _health(request: Request) -> Response:
+    """Liveness of the receiver and of the NATS subscriber; 503 while the subscriber fails."""
+    ok, loops = health_report(getattr(request.app.state, "loops", {}))
+    return JSONResponse({"status": "ok" if ok else "failing", "loops": loops}, status_code=200 if ok else 503)
 
 
 def receiver_app(intake: Intake, token: str) -> Starlette:

@@ -16,7 +16,7 @@ from temporalio.client import Client
 
 from alert_intake.intake import Intake
 from alert_intake.mapping import load_mapping
-from alert_intake.nats_events import consume_events
+from alert_intake.nats_events import start_subscriber
 from alert_intake.receiver import receiver_app
 from config import Settings
 from worker.main import connect_temporal
@@ -50,18 +50,16 @@ async def running_intake(
     nc = None
     if settings.alerts_nats == "on":
         nc = await nats.connect(settings.resolved_nats_url())
-        tasks.append(
-            asyncio.create_task(
-                consume_events(
-                    intake,
-                    nc,
-                    stream=settings.billing_stream,
-                    subject=settings.alerts_nats_subject,
-                    durable=settings.alerts_nats_durable,
-                    stop=stop,
-                )
-            )
+        subscriber, task = start_subscriber(
+            intake,
+            nc,
+            stream=settings.billing_stream,
+            subject=settings.alerts_nats_subject,
+            durable=settings.alerts_nats_durable,
+            stop=stop,
         )
+        app.state.loops = {subscriber.name: subscriber}
+        tasks.append(task)
     try:
         while not server.started:
             for task in tasks:

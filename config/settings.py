@@ -138,6 +138,9 @@ class Settings(BaseSettings):
     alerts_nats_subject: str = Field(default="payments.reconcile_failed", alias="ALERTS_NATS_SUBJECT")
     alerts_nats_durable: str = Field(default="remediation-alert-intake", alias="ALERTS_NATS_DURABLE")
 
+    # `remediate demo`: how long it waits for the run to finish before it gives up with a non-zero exit.
+    demo_timeout_seconds: float = Field(default=300, gt=0, alias="DEMO_TIMEOUT_SECONDS")
+
     apply_batch_size: int = Field(default=500, ge=1, le=10_000, alias="APPLY_BATCH_SIZE")
     worker_restart_hook_url: str | None = Field(default=None, alias="WORKER_RESTART_HOOK_URL")
 

@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from local_platform import telemetry
+from worker.supervised_loop import health_report
 
 SERVICE = "gpuaas-api"
 Handler = Callable[[Request], Awaitable[Response]]
@@ -311,8 +312,9 @@ async def restart_worker(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> Response:
-    """Liveness."""
-    return JSONResponse({"ok": True})
+    """Liveness of the API and of each background loop (billing worker, outbox relay); 503 if one fails."""
+    ok, loops = health_report(getattr(request.app.state, "loops", {}))
+    return JSONResponse({"ok": ok, "loops": loops}, status_code=200 if ok else 503)
 
 
 ROUTES = [

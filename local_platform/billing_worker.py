@@ -2,6 +2,7 @@
 
 Provisioning events become usage records and ledger debits; notifications leave through the outbox.
 `billing.worker_control.mode` makes the worker crash (stop consuming) or stall, as in the incidents.
+Both loops run supervised: an error restarts them with backoff, and their health is served on /healthz.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import Any
 import asyncpg
 from nats.aio.client import Client as NATS
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js import JetStreamContext
 
 from local_platform import telemetry
 from local_platform.db import usage_cost_minor
+from local_platform.events import ensure_worker_consumer
+from worker.supervised_loop import LoopHealth, describe, require_connected, sleep_or_stop, start_supervised
 
 SERVICE = "gpuaas-billing-worker"
 log = logging.getLogger(__name__)
@@ -131,35 +133,57 @@ async def handle_event(conn: asyncpg.Connection, subject: str, event: dict[str, 
 
 
 async def run_worker(
-    pool: asyncpg.Pool, js: JetStreamContext, stream: str, durable: str, stop: asyncio.Event
+    pool: asyncpg.Pool,
+    nc: NATS,
+    stream: str,
+    durable: str,
+    stop: asyncio.Event,
+    health: LoopHealth,
 ) -> None:
-    """Consume provisioning events until ``stop`` is set, obeying the control mode."""
+    """One life of the consumer loop: (re)create and bind the consumer, then fetch until ``stop``.
+
+    Any error ends this life and the supervisor starts another one, which binds again: a consumer
+    deleted and re-created underneath the loop is picked up instead of leaving the worker dead.
+    """
+    js = nc.jetstream()
+    await ensure_worker_consumer(js, stream, durable)
     sub = await js.pull_subscribe_bind(durable, stream=stream)
-    while not stop.is_set():
-        if await worker_mode(pool) != "running":
-            await _sleep(stop, 0.5)
-            continue
-        try:
-            msgs = await sub.fetch(50, timeout=1)
-        except NatsTimeout:
-            continue
-        for msg in msgs:
+    try:
+        while not stop.is_set():
+            require_connected(nc, "NATS")
+            if await worker_mode(pool) != "running":
+                health.progress()
+                await sleep_or_stop(stop, 0.5)
+                continue
             try:
-                event = json.loads(msg.data)
-                async with pool.acquire() as conn:
-                    await handle_event(conn, msg.subject, event)
-                await msg.ack()
-            except Exception as exc:  # one bad event must not stop the worker
-                log.warning("billing worker failed on %s: %s", msg.subject, exc)
-                await telemetry.log(pool, SERVICE, "error", f"failed {msg.subject}: {exc}")
-                await msg.nak(delay=5)
+                msgs = await sub.fetch(50, timeout=1)
+            except NatsTimeout:
+                health.progress()
+                continue
+            health.progress()
+            for msg in msgs:
+                try:
+                    event = json.loads(msg.data)
+                    async with pool.acquire() as conn:
+                        await handle_event(conn, msg.subject, event)
+                    await msg.ack()
+                except Exception as exc:  # one bad event must not stop the worker
+                    log.warning("billing worker failed on %s: %s", msg.subject, exc)
+                    await telemetry.log(pool, SERVICE, "error", f"failed {msg.subject}: {exc}")
+                    await msg.nak(delay=5)
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
 
 
-async def run_outbox_relay(pool: asyncpg.Pool, js: JetStreamContext, stop: asyncio.Event) -> None:
+async def run_outbox_relay(pool: asyncpg.Pool, nc: NATS, stop: asyncio.Event, health: LoopHealth) -> None:
     """Publish unpublished outbox rows to NATS and mark them published."""
+    js = nc.jetstream()
     while not stop.is_set():
+        require_connected(nc, "NATS")
         if await worker_mode(pool) != "running":
-            await _sleep(stop, 0.5)
+            health.progress()
+            await sleep_or_stop(stop, 0.5)
             continue
         async with pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
@@ -172,16 +196,38 @@ async def run_outbox_relay(pool: asyncpg.Pool, js: JetStreamContext, stop: async
                     "UPDATE billing.outbox SET published_at = now(), attempts = attempts + 1 WHERE id = $1",
                     row["id"],
                 )
+        health.progress()
         if not rows:
-            await _sleep(stop, 0.5)
+            await sleep_or_stop(stop, 0.5)
 
 
-async def _sleep(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
+LOOPS = ("billing_worker", "outbox_relay")
 
 
-async def run(pool: asyncpg.Pool, nc: NATS, stream: str, durable: str, stop: asyncio.Event) -> None:
-    """Run the worker and the relay together."""
-    js = nc.jetstream()
-    await asyncio.gather(run_worker(pool, js, stream, durable, stop), run_outbox_relay(pool, js, stop))
+def start(
+    pool: asyncpg.Pool, nc: NATS, stream: str, durable: str, stop: asyncio.Event
+) -> tuple[dict[str, LoopHealth], list[asyncio.Task[None]]]:
+    """Start the worker and the relay, each supervised; returns their health and tasks."""
+    health = {name: LoopHealth(name) for name in LOOPS}
+
+    async def report(loop: LoopHealth, exc: BaseException) -> None:
+        # The platform's own log (served by the Loki endpoint) says why its worker stopped and restarts.
+        await telemetry.log(
+            pool,
+            SERVICE,
+            "error",
+            f"{loop.name} failed: {describe(exc)}; restarting (restart {loop.restarts})",
+        )
+
+    tasks = [
+        start_supervised(
+            health["billing_worker"],
+            lambda h: run_worker(pool, nc, stream, durable, stop, h),
+            stop,
+            on_failure=report,
+        ),
+        start_supervised(
+            health["outbox_relay"], lambda h: run_outbox_relay(pool, nc, stop, h), stop, on_failure=report
+        ),
+    ]
+    return health, tasks

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from typing import Any
 
@@ -23,29 +22,29 @@ async def ensure_stream(js: JetStreamContext, stream: str) -> None:
         await js.add_stream(StreamConfig(name=stream, subjects=STREAM_SUBJECTS))
 
 
-async def reset_worker_consumer(js: JetStreamContext, stream: str, durable: str) -> None:
-    """(Re)create the billing worker's durable consumer from the start of the stream."""
-    with contextlib.suppress(NotFoundError):
-        await js.delete_consumer(stream, durable)
-    await js.add_consumer(
-        stream,
-        ConsumerConfig(
-            durable_name=durable,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_policy=AckPolicy.EXPLICIT,
-            filter_subject=WORKER_FILTER,
-            max_ack_pending=1000,
-            ack_wait=30,
-        ),
+def worker_consumer_config(durable: str) -> ConsumerConfig:
+    """The billing worker's durable pull consumer: every provisioning event, explicit acks."""
+    return ConsumerConfig(
+        durable_name=durable,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        filter_subject=WORKER_FILTER,
+        max_ack_pending=1000,
+        ack_wait=30,
     )
 
 
 async def ensure_worker_consumer(js: JetStreamContext, stream: str, durable: str) -> None:
-    """Create the billing worker's durable consumer if missing."""
+    """Create the billing worker's durable consumer if missing; never deletes one.
+
+    Creating a consumer that exists with the same configuration is a no-op on the server, so two
+    processes preparing the platform at once cannot race. (Deleting and re-creating it, as this once
+    did, pulled the consumer from under a running worker.)
+    """
     try:
         await js.consumer_info(stream, durable)
     except NotFoundError:
-        await reset_worker_consumer(js, stream, durable)
+        await js.add_consumer(stream, worker_consumer_config(durable))
 
 
 def envelope(correlation_id: str, trace_id: str, **data: Any) -> bytes:

@@ -73,12 +73,11 @@ async def running_platform(settings: Settings, port: int) -> AsyncIterator[None]
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
     )
     stop = asyncio.Event()
-    tasks = [
-        asyncio.create_task(server.serve()),
-        asyncio.create_task(
-            billing_worker.run(pool, nc, settings.billing_stream, settings.billing_consumer, stop)
-        ),
-    ]
+    loops, loop_tasks = billing_worker.start(
+        pool, nc, settings.billing_stream, settings.billing_consumer, stop
+    )
+    app.state.loops = loops
+    tasks = [asyncio.create_task(server.serve()), *loop_tasks]
     try:
         while not server.started:
             if tasks[0].done():

@@ -147,6 +147,17 @@ def platform_serve() -> None:
     asyncio.run(serve_forever(_settings()))
 
 
+@platform.command("status")
+def platform_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The stand-in's health: its API and each background loop (exit 1 if a loop is failing or dead)."""
+    from local_platform.health import fetch_health, render_health
+
+    settings = _settings()
+    code, body = _run(fetch_health(settings.resolved_billing_api_url(), settings.http_timeout_seconds))
+    typer.echo(json.dumps(body, indent=2) if as_json else render_health(body))
+    raise typer.Exit(0 if code == 200 else 1)
+
+
 @app.command("ui-check")
 def ui_check(
     out: Annotated[Path, typer.Option(help="where to save the screenshot")] = Path("docs/ui-remediation.png"),

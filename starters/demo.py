@@ -10,7 +10,7 @@ from local_platform.incidents import run_incident
 from local_platform.serve import platform_connections
 from starters import operations
 from starters.render import render_evidence_markdown, render_status
-from workflows.models import Phase, RemediationRequest, RemediationResult, Scope, Trigger
+from workflows.models import Phase, RemediationRequest, RemediationResult, Scope, StatusView, Trigger
 
 
 def _say(text: str) -> None:
@@ -117,9 +117,29 @@ async def run_demo(settings: Settings) -> int:
         _say(f"   {approver}: {answer}")
 
     _say("== 5. Remediation, verification, evidence")
-    result = await client.get_workflow_handle(started.workflow_id, result_type=RemediationResult).result()
+    # Bounded: a run that stops for a human (failed verification) or never finishes ends the demo
+    # with what to do next, never with a terminal that waits forever.
+    try:
+        phase = await _wait_phase(
+            client,
+            started.workflow_id,
+            ENDED | {Phase.AWAITING_DECISION},
+            timeout=settings.demo_timeout_seconds,
+        )
+    except operations.OperationError as err:
+        view = await operations.status(client, started.workflow_id)
+        _say(render_status(started.workflow_id, view))
+        _say(f"demo timed out: {err}; the run is still {view.phase.value}.")
+        _say(
+            f"Follow it with `remediate status {started.workflow_id}`; stop it with `remediate abort {started.workflow_id}`."
+        )
+        return 1
     view = await operations.status(client, started.workflow_id)
     _say(render_status(started.workflow_id, view))
+    if phase is Phase.AWAITING_DECISION:
+        _say(decision_help(started.workflow_id, view, settings.approvers[0].name))
+        return 1
+    result = await client.get_workflow_handle(started.workflow_id, result_type=RemediationResult).result()
     _say(f"   outcome: {result.outcome.value}")
     doc = await operations.evidence(settings, started.workflow_id)
     markdown = render_evidence_markdown(doc)
@@ -129,3 +149,27 @@ async def run_demo(settings: Settings) -> int:
     _say(f"\nTemporal UI: {started.ui_link}")
     _say("The stack is still running. Explore the UI, then stop everything with: make down")
     return 0 if result.outcome is Phase.COMPLETED else 1
+
+
+ENDED = {
+    Phase.COMPLETED,
+    Phase.DRY_RUN_COMPLETE,
+    Phase.REJECTED,
+    Phase.HANDED_OFF,
+    Phase.EXPIRED,
+    Phase.FAILED,
+    Phase.CANCELLED,
+}
+
+
+def decision_help(workflow_id: str, view: StatusView, actor: str) -> str:
+    """What failed in the verification and the exact commands that decide the run (``actor``: an approver)."""
+    failed = [c for c in (view.verification.criteria if view.verification else []) if not c.passed]
+    lines = ["verification FAILED; the remediation waits for an incident commander's decision."]
+    lines += [f"   failed: {c.name}: {c.detail}" for c in failed]
+    lines += [
+        "Decide with one of:",
+        f'   remediate decide {workflow_id} retry --as {actor} --comment "cause fixed, verify again"',
+        f'   remediate decide {workflow_id} hand_off --as {actor} --comment "needs a human: <why>"',
+    ]
+    return "\n".join(lines)

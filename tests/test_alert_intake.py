@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,6 +206,24 @@ async def test_a_burst_of_duplicates_makes_one_workflow_and_resolution_is_record
 @pytest.mark.asyncio(loop_scope="session")
 async def test_reconcile_failed_events_on_nats_start_one_remediation_per_org(receiver: Receiver) -> None:
     world = receiver.world
+
+    # The subscriber's durable consumer vanishes under it (an operator, a stream restore): the loop
+    # fails, says why on /healthz, binds again, and the events below are still handled.
+    async def subscriber_when(ready: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            health: dict[str, Any] = (await receiver.http.get("/healthz")).json()["loops"]["nats_subscriber"]
+            if ready(health):
+                return health
+            assert asyncio.get_running_loop().time() < deadline, health
+            await asyncio.sleep(0.1)
+
+    await subscriber_when(lambda h: h["last_progress_at"] is not None)  # bound: its consumer exists
+    await world.nc.jetstream().delete_consumer(
+        world.settings.billing_stream, world.settings.alerts_nats_durable
+    )
+    health = await subscriber_when(lambda h: h["restarts"] >= 1 and h["state"] == "running")
+    assert health["last_error"]
     # A malformed event is dropped (terminated), and the subscriber keeps going.
     await world.nc.publish("payments.reconcile_failed", b"\xff not json")
     await world.nc.publish("payments.reconcile_failed", json.dumps({"trace_id": "ab"}).encode())

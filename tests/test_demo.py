@@ -1,0 +1,96 @@
+"""`remediate demo` end to end against a real world: it passes, and when verification fails it stops
+waiting, prints the failed criteria and the commands that decide the run, and exits non-zero (issue 20)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from temporalio.testing import WorkflowEnvironment
+
+from config import Settings
+from config.approver_keys import new_key_pair
+from starters import operations
+from starters.demo import run_demo
+from workflows import names
+from workflows.models import Phase, RemediationRequest, Scope, VerdictDecision
+
+from .conftest import APPROVER_TIERS, World, make_world
+from .faults.harness import pinned
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+GLOBAL = RemediationRequest(correlation_id="x", requested_by="x", scope=Scope()).workflow_id()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def demo_world(
+    pg_settings: Settings,
+    template_db: str,
+    state_root: Path,
+    temporal_env: WorkflowEnvironment,
+    tmp_path: Path,
+) -> AsyncIterator[World]:
+    """A world configured as `make demo` configures the stack: approvers with key files on disk."""
+    keys = tmp_path / "keys"
+    approvers = []
+    for name, (role, tier) in APPROVER_TIERS.items():
+        _, public = new_key_pair(keys, name)
+        approvers.append({"name": name, "role": role, "tier": tier, "public_key": public})
+    async for w in make_world(
+        pg_settings,
+        template_db,
+        state_root,
+        temporal_env.client,
+        APPROVERS=approvers,
+        APPROVER_KEYS_DIR=keys,
+        PAYLOAD_ENCRYPTION="off",
+        TEMPORAL_ADDRESS=temporal_env.client.service_client.config.target_host,
+        DEMO_TIMEOUT_SECONDS=120,
+    ):
+        yield w
+
+
+async def test_demo_completes_and_exits_zero(demo_world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    code = await asyncio.wait_for(run_demo(demo_world.settings), timeout=240)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "verification: PASSED" in out
+    assert "outcome: completed" in out
+
+
+async def test_failed_verification_ends_the_demo_with_the_commands_to_decide(
+    demo_world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    world = demo_world
+    # While the plan is being reconciled (held there by a lock on its findings table), NATS goes
+    # away: the repair lands after approval, but the worker's recovery cannot be shown, so
+    # verification fails and the run waits for a human.
+    async with pinned(world, "remediation.findings", "INSERT INTO remediation.findings (run_id, pass") as pin:
+        demo = asyncio.create_task(run_demo(world.settings))
+        await pin.next_waiter()
+        world.nats_server.stop()
+    try:
+        code = await asyncio.wait_for(demo, timeout=180)
+    finally:
+        world.nats_server.start()
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "verification FAILED" in out
+    assert "failed: billing_worker_stable" in out
+    assert f'remediate decide {GLOBAL} retry --as alice --comment "cause fixed, verify again"' in out
+    assert f"remediate decide {GLOBAL} hand_off --as alice" in out
+    # The printed command's decision works: the run ends handed off.
+    await world.client.get_workflow_handle(GLOBAL).execute_update(
+        names.UPDATE_DECIDE, VerdictDecision(actor="alice", choice="hand_off", comment="test")
+    )
+    view = await operations.status(world.client, GLOBAL)
+    for _ in range(100):
+        if view.phase is Phase.HANDED_OFF:
+            break
+        await asyncio.sleep(0.2)
+        view = await operations.status(world.client, GLOBAL)
+    assert view.phase is Phase.HANDED_OFF
