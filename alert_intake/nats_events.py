@@ -50,7 +50,7 @@ async def consume_events(
             require_connected(nc, "NATS")
             try:
                 msgs = await sub.fetch(50, timeout=1)
-            except NatsTimeout:
+            except (NatsTimeout, TimeoutError):  # an idle pull (nats-py raises either under load)
                 health.progress()
                 continue
             health.progress()

@@ -157,7 +157,7 @@ async def run_worker(
                 continue
             try:
                 msgs = await sub.fetch(50, timeout=1)
-            except NatsTimeout:
+            except (NatsTimeout, TimeoutError):  # an idle pull (nats-py raises either under load)
                 health.progress()
                 continue
             health.progress()

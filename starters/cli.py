@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
+import os
 import sys
+import traceback
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -599,8 +603,45 @@ def demo() -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: closes what the command opened, then exits with its code.
+
+    Temporal's client runs Rust threads that cannot be closed from Python; left alive into interpreter
+    finalization they sometimes abort a finished command with exit 134 (`PyGILState_Release: thread
+    state ... must be current`, temporalio/sdk-python#300). So after the command's own clean-up the
+    process ends without finalization.
+    """
+    code = 0
+    try:
+        app()
+    except SystemExit as done:
+        code = exit_code(done.code)
+    except BaseException:  # an unexpected crash still reports and exits through the same door
+        traceback.print_exc()
+        code = 1
+    finally:
+        close_process_resources()
+    os._exit(code)
+
+
+def exit_code(value: object) -> int:
+    """The process exit code for a ``SystemExit`` value (None is success; text is printed, then 1)."""
+    if value is None:
+        return 0
+    if isinstance(value, int):
+        return value
+    print(value, file=sys.stderr)
+    return 1
+
+
+def close_process_resources() -> None:
+    """Flush and shut down what outlives a command: span exporter, log handlers, standard streams."""
+    from worker.telemetry import shutdown_tracing
+
+    shutdown_tracing()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,13 @@ CONTEXT_FIELDS = ("correlation_id", "workflow_id", "phase", "actor")
 _configured: list[str] = []  # the global tracer provider can be set once per process
 
 
+def shutdown_tracing() -> None:
+    """Export the spans still queued and stop the exporter's thread (a no-op when tracing is off)."""
+    shutdown = getattr(trace.get_tracer_provider(), "shutdown", None)
+    if shutdown is not None:
+        shutdown()
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per log record, with the remediation context when known."""
 

@@ -1,0 +1,71 @@
+"""The CLI's exit code is the command's (issue 13): hundreds of read and write commands, three at a time
+(load is what exposes it), with span export on, all exit 0; before the fix a few in a hundred died with
+exit 134 in interpreter finalization (temporalio/sdk-python#300)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from temporalio.testing import WorkflowEnvironment
+
+from tests.faults.harness import temporal_address, worker_env
+from workflows.models import Phase
+
+from .conftest import World
+from .test_remediation_workflow import start_dispute, wait_phase
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+REMEDIATE = str(Path(sys.executable).parent / "remediate")
+ROUNDS = 45  # x 4 commands = 180 invocations (about 100 s here)
+
+
+async def test_hundreds_of_cli_commands_all_exit_zero(
+    world: World, temporal_env: WorkflowEnvironment
+) -> None:
+    incident, handle = await start_dispute(world, "cx")
+    await wait_phase(handle, {Phase.AWAITING_APPROVAL})
+    env = worker_env(world.settings, temporal_address(temporal_env))
+    # The stand-in receives OTLP: the span exporter's thread is running in every command.
+    env["OTEL_EXPORTER_OTLP_ENDPOINT"] = world.settings.resolved_billing_api_url()
+    org, user = incident.scope["org_id"], incident.scope["user_id"]
+    commands = [
+        ["list"],
+        ["status", handle.id],
+        ["plan", handle.id, "--limit", "5"],
+        # A write: the same scope attaches to the running remediation (StartWorkflow, USE_EXISTING).
+        [
+            "start",
+            "--correlation-id",
+            incident.correlation_id,
+            "--org",
+            org,
+            "--user",
+            user,
+            "--as",
+            "ic-dana",
+        ],
+    ]
+    codes: Counter[int] = Counter()
+    failures: list[str] = []
+    slots = asyncio.Semaphore(3)
+
+    async def run(args: list[str]) -> None:
+        async with slots:
+            proc = await asyncio.create_subprocess_exec(
+                REMEDIATE, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            )
+            out, err = await proc.communicate()
+        code = proc.returncode if proc.returncode is not None else -1
+        codes[code] += 1
+        if code != 0 and len(failures) < 3:
+            failures.append(f"{args[0]} -> {code}: {err.decode()[-400:]}")
+        if args[0] == "start" and code == 0:
+            assert b"attached to the running remediation" in out
+
+    await asyncio.gather(*(run(cmd) for _ in range(ROUNDS) for cmd in commands))
+    assert codes == Counter({0: ROUNDS * len(commands)}), failures
