@@ -43,5 +43,5 @@ status: $(STAMP)
 down: $(STAMP)
 	$(BIN)/remediate dev down
 
-clean: down
-	rm -rf .remediation
+clean: $(STAMP)
+	$(BIN)/remediate dev down --purge

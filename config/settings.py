@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", extra="ignore", populate_by_name=True)
 
     state_dir: Path = Field(default=Path(".remediation"), alias="REMEDIATION_STATE_DIR")
+    # As root, the embedded Postgres runs as an unprivileged user from here (binaries and clusters).
+    pg_service_home: Path = Field(default=Path("/var/lib/billing-remediation"), alias="REMEDIATION_PG_HOME")
 
     # Existing deployments (production). When unset, the embedded servers are used.
     database_url: SecretStr | None = Field(default=None, alias="DATABASE_URL")

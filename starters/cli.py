@@ -108,11 +108,15 @@ def dev_up(
 
 
 @dev.command("down")
-def dev_down() -> None:
+def dev_down(
+    purge: Annotated[
+        bool, typer.Option(help="Also delete the stack's data (databases, streams, keys).")
+    ] = False,
+) -> None:
     """Stop exactly the processes `dev up` started."""
     from devstack import down
 
-    for line in down(_settings()):
+    for line in down(_settings(), purge=purge):
         typer.echo(line)
 
 

@@ -69,6 +69,7 @@ def pg_settings(state_root: Path) -> Iterator[Settings]:
     pg.start()
     yield settings
     pg.stop()
+    pg.purge()  # as root the cluster lives outside the test's temporary directory
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")

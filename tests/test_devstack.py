@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from config import Settings
 from devstack import StackError, down, status, up
 from devstack.processes import free_port, pid_alive
+from devstack.stack import Postgres
 
 
 def test_up_twice_harmless_down_leaves_nothing(tmp_path: Path) -> None:
@@ -35,9 +41,55 @@ def test_up_twice_harmless_down_leaves_nothing(tmp_path: Path) -> None:
         pids = [int(p.read_text()) for p in (tmp_path / "pids").glob("*.pid")]
         assert len(pids) == 3
     finally:
-        down(settings)
+        down(settings, purge=True)
     assert not any(pid_alive(pid) for pid in pids)
     assert not any(row.healthy for row in status(settings) if row.name in ("postgres", "nats", "temporal"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the root path: Postgres runs as an unprivileged user")
+def test_root_in_a_private_directory_runs_postgres_and_changes_no_permissions(tmp_path: Path) -> None:
+    private = tmp_path / "private"
+    private.mkdir()
+    private.chmod(0o700)  # a container's /root, a `mktemp -d` workspace
+    watched = [private, *private.parents]
+    before = {p: p.stat().st_mode for p in watched}
+    home = Path(tempfile.mkdtemp(prefix="br-pg-home-", dir="/tmp"))
+    home.chmod(0o755)
+    settings = Settings(
+        REMEDIATION_STATE_DIR=private / "clone" / ".remediation",
+        POSTGRES_PORT=free_port(),
+        REMEDIATION_PG_HOME=home / "service",
+    )
+    pg = Postgres(settings)
+    try:
+        assert "started" in pg.start()
+        assert asyncio.run(_select_one(settings.resolved_database_url())) == 1
+        # Binaries and cluster live in the service home the stack created, not in the private tree.
+        assert pg.data_dir.is_relative_to(home) and (pg.data_dir / "PG_VERSION").exists()
+        assert (home / "service").stat().st_mode & 0o777 == 0o755
+    finally:
+        pg.stop()
+        pg.purge()
+    assert not pg.cluster_dir.exists()
+    # A home the service user cannot reach is refused in one line that says what to do.
+    unreachable = Settings(
+        REMEDIATION_STATE_DIR=private / "clone" / ".remediation",
+        POSTGRES_PORT=free_port(),
+        REMEDIATION_PG_HOME=private / "pg-home",
+    )
+    with pytest.raises(StackError) as err:
+        Postgres(unreachable).start()
+    assert "\n" not in str(err.value) and "set REMEDIATION_PG_HOME" in str(err.value)
+    assert {p: p.stat().st_mode for p in watched} == before
+    shutil.rmtree(home)
+
+
+async def _select_one(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval("SELECT 1"))
+    finally:
+        await conn.close()
 
 
 def test_taken_port_fails_with_one_clear_line(tmp_path: Path) -> None:
