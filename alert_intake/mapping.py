@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from workflows.input_errors import explain
 from workflows.models import RemediationRequest, Scope, Trigger
 
 DEFAULT_MAPPING = Path(__file__).with_name("alert_mapping.toml")
@@ -75,9 +76,7 @@ class Mapping(BaseModel):
                 requested_by=requested_by or self.requested_by,
             )
         except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "request"
-            raise AlertRefused(f"{where}: {first['msg']} (got {first.get('input')!r})") from None
+            raise AlertRefused(explain(err)) from None
 
 
 def load_mapping(path: Path | None = None) -> Mapping:
@@ -92,6 +91,4 @@ def load_mapping(path: Path | None = None) -> Mapping:
     try:
         return Mapping.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "file"
-        raise MappingError(f"alert mapping {path}: {where}: {first['msg']}") from None
+        raise MappingError(f"alert mapping {path}: {explain(err, 'file')}") from None

@@ -19,6 +19,7 @@ from alert_intake.alertmanager import Notification
 from alert_intake.intake import Intake, Intended, Outcome
 from alert_intake.mapping import AlertRefused
 from worker.supervised_loop import health_report
+from workflows.input_errors import explain
 
 log = logging.getLogger("billing_remediation.alert_intake")
 MAX_BODY_BYTES = 5_000_000
@@ -46,9 +47,7 @@ async def _webhook(request: Request) -> Response:
         notification = Notification.model_validate(json.loads(body))
     except ValueError as err:  # JSONDecodeError and ValidationError are both ValueErrors
         if isinstance(err, ValidationError):
-            first = err.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "body"
-            return _error(422, f"not an Alertmanager v4 payload: {where}: {first['msg']}")
+            return _error(422, f"not an Alertmanager v4 payload: {explain(err, 'body')}")
         return _error(400, f"body is not JSON: {err}")
     intended: list[Intended] = []
     ignored: list[Outcome] = []

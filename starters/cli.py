@@ -43,9 +43,9 @@ def _fail(message: str, code: int = 2) -> None:
 
 def _invalid(err: ValidationError) -> None:
     """Refuse bad input naming the field, before anything starts."""
-    first = err.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "request"
-    _fail(f"{field}: {first['msg']} (got {first.get('input')!r})")
+    from workflows.input_errors import explain
+
+    _fail(explain(err))
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -73,8 +73,10 @@ def _settings() -> Settings:
     try:
         return load_settings()
     except ValidationError as err:
-        first = err.errors()[0]
-        _fail(f"configuration {'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
+        from workflows.input_errors import explain
+
+        # Settings may hold secrets: the rule, never the value.
+        _fail(f"configuration {explain(err, echo=False)}")
     raise AssertionError("unreachable")
 
 

@@ -13,8 +13,10 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
+TRACE_ID_PATTERN = r"^[0-9a-fA-F]{1,32}$"
+PLAN_HASH_PATTERN = r"^[0-9a-f]{64}$"
 EntityId = Annotated[str, StringConstraints(pattern=ID_PATTERN, strip_whitespace=True)]
-TraceId = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{1,32}$", strip_whitespace=True)]
+TraceId = Annotated[str, StringConstraints(pattern=TRACE_ID_PATTERN, strip_whitespace=True)]
 
 
 class Frozen(BaseModel):
@@ -461,7 +463,7 @@ class VerificationResult(Frozen):
 class ApprovalDecision(Frozen):
     """An approver's answer, sent as an Update (preferred) or a signal."""
 
-    plan_hash: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    plan_hash: Annotated[str, StringConstraints(pattern=PLAN_HASH_PATTERN)]
     approver: EntityId
     decision: Literal["approve", "reject"]
     comment: Annotated[str, StringConstraints(max_length=2000)] = ""

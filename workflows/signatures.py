@@ -63,7 +63,7 @@ def signature_problem(
     if decision.plan_id != plan.plan_id:
         return f"signed for another plan ({decision.plan_id!r}, awaiting {plan.plan_id!r})"
     if not verify(approver.public_key, decision):
-        return f"bad signature: it does not verify with {approver.name!r}'s public key"
+        return f"bad signature: it does not verify with the public key of approver {approver.name}"
     try:
         signed_at = datetime.fromisoformat(decision.signed_at)
     except ValueError:
