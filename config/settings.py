@@ -126,6 +126,21 @@ class Settings(BaseSettings):
     payload_key: SecretStr | None = Field(default=None, alias="PAYLOAD_KEY")
     payload_key_file: Path | None = Field(default=None, alias="PAYLOAD_KEY_FILE")
 
+    # Codec server (`remediate codec-server`): lets the Temporal UI show decrypted payloads to who may read them.
+    codec_host: str = Field(default="127.0.0.1", alias="CODEC_HOST")
+    codec_port: int = Field(default=8481, alias="CODEC_PORT")
+    codec_token: SecretStr | None = Field(default=None, alias="CODEC_TOKEN")
+    codec_jwks_url: str | None = Field(default=None, alias="CODEC_JWKS_URL")
+    codec_jwt_issuer: str | None = Field(default=None, alias="CODEC_JWT_ISSUER")
+    codec_jwt_audience: str | None = Field(default=None, alias="CODEC_JWT_AUDIENCE")
+    codec_jwt_group_claim: str = Field(default="groups", alias="CODEC_JWT_GROUP_CLAIM")
+    codec_jwt_group: str | None = Field(default=None, alias="CODEC_JWT_GROUP")
+    codec_jwt_encode_group: str | None = Field(default=None, alias="CODEC_JWT_ENCODE_GROUP")
+    codec_encode: Literal["on", "off"] = Field(default="off", alias="CODEC_ENCODE")
+    codec_namespaces: list[str] | None = Field(default=None, alias="CODEC_NAMESPACES")
+    codec_max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, alias="CODEC_MAX_BODY_BYTES")
+    codec_jwks_cache_seconds: float = Field(default=300, gt=0, alias="CODEC_JWKS_CACHE_SECONDS")
+
     # How fast work held by a dead worker moves on: short activities' timeout, long ones' heartbeat.
     activity_timeout_seconds: int = Field(default=60, ge=1, alias="ACTIVITY_TIMEOUT_SECONDS")
     heartbeat_seconds: int = Field(default=30, ge=1, alias="ACTIVITY_HEARTBEAT_SECONDS")
@@ -145,6 +160,14 @@ class Settings(BaseSettings):
 
     apply_batch_size: int = Field(default=500, ge=1, le=10_000, alias="APPLY_BATCH_SIZE")
     worker_restart_hook_url: str | None = Field(default=None, alias="WORKER_RESTART_HOOK_URL")
+
+    @field_validator("codec_namespaces", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        # Allow CODEC_NAMESPACES="default,billing" as well as a JSON list.
+        if isinstance(value, str) and not value.lstrip().startswith("["):
+            return [n.strip() for n in value.split(",") if n.strip()]
+        return value
 
     @field_validator("approvers", mode="before")
     @classmethod
@@ -193,6 +216,14 @@ class Settings(BaseSettings):
     def resolved_keys_dir(self) -> Path:
         """Where approver key files live (``NAME.key`` private, ``NAME.pub`` public)."""
         return self.approver_keys_dir or self.state_dir / "keys"
+
+    def resolved_codec_namespaces(self) -> list[str]:
+        """The namespaces whose payloads the codec server serves (the worker's namespace by default)."""
+        return self.codec_namespaces or [self.temporal_namespace]
+
+    def resolved_codec_endpoint(self) -> str:
+        """The codec server's URL, as the UI and the `temporal` CLI are configured with it."""
+        return f"http://{self.codec_host}:{self.codec_port}"
 
     def workflow_ui_link(self, workflow_id: str) -> str:
         """Link to a workflow's page in the Temporal UI."""

@@ -190,24 +190,42 @@ def ui_check(
 
 @app.command("codec-server")
 def codec_server(
-    port: Annotated[int, typer.Option(help="loopback port to listen on")] = 8481,
+    port: Annotated[int | None, typer.Option(help="port to listen on (default CODEC_PORT)")] = None,
+    host: Annotated[str | None, typer.Option(help="address to bind (default CODEC_HOST)")] = None,
 ) -> None:
-    """Serve /decode and /encode so the Temporal UI can show encrypted payloads to who may read them."""
+    """Serve /decode (and, if allowed, /encode) so the Temporal UI shows encrypted payloads to who may read them."""
     import uvicorn
 
+    from worker.codec_auth import CodecAuth, CodecConfigError, check_config
     from worker.codec_server import codec_app
     from worker.payload_codec import EncryptionCodec, PayloadKeyError, payload_keys
+    from worker.telemetry import configure_logging
 
     settings = _settings()
+    host = host or settings.codec_host
+    port = port or settings.codec_port
     try:
         keys = payload_keys(settings)
-    except PayloadKeyError as err:
+        warnings = check_config(settings, host)
+    except (PayloadKeyError, CodecConfigError) as err:
         _fail(str(err))
     if not keys:
         _fail("PAYLOAD_ENCRYPTION is off: there is nothing to decode")
-    app_ = codec_app(EncryptionCodec(keys or []), [settings.resolved_ui_url()])
-    typer.echo(f"codec server on http://127.0.0.1:{port} (UI origin {settings.resolved_ui_url()})")
-    uvicorn.run(app_, host="127.0.0.1", port=port, log_level="warning")
+    configure_logging()  # the audit lines: one JSON object per decode on stderr
+    app_ = codec_app(
+        EncryptionCodec(keys or []),
+        [settings.resolved_ui_url()],
+        CodecAuth(settings),
+        namespaces=settings.resolved_codec_namespaces(),
+        max_body_bytes=settings.codec_max_body_bytes,
+    )
+    for warning in warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(
+        f"codec server on http://{host}:{port} (UI origin {settings.resolved_ui_url()}, "
+        f"namespaces {', '.join(settings.resolved_codec_namespaces())}, encode {settings.codec_encode})"
+    )
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
 @platform.command("seed")

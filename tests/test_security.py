@@ -9,10 +9,7 @@ import os
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
-from google.protobuf import json_format
-from temporalio.api.common.v1 import Payloads
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
@@ -22,7 +19,6 @@ from config.approver_keys import ApproverKeyError, new_key_pair
 from starters import operations
 from tests.conftest import client_with, make_world
 from tests.test_remediation_workflow import decision, incident_in, start, start_dispute, wait_phase
-from worker.codec_server import codec_app
 from worker.payload_codec import EncryptionCodec, PayloadKeyError, payload_keys, with_codec
 from workflows import names
 from workflows.models import Phase, RemediationRequest, RemediationResult, Scope, Trigger
@@ -148,25 +144,6 @@ async def test_secrets_never_reach_history_evidence_records_logs_or_errors(
         for where, text in haystacks.items():
             assert password not in text, f"database password leaked into {where}"
             assert token not in text, f"API token leaked into {where}"
-
-
-async def test_codec_server_decodes_for_the_ui_origin_only() -> None:
-    key = os.urandom(32)
-    codec = EncryptionCodec([key])
-    app = codec_app(codec, ["http://127.0.0.1:8233"])
-    plain = pydantic_data_converter.payload_converter.to_payloads([{"amount_minor": 12345}])
-    encrypted = await codec.encode(plain)
-    body = json_format.MessageToJson(Payloads(payloads=encrypted))
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://codec") as http:
-        answer = await http.post("/decode", content=body, headers={"Origin": "http://127.0.0.1:8233"})
-        assert answer.status_code == 200
-        assert answer.headers["access-control-allow-origin"] == "http://127.0.0.1:8233"
-        decoded = json_format.Parse(answer.text, Payloads())
-        assert list(decoded.payloads) == list(plain)
-        other = await http.post("/decode", content=body, headers={"Origin": "http://evil.example"})
-        assert "access-control-allow-origin" not in other.headers
-        bad = await http.post("/decode", content=b"{not json")
-        assert bad.status_code == 400 and "not JSON Payloads" in bad.json()["error"]
 
 
 async def test_tampered_payloads_and_bad_key_material_fail_clearly(tmp_path: Path) -> None:

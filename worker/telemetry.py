@@ -51,6 +51,9 @@ class JsonFormatter(logging.Formatter):
             value = getattr(record, field, None)
             if value is not None:
                 out[field] = value
+        fields = getattr(record, "fields", None)  # structured facts of one event (audit lines)
+        if isinstance(fields, dict):
+            out.update(fields)
         if record.exc_info:
             out["error"] = self.formatException(record.exc_info).splitlines()[-1]
         return json.dumps(out, default=str)
