@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench ui-check down status clean
+.PHONY: install demo demo-soak test lint bench ui-check down status clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -14,12 +14,25 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The demo keeps workflow history readable in the UI; everything else encrypts payloads by default.
-# The stand-in also plays the OTLP collector, so the remediation's own trace shows next to the incident's.
-DEMO_ENV = PAYLOAD_ENCRYPTION=off OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:$${PLATFORM_PORT:-8480}
+# The demo runs as production does: payloads encrypted (local key made by `dev up`), the UI reading them
+# through the local codec server. The stand-in also plays the OTLP collector, so the remediation's own
+# trace shows next to the incident's.
+DEMO_ENV = OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:$${PLATFORM_PORT:-8480}
 demo: $(STAMP)
 	$(DEMO_ENV) $(BIN)/remediate dev up --services
 	$(DEMO_ENV) VERIFY_WINDOW_SECONDS=5 $(BIN)/remediate demo
+
+# Issue 20's proof that the demo never hangs: DEMO_RUNS demos in a row, each bounded, logs kept.
+DEMO_RUNS ?= 20
+demo-soak: $(STAMP)
+	@mkdir -p .remediation/soak
+	@start=$$(date +%s); for i in $$(seq 1 $(DEMO_RUNS)); do \
+	  t0=$$(date +%s); \
+	  if timeout 600 $(MAKE) -s demo > .remediation/soak/run-$$i.log 2>&1; then \
+	    echo "demo run $$i/$(DEMO_RUNS): ok in $$(( $$(date +%s) - t0 )) s"; \
+	  else rc=$$?; echo "demo run $$i/$(DEMO_RUNS): FAILED (exit $$rc), see .remediation/soak/run-$$i.log"; \
+	    tail -25 .remediation/soak/run-$$i.log; exit 1; fi; \
+	done; echo "$(DEMO_RUNS) demos in a row, none hung: $$(( $$(date +%s) - start )) s"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -35,7 +48,7 @@ bench: $(STAMP)
 # Looks at the demo's finished remediation in the real Temporal UI (installs Debian's chromium if missing).
 ui-check: $(STAMP)
 	@command -v chromium >/dev/null || (apt-get install -y -q chromium || sudo apt-get install -y -q chromium)
-	PAYLOAD_ENCRYPTION=off $(BIN)/remediate ui-check --out docs/ui-remediation.png
+	$(BIN)/remediate ui-check --out docs/ui-remediation.png
 
 status: $(STAMP)
 	$(BIN)/remediate dev status

@@ -403,6 +403,9 @@ class Temporal(Component):
         ]
         for attribute in SEARCH_ATTRIBUTES:
             args += ["--search-attribute", f"{attribute}=Keyword"]
+        if self.settings.payload_encryption == "on":
+            # The UI decrypts payloads through the local codec server (started next), as production's does.
+            args += ["--ui-codec-endpoint", self.settings.resolved_codec_endpoint()]
         pid = spawn(args, pid_file=self.pid_file, log_file=self.log_file)
         wait_for_port(self.port, timeout=60, name=self.name, log_file=self.log_file, pid=pid)
         wait_for_port(
@@ -450,6 +453,28 @@ class Platform(PythonService):
         wait_for_port(self.port, timeout=60, name=self.name, log_file=self.log_file, pid=pid)
 
 
+class CodecServer(PythonService):
+    """`remediate codec-server` on loopback, so the dev server's UI shows encrypted payloads in clear."""
+
+    name = "codec"
+
+    @property
+    def command(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("codec-server", "--host", self.settings.codec_host, "--port", str(self.port))
+
+    @property
+    def port(self) -> int:
+        return self.settings.codec_port
+
+    def start(self) -> str:
+        if self.settings.payload_encryption == "off":
+            return f"{self.name}: not needed (PAYLOAD_ENCRYPTION=off)"
+        return super().start()
+
+    def _wait_ready(self, pid: int) -> None:
+        wait_for_port(self.port, timeout=60, name=self.name, log_file=self.log_file, pid=pid)
+
+
 class RemediationWorker(PythonService):
     """The project's Temporal worker."""
 
@@ -474,7 +499,7 @@ class RemediationWorker(PythonService):
         return self.pid() is not None
 
 
-SERVERS: tuple[Callable[[Settings], Component], ...] = (Postgres, Nats, Temporal)
+SERVERS: tuple[Callable[[Settings], Component], ...] = (Postgres, Nats, Temporal, CodecServer)
 SERVICES: tuple[Callable[[Settings], Component], ...] = (Platform, RemediationWorker)
 
 

@@ -8,11 +8,20 @@ from typing import Any
 import httpx
 
 
+class PlatformUnreachable(OSError):
+    """The stand-in did not answer /healthz (an OSError: the CLI reports it as a dependency down)."""
+
+
 async def fetch_health(base_url: str, timeout: float) -> tuple[int, dict[str, Any]]:
     """GET /healthz: its status code and body."""
-    async with httpx.AsyncClient(base_url=base_url, timeout=timeout) as http:
-        response = await http.get("/healthz")
-    return response.status_code, response.json()
+    try:
+        async with httpx.AsyncClient(base_url=base_url, timeout=timeout) as http:
+            response = await http.get("/healthz")
+        return response.status_code, response.json()
+    except (httpx.HTTPError, ValueError) as err:
+        raise PlatformUnreachable(
+            f"platform stand-in at {base_url}: no health answer ({type(err).__name__})"
+        ) from None
 
 
 def render_health(body: dict[str, Any], now: float | None = None) -> str:

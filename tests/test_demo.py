@@ -4,22 +4,30 @@ waiting, prints the failed criteria and the commands that decide the run, and ex
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
+import shlex
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from config import Settings
 from config.approver_keys import new_key_pair
 from starters import operations
 from starters.demo import run_demo
+from worker.payload_codec import with_codec
 from workflows import names
 from workflows.models import Phase, RemediationRequest, Scope, VerdictDecision
 
-from .conftest import APPROVER_TIERS, World, make_world
-from .faults.harness import pinned
+from .conftest import APPROVER_TIERS, World, client_with, make_world
+from .faults.harness import pinned, temporal_address, worker_env
+
+REMEDIATE = str(Path(sys.executable).parent / "remediate")
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -34,7 +42,9 @@ async def demo_world(
     temporal_env: WorkflowEnvironment,
     tmp_path: Path,
 ) -> AsyncIterator[World]:
-    """A world configured as `make demo` configures the stack: approvers with key files on disk."""
+    """A world configured as `make demo` configures the stack: approvers with key files on disk, payloads
+    encrypted with a local key (worker and CLI alike)."""
+    payload_key = os.urandom(32)
     keys = tmp_path / "keys"
     approvers = []
     for name, (role, tier) in APPROVER_TIERS.items():
@@ -44,22 +54,50 @@ async def demo_world(
         pg_settings,
         template_db,
         state_root,
-        temporal_env.client,
+        client_with(temporal_env.client, data_converter=with_codec(pydantic_data_converter, [payload_key])),
         APPROVERS=approvers,
         APPROVER_KEYS_DIR=keys,
-        PAYLOAD_ENCRYPTION="off",
+        PAYLOAD_KEY=base64.b64encode(payload_key).decode(),
         TEMPORAL_ADDRESS=temporal_env.client.service_client.config.target_host,
         DEMO_TIMEOUT_SECONDS=120,
     ):
         yield w
 
 
-async def test_demo_completes_and_exits_zero(demo_world: World, capsys: pytest.CaptureFixture[str]) -> None:
+async def test_demo_completes_and_the_readmes_next_commands_work(
+    demo_world: World, temporal_env: WorkflowEnvironment, capsys: pytest.CaptureFixture[str]
+) -> None:
     code = await asyncio.wait_for(run_demo(demo_world.settings), timeout=240)
     out = capsys.readouterr().out
     assert code == 0, out
     assert "verification: PASSED" in out
     assert "outcome: completed" in out
+    # The history is encrypted, as in production: a client without the key sees only ciphertext.
+    history = await temporal_env.client.get_workflow_handle(GLOBAL).fetch_history()
+    first = history.events[0].workflow_execution_started_event_attributes.input.payloads[0]
+    assert first.metadata["encoding"] == b"binary/encrypted"
+    # Every command the README lists after `make demo` works on the demo's run, unchanged.
+    env = worker_env(demo_world.settings, temporal_address(temporal_env))
+    assert demo_world.settings.payload_key is not None
+    env |= {"PAYLOAD_ENCRYPTION": "on", "PAYLOAD_KEY": demo_world.settings.payload_key.get_secret_value()}
+    for line in readme_commands_after_demo():
+        # Asynchronously: the stand-in these commands ask is served by this test's event loop.
+        proc = await asyncio.create_subprocess_exec(
+            REMEDIATE, *line[1:], env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out_b, err_b = await asyncio.wait_for(proc.communicate(), timeout=60)
+        assert proc.returncode == 0, (line, out_b.decode(), err_b.decode())
+        assert out_b.strip(), line
+        assert b"Traceback" not in err_b, (line, err_b.decode())
+
+
+def readme_commands_after_demo() -> list[list[str]]:
+    """The `remediate` commands of the README's "# after make demo" block."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    block = text.split("# after make demo\n", 1)[1].split("```", 1)[0]
+    commands = [shlex.split(line.split("#", 1)[0]) for line in block.splitlines() if line.strip()]
+    assert commands and all(c[0] == ".venv/bin/remediate" for c in commands), commands
+    return commands
 
 
 async def test_failed_verification_ends_the_demo_with_the_commands_to_decide(

@@ -25,6 +25,7 @@ def test_up_twice_harmless_down_leaves_nothing(tmp_path: Path) -> None:
         NATS_PORT=free_port(),
         TEMPORAL_PORT=free_port(),
         TEMPORAL_UI_PORT=free_port(),
+        CODEC_PORT=free_port(),
     )
     try:
         first = up(settings)
@@ -35,15 +36,19 @@ def test_up_twice_harmless_down_leaves_nothing(tmp_path: Path) -> None:
         assert first[1].startswith("payload key: made")
         assert ((tmp_path / "payload.key").stat().st_mode & 0o777) == 0o600
         assert all("started" in line for line in first[2:])
-        assert all(row.healthy for row in status(settings) if row.name in ("postgres", "nats", "temporal"))
+        assert all(
+            row.healthy for row in status(settings) if row.name in ("postgres", "nats", "temporal", "codec")
+        )
         second = up(settings)
         assert all("already running" in line for line in second)
         pids = [int(p.read_text()) for p in (tmp_path / "pids").glob("*.pid")]
-        assert len(pids) == 3
+        assert len(pids) == 4  # postgres, nats, temporal and the codec server for the UI
     finally:
         down(settings, purge=True)
     assert not any(pid_alive(pid) for pid in pids)
-    assert not any(row.healthy for row in status(settings) if row.name in ("postgres", "nats", "temporal"))
+    assert not any(
+        row.healthy for row in status(settings) if row.name in ("postgres", "nats", "temporal", "codec")
+    )
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the root path: Postgres runs as an unprivileged user")
