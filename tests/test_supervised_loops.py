@@ -184,6 +184,11 @@ async def _platform_status(world: World) -> tuple[int, str]:
 
 
 async def test_platform_status_shows_a_failing_worker_loop_and_exits_1(world: World) -> None:
+    async def running() -> bool:
+        loops = (await _health(world))[1]["loops"]
+        return all(loop["state"] == "running" for loop in loops.values())
+
+    await _until(running, what="the loops' first round")
     code, out = await _platform_status(world)
     assert code == 0, out
     assert out.startswith("platform: ok")
