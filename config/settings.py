@@ -118,6 +118,10 @@ class Settings(BaseSettings):
     consumer_pending_threshold: int = Field(default=100, ge=0, alias="CONSUMER_PENDING_THRESHOLD")
     widespread_org_threshold: int = Field(default=3, ge=1, alias="WIDESPREAD_ORG_THRESHOLD")
 
+    # Where a CLI command's JSON log lines go besides $REMEDIATION_STATE_DIR/logs/cli.log:
+    # "auto" = also stderr unless it is a terminal; "stderr" = always; "file" = never.
+    cli_log: Literal["auto", "stderr", "file"] = Field(default="auto", alias="CLI_LOG")
+
     # OpenTelemetry: spans go to this OTLP/HTTP endpoint when set (standard variable name).
     otlp_endpoint: str | None = Field(default=None, alias="OTEL_EXPORTER_OTLP_ENDPOINT")
 

@@ -82,10 +82,11 @@ def _settings() -> Settings:
 
 async def _client(settings: Settings) -> Any:
     from worker.main import connect_temporal
-    from worker.telemetry import configure_logging, configure_tracing
+    from worker.telemetry import configure_command_logging, configure_tracing
 
-    # What the commander does is logged as JSON lines on stderr (stdout stays for people).
-    configure_logging()
+    # What the commander does is logged as JSON lines (to the state directory's log, and to stderr unless
+    # stderr is a terminal); stdout and a terminal's stderr stay for people.
+    configure_command_logging(settings.state_dir / "logs" / "cli.log", settings.cli_log)
     configure_tracing("billing-remediation-cli", settings.otlp_endpoint)
     return await connect_temporal(settings)
 

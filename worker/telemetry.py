@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from opentelemetry import trace
 from temporalio import activity
@@ -60,11 +62,34 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: int = logging.INFO) -> None:
-    """JSON lines on stderr for every logger."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter())
+    """JSON lines on stderr for every logger (services: their stderr is their log)."""
+    _log_to([logging.StreamHandler()], level)
+
+
+def configure_command_logging(
+    log_file: Path, mode: Literal["auto", "stderr", "file"], level: int = logging.INFO
+) -> None:
+    """A command's JSON lines: always to ``log_file``; also to stderr when it is not a terminal or when asked.
+
+    On a terminal the commander reads only the human lines; scripts and automation reading stderr keep
+    the JSON lines. ``mode`` "stderr" forces them onto stderr, "file" keeps them off it.
+    """
+    handlers: list[logging.Handler] = []
+    try:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    except OSError:
+        mode = "stderr"  # nowhere to keep them: better on stderr than lost
+    if mode == "stderr" or (mode == "auto" and not sys.stderr.isatty()):
+        handlers.append(logging.StreamHandler())
+    _log_to(handlers, level)
+
+
+def _log_to(handlers: list[logging.Handler], level: int) -> None:
+    for handler in handlers:
+        handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = handlers
     root.setLevel(level)
 
 
