@@ -39,6 +39,7 @@ from workflows.models import (
     PlanSummary,
     ReconcileRequest,
     ReconcileSummary,
+    RemediationRequest,
     RunRef,
     Scope,
     VerificationRequest,
@@ -333,21 +334,25 @@ class BillingDatabaseActivities:
                  SELECT p.org_id FROM billing.payment_sessions p WHERE p.status = 'failed_reconcile'
                    OR (p.status = 'completed' AND p.ledger_entry_id IS NULL)) d"""
         )
-        reasons: list[str] = []
+        # Platform-wide signals widen only a platform-wide run. A user's dispute or one org's drift keeps
+        # its own risk (freeze and quorum follow its scope and plan); the wider degradation becomes a
+        # named finding that points to the remediation handling it, or says none is running.
+        wider: list[str] = []
         if request.worker_degraded:
-            reasons.append("billing worker consumer is critical (global degradation)")
+            wider.append("billing worker consumer is critical (global degradation)")
         if int(orgs) >= request.widespread_org_threshold:
-            reasons.append(f"drift in {orgs} orgs (threshold {request.widespread_org_threshold})")
+            wider.append(f"drift in {orgs} orgs (threshold {request.widespread_org_threshold})")
+        platform: CheckResult | None = None
         if scope.is_global:
-            reasons.append("scope is the whole platform")
-        if reasons:
             radius = BlastRadius.WIDESPREAD
-        elif scope.org_id and not (scope.project_id or scope.user_id or scope.allocation_id):
-            radius = BlastRadius.ORG
-            reasons.append("confined to one org")
+            reasons = ["scope is the whole platform", *wider]
         else:
-            radius = BlastRadius.SINGLE
-            reasons.append("confined to a single user/project")
+            if scope.org_id and not (scope.project_id or scope.user_id or scope.allocation_id):
+                radius, reasons = BlastRadius.ORG, ["confined to one org"]
+            else:
+                radius, reasons = BlastRadius.SINGLE, ["confined to a single user/project"]
+            if wider:
+                platform = await self._platform_degradation(request.ref, wider)
         await self._diagnosis(
             request.ref,
             "blast_radius",
@@ -355,8 +360,39 @@ class BillingDatabaseActivities:
             {"drift_in_scope": in_scope, "orgs_with_drift": int(orgs), "reasons": reasons},
         )
         return BlastRadiusResult(
-            radius=radius, drift_in_scope=in_scope, orgs_with_drift=int(orgs), reasons=reasons
+            radius=radius,
+            drift_in_scope=in_scope,
+            orgs_with_drift=int(orgs),
+            reasons=reasons,
+            platform_degradation=platform,
         )
+
+    async def _platform_degradation(self, ref: RunRef, wider: list[str]) -> CheckResult:
+        """The degradation outside this run's scope, and the platform-wide remediation handling it, if any."""
+        global_id = RemediationRequest(correlation_id="x", requested_by="x").workflow_id()
+        running = await self._fetchrow(
+            """SELECT run_id, requested_by, correlation_id FROM remediation.runs
+               WHERE workflow_id = $1 AND ended_at IS NULL ORDER BY started_at DESC LIMIT 1""",
+            global_id,
+        )
+        if running is not None:
+            handled = (
+                f"{global_id} is running (run {running['run_id']}, correlation {running['correlation_id']}, "
+                f"started by {running['requested_by']})"
+            )
+        else:
+            handled = (
+                "no platform-wide remediation is running: start one with `remediate start "
+                "--correlation-id <incident> --trigger worker_failure`"
+            )
+        headline = f"outside this run's scope: {'; '.join(wider)}; {handled}"
+        data = {
+            "signals": wider,
+            "global_workflow_id": global_id,
+            "global_run_id": running and running["run_id"],
+        }
+        await self._diagnosis(ref, "platform_degradation", "warn", data)
+        return CheckResult(check="platform_degradation", status="warn", headline=headline)
 
     # ------------------------------------------------------------------ reconcile and plan
 

@@ -25,6 +25,7 @@ def runtime_options(settings: Settings) -> RuntimeOptions:
         require_signatures=settings.approval_signatures == "required",
         quorum=settings.approval_quorum,
         money_threshold_minor=settings.approval_money_threshold_minor,
+        rows_threshold=settings.approval_rows_threshold,
         deadline_seconds=settings.approval_deadline_seconds,
         hard_limit_seconds=settings.approval_hard_limit_seconds,
     )

@@ -107,6 +107,7 @@ class Settings(BaseSettings):
     )
     approval_quorum: int = Field(default=2, ge=1, le=9, alias="APPROVAL_QUORUM")
     approval_money_threshold_minor: int = Field(default=100_000, ge=0, alias="APPROVAL_MONEY_THRESHOLD_MINOR")
+    approval_rows_threshold: int = Field(default=1_000, ge=0, alias="APPROVAL_ROWS_THRESHOLD")
     approval_deadline_seconds: int = Field(default=3600, ge=1, alias="APPROVAL_DEADLINE_SECONDS")
     approval_hard_limit_seconds: int = Field(default=86_400, ge=1, alias="APPROVAL_HARD_LIMIT_SECONDS")
     # "required": only approvals signed with the approver's Ed25519 key count.

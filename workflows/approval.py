@@ -20,11 +20,18 @@ class ApprovalState:
     decided: bool = False
 
 
+def high_risk(policy: ApprovalPolicy, plan: PlanSummary, radius: BlastRadius | None) -> bool:
+    """The run's own risk: a platform-wide scope, more money than the threshold, or more rows than it."""
+    return (
+        radius is BlastRadius.WIDESPREAD
+        or plan.money_moved_minor > policy.money_threshold_minor
+        or (policy.rows_threshold is not None and plan.action_count > policy.rows_threshold)
+    )
+
+
 def approvals_required(policy: ApprovalPolicy, plan: PlanSummary, radius: BlastRadius | None) -> int:
-    """Quorum for widespread or large plans, else a single approver."""
-    if radius is BlastRadius.WIDESPREAD or plan.money_moved_minor > policy.money_threshold_minor:
-        return min(policy.quorum, len(policy.approvers))
-    return 1
+    """Quorum for high-risk plans, else a single approver."""
+    return min(policy.quorum, len(policy.approvers)) if high_risk(policy, plan, radius) else 1
 
 
 # A transient refusal: the plan exists but approvals open a moment later (or reopen after an
@@ -33,8 +40,8 @@ NOT_OPEN = "not open yet: the plan is being opened for approval; retry in a mome
 
 
 def self_approval_forbidden(policy: ApprovalPolicy, plan: PlanSummary, radius: BlastRadius | None) -> bool:
-    """The requester may not approve their own widespread or above-threshold plan."""
-    return radius is BlastRadius.WIDESPREAD or plan.money_moved_minor > policy.money_threshold_minor
+    """The requester may not approve their own high-risk plan."""
+    return high_risk(policy, plan, radius)
 
 
 def refusal(

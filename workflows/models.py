@@ -144,6 +144,8 @@ class ApprovalPolicy(Frozen):
     deadline_seconds: int
     hard_limit_seconds: int
     require_signatures: bool = False
+    # Plans with more actions than this need the quorum too (None: only money and breadth count).
+    rows_threshold: int | None = None
 
     def approver(self, name: str) -> ApproverInfo | None:
         """The approver called ``name``, if configured."""
@@ -213,6 +215,8 @@ class BlastRadiusResult(Frozen):
     drift_in_scope: int
     orgs_with_drift: int
     reasons: list[str]
+    # Degradation outside a scoped run's scope (a named finding, not a reason to widen the run's risk).
+    platform_degradation: CheckResult | None = None
 
 
 class BlastRadiusRequest(Frozen):

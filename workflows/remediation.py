@@ -314,18 +314,20 @@ class BillingRemediationWorkflow:
             )
         degraded = any(c.check == "nats_consumer" and c.status == "critical" for c in self._diagnosis)
         try:
-            self._blast = (
-                await self._act(
-                    names.ASSESS_BLAST_RADIUS,
-                    BlastRadiusRequest(
-                        ref=ref,
-                        worker_degraded=degraded,
-                        widespread_org_threshold=options.widespread_org_threshold,
-                    ),
-                    BlastRadiusResult,
-                    f"Assess the blast radius around {scope_words}",
-                )
-            ).radius
+            assessed = await self._act(
+                names.ASSESS_BLAST_RADIUS,
+                BlastRadiusRequest(
+                    ref=ref,
+                    worker_degraded=degraded,
+                    widespread_org_threshold=options.widespread_org_threshold,
+                ),
+                BlastRadiusResult,
+                f"Assess the blast radius around {scope_words}",
+            )
+            self._blast = assessed.radius
+            if assessed.platform_degradation is not None:
+                # Named, not inherited: the run's freeze and quorum follow its own scope and plan.
+                self._diagnosis.append(assessed.platform_degradation)
         except ActivityError:
             # Without the numbers, assume the worst: widespread means freeze and quorum.
             self._blast = BlastRadius.WIDESPREAD
