@@ -11,13 +11,10 @@ from temporalio import activity
 from activities.errors import dependency_down
 from activities.http_errors import json_object, raise_for, send
 from workflows import names
-from workflows.launch_guard import launch_guard_criteria
 from workflows.models import (
     ApiActionRequest,
     ApiActionResult,
-    Criterion,
     FreezeRequest,
-    LaunchGuardRequest,
     LaunchProbe,
     PostureObservation,
     PrecheckObservation,
@@ -161,17 +158,3 @@ class BillingApiActivities:
         except ValueError:
             code = None
         return SubmitObservation(status_code=response.status_code, code=code)
-
-    @activity.defn(name=names.CHECK_LAUNCH_GUARD)
-    async def check_launch_guard(self, request: LaunchGuardRequest) -> Criterion:
-        """Posture and precheck against the expected state, as one criterion (runs started before v0.3)."""
-        probe = LaunchProbe(correlation_id=request.ref.correlation_id, org_id=request.org_id, sku=request.sku)
-        posture = await self.read_posture(probe)
-        precheck = await self.run_precheck(probe)
-        criteria = launch_guard_criteria(request.expect, posture, precheck, None)
-        return Criterion(
-            name="launch_guard_" + request.expect,
-            passed=all(c.passed for c in criteria),
-            detail=f"state={posture.state} reason={posture.reason} "
-            f"block_new_launches={posture.block_new_launches} precheck billing={precheck.billing_severity}",
-        )

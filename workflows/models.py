@@ -367,15 +367,6 @@ class VerificationRequest(Frozen):
     pass_no: int
 
 
-class LaunchGuardRequest(Frozen):
-    """Input of the launch-restriction verification."""
-
-    ref: RunRef
-    org_id: str
-    expect: Literal["restricted", "recovered"]
-    sku: str = "compute-vm-small"
-
-
 class AlertNotice(Frozen):
     """An alert (or platform event) about a remediation's scope, recorded on the run."""
 

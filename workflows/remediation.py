@@ -44,7 +44,6 @@ with workflow.unsafe.imports_passed_through():
         EvidenceRequest,
         FinishRun,
         FreezeRequest,
-        LaunchGuardRequest,
         LaunchGuardVerifyRequest,
         Phase,
         PlanRequest,
@@ -71,11 +70,6 @@ R = TypeVar("R", bound=BaseModel)
 
 # Expected failures that retrying cannot fix; everything else retries with backoff up to the limit.
 MAX_PASSES = 3
-AUDIT_QUEUE_PATCH = "approval-audit-queue"  # runs that decided it in their first approval's handler
-# Decided once at the start of the run (a patch first met inside an Update handler is itself a replay
-# hazard). Gated runs open an approval or decision only in an activation that issues no command; see
-# _open_gate.
-APPROVAL_GATE_PATCH = "approval-gate"
 MAX_ALERTS = 50  # distinct alerts recorded per run; history stays bounded under alert storms
 
 
@@ -131,7 +125,6 @@ class BillingRemediationWorkflow:
         # Approval audits waiting for the auditor coroutine (handlers never await activities).
         self._audits: list[tuple[ApprovalDecision, str | None, str]] = []
         self._auditing = False
-        self._gated: bool | None = None  # set by run() before any approval can be accepted
 
     # ---------------------------------------------------------------- run
 
@@ -146,9 +139,8 @@ class BillingRemediationWorkflow:
             trace_id=request.trace_id,
             scope=request.scope,
         )
-        self._gated = workflow.patched(APPROVAL_GATE_PATCH)
         self._upsert_scope_attributes()
-        # Issues no command until an audit is queued, so runs recorded before it replay unchanged.
+        # Issues no command until an audit is queued.
         self._auditor = asyncio.create_task(self._audit_approvals())
         self._options = await self._act(
             names.LOAD_RUNTIME_OPTIONS, None, RuntimeOptions, "Load the approval policy and thresholds"
@@ -346,8 +338,7 @@ class BillingRemediationWorkflow:
 
     async def _await_approval(self, plan: PlanSummary) -> Phase | None:
         """Wait for the plan's approval; None when approved, else the ending phase."""
-        wait = self._wait_for_decision if self._gated else self._wait_for_decision_ungated
-        if not await wait(plan):
+        if not await self._wait_for_decision(plan):
             self._set_phase(Phase.EXPIRED, approval="expired")
             return Phase.EXPIRED
         if self._approval.rejected_by is not None:
@@ -400,33 +391,6 @@ class BillingRemediationWorkflow:
         await self._timeline(message, self._request.requested_by, "")
         self._phase = phase
         self._refresh_details()
-
-    async def _wait_for_decision_ungated(self, plan: PlanSummary) -> bool:
-        """The approval wait of runs started before the gate (kept for their replay)."""
-        options = self._require_options()
-        policy = options.policy
-        self._awaiting_approval = True
-        self._set_phase(Phase.AWAITING_APPROVAL, approval="pending")
-        waited = 0
-        tier = 1
-        try:
-            while not self._approval.decided:
-                timeout = min(policy.deadline_seconds, policy.hard_limit_seconds - waited)
-                try:
-                    await workflow.wait_condition(
-                        lambda: self._approval.decided,
-                        timeout=timedelta(seconds=timeout),
-                        timeout_summary="approval deadline",
-                    )
-                except TimeoutError:
-                    waited += timeout
-                    if waited >= policy.hard_limit_seconds:
-                        return False
-                    tier += 1
-                    await self._escalate(plan, tier)
-        finally:
-            self._awaiting_approval = False
-        return True
 
     async def _escalate(self, plan: PlanSummary, tier: int) -> None:
         policy = self._require_options().policy
@@ -550,15 +514,6 @@ class BillingRemediationWorkflow:
     async def _verify_launch_guard(self, request: RemediationRequest, pass_no: int) -> Criterion:
         """The launch-restriction verification, as a child workflow visible on its own in the UI."""
         org = request.scope.org_id or ""
-        if not workflow.patched("launch-guard-child-workflow"):
-            # Runs started before the child workflow existed replay their original activity.
-            result: Criterion = await self._act(
-                names.CHECK_LAUNCH_GUARD,
-                LaunchGuardRequest(ref=self._require_ref(), org_id=org, expect="recovered"),
-                Criterion,
-                f"Verify launch precheck billing is ok for {org}",
-            )
-            return result
         report = await workflow.execute_child_workflow(
             LaunchGuardWorkflow.run,
             LaunchGuardVerifyRequest(
@@ -605,13 +560,8 @@ class BillingRemediationWorkflow:
 
     async def _await_verdict_decision(self) -> str:
         self._verdict = None
-        if self._gated:
-            self._announce(Phase.AWAITING_DECISION)
-            await self._open_gate(
-                Phase.AWAITING_DECISION, "verification failed: waiting for retry or hand-off"
-            )
-        else:
-            self._set_phase(Phase.AWAITING_DECISION)
+        self._announce(Phase.AWAITING_DECISION)
+        await self._open_gate(Phase.AWAITING_DECISION, "verification failed: waiting for retry or hand-off")
         await workflow.wait_condition(lambda: self._verdict is not None)
         self._stalled = None
         verdict = self._verdict
@@ -685,7 +635,7 @@ class BillingRemediationWorkflow:
         if reason is None:
             await self._accept(decision, via="signal")
             return
-        await self._audit(decision, reason=reason, via="signal")
+        self._audit(decision, reason=reason, via="signal")
 
     @workflow.update(name=names.UPDATE_DECIDE)
     async def decide(self, decision: VerdictDecision) -> str:
@@ -757,32 +707,23 @@ class BillingRemediationWorkflow:
             if self._approval.rejected_by
             else ("approved" if self._approval.decided else "pending")
         )
-        if self._gated:
-            # Nothing here may depend on where the main coroutine is: on replay this may run first.
-            workflow.upsert_search_attributes([SA_APPROVAL.value_set(state)])
-            self._refresh_details()
-        else:
-            self._set_phase(self._phase, approval=state)
-        await self._audit(decision, reason=None, via=via)
+        # Nothing here may depend on where the main coroutine is: on replay this may run first.
+        workflow.upsert_search_attributes([SA_APPROVAL.value_set(state)])
+        self._refresh_details()
+        self._audit(decision, reason=None, via=via)
         return (
             f"{decision.decision} by {decision.approver} recorded "
             f"({len(self._approval.approved_by)}/{self._approvals_needed()} approvals)"
         )
 
-    async def _audit(self, decision: ApprovalDecision, *, reason: str | None, via: str) -> None:
-        """Audit a decision: queued for the auditor coroutine, so the handler finishes in its own task.
+    def _audit(self, decision: ApprovalDecision, *, reason: str | None, via: str) -> None:
+        """Queue a decision's audit for the auditor coroutine, so the handler finishes in its own task.
 
         A handler that awaited the audit activity stayed open across workflow tasks; a second approval
         arriving in the task that completed the first one's audit then replayed in a different order
-        (a nondeterminism error after a worker restart, seen in the kill test). Runs started before
-        this change keep their recorded behaviour.
+        (a nondeterminism error after a worker restart, seen in the kill test).
         """
-        # Short-circuit: new runs never call patched() inside a handler. (None: a refused signal that
-        # arrived with the start, before run() decided; only new code gets there first.)
-        if self._gated is not False or workflow.patched(AUDIT_QUEUE_PATCH):
-            self._audits.append((decision, reason, via))
-            return
-        await self._record_approval(decision, reason=reason, via=via)
+        self._audits.append((decision, reason, via))
 
     async def _audit_approvals(self) -> None:
         """Record queued approval audits in order (one activity each)."""
