@@ -96,6 +96,11 @@ class Settings(BaseSettings):
     billing_stream: str = Field(default="PLATFORM", alias="BILLING_STREAM")
     billing_consumer: str = Field(default="billing-worker", alias="BILLING_CONSUMER")
 
+    # Worker Deployment Versioning: runs are pinned to the build they started on (docs/operations.md).
+    worker_versioning: Literal["on", "off"] = Field(default="on", alias="WORKER_VERSIONING")
+    worker_deployment_name: str = Field(default="billing-remediation", alias="WORKER_DEPLOYMENT_NAME")
+    worker_build_id: str | None = Field(default=None, alias="WORKER_BUILD_ID")
+
     # Approval policy.
     approvers: list[Approver] = Field(
         default_factory=lambda: [

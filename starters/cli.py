@@ -34,6 +34,10 @@ app.add_typer(platform, name="platform")
 app.add_typer(keys, name="keys")
 alerts = typer.Typer(help="Alert intake: Alertmanager webhooks and NATS events start remediations.")
 app.add_typer(alerts, name="alerts")
+deployment = typer.Typer(
+    help="Worker Deployment Versioning: which build new runs go to.", no_args_is_help=True
+)
+app.add_typer(deployment, name="deployment")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -107,7 +111,31 @@ def dev_up(
             typer.echo(line)
     except StackError as err:
         _fail(str(err), 1)
+    if settings.worker_versioning == "on" and settings.temporal_address is None:
+        # The local stack's workers serve this checkout's build: new runs go to it.
+        from worker.deployment import set_current_version
+        from worker.main import connect_temporal
+
+        async def current() -> str:
+            return await set_current_version(await connect_temporal(settings), settings)
+
+        typer.echo(f"worker deployment {settings.worker_deployment_name}: build {_run(current())} is current")
     typer.echo(f"Temporal UI: {settings.resolved_ui_url()}")
+
+
+@deployment.command("set-current")
+def deployment_set_current(
+    build: Annotated[str | None, typer.Option("--build-id", help="default: this package's version")] = None,
+) -> None:
+    """Send new remediations to ``build``; running ones finish on the build they started on."""
+    from worker.deployment import set_current_version
+
+    settings = _settings()
+
+    async def go() -> str:
+        return await set_current_version(await _client(settings), settings, build)
+
+    typer.echo(f"deployment {settings.worker_deployment_name}: build {_run(go())} is current")
 
 
 @dev.command("down")

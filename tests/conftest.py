@@ -183,6 +183,9 @@ async def make_world(
         "NATS_URL": f"nats://127.0.0.1:{nats_settings.nats_port}",
         "PLATFORM_PORT": free_port(),
         "REMEDIATION_TASK_QUEUE": f"tq-{name}",
+        # Unversioned unless a test asks (the time-skipping server has no worker deployments);
+        # test_worker_versioning.py and test_demo.py run versioned, as production does.
+        "WORKER_VERSIONING": "off",
         "VERIFY_WINDOW_SECONDS": 1,
         "APPROVERS": signed_approvers(),
     }

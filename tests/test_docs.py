@@ -30,8 +30,19 @@ def test_compose_file_registers_the_workflows_search_attributes_and_sets_only_kn
     # One list of names: what dev up and the tests register, the compose job, and the keys the workflows set.
     assert registered == set(SEARCH_ATTRIBUTES) == {key.name for key in search_attributes.ALL}
     aliases = {field.alias for field in Settings.model_fields.values() if field.alias}
-    for name in ("remediation-worker", "alert-intake"):
+    for name in ("remediation-worker", "alert-intake", "codec-server", "remediation-deployment"):
         service = services[name]
         assert set(service["environment"]) <= aliases, name
         assert "PAYLOAD_KEY" in service["environment"], "payloads are encrypted by default"
-        assert service["depends_on"]["temporal-admin-tools"]["condition"] == "service_completed_successfully"
+    for name in ("remediation-worker", "alert-intake"):
+        assert (
+            services[name]["depends_on"]["temporal-admin-tools"]["condition"]
+            == "service_completed_successfully"
+        )
+    # The build that runs is the build made current, under one deployment name.
+    worker, deploy = (
+        services["remediation-worker"]["environment"],
+        services["remediation-deployment"]["environment"],
+    )
+    assert worker["WORKER_DEPLOYMENT_NAME"] == deploy["WORKER_DEPLOYMENT_NAME"]
+    assert worker["WORKER_BUILD_ID"] == deploy["WORKER_BUILD_ID"]

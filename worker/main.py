@@ -27,6 +27,7 @@ from activities.runtime_config import ConfigActivities
 from activities.tempo import TempoActivities
 from config import Settings
 from migrations import apply_migrations, remediation_migrations_dir
+from worker.deployment import build_id, deployment_config
 from worker.payload_codec import payload_keys, with_codec
 from worker.telemetry import RemediationContext
 from workflows.launch_guard import LaunchGuardWorkflow
@@ -148,6 +149,7 @@ def build_worker(
         activities=activity_list(settings, res),
         max_concurrent_activities=50,
         graceful_shutdown_timeout=timedelta(seconds=10),
+        deployment_config=deployment_config(settings),
     )
 
 
@@ -160,6 +162,12 @@ async def run_worker(settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        log.info("worker polling task queue %s", settings.task_queue)
+        log.info(
+            "worker polling task queue %s (%s)",
+            settings.task_queue,
+            f"deployment {settings.worker_deployment_name}, build {build_id(settings)}"
+            if settings.worker_versioning == "on"
+            else "unversioned",
+        )
         async with worker:
             await stop.wait()
