@@ -12,13 +12,12 @@ from typing import Any, Literal
 
 import asyncpg
 from temporalio.client import Client, WorkflowExecutionStatus
-from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.postgres_billing import validate_scope
 from alert_intake.alertmanager import Alert
 from alert_intake.mapping import AlertRefused, Mapping
 from config import Settings
+from database.scope import ScopeRefused, validate_scope
 from starters import operations
 from workflows import names
 from workflows.models import AlertNotice, RemediationRequest, Trigger
@@ -124,8 +123,8 @@ class Intake:
             return
         try:
             await validate_scope(self._db, request.scope)
-        except ApplicationError as err:
-            raise AlertRefused(err.message) from None
+        except ScopeRefused as err:
+            raise AlertRefused(str(err)) from None
         self._valid_scopes.add(key)
 
     # ------------------------------------------------------------------ effects

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import asyncpg
 from temporalio.testing import ActivityEnvironment
 
-from activities.postgres_billing import BillingDatabaseActivities
+from activities.postgres import BillingDatabaseActivities
 from benchmarks.report import emit
 from benchmarks.workflows import bench_memory, bench_workflows, full_stack, percentile
 from config import Settings

@@ -25,10 +25,10 @@ from temporalio.common import SearchAttributePair, TypedSearchAttributes, Workfl
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.postgres_billing import validate_scope
-from activities.postgres_records import record_approval_row
 from config import Settings
 from config.approver_keys import ApproverKeyError, load_private_key, sign
+from database.approvals import record_approval_row
+from database.scope import ScopeRefused, validate_scope
 from workflows import names
 from workflows.approval import NOT_OPEN
 from workflows.input_errors import explain, shown
@@ -81,8 +81,8 @@ async def preflight(settings: Settings, request: RemediationRequest) -> None:
     conn = await asyncpg.connect(settings.resolved_database_url())
     try:
         await validate_scope(conn, request.scope)
-    except ApplicationError as err:
-        raise OperationError(err.message) from None
+    except ScopeRefused as err:
+        raise OperationError(str(err)) from None
     finally:
         await conn.close()
 

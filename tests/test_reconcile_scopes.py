@@ -7,7 +7,7 @@ import random
 import pytest
 from temporalio.testing import ActivityEnvironment
 
-from activities.postgres_billing import BillingDatabaseActivities
+from activities.postgres import BillingDatabaseActivities
 from local_platform.seeder import SeedSpec, seed
 from tests.conftest import World
 from workflows.models import ReconcileRequest, RunRef, Scope

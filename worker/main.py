@@ -21,8 +21,8 @@ from temporalio.worker import Worker
 from activities.billing_api import BillingApiActivities
 from activities.loki import LokiActivities
 from activities.nats_jetstream import NatsActivities
-from activities.postgres_billing import BillingDatabaseActivities
-from activities.postgres_records import RecordsActivities
+from activities.postgres import BillingDatabaseActivities
+from activities.postgres.records import RecordsActivities
 from activities.runtime_config import ConfigActivities
 from activities.tempo import TempoActivities
 from config import Settings

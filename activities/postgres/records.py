@@ -8,9 +8,12 @@ from typing import Any
 import asyncpg
 from temporalio import activity
 
-from activities.errors import dependency_down
-from activities.postgres_billing import TRANSIENT, validate_scope
+from activities.errors import bad_input
+from activities.postgres.base import PostgresActivities, driver_errors
 from activities.scope_sql import LEDGER_COLUMNS, USAGE_COLUMNS, scope_predicate
+from database.approvals import record_approval_row
+from database.scope import ScopeRefused, validate_scope
+from database.timeline import insert_timeline
 from workflows import names
 from workflows.models import (
     ApiActionAudit,
@@ -32,50 +35,19 @@ FOLLOW_UPS = {
 }
 
 
-async def record_approval_row(pool: asyncpg.Pool | asyncpg.Connection, record: ApprovalRecord) -> None:
-    """Audit one approval attempt (accepted or refused); idempotent per event key."""
-    await pool.execute(
-        """INSERT INTO remediation.approvals (run_id, plan_id, plan_hash, approver, decision, comment, accepted,
-               refusal_reason, via, event_key) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)
-           ON CONFLICT (event_key) DO NOTHING""",
-        record.run_id,
-        record.plan_id,
-        record.plan_hash,
-        record.approver,
-        record.decision,
-        record.comment,
-        record.accepted,
-        record.refusal_reason,
-        record.via,
-        record.event_key,
-    )
-    verdict = "accepted" if record.accepted else f"refused ({record.refusal_reason})"
-    await pool.execute(
-        """INSERT INTO remediation.timeline (run_id, phase, actor, message, detail, event_key)
-           SELECT $1, 'awaiting_approval', $2, $3, $4, $5 WHERE EXISTS
-               (SELECT 1 FROM remediation.runs WHERE run_id = $1)
-           ON CONFLICT (event_key) DO NOTHING""",
-        record.run_id,
-        record.approver,
-        f"{record.decision} via {record.via}: {verdict}",
-        json.dumps({"comment": record.comment, "plan_hash": record.plan_hash}),
-        f"{record.event_key}:timeline",
-    )
-
-
-class RecordsActivities:
+class RecordsActivities(PostgresActivities):
     """The remediation's audit trail in Postgres."""
-
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self._pool = pool
 
     @activity.defn(name=names.REGISTER_RUN)
     async def register_run(self, request: RegisterRun) -> None:
         """Validate the scope against the billing data and record the run (idempotent)."""
         ref = request.ref
-        try:
-            await validate_scope(self._pool, ref.scope)
-            await self._pool.execute(
+        with driver_errors():
+            try:
+                await validate_scope(self._pool, ref.scope)
+            except ScopeRefused as err:
+                raise bad_input(str(err)) from None
+            await self._execute(
                 """INSERT INTO remediation.runs (run_id, workflow_id, correlation_id, trace_id, trigger, scope,
                        requested_by, dry_run) VALUES ($1,$2,$3,$4,$5,$6,$7,$8) ON CONFLICT (run_id) DO NOTHING""",
                 ref.run_id,
@@ -87,36 +59,43 @@ class RecordsActivities:
                 request.request.requested_by,
                 request.request.dry_run,
             )
-            await self._timeline(
-                ref.run_id,
-                "started",
-                request.request.requested_by,
-                f"remediation started for {ref.scope.describe()} "
+            await insert_timeline(
+                self._pool,
+                run_id=ref.run_id,
+                phase="started",
+                actor=request.request.requested_by,
+                message=f"remediation started for {ref.scope.describe()} "
                 f"(trigger {request.request.trigger.value}"
                 f"{', dry run' if request.request.dry_run else ''})",
-                f"{ref.run_id}:start",
-                {"correlation_id": ref.correlation_id, "trace_id": ref.trace_id},
+                event_key=f"{ref.run_id}:start",
+                detail={"correlation_id": ref.correlation_id, "trace_id": ref.trace_id},
             )
-        except TRANSIENT as exc:
-            raise dependency_down(f"Postgres unavailable: {type(exc).__name__}") from exc
 
     @activity.defn(name=names.RECORD_TIMELINE)
     async def record_timeline(self, event: TimelineEvent) -> None:
         """Append one timeline event (idempotent per event key)."""
-        await self._timeline(
-            event.run_id, event.phase, event.actor, event.message, event.event_key, dict(event.detail)
-        )
+        with driver_errors():
+            await insert_timeline(
+                self._pool,
+                run_id=event.run_id,
+                phase=event.phase,
+                actor=event.actor,
+                message=event.message,
+                event_key=event.event_key,
+                detail=dict(event.detail),
+            )
 
     @activity.defn(name=names.RECORD_APPROVAL)
     async def record_approval(self, record: ApprovalRecord) -> None:
         """Audit an approval attempt."""
-        await record_approval_row(self._pool, record)
+        with driver_errors():
+            await record_approval_row(self._pool, record)
 
     @activity.defn(name=names.RECORD_API_ACTION)
     async def record_api_action(self, audit: ApiActionAudit) -> None:
         """Audit an admin-API plan action (restriction clear, worker restart) with the outcome the API gave."""
         request, action = audit.request, audit.request.action
-        await self._pool.execute(
+        await self._execute(
             """INSERT INTO remediation.applied_actions (plan_id, seq, idempotency_key, kind, outcome, actor, approvers,
                    workflow_id, correlation_id, before, after)
                VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,'{}',$10) ON CONFLICT (plan_id, seq) DO NOTHING""",
@@ -138,18 +117,18 @@ class RecordsActivities:
         ref = request.ref
         usage_pred, uparams = scope_predicate(ref.scope, USAGE_COLUMNS, 1)
         ledger_pred, lparams = scope_predicate(ref.scope, LEDGER_COLUMNS, 1)
-        usage = await self._pool.fetchrow(
+        usage = await self._fetchrow(
             f"""SELECT count(*) AS records, count(*) FILTER (WHERE end_time IS NULL) AS open_records,
                        coalesce(sum(accrued_cost_minor), 0) AS accrued_minor
                 FROM billing.usage_records u WHERE {usage_pred}""",
             *uparams,
         )
-        ledger = await self._pool.fetch(
+        ledger = await self._fetch(
             f"""SELECT kind, count(*) AS entries, coalesce(sum(amount_minor), 0) AS total_minor
                 FROM billing.ledger_entries l WHERE {ledger_pred} GROUP BY kind ORDER BY kind""",
             *lparams,
         )
-        drift = await self._pool.fetch(
+        drift = await self._fetch(
             """SELECT kind, count(*) AS n FROM remediation.findings WHERE run_id = $1
                AND pass = (SELECT max(pass) FROM remediation.findings WHERE run_id = $1
                            AND pass < CASE WHEN $2 = 'before' THEN 100 ELSE 1000 END)
@@ -172,7 +151,7 @@ class RecordsActivities:
                 "params": uparams,
             },
         }
-        await self._pool.execute(
+        await self._execute(
             """INSERT INTO remediation.snapshots (run_id, label, data) VALUES ($1, $2, $3)
                ON CONFLICT (run_id, label) DO UPDATE SET data = excluded.data, taken_at = now()""",
             ref.run_id,
@@ -183,8 +162,9 @@ class RecordsActivities:
     @activity.defn(name=names.CAPTURE_EVIDENCE)
     async def capture_evidence(self, request: EvidenceRequest) -> None:
         """Assemble the runbook's evidence pack and store it with the run."""
-        document = await build_evidence(self._pool, request)
-        await self._pool.execute(
+        with driver_errors():
+            document = await build_evidence(self._pool, request)
+        await self._execute(
             """INSERT INTO remediation.evidence (run_id, document) VALUES ($1, $2)
                ON CONFLICT (run_id) DO UPDATE SET document = excluded.document, created_at = now()""",
             request.ref.run_id,
@@ -194,7 +174,7 @@ class RecordsActivities:
     @activity.defn(name=names.FINISH_RUN)
     async def finish_run(self, request: FinishRun) -> None:
         """Close the run with its outcome."""
-        await self._pool.execute(
+        await self._execute(
             """UPDATE remediation.runs SET phase = $2, outcome = $3, blast_radius = $4, ended_at = now()
                WHERE run_id = $1""",
             request.ref.run_id,
@@ -203,26 +183,7 @@ class RecordsActivities:
             request.blast_radius,
         )
         await self._timeline(
-            request.ref.run_id,
-            request.phase,
-            "remediation-worker",
-            f"remediation ended: {request.outcome}",
-            f"{request.ref.run_id}:finish",
-            {},
-        )
-
-    async def _timeline(
-        self, run_id: str, phase: str, actor: str, message: str, key: str, detail: dict[str, Any]
-    ) -> None:
-        await self._pool.execute(
-            """INSERT INTO remediation.timeline (run_id, phase, actor, message, detail, event_key)
-               VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT (event_key) DO NOTHING""",
-            run_id,
-            phase,
-            actor,
-            message,
-            json.dumps(detail, default=str),
-            key,
+            request.ref.run_id, "finish", request.phase, f"remediation ended: {request.outcome}", {}
         )
 
 

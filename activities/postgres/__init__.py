@@ -1,0 +1,22 @@
+"""Activities on the billing data in Postgres, one module per concern.
+
+``drift_sql`` the four checks as SQL; ``diagnosis`` health, consistency, blast radius and duplicates;
+``reconcile`` findings; ``plan`` plan actions; ``apply`` the approved plan; ``records`` the remediation's
+own rows (runs, timeline, approvals audit, snapshots, evidence). Every path maps driver failures to the
+retryable DependencyDown through ``base.driver_errors``. Every check is set-based SQL; findings and plan
+actions are written to Postgres, never returned whole.
+"""
+
+from __future__ import annotations
+
+from activities.postgres.apply import ApplyActivities
+from activities.postgres.diagnosis import DiagnosisActivities
+from activities.postgres.plan import PlanActivities
+from activities.postgres.reconcile import ReconcileActivities
+
+
+class BillingDatabaseActivities(DiagnosisActivities, ReconcileActivities, PlanActivities, ApplyActivities):
+    """Set-based checks and corrective writes on the billing tables (all groups on one pool)."""
+
+
+__all__ = ["BillingDatabaseActivities"]

@@ -1,0 +1,266 @@
+"""Apply: an approved plan's actions in idempotent, audited batches"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import asyncpg
+from temporalio import activity
+
+from activities.errors import bad_input, not_found
+from activities.heartbeat import heartbeating
+from activities.postgres.base import CUSTOM_PLANS, PostgresActivities
+from activities.postgres.drift_sql import CLOSE_AT, CLOSE_COST, OPEN_STATUSES
+from workflows import names
+from workflows.models import (
+    ApplyRequest,
+    ApplySummary,
+)
+
+
+class ApplyActivities(PostgresActivities):
+    """Apply."""
+
+    @activity.defn(name=names.APPLY_PLAN)
+    async def apply_plan(self, request: ApplyRequest) -> ApplySummary:
+        """Apply the approved plan's Postgres actions in batches; resumable from the last committed batch."""
+        plan = await self._fetchrow(
+            "SELECT plan_hash FROM remediation.plans WHERE plan_id = $1", request.plan_id
+        )
+        if plan is None:
+            raise not_found(f"plan {request.plan_id!r} does not exist")
+        if plan["plan_hash"] != request.plan_hash:
+            raise bad_input(
+                f"plan {request.plan_id!r} changed since approval (hash mismatch); re-approval needed"
+            )
+        await self._execute(
+            "UPDATE remediation.plans SET status = 'applying' WHERE plan_id = $1", request.plan_id
+        )
+        # The audit rows are committed with the effects, so they say exactly where to resume.
+        last_seq = int(
+            await self._fetchval(
+                "SELECT coalesce(max(seq), 0) FROM remediation.applied_actions WHERE plan_id = $1",
+                request.plan_id,
+            )
+        )
+        progress = [last_seq]
+        async with heartbeating(lambda: progress[0]):
+            last_seq = await self._apply_batches(request, last_seq, progress)
+        rows = await self._fetch(
+            "SELECT outcome, count(*) AS n FROM remediation.applied_actions WHERE plan_id = $1 GROUP BY outcome",
+            request.plan_id,
+        )
+        counts = {r["outcome"]: int(r["n"]) for r in rows}
+        await self._execute(
+            "UPDATE remediation.plans SET status = 'applied' WHERE plan_id = $1", request.plan_id
+        )
+        summary = ApplySummary(
+            applied=counts.get("applied", 0),
+            skipped_stale=counts.get("skipped_stale", 0),
+            already_applied=counts.get("already_applied", 0),
+            last_seq=last_seq,
+        )
+        await self._timeline(
+            request.ref.run_id,
+            f"apply:{request.plan_id}",
+            "remediating",
+            f"applied {summary.applied} actions, {summary.skipped_stale} stale skipped",
+            {"approvers": ",".join(request.approvers)},
+        )
+        return summary
+
+    async def _apply_batches(self, request: ApplyRequest, last_seq: int, progress: list[int]) -> int:
+        """Apply the plan after ``last_seq`` in committed batches; returns the last applied seq."""
+        while True:
+            async with self._transaction() as conn:
+                await conn.execute(CUSTOM_PLANS)
+                actions = await conn.fetch(
+                    """SELECT * FROM remediation.plan_actions WHERE plan_id = $1 AND seq > $2
+                       AND kind NOT IN ('clear_financial_restriction', 'restart_billing_worker')
+                       ORDER BY seq LIMIT $3""",
+                    request.plan_id,
+                    last_seq,
+                    request.batch_size,
+                )
+                if not actions:
+                    return last_seq
+                # Usage debits (the bulk of a worker outage's drift) go in one statement per batch.
+                debits = [a["seq"] for a in actions if a["kind"] == "post_usage_debit"]
+                if debits:
+                    await self._apply_debits(conn, request, debits)
+                for action in actions:
+                    if action["kind"] != "post_usage_debit":
+                        await self._apply_one(conn, request, action)
+                last_seq = actions[-1]["seq"]
+            progress[0] = last_seq
+
+    @staticmethod
+    async def _apply_debits(conn: asyncpg.Connection, request: ApplyRequest, seqs: list[int]) -> None:
+        """Post a batch of usage debits set-based: same re-checks, keys and audit rows as one at a time."""
+        await conn.execute(
+            """WITH acts AS (
+                   SELECT pa.seq, pa.entity_id::bigint AS usage_id, -pa.amount_minor AS cost, pa.idempotency_key
+                   FROM remediation.plan_actions pa WHERE pa.plan_id = $1 AND pa.seq = ANY($2::int[])),
+               before AS (
+                   SELECT a.seq, to_jsonb(u) AS doc FROM acts a JOIN billing.usage_records u ON u.id = a.usage_id),
+               posted AS (
+                   INSERT INTO billing.ledger_entries (org_id, requested_by_user_id, kind, amount_minor,
+                       usage_record_id, idempotency_key, actor, correlation_id)
+                   SELECT u.org_id, u.requested_by_user_id, 'usage_debit', -u.accrued_cost_minor, u.id,
+                          a.idempotency_key, $3, $4
+                   FROM acts a JOIN billing.usage_records u ON u.id = a.usage_id
+                   WHERE u.end_time IS NOT NULL AND u.accrued_cost_minor = a.cost
+                     AND NOT EXISTS (SELECT 1 FROM billing.ledger_entries l
+                                     WHERE l.usage_record_id = u.id AND l.kind = 'usage_debit')
+                   ON CONFLICT DO NOTHING
+                   RETURNING usage_record_id, to_jsonb(billing.ledger_entries.*) AS doc)
+               INSERT INTO remediation.applied_actions (plan_id, seq, idempotency_key, kind, outcome, actor,
+                   approvers, workflow_id, correlation_id, before, after)
+               SELECT $1, a.seq, a.idempotency_key, 'post_usage_debit',
+                      CASE WHEN p.doc IS NULL THEN 'skipped_stale' ELSE 'applied' END,
+                      $5, $6, $7, $4, coalesce(b.doc, 'null'::jsonb), coalesce(p.doc, 'null'::jsonb)
+               FROM acts a LEFT JOIN before b USING (seq) LEFT JOIN posted p ON p.usage_record_id = a.usage_id
+               ON CONFLICT (plan_id, seq) DO NOTHING""",
+            request.plan_id,
+            seqs,
+            f"remediation:{request.actor}",
+            request.ref.correlation_id,
+            request.actor,
+            request.approvers,
+            request.ref.workflow_id,
+        )
+
+    async def _apply_one(
+        self, conn: asyncpg.Connection, request: ApplyRequest, action: asyncpg.Record
+    ) -> None:
+        """Re-check the finding, apply the effect and write the audit row, all in the caller's transaction."""
+        kind, entity, amount, key = (
+            action["kind"],
+            action["entity_id"],
+            action["amount_minor"],
+            action["idempotency_key"],
+        )
+        actor = f"remediation:{request.actor}"
+        corr = request.ref.correlation_id
+        before: Any = None
+        after: Any = None
+        if kind == "open_usage_record":
+            before = await conn.fetchval(
+                "SELECT to_jsonb(a) FROM billing.allocations a WHERE id = $1", entity
+            )
+            after = await conn.fetchval(
+                f"""INSERT INTO billing.usage_records (allocation_id, org_id, project_id, requested_by_user_id,
+                        start_time, last_billed_at, app_instance_id, usage_source, control_plane_component,
+                        operating_mode, control_plane_scope, runtime_backend, idempotency_key, created_by,
+                        correlation_id)
+                    SELECT a.id, a.org_id, a.project_id, a.requested_by_user_id, a.activated_at, a.activated_at,
+                           a.app_instance_id, a.usage_source, a.control_plane_component, a.operating_mode,
+                           a.control_plane_scope, a.runtime_backend, $2, $3, $4
+                    FROM billing.allocations a WHERE a.id = $1 AND a.status IN {OPEN_STATUSES}
+                      AND NOT EXISTS (SELECT 1 FROM billing.usage_records u
+                                      WHERE u.allocation_id = a.id AND u.end_time IS NULL)
+                    ON CONFLICT DO NOTHING RETURNING to_jsonb(billing.usage_records.*)""",
+                entity,
+                key,
+                actor,
+                corr,
+            )
+        elif kind == "close_orphan_usage":
+            before = await conn.fetchval(
+                "SELECT to_jsonb(u) FROM billing.usage_records u WHERE id = $1", int(entity)
+            )
+            after = await conn.fetchval(
+                f"""UPDATE billing.usage_records u SET end_time = {CLOSE_AT},
+                        last_billed_at = {CLOSE_AT}, accrued_cost_minor = $2
+                    FROM billing.allocations a
+                    WHERE u.id = $1 AND a.id = u.allocation_id AND u.end_time IS NULL
+                      AND a.status NOT IN {OPEN_STATUSES} AND {CLOSE_COST} = $2
+                    RETURNING to_jsonb(u.*)""",
+                int(entity),
+                -amount,
+            )
+            if after is not None and amount != 0:
+                await self._post_debit(conn, int(entity), -amount, key, actor, corr)
+        elif kind == "post_usage_debit":
+            before = await conn.fetchval(
+                "SELECT to_jsonb(u) FROM billing.usage_records u WHERE id = $1", int(entity)
+            )
+            after = await self._post_debit(conn, int(entity), -amount, key, actor, corr)
+        elif kind == "credit_payment":
+            before = await conn.fetchval(
+                "SELECT to_jsonb(p) FROM billing.payment_sessions p WHERE id = $1", entity
+            )
+            entry = await conn.fetchval(
+                """INSERT INTO billing.ledger_entries (org_id, requested_by_user_id, kind, amount_minor,
+                       payment_session_id, idempotency_key, actor, correlation_id)
+                   SELECT p.org_id, p.user_id, 'payment_credit', p.amount_minor, p.id, $3, $4, $5
+                   FROM billing.payment_sessions p
+                   WHERE p.id = $1 AND p.amount_minor = $2 AND p.ledger_entry_id IS NULL
+                     AND p.status IN ('failed_reconcile', 'completed')
+                     AND NOT EXISTS (SELECT 1 FROM billing.ledger_entries l
+                                     WHERE l.payment_session_id = p.id AND l.kind = 'payment_credit')
+                   ON CONFLICT DO NOTHING RETURNING id""",
+                entity,
+                amount,
+                key,
+                actor,
+                corr,
+            )
+            if entry is not None:
+                after = await conn.fetchval(
+                    """UPDATE billing.payment_sessions SET ledger_entry_id = $2, status = 'completed',
+                           completed_at = coalesce(completed_at, now()) WHERE id = $1 RETURNING to_jsonb(payment_sessions.*)""",
+                    entity,
+                    entry,
+                )
+        elif kind == "link_payment_credit":
+            before = await conn.fetchval(
+                "SELECT to_jsonb(p) FROM billing.payment_sessions p WHERE id = $1", entity
+            )
+            after = await conn.fetchval(
+                """UPDATE billing.payment_sessions p SET ledger_entry_id = l.id, status = 'completed',
+                       completed_at = coalesce(p.completed_at, now())
+                   FROM billing.ledger_entries l
+                   WHERE p.id = $1 AND p.ledger_entry_id IS NULL AND l.payment_session_id = p.id
+                     AND l.kind = 'payment_credit' RETURNING to_jsonb(p.*)""",
+                entity,
+            )
+        else:
+            raise bad_input(f"plan {request.plan_id!r} action {action['seq']}: unknown kind {kind!r}")
+        await conn.execute(
+            """INSERT INTO remediation.applied_actions (plan_id, seq, idempotency_key, kind, outcome, actor, approvers,
+                   workflow_id, correlation_id, before, after)
+               VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) ON CONFLICT (plan_id, seq) DO NOTHING""",
+            request.plan_id,
+            action["seq"],
+            key,
+            kind,
+            "applied" if after is not None else "skipped_stale",
+            request.actor,
+            request.approvers,
+            request.ref.workflow_id,
+            corr,
+            before if isinstance(before, str) else json.dumps(before),
+            after if isinstance(after, str) else json.dumps(after),
+        )
+
+    @staticmethod
+    async def _post_debit(
+        conn: asyncpg.Connection, usage_id: int, cost: int, key: str, actor: str, corr: str
+    ) -> Any:
+        return await conn.fetchval(
+            """INSERT INTO billing.ledger_entries (org_id, requested_by_user_id, kind, amount_minor, usage_record_id,
+                   idempotency_key, actor, correlation_id)
+               SELECT u.org_id, u.requested_by_user_id, 'usage_debit', -u.accrued_cost_minor, u.id, $3, $4, $5
+               FROM billing.usage_records u
+               WHERE u.id = $1 AND u.end_time IS NOT NULL AND u.accrued_cost_minor = $2
+                 AND NOT EXISTS (SELECT 1 FROM billing.ledger_entries l
+                                 WHERE l.usage_record_id = u.id AND l.kind = 'usage_debit')
+               ON CONFLICT DO NOTHING RETURNING to_jsonb(billing.ledger_entries.*)""",
+            usage_id,
+            cost,
+            key,
+            actor,
+            corr,
+        )

@@ -1,0 +1,138 @@
+"""The runbook's four reconciliation checks as set-based SQL: drifted keys by index-only anti-joins, then rows."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from activities.scope_sql import (
+    ALLOCATION_COLUMNS,
+    LEDGER_COLUMNS,
+    PAYMENT_COLUMNS,
+    USAGE_COLUMNS,
+    columns_as,
+    scope_predicate,
+    scope_prefilter,
+)
+from workflows.models import DriftKind, Scope
+
+OPEN_STATUSES = "('active', 'releasing', 'release_failed')"
+# Cost of closing a usage record at the allocation's release: the platform's pricing rule in SQL.
+# When an orphan's release time was never recorded, close it at the last time it was billed: never
+# charge for time nothing proves was used.
+CLOSE_AT = "coalesce(a.released_at, a.releasing_at, u.last_billed_at, u.start_time)"
+CLOSE_COST = (
+    f"((floor(extract(epoch from ({CLOSE_AT} - u.start_time)))::bigint * a.hourly_rate_minor + 3599) / 3600)"
+)
+
+
+class Check(NamedTuple):
+    """One runbook check in two steps: the drifted keys first (index-only anti-joins over narrow
+    indexes), then the finding rows for just those keys (a lookup per key: ``LATERAL ... OFFSET 0``
+    keeps the planner from scanning a whole table to decorate a handful of drifted rows)."""
+
+    candidates: str  # SELECT of one column: the drifted entity's key
+    details: str  # SELECT of finding rows FROM cand (the materialised candidates)
+    params: list[str]
+
+    def statement(self) -> str:
+        """One SELECT producing the finding rows (one snapshot)."""
+        return f"WITH cand(key) AS MATERIALIZED ({self.candidates}) {self.details}"
+
+
+def candidates(scope: Scope, inside: str, outside: str | None, key: str, exact: str) -> str:
+    """Drifted keys: ``inside`` keys with no match per ``exact`` (a NOT EXISTS over the whole table).
+
+    Globally that anti-join is a merge of two sorted narrow indexes. For a scope, the keys are first
+    narrowed by subtracting ``outside`` (the same scope's matches, a small hashed EXCEPT), then the few
+    left are checked exactly, so a match recorded under another scope still counts.
+    """
+    if scope.is_global or outside is None:
+        return f"SELECT {key} FROM ({inside}) k WHERE NOT EXISTS ({exact})"
+    return f"SELECT {key} FROM (({inside}) EXCEPT ({outside})) k WHERE NOT EXISTS ({exact})"
+
+
+def checks(scope: Scope, first: int) -> dict[DriftKind, Check]:
+    """The runbook's four reconciliation checks, each as candidates + details, with their params."""
+    params = [value for value in scope.model_dump().values() if value]
+    open_pred, _ = scope_predicate(scope, columns_as(ALLOCATION_COLUMNS, "c"), first)
+    usage_pred, _ = scope_predicate(scope, columns_as(USAGE_COLUMNS, "o"), first)
+    pay_pred, pay_params = scope_predicate(scope, PAYMENT_COLUMNS, first)
+    ledger_pre = scope_prefilter(scope, columns_as(LEDGER_COLUMNS, "l"), first)
+    if ledger_pre is None and scope.project_id:
+        # The ledger has no project: its project's org is a cheap superset.
+        number = first + [f for f, v in scope.model_dump().items() if v].index("project_id")
+        ledger_pre = f"l.org_id = (SELECT pr.org_id FROM billing.projects pr WHERE pr.id = ${number})"
+    open_allocations = (
+        f"SELECT c.id FROM billing.allocations c WHERE c.status IN {OPEN_STATUSES} AND {open_pred}"
+    )
+    open_usage = (
+        f"SELECT o.allocation_id FROM billing.usage_records o WHERE o.end_time IS NULL AND {usage_pred}"
+    )
+    billable = f"""SELECT o.id FROM billing.usage_records o
+                   WHERE o.end_time IS NOT NULL AND o.accrued_cost_minor > 0 AND {usage_pred}"""
+    debits = (
+        None
+        if ledger_pre is None
+        else f"SELECT l.usage_record_id FROM billing.ledger_entries l WHERE l.kind = 'usage_debit' AND {ledger_pre}"
+    )
+    return {
+        DriftKind.MISSING_OPEN_USAGE: Check(
+            candidates(
+                scope,
+                open_allocations,
+                open_usage,
+                "k.id",
+                "SELECT 1 FROM billing.usage_records u WHERE u.allocation_id = k.id AND u.end_time IS NULL",
+            ),
+            """SELECT 'missing_open_usage', 'allocation', a.id, a.org_id, a.project_id, a.requested_by_user_id, a.id,
+                      0::bigint, jsonb_build_object('status', a.status, 'activated_at', a.activated_at)
+               FROM cand CROSS JOIN LATERAL (
+                   SELECT * FROM billing.allocations a WHERE a.id = cand.key OFFSET 0) a""",
+            params,
+        ),
+        DriftKind.ORPHAN_OPEN_USAGE: Check(
+            candidates(
+                scope,
+                open_usage,
+                open_allocations,
+                "k.allocation_id",
+                f"SELECT 1 FROM billing.allocations c WHERE c.id = k.allocation_id AND c.status IN {OPEN_STATUSES}",
+            ),
+            f"""SELECT 'orphan_open_usage', 'usage_record', u.id::text, u.org_id, u.project_id, u.requested_by_user_id,
+                       u.allocation_id, {CLOSE_COST},
+                       jsonb_build_object('allocation_status', a.status, 'released_at', a.released_at,
+                                          'start_time', u.start_time)
+                FROM cand
+                CROSS JOIN LATERAL (SELECT * FROM billing.usage_records u
+                                    WHERE u.allocation_id = cand.key AND u.end_time IS NULL OFFSET 0) u
+                CROSS JOIN LATERAL (SELECT * FROM billing.allocations a WHERE a.id = u.allocation_id OFFSET 0) a""",
+            params,
+        ),
+        DriftKind.UNBILLED_CLOSED_USAGE: Check(
+            candidates(
+                scope,
+                billable,
+                debits,
+                "k.id",
+                "SELECT 1 FROM billing.ledger_entries l WHERE l.usage_record_id = k.id AND l.kind = 'usage_debit'",
+            ),
+            """SELECT 'unbilled_closed_usage', 'usage_record', u.id::text, u.org_id, u.project_id,
+                      u.requested_by_user_id, u.allocation_id, u.accrued_cost_minor,
+                      jsonb_build_object('end_time', u.end_time)
+               FROM cand CROSS JOIN LATERAL (
+                   SELECT * FROM billing.usage_records u WHERE u.id = cand.key OFFSET 0) u""",
+            params,
+        ),
+        DriftKind.PAYMENT_DRIFT: Check(
+            f"""SELECT p.id FROM billing.payment_sessions p
+                WHERE (p.status = 'failed_reconcile' OR (p.status = 'completed' AND p.ledger_entry_id IS NULL))
+                  AND {pay_pred}""",
+            """SELECT 'payment_drift', 'payment_session', p.id, p.org_id, NULL, p.user_id, NULL, p.amount_minor,
+                      jsonb_build_object('status', p.status, 'existing_credit_id',
+                          (SELECT l.id FROM billing.ledger_entries l
+                           WHERE l.payment_session_id = p.id AND l.kind = 'payment_credit'))
+               FROM cand CROSS JOIN LATERAL (
+                   SELECT * FROM billing.payment_sessions p WHERE p.id = cand.key OFFSET 0) p""",
+            pay_params,
+        ),
+    }

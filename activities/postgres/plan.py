@@ -1,0 +1,163 @@
+"""Plans: findings turned into hashed, ordered plan actions"""
+
+from __future__ import annotations
+
+import json
+
+import asyncpg
+from temporalio import activity
+
+from activities.heartbeat import heartbeating
+from activities.postgres.base import PostgresActivities
+from activities.scope_sql import scope_predicate
+from workflows import names
+from workflows.models import (
+    ApiAction,
+    PlanRequest,
+    PlanSummary,
+)
+
+
+class PlanActivities(PostgresActivities):
+    """Plans."""
+
+    @activity.defn(name=names.BUILD_PLAN)
+    async def build_plan(self, request: PlanRequest) -> PlanSummary:
+        """Turn a pass's findings into ordered, idempotency-keyed actions and hash them."""
+        async with heartbeating(lambda: request.plan_id):
+            return await self._build_plan(request)
+
+    async def _build_plan(self, request: PlanRequest) -> PlanSummary:
+        ref = request.ref
+        async with self._transaction() as conn:
+            existing = await conn.fetchrow(
+                "SELECT * FROM remediation.plans WHERE plan_id = $1", request.plan_id
+            )
+            if existing is None:
+                await conn.execute(
+                    """INSERT INTO remediation.plans (plan_id, run_id, pass, plan_hash, action_count, debit_total_minor,
+                           credit_total_minor, counts_by_kind) VALUES ($1, $2, $3, '', 0, 0, 0, '{}')""",
+                    request.plan_id,
+                    ref.run_id,
+                    request.pass_no,
+                )
+                await conn.execute(
+                    """INSERT INTO remediation.plan_actions (plan_id, seq, kind, entity_type, entity_id, org_id, user_id,
+                           amount_minor, idempotency_key, params)
+                       SELECT $1, row_number() OVER (ORDER BY f.kind, f.entity_id), a.kind, f.entity_type, f.entity_id,
+                              f.org_id, f.user_id, a.amount, a.key, f.detail
+                       FROM remediation.findings f
+                       CROSS JOIN LATERAL (SELECT
+                         CASE f.kind
+                           WHEN 'missing_open_usage' THEN 'open_usage_record'
+                           WHEN 'orphan_open_usage' THEN 'close_orphan_usage'
+                           WHEN 'unbilled_closed_usage' THEN 'post_usage_debit'
+                           WHEN 'payment_drift' THEN CASE WHEN f.detail->>'existing_credit_id' IS NULL
+                                                          THEN 'credit_payment' ELSE 'link_payment_credit' END
+                         END AS kind,
+                         CASE f.kind
+                           WHEN 'missing_open_usage' THEN 0
+                           WHEN 'payment_drift' THEN CASE WHEN f.detail->>'existing_credit_id' IS NULL
+                                                          THEN f.amount_minor ELSE 0 END
+                           ELSE -f.amount_minor
+                         END AS amount,
+                         CASE f.kind
+                           WHEN 'missing_open_usage' THEN 'usage-open:' || f.entity_id
+                           WHEN 'orphan_open_usage' THEN 'usage-debit:' || f.entity_id
+                           WHEN 'unbilled_closed_usage' THEN 'usage-debit:' || f.entity_id
+                           WHEN 'payment_drift' THEN CASE WHEN f.detail->>'existing_credit_id' IS NULL
+                                                          THEN 'payment-credit:' || f.entity_id
+                                                          ELSE 'payment-link:' || f.entity_id END
+                         END AS key) a
+                       WHERE f.run_id = $2 AND f.pass = $3""",
+                    request.plan_id,
+                    ref.run_id,
+                    request.pass_no,
+                )
+                next_seq = int(
+                    await conn.fetchval(
+                        "SELECT coalesce(max(seq), 0) + 1 FROM remediation.plan_actions WHERE plan_id = $1",
+                        request.plan_id,
+                    )
+                )
+                next_seq = await self._plan_restriction_clears(conn, request, next_seq)
+                if request.restart_worker:
+                    await conn.execute(
+                        """INSERT INTO remediation.plan_actions (plan_id, seq, kind, entity_type, entity_id, org_id,
+                               amount_minor, idempotency_key) VALUES ($1, $2, 'restart_billing_worker', 'worker',
+                               'billing-worker', '*', 0, $3)""",
+                        request.plan_id,
+                        next_seq,
+                        f"worker-restart:{ref.run_id}",
+                    )
+                await conn.execute(
+                    """UPDATE remediation.plans p SET
+                         plan_hash = encode(sha256(convert_to(coalesce(s.canon, ''), 'UTF8')), 'hex'),
+                         action_count = coalesce(s.n, 0), debit_total_minor = coalesce(s.debits, 0),
+                         credit_total_minor = coalesce(s.credits, 0), counts_by_kind = coalesce(s.kinds, '{}')
+                       FROM (SELECT string_agg(seq || '|' || kind || '|' || entity_id || '|' || amount_minor || '|'
+                                               || idempotency_key, E'\\n' ORDER BY seq) AS canon,
+                                    count(*) AS n,
+                                    sum(amount_minor) FILTER (WHERE amount_minor < 0) AS debits,
+                                    sum(amount_minor) FILTER (WHERE amount_minor > 0) AS credits,
+                                    (SELECT jsonb_object_agg(kind, c) FROM (SELECT kind, count(*) c
+                                        FROM remediation.plan_actions WHERE plan_id = $1 GROUP BY kind) k) AS kinds
+                             FROM remediation.plan_actions WHERE plan_id = $1) s
+                       WHERE p.plan_id = $1""",
+                    request.plan_id,
+                )
+            plan = await conn.fetchrow("SELECT * FROM remediation.plans WHERE plan_id = $1", request.plan_id)
+            api_rows = await conn.fetch(
+                """SELECT seq, kind, org_id, idempotency_key FROM remediation.plan_actions WHERE plan_id = $1
+                   AND kind IN ('clear_financial_restriction', 'restart_billing_worker') ORDER BY seq""",
+                request.plan_id,
+            )
+        summary = PlanSummary(
+            plan_id=plan["plan_id"],
+            plan_hash=plan["plan_hash"],
+            action_count=plan["action_count"],
+            debit_total_minor=plan["debit_total_minor"],
+            credit_total_minor=plan["credit_total_minor"],
+            counts_by_kind=json.loads(plan["counts_by_kind"]),
+            api_actions=[
+                ApiAction(
+                    seq=r["seq"], kind=r["kind"], org_id=r["org_id"], idempotency_key=r["idempotency_key"]
+                )
+                for r in api_rows
+            ],
+        )
+        await self._timeline(
+            ref.run_id,
+            f"plan:{request.plan_id}",
+            "reconciling",
+            f"plan {summary.plan_id}: {summary.action_count} actions, debits "
+            f"{summary.debit_total_minor}, credits {summary.credit_total_minor}",
+            {"plan_hash": summary.plan_hash},
+        )
+        return summary
+
+    async def _plan_restriction_clears(self, conn: asyncpg.Connection, request: PlanRequest, seq: int) -> int:
+        """Plan clearing prepaid-depletion restrictions whose org the plan's credits bring back above zero."""
+        pred, params = scope_predicate(request.ref.scope, {"org_id": "r.org_id"}, 2)
+        rows = await conn.fetch(
+            f"""SELECT r.org_id FROM billing.financial_restrictions r
+                WHERE r.state = 'restricted' AND r.reason = 'prepaid_balance_depleted' AND {pred}
+                  AND (SELECT coalesce(sum(amount_minor), 0) FROM billing.ledger_entries l WHERE l.org_id = r.org_id)
+                    + (SELECT coalesce(sum(amount_minor), 0) FROM remediation.plan_actions pa
+                       WHERE pa.plan_id = $1 AND pa.org_id = r.org_id) > 0
+                ORDER BY r.org_id""",
+            request.plan_id,
+            *params,
+        )
+        for row in rows:
+            await conn.execute(
+                """INSERT INTO remediation.plan_actions (plan_id, seq, kind, entity_type, entity_id, org_id,
+                       amount_minor, idempotency_key) VALUES ($1, $2, 'clear_financial_restriction', 'org', $3, $3,
+                       0, $4)""",
+                request.plan_id,
+                seq,
+                row["org_id"],
+                f"restriction-clear:{row['org_id']}:{request.ref.run_id}",
+            )
+            seq += 1
+        return seq

@@ -1,0 +1,67 @@
+"""Reconciliation: the four checks for a scope, findings written to Postgres"""
+
+from __future__ import annotations
+
+import asyncio
+
+from temporalio import activity
+
+from activities.heartbeat import heartbeating
+from activities.postgres.base import CUSTOM_PLANS, RECONCILE_WORK_MEM, PostgresActivities
+from activities.postgres.drift_sql import Check, checks
+from workflows import names
+from workflows.models import (
+    DriftKind,
+    ReconcileRequest,
+    ReconcileSummary,
+)
+
+
+class ReconcileActivities(PostgresActivities):
+    """Reconciliation."""
+
+    @activity.defn(name=names.RECONCILE)
+    async def reconcile(self, request: ReconcileRequest) -> ReconcileSummary:
+        """Run the four checks for the scope; findings go to Postgres (idempotent per pass)."""
+        ref = request.ref
+        counts: dict[str, int] = {}
+        async with heartbeating(lambda: sorted(counts)):
+            await self._reconcile_checks(request, counts)
+        counts = {kind.value: counts[kind.value] for kind in DriftKind if kind.value in counts}
+        total = sum(counts.values())
+        await self._timeline(
+            ref.run_id,
+            f"reconcile:{request.pass_no}",
+            "reconciling",
+            f"reconciliation pass {request.pass_no}: {total} findings",
+            counts,
+        )
+        return ReconcileSummary(pass_no=request.pass_no, counts=counts, total=total)
+
+    async def _reconcile_checks(self, request: ReconcileRequest, counts: dict[str, int]) -> None:
+        """Each check is one set-based INSERT ... SELECT into the findings table; the four run concurrently."""
+        ref = request.ref
+
+        async def run(kind: DriftKind, check: Check) -> None:
+            async with self._transaction() as conn:
+                # Room for the scoped anti-joins' hashes; without it they spill to disk in batches.
+                await conn.execute(f"SET LOCAL work_mem = '{RECONCILE_WORK_MEM}'")
+                await conn.execute(CUSTOM_PLANS)
+                await conn.execute(
+                    f"""INSERT INTO remediation.findings (run_id, pass, kind, entity_type, entity_id, org_id,
+                            project_id, user_id, allocation_id, amount_minor, detail)
+                        SELECT $1, $2, q.* FROM ({check.statement()}) q ON CONFLICT DO NOTHING""",
+                    ref.run_id,
+                    request.pass_no,
+                    *check.params,
+                )
+                counts[kind.value] = int(
+                    await conn.fetchval(
+                        "SELECT count(*) FROM remediation.findings WHERE run_id = $1 AND pass = $2 AND kind = $3",
+                        ref.run_id,
+                        request.pass_no,
+                        kind.value,
+                    )
+                )
+
+        await asyncio.gather(*(run(kind, check) for kind, check in checks(ref.scope, 3).items()))
