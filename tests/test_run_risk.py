@@ -55,10 +55,17 @@ async def test_a_dispute_keeps_its_own_risk_and_names_the_wider_degradation(worl
             world.nc,
         )
     assert await _orgs_with_drift(world) >= world.settings.widespread_org_threshold
+    # ... and the billing worker is down with a backlog over 1,000: its consumer is critical.
+    await world.db.execute("UPDATE billing.worker_control SET mode = 'crashed'")
+    for n in range(1_001):
+        await world.nc.publish("provisioning.active", f'{{"allocation_id": "wd-none-{n}"}}'.encode())
+    await world.nc.flush()
 
     _, dispute = await start_dispute(world, "rd")
     view = await wait_phase(dispute, {Phase.AWAITING_APPROVAL})
+    # Only the dispute's own row: never a platform-wide worker restart, even with the consumer degraded.
     assert view.plan is not None and view.plan.action_count == 1
+    assert "restart_billing_worker" not in view.plan.counts_by_kind
     # The dispute's own risk: one user, one row, little money: no freeze, one approver.
     assert view.blast_radius is BlastRadius.SINGLE
     assert not view.frozen
@@ -69,7 +76,8 @@ async def test_a_dispute_keeps_its_own_risk_and_names_the_wider_degradation(worl
     assert view.approvals_needed == 1
     finding = next(c for c in view.diagnosis if c.check == "platform_degradation")
     assert finding.status == "warn"
-    assert "outside this run's scope: drift in" in finding.headline
+    assert "outside this run's scope: billing worker consumer is critical" in finding.headline
+    assert "; drift in" in finding.headline
     assert "no platform-wide remediation is running: start one with `remediate start" in finding.headline
     await operations.abort(world.client, dispute.id)
 

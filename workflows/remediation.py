@@ -226,7 +226,9 @@ class BillingRemediationWorkflow:
                     ref=ref,
                     pass_no=pass_no,
                     plan_id=f"{ref.run_id}-p{pass_no}",
-                    restart_worker=worker_degraded and pass_no == 0,
+                    # The worker is platform-wide: only a platform-wide run restarts it; a scoped run
+                    # names the degradation (platform_degradation) instead.
+                    restart_worker=worker_degraded and pass_no == 0 and request.scope.is_global,
                 ),
                 PlanSummary,
                 "Build the remediation plan from the findings",
