@@ -315,6 +315,7 @@ async def main(args: argparse.Namespace) -> None:
     finally:
         if server is not None:
             server.stop()
+            server.purge()  # as root its cluster lives outside the temporary directory
     if args.incidents or args.memory_sizes:
         async with full_stack(root / "stack") as stack:
             if args.incidents:

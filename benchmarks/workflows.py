@@ -33,6 +33,7 @@ from devstack.processes import free_port
 from devstack.stack import Nats, Postgres, Temporal, dev_approver_keys
 from local_platform.seeder import SeedSpec, seed
 from local_platform.serve import running_platform
+from worker.deployment import set_current_version
 from worker.main import activity_list, build_worker, resources
 from workflows import names
 from workflows.models import (
@@ -77,7 +78,8 @@ async def full_stack(root: Path) -> AsyncIterator[Stack]:
         APPLY_BATCH_SIZE=500,
     )
     dev_approver_keys(settings)
-    servers = [Postgres(settings), Nats(settings), Temporal(settings)]
+    postgres = Postgres(settings)
+    servers = [postgres, Nats(settings), Temporal(settings)]
     for server in servers:
         await asyncio.to_thread(server.start)
     try:
@@ -87,11 +89,13 @@ async def full_stack(root: Path) -> AsyncIterator[Stack]:
         async with running_platform(settings, settings.platform_port), resources(settings) as res:
             db = await asyncpg.create_pool(settings.resolved_database_url(), min_size=1, max_size=4)
             async with build_worker(client, settings, res):
+                await set_current_version(client, settings)  # versioned, as deployed: new runs go to it
                 yield Stack(settings, client, db)
             await db.close()
     finally:
         for server in reversed(servers):
             await asyncio.to_thread(server.stop)
+        await asyncio.to_thread(postgres.purge)
 
 
 def percentile(values: list[float], q: float) -> float:
