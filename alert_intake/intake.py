@@ -14,11 +14,11 @@ import asyncpg
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
+import remediation_client as operations
 from alert_intake.alertmanager import Alert
 from alert_intake.mapping import AlertRefused, Mapping
 from config import Settings
 from database.scope import ScopeRefused, validate_scope
-from starters import operations
 from workflows import names
 from workflows.models import AlertNotice, RemediationRequest, Trigger
 

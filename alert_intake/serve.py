@@ -19,7 +19,7 @@ from alert_intake.mapping import load_mapping
 from alert_intake.nats_events import start_subscriber
 from alert_intake.receiver import receiver_app
 from config import Settings
-from worker.main import connect_temporal
+from worker.connection import connect_temporal
 
 log = logging.getLogger("billing_remediation.alert_intake")
 

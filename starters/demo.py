@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 
+import remediation_client as operations
 from config import Settings
 from local_platform.incidents import run_incident
 from local_platform.serve import platform_connections
-from starters import operations
 from starters.render import render_evidence_markdown, render_status
 from workflows.models import Phase, RemediationRequest, RemediationResult, Scope, StatusView, Trigger
 
@@ -63,7 +63,7 @@ async def _show_traces(settings: Settings, incident_trace: str, own_trace: str |
 
 async def run_demo(settings: Settings) -> int:
     """Run the scenario; returns the process exit code."""
-    from worker.main import connect_temporal
+    from worker.connection import connect_temporal
     from worker.telemetry import configure_tracing
 
     configure_tracing("billing-remediation-cli", settings.otlp_endpoint)

@@ -16,10 +16,10 @@ import pytest_asyncio
 from pydantic import SecretStr
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 
+import remediation_client as operations
 from alert_intake.mapping import MappingError, load_mapping
 from alert_intake.serve import running_intake
 from devstack.processes import free_port
-from starters import operations
 from tests.test_remediation_workflow import incident_in
 from workflows.models import RemediationRequest, Scope, StatusView
 from workflows.search_attributes import SA_ORG, SA_TRIGGER

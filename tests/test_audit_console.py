@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from temporalio.api.sdk.v1 import WorkflowMetadata
 
-from starters import operations
+import remediation_client as operations
 from tests.conftest import World
 from tests.test_remediation_workflow import decision, start_dispute, wait_phase
 from workflows import names

@@ -16,9 +16,9 @@ import pytest_asyncio
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
+import remediation_client as operations
 from config import Settings
 from config.approver_keys import new_key_pair
-from starters import operations
 from starters.demo import run_demo
 from worker.payload_codec import with_codec
 from workflows import names

@@ -6,7 +6,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from starters import operations
+import remediation_client as operations
 from starters.cli import app
 from tests.histories import keep_history
 from tests.test_remediation_workflow import incident_in

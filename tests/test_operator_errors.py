@@ -10,8 +10,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from typer.testing import CliRunner
 
+import remediation_client as operations
 from alert_intake.mapping import AlertRefused, load_mapping
-from starters import operations
 from starters.cli import app
 from workflows.input_errors import ECHO_LIMIT
 from workflows.models import Phase, Trigger

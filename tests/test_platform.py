@@ -9,13 +9,13 @@ import httpx
 import pytest
 from temporalio.exceptions import ApplicationError
 
+import remediation_client as operations
 from activities.billing_api import BillingApiActivities
 from activities.errors import dependency_down
 from activities.loki import PAGE_LIMIT, LokiActivities, correlation_query, trace_id_of
 from activities.tempo import TempoActivities, normalize_trace_id
 from local_platform.seeder import SeedSpec, parse_inject, seed
 from local_platform.telemetry import log
-from starters import operations
 from tests.conftest import World
 from tests.test_remediation_workflow import DRIFT_SQL, drift, incident_in
 from workflows.models import FreezeRequest, RunRef, Scope

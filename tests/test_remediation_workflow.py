@@ -18,11 +18,11 @@ from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
+import remediation_client as operations
 from config import Settings
 from config.approver_keys import sign
 from local_platform.incidents import IncidentReport, run_incident
-from starters import operations
-from starters.cli import start_checked
+from starters.incident_commands import start_checked
 from starters.render import render_evidence_html
 from tests.conftest import APPROVER_KEYS, World, make_world
 from tests.histories import keep_history, replay_failure

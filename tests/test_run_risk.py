@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+import remediation_client as operations
 from local_platform.seeder import SeedSpec, seed
-from starters import operations
 from workflows.approval import approvals_required
 from workflows.models import (
     ApprovalPolicy,

@@ -14,9 +14,9 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
+import remediation_client as operations
 from config import Settings
 from config.approver_keys import ApproverKeyError, new_key_pair
-from starters import operations
 from tests.conftest import client_with, make_world
 from tests.test_remediation_workflow import decision, incident_in, start, start_dispute, wait_phase
 from worker.payload_codec import EncryptionCodec, PayloadKeyError, payload_keys, with_codec

@@ -17,9 +17,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.testing import WorkflowEnvironment
 
+import remediation_client as operations
+import remediation_client.runs
 from activities.tempo import TempoActivities
 from config import Settings
-from starters import operations
 from tests.conftest import client_with, make_world
 from tests.test_remediation_workflow import incident_in, start_dispute
 from worker.telemetry import JsonFormatter, configure_tracing
@@ -75,7 +76,7 @@ async def test_remediation_trace_lands_beside_the_incident_trace_in_tempo(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     provider = TracerProvider(resource=Resource.create({"service.name": "billing-remediation-worker"}))
-    monkeypatch.setattr(operations, "_tracer", provider.get_tracer("billing_remediation.cli"))
+    monkeypatch.setattr(remediation_client.runs, "_tracer", provider.get_tracer("billing_remediation.cli"))
     traced = client_with(
         temporal_env.client, interceptors=[TracingInterceptor(provider.get_tracer("worker"))]
     )

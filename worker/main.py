@@ -14,8 +14,6 @@ from typing import Any
 import asyncpg
 import httpx
 from temporalio.client import Client
-from temporalio.contrib.opentelemetry import TracingInterceptor
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Worker
 
 from activities.billing_api import BillingApiActivities
@@ -27,8 +25,8 @@ from activities.runtime_config import ConfigActivities
 from activities.tempo import TempoActivities
 from config import Settings
 from migrations import apply_migrations, remediation_migrations_dir
+from worker.connection import connect_temporal
 from worker.deployment import build_id, deployment_config
-from worker.payload_codec import payload_keys, with_codec
 from worker.telemetry import RemediationContext
 from workflows.launch_guard import LaunchGuardWorkflow
 from workflows.remediation import BillingRemediationWorkflow
@@ -46,17 +44,6 @@ class Resources:
     http_loki: httpx.AsyncClient
     http_tempo: httpx.AsyncClient
     nats: NatsActivities
-
-
-async def connect_temporal(settings: Settings) -> Client:
-    """A Temporal client with the pydantic data converter and, unless turned off, payload encryption."""
-    return await Client.connect(
-        settings.resolved_temporal_address(),
-        namespace=settings.temporal_namespace,
-        data_converter=with_codec(pydantic_data_converter, payload_keys(settings)),
-        # Spans for StartWorkflow/RunWorkflow/StartActivity/RunActivity; no-op unless tracing is configured.
-        interceptors=[TracingInterceptor()],
-    )
 
 
 async def migrate_remediation_schema(pool: asyncpg.Pool) -> list[str]:

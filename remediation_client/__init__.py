@@ -1,0 +1,52 @@
+"""The client side of remediations: start or attach, approve and sign, decide, read.
+
+Used by the CLI, the alert intake and the demo (``import remediation_client as operations``); it
+imports no activity module. What it shares with the worker's activities lives in ``database/``.
+"""
+
+from __future__ import annotations
+
+from remediation_client.approvals import (
+    MIN_PREFIX,
+    PlanRefused,
+    approve_when_open,
+    decide_plan,
+    decide_verdict,
+    resolve_plan_hash,
+)
+from remediation_client.errors import OperationError
+from remediation_client.reads import evidence, list_query, list_runs, plan, plan_actions, status
+from remediation_client.runs import (
+    WORKFLOW_ID,
+    Started,
+    abort,
+    check_workflow_id,
+    handle_for,
+    preflight,
+    start,
+    verify_launch_guard,
+)
+
+__all__ = [
+    "MIN_PREFIX",
+    "WORKFLOW_ID",
+    "OperationError",
+    "PlanRefused",
+    "Started",
+    "abort",
+    "approve_when_open",
+    "check_workflow_id",
+    "decide_plan",
+    "decide_verdict",
+    "evidence",
+    "handle_for",
+    "list_query",
+    "list_runs",
+    "plan",
+    "plan_actions",
+    "preflight",
+    "resolve_plan_hash",
+    "start",
+    "status",
+    "verify_launch_guard",
+]

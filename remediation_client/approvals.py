@@ -1,0 +1,183 @@
+"""Approve, reject and decide: signed Updates, refusals audited here (Temporal keeps no record of them)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from pydantic import ValidationError
+from temporalio.client import (
+    Client,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+)
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError
+
+from config import Settings
+from config.approver_keys import ApproverKeyError, load_private_key, sign
+from database.approvals import record_approval_row
+from remediation_client.errors import OperationError
+from remediation_client.reads import status
+from remediation_client.runs import handle_for
+from workflows import names
+from workflows.approval import NOT_OPEN
+from workflows.input_errors import explain, shown
+from workflows.models import (
+    ApprovalDecision,
+    ApprovalRecord,
+    StatusView,
+    VerdictDecision,
+)
+
+log = logging.getLogger("billing_remediation.cli")
+# An approval sent while the plan is still opening (or reopening after an escalation) is retried.
+NOT_OPEN_RETRIES = 20
+NOT_OPEN_RETRY_SECONDS = 0.5
+
+
+async def decide_plan(
+    client: Client,
+    settings: Settings,
+    workflow_id: str,
+    *,
+    plan_hash: str,
+    approver: str,
+    decision: str,
+    comment: str,
+    key_path: Path | None = None,
+) -> str:
+    """Sign and send an approval/rejection as a validated Update; a refusal is audited and raised."""
+    view = await status(client, workflow_id)
+    handle = handle_for(client, workflow_id)
+    try:
+        plan_hash = resolve_plan_hash(plan_hash, view)
+    except PlanRefused as refused:
+        # Refused before it reaches the workflow, and audited like every refusal the workflow makes.
+        run_id = (await handle.describe()).run_id
+        record = ApprovalRecord(
+            run_id=run_id,
+            event_key=f"{run_id}:refused:{uuid.uuid4()}",
+            plan_id=view.plan.plan_id if view.plan else None,
+            plan_hash=plan_hash.strip()[:64] or None,
+            approver=approver[:128],
+            decision=decision,
+            comment=comment[:2000],
+            accepted=False,
+            refusal_reason=str(refused),
+            via="update",
+        )
+        await _audit_refusal(settings, record)
+        raise OperationError(f"refused: {refused}") from None
+    try:
+        body = ApprovalDecision(
+            plan_hash=plan_hash,
+            approver=approver,
+            decision=decision,
+            comment=comment,
+            plan_id=view.plan.plan_id if view.plan else None,
+        )
+    except ValidationError as err:
+        raise OperationError(f"invalid approval: {explain(err)}") from None
+    path = key_path or settings.resolved_keys_dir() / f"{approver}.key"
+    # Without a key file the decision goes unsigned: the workflow's refusal then says why, and is audited.
+    if settings.approval_signatures == "required" and (key_path is not None or path.exists()):
+        try:
+            body = sign(body, load_private_key(path))
+        except ApproverKeyError as err:
+            raise OperationError(f"cannot sign as {approver}: {err}") from None
+    context = {"workflow_id": workflow_id, "actor": approver, "phase": view.phase.value}
+    try:
+        answer = await approve_when_open(handle, body, f"{decision}:{plan_hash[:16]}:{approver}")
+    except WorkflowUpdateFailedError as err:
+        reason = err.cause.message if isinstance(err.cause, ApplicationError) else str(err.cause)
+        # Temporal keeps no record of a rejected Update: the refusal is audited here.
+        run_id = (await handle.describe()).run_id
+        record = ApprovalRecord.of(
+            body,
+            run_id=run_id,
+            event_key=f"{run_id}:refused:{uuid.uuid4()}",
+            plan_id=view.plan.plan_id if view.plan else None,
+            refusal_reason=reason,
+            via="update",
+        )
+        await _audit_refusal(settings, record)
+        log.warning("%s of plan %s refused: %s", decision, plan_hash[:12], reason, extra=context)
+        raise OperationError(f"refused: {reason}") from None
+    except RPCError as err:
+        raise OperationError(f"remediation {workflow_id!r}: {err.message}") from None
+    log.info("%s of plan %s accepted: %s", decision, plan_hash[:12], answer, extra=context)
+    return answer
+
+
+async def approve_when_open(handle: WorkflowHandle[Any, Any], body: ApprovalDecision, update_id: str) -> str:
+    """Send the approval Update, retrying while the plan is only about to open (a transient refusal)."""
+    for attempt in range(NOT_OPEN_RETRIES + 1):
+        try:
+            return str(await handle.execute_update(names.UPDATE_APPROVE, body, id=update_id, result_type=str))
+        except WorkflowUpdateFailedError as err:
+            opening = isinstance(err.cause, ApplicationError) and err.cause.message == NOT_OPEN
+            if not opening or attempt == NOT_OPEN_RETRIES:
+                raise
+        await asyncio.sleep(NOT_OPEN_RETRY_SECONDS)
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+async def _audit_refusal(settings: Settings, record: ApprovalRecord) -> None:
+    conn = await asyncpg.connect(settings.resolved_database_url())
+    try:
+        await record_approval_row(conn, record)
+    finally:
+        await conn.close()
+
+
+class PlanRefused(ValueError):
+    """The --plan given cannot name the plan awaiting approval."""
+
+
+MIN_PREFIX = 8
+
+
+def resolve_plan_hash(given: str, view: StatusView) -> str:
+    """The full hash of the plan awaiting approval that ``given`` (the hash or a prefix) names."""
+    text = given.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{1,64}", text):
+        raise PlanRefused(
+            f"--plan must be the plan hash or a prefix of at least {MIN_PREFIX} of its hexadecimal "
+            f"characters (got {shown(given)})"
+        )
+    if len(text) < MIN_PREFIX:
+        raise PlanRefused(
+            f"plan hash prefix {text!r} is too short to be unambiguous: give at least {MIN_PREFIX} characters"
+        )
+    if view.plan is None:
+        raise PlanRefused(f"no plan awaits approval (phase {view.phase.value})")
+    current = view.plan.plan_hash
+    if not current.startswith(text):
+        raise PlanRefused(
+            f"stale plan: the plan awaiting approval is {current[:12]}…, not {text[:12]}…;"
+            " review it with `remediate plan` before deciding"
+        )
+    return current
+
+
+async def decide_verdict(client: Client, workflow_id: str, *, actor: str, choice: str, comment: str) -> str:
+    """After a failed verification: retry or hand off."""
+    try:
+        answer = str(
+            await handle_for(client, workflow_id).execute_update(
+                names.UPDATE_DECIDE,
+                VerdictDecision(actor=actor, choice=choice, comment=comment),
+                result_type=str,
+            )
+        )
+    except WorkflowUpdateFailedError as err:
+        reason = err.cause.message if isinstance(err.cause, ApplicationError) else str(err.cause)
+        raise OperationError(f"refused: {reason}") from None
+    log.info("verdict %s: %s", choice, answer, extra={"workflow_id": workflow_id, "actor": actor})
+    return answer

@@ -1,0 +1,14 @@
+"""Errors a client reports to people: what went wrong, in one line."""
+
+from __future__ import annotations
+
+
+class OperationError(RuntimeError):
+    """A command could not be carried out; the message says what is wrong."""
+
+
+def root_message(err: BaseException) -> str:
+    """The innermost cause's message (an activity's or the workflow's own ApplicationError)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return getattr(err, "message", None) or str(err)

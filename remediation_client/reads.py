@@ -1,0 +1,107 @@
+"""Read a remediation: status, plan, list, evidence, stored plan actions."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import asyncpg
+from temporalio.client import (
+    Client,
+)
+from temporalio.service import RPCError
+
+from config import Settings
+from remediation_client.errors import OperationError
+from remediation_client.runs import check_workflow_id, handle_for
+from workflows import names
+from workflows.models import (
+    PlanSummary,
+    StatusView,
+)
+from workflows.search_attributes import SA_CORRELATION, SA_ORG, SA_PHASE
+
+
+async def status(client: Client, workflow_id: str) -> StatusView:
+    """The running (or last) remediation's status view."""
+    try:
+        view: StatusView = await handle_for(client, workflow_id).query(
+            names.QUERY_STATUS, result_type=StatusView
+        )
+        return view
+    except RPCError as err:
+        raise OperationError(f"remediation {workflow_id!r}: {err.message}") from None
+
+
+async def plan(client: Client, workflow_id: str) -> PlanSummary | None:
+    """The plan currently awaiting approval."""
+    return (await status(client, workflow_id)).plan
+
+
+async def list_runs(client: Client, query: str, limit: int = 50) -> list[dict[str, Any]]:
+    """Remediations matching a visibility query."""
+    rows: list[dict[str, Any]] = []
+    async for wf in client.list_workflows(query or None, limit=limit):
+        sa = wf.typed_search_attributes
+        rows.append(
+            {
+                "workflow_id": wf.id,
+                "status": wf.status.name if wf.status else "?",
+                "phase": sa.get(SA_PHASE),
+                "org": sa.get(SA_ORG),
+                "correlation_id": sa.get(SA_CORRELATION),
+                "started": wf.start_time.isoformat() if wf.start_time else "",
+            }
+        )
+    return rows
+
+
+def list_query(*, phase: str | None, org: str | None, correlation_id: str | None) -> str:
+    """Visibility query for `remediate list` (values quoted safely)."""
+    clauses = [f"WorkflowType = '{names.WORKFLOW}'"]
+    for attribute, value in (
+        (SA_PHASE.name, phase),
+        (SA_ORG.name, org),
+        (SA_CORRELATION.name, correlation_id),
+    ):
+        if value is not None:
+            if not re.fullmatch(r"[A-Za-z0-9._:\-]{1,128}", value):
+                raise OperationError(f"--{attribute}: malformed value {value!r}")
+            clauses.append(f"{attribute} = '{value}'")
+    return " AND ".join(clauses)
+
+
+async def evidence(settings: Settings, workflow_id: str) -> dict[str, Any]:
+    """The stored evidence document of the latest run of ``workflow_id``."""
+    check_workflow_id(workflow_id)
+    conn = await asyncpg.connect(settings.resolved_database_url())
+    try:
+        row = await conn.fetchrow(
+            """SELECT e.document FROM remediation.evidence e JOIN remediation.runs r USING (run_id)
+               WHERE r.workflow_id = $1 ORDER BY r.started_at DESC LIMIT 1""",
+            workflow_id,
+        )
+    finally:
+        await conn.close()
+    if row is None:
+        raise OperationError(f"no evidence for {workflow_id!r} (unknown id, or the run has not finished)")
+    document: dict[str, Any] = json.loads(row["document"])
+    return document
+
+
+async def plan_actions(settings: Settings, plan_id: str, limit: int = 200) -> list[dict[str, Any]]:
+    """The actions of a plan, as stored."""
+    conn = await asyncpg.connect(settings.resolved_database_url())
+    try:
+        if await conn.fetchval("SELECT 1 FROM remediation.plans WHERE plan_id = $1", plan_id) is None:
+            raise OperationError(f"plan {plan_id!r} does not exist")
+        rows = await conn.fetch(
+            """SELECT seq, kind, entity_type, entity_id, org_id, amount_minor, idempotency_key
+               FROM remediation.plan_actions WHERE plan_id = $1 ORDER BY seq LIMIT $2""",
+            plan_id,
+            limit,
+        )
+    finally:
+        await conn.close()
+    return [dict(r) for r in rows]

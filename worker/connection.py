@@ -1,0 +1,21 @@
+"""The Temporal client every process uses: pydantic payloads, encrypted unless turned off, traced."""
+
+from __future__ import annotations
+
+from temporalio.client import Client
+from temporalio.contrib.opentelemetry import TracingInterceptor
+from temporalio.contrib.pydantic import pydantic_data_converter
+
+from config import Settings
+from worker.payload_codec import payload_keys, with_codec
+
+
+async def connect_temporal(settings: Settings) -> Client:
+    """A Temporal client with the pydantic data converter and, unless turned off, payload encryption."""
+    return await Client.connect(
+        settings.resolved_temporal_address(),
+        namespace=settings.temporal_namespace,
+        data_converter=with_codec(pydantic_data_converter, payload_keys(settings)),
+        # Spans for StartWorkflow/RunWorkflow/StartActivity/RunActivity; no-op unless tracing is configured.
+        interceptors=[TracingInterceptor()],
+    )
