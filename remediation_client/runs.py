@@ -22,13 +22,14 @@ from temporalio.service import RPCError, RPCStatusCode
 from config import Settings
 from database.scope import ScopeRefused, validate_scope
 from remediation_client.errors import OperationError, root_message
+from workflows.details import STEPS_MARKDOWN
 from workflows.launch_guard import LaunchGuardWorkflow
 from workflows.models import (
     LaunchGuardReport,
     LaunchGuardVerifyRequest,
     RemediationRequest,
 )
-from workflows.remediation import STEPS_MARKDOWN, BillingRemediationWorkflow
+from workflows.remediation import BillingRemediationWorkflow
 from workflows.search_attributes import scope_values
 
 log = logging.getLogger("billing_remediation.cli")

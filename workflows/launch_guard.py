@@ -11,7 +11,6 @@ from datetime import timedelta
 from typing import Literal, TypeVar
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
@@ -29,16 +28,12 @@ with workflow.unsafe.imports_passed_through():
     )
     from workflows.search_attributes import SA_PHASE, scope_values
 
+from workflows.activity_calls import retry_policy
 
 T = TypeVar("T")
 TRIGGER = "launch_guard"
 RESTRICTED_REASON = "prepaid_balance_depleted"
-_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=1),
-    maximum_interval=timedelta(seconds=10),
-    maximum_attempts=5,
-    non_retryable_error_types=names.NON_RETRYABLE_ERRORS,
-)
+_RETRY = retry_policy(attempts=5, max_interval=10)
 
 
 def _check(name: str, expected: object, actual: object) -> Criterion:

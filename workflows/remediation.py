@@ -10,13 +10,13 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel
 
     from workflows import names
+    from workflows.activity_calls import activity_cause, activity_options
     from workflows.approval import (
         ApprovalState,
         apply_decision,
@@ -24,6 +24,8 @@ with workflow.unsafe.imports_passed_through():
         refusal,
         reset_for_plan,
     )
+    from workflows.criteria import worker_criterion
+    from workflows.details import STEPS_MARKDOWN, details_markdown
     from workflows.launch_guard import LaunchGuardWorkflow
     from workflows.models import (
         AlertNotice,
@@ -71,34 +73,6 @@ R = TypeVar("R", bound=BaseModel)
 # Expected failures that retrying cannot fix; everything else retries with backoff up to the limit.
 MAX_PASSES = 3
 MAX_ALERTS = 50  # distinct alerts recorded per run; history stays bounded under alert storms
-
-
-def _cause(err: ActivityError) -> str:
-    """The innermost failure message of an activity error, for findings and the UI."""
-    return err.cause.message if isinstance(err.cause, ApplicationError) else str(err.cause or err)
-
-
-def _retry(attempts: int, max_interval: int) -> RetryPolicy:
-    return RetryPolicy(
-        initial_interval=timedelta(seconds=1),
-        backoff_coefficient=2.0,
-        maximum_interval=timedelta(seconds=max_interval),
-        maximum_attempts=attempts,
-        non_retryable_error_types=names.NON_RETRYABLE_ERRORS,
-    )
-
-
-STEPS_MARKDOWN = """**Runbook: billing worker failure and reconciliation drift**
-
-1. Diagnose: blast radius; Postgres, NATS consumer and outbox health; Loki logs and Tempo trace for the
-   correlation id; event sequence; data consistency.
-2. Freeze risky manual adjustments when the blast radius is widespread (always lifted at the end).
-3. Reconcile: missing open usage, orphan open usage, unbilled closed usage, payment drift; build a plan.
-4. Wait for approval of the plan's content hash (quorum for widespread or large plans).
-5. Remediate exactly the approved actions (idempotent, audited).
-6. Verify the recovery criteria; on failure wait for a decision.
-7. Capture evidence (timeline, before/after queries, scope, customer summary, follow-ups).
-"""
 
 
 @workflow.defn(name=names.WORKFLOW)
@@ -249,7 +223,7 @@ class BillingRemediationWorkflow:
                 except ActivityError as err:
                     # Retries exhausted (a dependency down for long): stop and ask a human instead of
                     # failing half-way. A retry re-reconciles, so committed batches are not redone.
-                    self._stalled = f"apply stopped: {_cause(err)}"
+                    self._stalled = f"apply stopped: {activity_cause(err)}"
                     if await self._await_verdict_decision() == "hand_off":
                         return Phase.HANDED_OFF, plan, applied
                     continue
@@ -335,7 +309,7 @@ class BillingRemediationWorkflow:
             return result
         except ActivityError as err:
             return CheckResult(
-                check=check, status="unreachable", headline=f"{check} unreachable: {_cause(err)}"
+                check=check, status="unreachable", headline=f"{check} unreachable: {activity_cause(err)}"
             )
 
     async def _await_approval(self, plan: PlanSummary) -> Phase | None:
@@ -470,7 +444,7 @@ class BillingRemediationWorkflow:
         if options.verify_window_seconds:
             await workflow.sleep(options.verify_window_seconds, summary="verification window")
         second = await self._consumer_sample("Sample billing worker consumer lag (2/2)")
-        criteria = [self._worker_criterion(first, second)]
+        criteria = [worker_criterion(first, second)]
         drift = await self._act(
             names.RECONCILE,
             ReconcileRequest(ref=ref, pass_no=100 + pass_no),
@@ -547,17 +521,6 @@ class BillingRemediationWorkflow:
             redelivered=result.counts.get("redelivered", 0),
             seconds_since_active=result.counts.get("seconds_since_active"),
             status=result.status,
-        )
-
-    @staticmethod
-    def _worker_criterion(first: ConsumerSample | None, second: ConsumerSample | None) -> Criterion:
-        if first is None or second is None:
-            return Criterion(name="billing_worker_stable", passed=False, detail="NATS consumer unreachable")
-        steady = second.status in ("ok", "warn") and (second.pending <= first.pending or second.pending == 0)
-        return Criterion(
-            name="billing_worker_stable",
-            passed=steady,
-            detail=f"pending {first.pending} -> {second.pending}, consumer status {second.status}",
         )
 
     async def _await_verdict_decision(self) -> str:
@@ -792,20 +755,13 @@ class BillingRemediationWorkflow:
         attempts: int = 5,
     ) -> Any:
         """Execute activity ``name`` with explicit timeouts, a bounded retry policy and a UI summary."""
-        args = [] if arg is None else [arg]
-        # Short activities time out fast, so work held by a dead worker is retried elsewhere quickly;
-        # long ones heartbeat instead.
-        options = self._options
-        short = options.activity_timeout_seconds if options else 60
-        beat = options.heartbeat_seconds if options else 30
         return await workflow.execute_activity(
             name,
-            args=args,
+            args=[] if arg is None else [arg],
             result_type=result_type,
-            start_to_close_timeout=timedelta(seconds=timeout or short),
-            heartbeat_timeout=timedelta(seconds=beat) if heartbeat else None,
-            retry_policy=_retry(attempts, options.retry_max_interval_seconds if options else 30),
-            summary=summary[:200],
+            **activity_options(
+                self._options, timeout=timeout, heartbeat=heartbeat, attempts=attempts, summary=summary
+            ),
         )
 
     def _set_phase(self, phase: Phase, *, approval: str | None = None) -> None:
@@ -840,57 +796,21 @@ class BillingRemediationWorkflow:
 
     def _refresh_details(self) -> None:
         """Markdown shown live in the Temporal UI: phase, drift, plan, approvals, verdict."""
-        lines = [f"### Phase: `{self._phase.value}`", ""]
-        lines.append(
-            f"- **Scope:** {self._request.scope.describe()} · **Trigger:** {self._request.trigger.value}"
-            f" · **Correlation id:** `{self._request.correlation_id}`"
+        workflow.set_current_details(
+            details_markdown(
+                phase=self._phase,
+                request=self._request,
+                blast=self._blast,
+                frozen=self._frozen_id is not None,
+                alerts=list(self._alerts.values()),
+                diagnosis=self._diagnosis,
+                drift=self._drift,
+                approval=self._approval,
+                approvals_needed=self._approvals_needed(),
+                stalled=self._stalled,
+                verification=self._verification,
+            )
         )
-        lines.append(
-            f"- **Requested by:** {self._request.requested_by}{' · dry run' if self._request.dry_run else ''}"
-        )
-        if self._blast:
-            lines.append(
-                f"- **Blast radius:** {self._blast.value}"
-                f"{' · manual adjustments frozen' if self._frozen_id else ''}"
-            )
-        if self._alerts:
-            lines.append("")
-            lines.append("**Alerts**")
-            lines += [
-                f"- {a.name} **{a.status}** ({a.source}, `{a.fingerprint[:16]}`)"
-                + (f" · {a.summary}" if a.summary else "")
-                for a in self._alerts.values()
-            ]
-        if self._diagnosis:
-            lines.append("")
-            lines.append("**Diagnosis**")
-            lines += [f"- {c.check}: **{c.status}** · {c.headline}" for c in self._diagnosis]
-        if self._drift:
-            lines.append("")
-            lines.append("**Drift** " + " · ".join(f"{k}: {v}" for k, v in sorted(self._drift.items())))
-        plan = self._approval.plan
-        if plan is not None:
-            lines.append("")
-            lines.append(
-                f"**Plan** `{plan.plan_id}` · hash `{plan.plan_hash[:12]}` · {plan.action_count} actions"
-                f" · debits {plan.debit_total_minor} · credits {plan.credit_total_minor} (minor units)"
-            )
-            needed = self._approvals_needed()
-            approved = ", ".join(self._approval.approved_by) or "none"
-            lines.append(
-                f"- Approvals: {approved} ({len(self._approval.approved_by)}/{needed})"
-                + (f" · rejected by {self._approval.rejected_by}" if self._approval.rejected_by else "")
-            )
-        if self._stalled is not None:
-            lines.append("")
-            lines.append(f"**Stopped, waiting for a decision (retry or hand_off):** {self._stalled}")
-        if self._verification is not None:
-            lines.append("")
-            lines.append(f"**Verification: {'PASSED' if self._verification.passed else 'FAILED'}**")
-            lines += [
-                f"- {'✅' if c.passed else '❌'} {c.name}: {c.detail}" for c in self._verification.criteria
-            ]
-        workflow.set_current_details("\n".join(lines))
 
     def _require_ref(self) -> RunRef:
         if self._ref is None:
