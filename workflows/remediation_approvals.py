@@ -1,0 +1,228 @@
+"""The remediation's approval gate and decisions: waits, escalation, the approve/decide handlers and the
+audit of every decision (queued for an auditor coroutine; handlers never await activities)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import TypeVar
+
+from temporalio import workflow
+from temporalio.exceptions import ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from pydantic import BaseModel
+
+    from workflows import names
+    from workflows.approval import (
+        apply_decision,
+        refusal,
+    )
+    from workflows.models import (
+        ApprovalDecision,
+        ApprovalRecord,
+        EscalationRequest,
+        Phase,
+        PlanSummary,
+        VerdictDecision,
+    )
+    from workflows.remediation_base import RemediationBase
+    from workflows.search_attributes import SA_APPROVAL
+
+R = TypeVar("R", bound=BaseModel)
+
+
+class ApprovalSteps(RemediationBase):
+    """Approval waits with escalation, verdict decisions, and their signal/update handlers."""
+
+    async def _await_approval(self, plan: PlanSummary) -> Phase | None:
+        """Wait for the plan's approval; None when approved, else the ending phase."""
+        if not await self._wait_for_decision(plan):
+            self._set_phase(Phase.EXPIRED, approval="expired")
+            return Phase.EXPIRED
+        if self._approval.rejected_by is not None:
+            self._set_phase(Phase.REJECTED, approval="rejected")
+            return Phase.REJECTED
+        self._set_phase(Phase.REMEDIATING, approval="approved")
+        return None
+
+    async def _wait_for_decision(self, plan: PlanSummary) -> bool:
+        """Open the plan for approval, escalating at each deadline; False at the hard limit."""
+        policy = self._require_options().policy
+        self._announce(Phase.AWAITING_APPROVAL, approval="pending")
+        waited = 0
+        tier = 1
+        while True:
+            timeout = min(policy.deadline_seconds, policy.hard_limit_seconds - waited)
+            deadline = asyncio.create_task(
+                workflow.sleep(timedelta(seconds=timeout), summary=f"approval deadline (tier {tier})")
+            )
+            try:
+                await self._open_gate(
+                    Phase.AWAITING_APPROVAL, f"plan {plan.plan_id} open for approval (tier {tier})"
+                )
+                self._awaiting_approval = True
+                await workflow.wait_condition(lambda timer=deadline: self._approval.decided or timer.done())  # type: ignore[misc]
+            finally:
+                self._awaiting_approval = False
+                if not deadline.done():
+                    deadline.cancel()
+            if self._approval.decided:
+                return True
+            waited += timeout
+            if waited >= policy.hard_limit_seconds:
+                return False
+            tier += 1
+            await self._escalate(plan, tier)
+
+    async def _open_gate(self, phase: Phase, message: str) -> None:
+        """Enter ``phase`` (where Updates are accepted) only after a round trip to the server.
+
+        A query can run workflow code ahead of the last completed workflow task (seen in the kill
+        test: a worker restarted, the query applied a finished activity, the approver answered what it
+        showed). The Update then lands in the same workflow task as that progress, and on replay Temporal
+        runs the Update first: if entering the phase had issued commands, their order differs and the
+        run fails with a nondeterminism error. So every command of the transition (search attributes,
+        the deadline timer) is issued first, and the phase opens when this timeline activity returns,
+        in an activation that issues none; an Update arriving together with it is refused by the
+        validator (not yet open) and retried by the client.
+        """
+        await self._timeline(message, self._request.requested_by, "")
+        self._phase = phase
+        self._refresh_details()
+
+    async def _escalate(self, plan: PlanSummary, tier: int) -> None:
+        policy = self._require_options().policy
+        next_approvers = [a.name for a in policy.approvers if a.tier == tier] or [
+            a.name for a in policy.approvers
+        ]
+        await self._act(
+            names.PUBLISH_ESCALATION,
+            EscalationRequest(
+                ref=self._require_ref(),
+                plan_id=plan.plan_id,
+                plan_hash=plan.plan_hash,
+                action_count=plan.action_count,
+                money_moved_minor=plan.money_moved_minor,
+                next_tier=tier,
+                next_approvers=next_approvers,
+            ),
+            None,
+            f"Escalate the pending approval to tier {tier}",
+        )
+
+    async def _await_verdict_decision(self) -> str:
+        self._verdict = None
+        self._announce(Phase.AWAITING_DECISION)
+        await self._open_gate(Phase.AWAITING_DECISION, "verification failed: waiting for retry or hand-off")
+        await workflow.wait_condition(lambda: self._verdict is not None)
+        self._stalled = None
+        verdict = self._verdict
+        if verdict is None:  # unreachable: the condition above guarantees it
+            raise ApplicationError("no verdict", type="BadInput", non_retryable=True)
+        await self._timeline(f"decision: {verdict.choice}", verdict.actor, verdict.comment)
+        return verdict.choice
+
+    @workflow.update(name=names.UPDATE_APPROVE)
+    async def approve(self, decision: ApprovalDecision) -> str:
+        """Approve or reject the plan awaiting approval (validated first; refusals are immediate)."""
+        return await self._accept(decision, via="update")
+
+    @approve.validator
+    def _validate_approve(self, decision: ApprovalDecision) -> None:
+        reason = self._refusal(decision)
+        if reason is not None:
+            raise ApplicationError(reason, type="ApprovalRefused", non_retryable=True)
+
+    @workflow.signal(name=names.SIGNAL_APPROVE)
+    async def approve_signal(self, decision: ApprovalDecision) -> None:
+        """Signal path for approvals; a refused signal is audited since it cannot answer."""
+        reason = self._refusal(decision)
+        if reason is None:
+            await self._accept(decision, via="signal")
+            return
+        self._audit(decision, reason=reason, via="signal")
+
+    @workflow.update(name=names.UPDATE_DECIDE)
+    async def decide(self, decision: VerdictDecision) -> str:
+        """After a failed verification: retry the remediation or hand off to a human."""
+        self._verdict = decision
+        return f"{decision.choice} recorded"
+
+    @decide.validator
+    def _validate_decide(self, decision: VerdictDecision) -> None:
+        if self._phase is not Phase.AWAITING_DECISION:
+            raise ApplicationError(
+                f"no decision is pending (phase {self._phase.value})", type="DecisionRefused"
+            )
+        if self._require_options().policy.approver(decision.actor) is None:
+            raise ApplicationError(f"not an approver: {decision.actor!r}", type="DecisionRefused")
+
+    def _refusal(self, decision: ApprovalDecision) -> str | None:
+        if self._options is None:
+            return "no plan is awaiting approval"
+        return refusal(
+            self._approval,
+            decision,
+            self._options.policy,
+            self._request.requested_by,
+            self._blast,
+            awaiting=self._awaiting_approval,
+            now=workflow.now(),
+        )
+
+    async def _accept(self, decision: ApprovalDecision, *, via: str) -> str:
+        apply_decision(self._approval, decision, self._approvals_needed())
+        state = (
+            "rejected"
+            if self._approval.rejected_by
+            else ("approved" if self._approval.decided else "pending")
+        )
+        # Nothing here may depend on where the main coroutine is: on replay this may run first.
+        workflow.upsert_search_attributes([SA_APPROVAL.value_set(state)])
+        self._refresh_details()
+        self._audit(decision, reason=None, via=via)
+        return (
+            f"{decision.decision} by {decision.approver} recorded "
+            f"({len(self._approval.approved_by)}/{self._approvals_needed()} approvals)"
+        )
+
+    def _audit(self, decision: ApprovalDecision, *, reason: str | None, via: str) -> None:
+        """Queue a decision's audit for the auditor coroutine, so the handler finishes in its own task.
+
+        A handler that awaited the audit activity stayed open across workflow tasks; a second approval
+        arriving in the task that completed the first one's audit then replayed in a different order
+        (a nondeterminism error after a worker restart, seen in the kill test).
+        """
+        self._audits.append((decision, reason, via))
+
+    async def _audit_approvals(self) -> None:
+        """Record queued approval audits in order (one activity each)."""
+        while True:
+            await workflow.wait_condition(lambda: bool(self._audits))
+            decision, reason, via = self._audits.pop(0)
+            self._auditing = True
+            try:
+                await self._record_approval(decision, reason=reason, via=via)
+            finally:
+                self._auditing = False
+
+    async def _record_approval(self, decision: ApprovalDecision, *, reason: str | None, via: str) -> None:
+        ref = self._require_ref()
+        self._events += 1
+        plan = self._approval.plan
+        await self._act(
+            names.RECORD_APPROVAL,
+            ApprovalRecord.of(
+                decision,
+                run_id=ref.run_id,
+                event_key=f"{ref.run_id}:approval:{self._events}",
+                plan_id=plan.plan_id if plan else None,
+                refusal_reason=reason,
+                via=via,
+            ),
+            None,
+            f"Audit {decision.decision} by {decision.approver}"
+            + ("" if reason is None else f" (refused: {reason})"),
+        )
+        self._refresh_details()
