@@ -9,13 +9,12 @@ import logging
 import asyncpg
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from temporalio.service import RPCError
 
 from alert_intake.intake import Intake
 from alert_intake.mapping import AlertRefused
-from worker.supervised_loop import LoopHealth, require_connected, start_supervised
+from worker.supervised_loop import LoopHealth, pull, start_supervised
 
 log = logging.getLogger("billing_remediation.alert_intake")
 
@@ -47,14 +46,7 @@ async def consume_events(
     )
     try:
         while not stop.is_set():
-            require_connected(nc, "NATS")
-            try:
-                msgs = await sub.fetch(50, timeout=1)
-            except (NatsTimeout, TimeoutError):  # an idle pull (nats-py raises either under load)
-                health.progress()
-                continue
-            health.progress()
-            for msg in msgs:
+            for msg in await pull(sub, nc, health):
                 await _handle(intake, msg)
     finally:
         with contextlib.suppress(Exception):

@@ -16,12 +16,18 @@ from typing import Any
 
 import asyncpg
 from nats.aio.client import Client as NATS
-from nats.errors import TimeoutError as NatsTimeout
 
 from local_platform import telemetry
 from local_platform.db import usage_cost_minor
 from local_platform.events import ensure_worker_consumer
-from worker.supervised_loop import LoopHealth, describe, require_connected, sleep_or_stop, start_supervised
+from worker.supervised_loop import (
+    LoopHealth,
+    describe,
+    pull,
+    require_connected,
+    sleep_or_stop,
+    start_supervised,
+)
 
 SERVICE = "gpuaas-billing-worker"
 log = logging.getLogger(__name__)
@@ -150,18 +156,9 @@ async def run_worker(
     sub = await js.pull_subscribe_bind(durable, stream=stream)
     try:
         while not stop.is_set():
-            require_connected(nc, "NATS")
-            if await worker_mode(pool) != "running":
-                health.progress()
-                await sleep_or_stop(stop, 0.5)
+            if await _paused(pool, nc, stop, health):
                 continue
-            try:
-                msgs = await sub.fetch(50, timeout=1)
-            except (NatsTimeout, TimeoutError):  # an idle pull (nats-py raises either under load)
-                health.progress()
-                continue
-            health.progress()
-            for msg in msgs:
+            for msg in await pull(sub, nc, health):
                 try:
                     event = json.loads(msg.data)
                     async with pool.acquire() as conn:
@@ -180,10 +177,7 @@ async def run_outbox_relay(pool: asyncpg.Pool, nc: NATS, stop: asyncio.Event, he
     """Publish unpublished outbox rows to NATS and mark them published."""
     js = nc.jetstream()
     while not stop.is_set():
-        require_connected(nc, "NATS")
-        if await worker_mode(pool) != "running":
-            health.progress()
-            await sleep_or_stop(stop, 0.5)
+        if await _paused(pool, nc, stop, health):
             continue
         async with pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
@@ -199,6 +193,16 @@ async def run_outbox_relay(pool: asyncpg.Pool, nc: NATS, stop: asyncio.Event, he
         health.progress()
         if not rows:
             await sleep_or_stop(stop, 0.5)
+
+
+async def _paused(pool: asyncpg.Pool, nc: NATS, stop: asyncio.Event, health: LoopHealth) -> bool:
+    """True (after a short wait) while the control mode says crashed or stalled, as in the incidents."""
+    require_connected(nc, "NATS")
+    if await worker_mode(pool) == "running":
+        return False
+    health.progress()
+    await sleep_or_stop(stop, 0.5)
+    return True
 
 
 LOOPS = ("billing_worker", "outbox_relay")

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
+from local_platform.incidents import IncidentReport
 from tests.faults.harness import temporal_address, worker_env
 from workflows.models import Phase
 
@@ -36,23 +37,12 @@ async def test_hundreds_of_cli_commands_all_exit_zero(
     env = worker_env(world.settings, temporal_address(temporal_env))
     # The stand-in receives OTLP: the span exporter's thread is running in every command.
     env["OTEL_EXPORTER_OTLP_ENDPOINT"] = world.settings.resolved_billing_api_url()
-    org, user = incident.scope["org_id"], incident.scope["user_id"]
     commands = [
         ["list"],
         ["status", handle.id],
         ["plan", handle.id, "--limit", "5"],
         # A write: the same scope attaches to the running remediation (StartWorkflow, USE_EXISTING).
-        [
-            "start",
-            "--correlation-id",
-            incident.correlation_id,
-            "--org",
-            org,
-            "--user",
-            user,
-            "--as",
-            "ic-dana",
-        ],
+        start_args(incident),
     ]
     codes: Counter[int] = Counter()
     failures: list[str] = []
@@ -73,6 +63,22 @@ async def test_hundreds_of_cli_commands_all_exit_zero(
 
     await asyncio.gather(*(run(cmd) for _ in range(ROUNDS) for cmd in commands))
     assert codes == Counter({0: ROUNDS * len(commands)}), failures
+
+
+def start_args(incident: IncidentReport) -> list[str]:
+    """`remediate start` for the incident's (org, user) scope: attaches to its running remediation."""
+    org, user = incident.scope["org_id"], incident.scope["user_id"]
+    return [
+        "start",
+        "--correlation-id",
+        incident.correlation_id,
+        "--org",
+        org,
+        "--user",
+        user,
+        "--as",
+        "ic-dana",
+    ]
 
 
 def _run_in_terminal(args: list[str], env: dict[str, str]) -> tuple[int, str]:
@@ -100,19 +106,7 @@ async def test_a_terminal_shows_only_human_lines_and_the_json_goes_to_the_log(
     incident, handle = await start_dispute(world, "tt")
     env = worker_env(world.settings, temporal_address(temporal_env))
     log = Path(env["REMEDIATION_STATE_DIR"]) / "logs" / "cli.log"
-    org, user = incident.scope["org_id"], incident.scope["user_id"]
-    args = [
-        REMEDIATE,
-        "start",
-        "--correlation-id",
-        incident.correlation_id,
-        "--org",
-        org,
-        "--user",
-        user,
-        "--as",
-        "ic-dana",
-    ]
+    args = [REMEDIATE, *start_args(incident)]
     code, screen = await asyncio.to_thread(_run_in_terminal, args, env)
     assert code == 0, screen
     assert "attached to the running remediation" in screen

@@ -74,6 +74,21 @@ def require_connected(client: Connection, what: str) -> None:
         raise ConnectionError(f"{what} is disconnected (reconnecting)")
 
 
+async def pull(sub: Any, client: Connection, health: LoopHealth, *, batch: int = 50) -> list[Any]:
+    """One JetStream pull for a supervised consumer loop: the messages, or none when the pull idled.
+
+    A disconnected client fails the loop's life (its idle pulls would otherwise look like progress);
+    an idle pull counts as progress (nats-py raises either its own or the builtin TimeoutError).
+    """
+    require_connected(client, "NATS")
+    try:
+        msgs: list[Any] = await sub.fetch(batch, timeout=1)
+    except TimeoutError:
+        msgs = []
+    health.progress()
+    return msgs
+
+
 def health_report(loops: dict[str, LoopHealth]) -> tuple[bool, dict[str, Any]]:
     """Whether every loop is healthy, and each loop's health by name (for a /healthz body)."""
     return all(loop.healthy for loop in loops.values()), {n: loop.as_dict() for n, loop in loops.items()}
