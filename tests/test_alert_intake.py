@@ -20,7 +20,7 @@ import remediation_client as operations
 from alert_intake.mapping import MappingError, load_mapping
 from alert_intake.serve import running_intake
 from devstack.processes import free_port
-from tests.test_remediation_workflow import incident_in
+from tests.helpers import eventually, incident_in
 from workflows.models import RemediationRequest, Scope, StatusView
 from workflows.search_attributes import SA_ORG, SA_TRIGGER
 
@@ -210,13 +210,11 @@ async def test_reconcile_failed_events_on_nats_start_one_remediation_per_org(rec
     # The subscriber's durable consumer vanishes under it (an operator, a stream restore): the loop
     # fails, says why on /healthz, binds again, and the events below are still handled.
     async def subscriber_when(ready: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-        deadline = asyncio.get_running_loop().time() + 30
-        while True:
+        async def probe() -> dict[str, Any] | None:
             health: dict[str, Any] = (await receiver.http.get("/healthz")).json()["loops"]["nats_subscriber"]
-            if ready(health):
-                return health
-            assert asyncio.get_running_loop().time() < deadline, health
-            await asyncio.sleep(0.1)
+            return health if ready(health) else None
+
+        return await eventually(probe, interval=0.1, what="the subscriber's health")
 
     await subscriber_when(lambda h: h["last_progress_at"] is not None)  # bound: its consumer exists
     await world.nc.jetstream().delete_consumer(
@@ -240,13 +238,13 @@ async def test_reconcile_failed_events_on_nats_start_one_remediation_per_org(rec
         ).workflow_id()
         for row in orgs
     }
-    deadline = asyncio.get_running_loop().time() + 60
-    while True:
-        found = {wid for wid in expected if await runs_of(world, wid)}
-        if found == expected or asyncio.get_running_loop().time() > deadline:
-            break
-        await asyncio.sleep(0.5)
-    assert found == expected
+
+    async def all_started() -> bool:
+        return {wid for wid in expected if await runs_of(world, wid)} == expected
+
+    await eventually(
+        all_started, timeout=60, interval=0.5, what=f"one remediation per org: {sorted(expected)}"
+    )
     for workflow_id in expected:
         runs = await runs_of(world, workflow_id)
         assert len(runs) == 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,8 +14,8 @@ from temporalio.testing import WorkflowEnvironment
 
 from config import Settings
 from tests.conftest import World, make_world
+from tests.helpers import decision, eventually, ledger_state, start_dispute, wait_phase
 from tests.histories import keep_history
-from tests.test_remediation_workflow import decision, ledger_state, start_dispute, wait_phase
 from workflows import names
 from workflows.models import Phase, RemediationResult, StatusView
 
@@ -71,7 +70,7 @@ async def test_unanswered_approval_escalates_then_expires_without_change(
     assert result.outcome is Phase.EXPIRED
     assert await ledger_state(world) == ledger_before
     await world.nc.flush()
-    await asyncio.sleep(0.2)
+    await eventually(lambda: _true(len(seen) >= 2), what="both escalations delivered")
     await sub.unsubscribe()
     # Two deadlines passed before the hard limit: tier 2 (carol) first, then everyone.
     assert [m["next_tier"] for m in seen] == [2, 3]
@@ -102,10 +101,7 @@ async def test_escalated_approval_is_still_accepted(
     _, handle = await start_dispute(world, "es")
     view = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
     await time_skipping_env.sleep(DEADLINE + 5)
-    for _ in range(50):
-        if seen:
-            break
-        await asyncio.sleep(0.1)
+    await eventually(lambda: _true(bool(seen)), interval=0.1, what="the escalation delivered")
     await sub.unsubscribe()
     assert [m["next_tier"] for m in seen] == [1 + 1]
     status = await handle.query(names.QUERY_STATUS, result_type=StatusView)
@@ -116,3 +112,7 @@ async def test_escalated_approval_is_still_accepted(
     result = await skipped_result(time_skipping_env, handle)  # skips the verification window too
     assert result.outcome is Phase.COMPLETED
     assert result.approvers == ["carol"]
+
+
+async def _true(value: bool) -> bool:
+    return value

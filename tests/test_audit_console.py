@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 from temporalio.api.sdk.v1 import WorkflowMetadata
 
 import remediation_client as operations
 from tests.conftest import World
-from tests.test_remediation_workflow import decision, start_dispute, wait_phase
+from tests.helpers import decision, eventually, start_dispute, wait_phase
 from workflows import names
 from workflows.models import Phase, Scope
 from workflows.search_attributes import (
@@ -31,11 +29,8 @@ async def test_summary_details_and_search_attributes_tell_the_story(world: World
     view = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
     # While waiting: listed by phase and org; live details show the plan and pending approvals.
     query = operations.list_query(phase="awaiting_approval", org=scope.org_id, correlation_id=None)
-    for _ in range(50):  # visibility is eventually consistent
-        listed = await operations.list_runs(world.client, query)
-        if listed:
-            break
-        await asyncio.sleep(0.2)
+    # Visibility is eventually consistent.
+    listed = await eventually(lambda: operations.list_runs(world.client, query), what="the listed run")
     assert [r["workflow_id"] for r in listed] == [handle.id]
     metadata = await handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
     details = metadata.current_details
@@ -74,16 +69,11 @@ async def test_summary_details_and_search_attributes_tell_the_story(world: World
     assert scheduled and all(e.user_metadata.HasField("summary") for e in scheduled)
     final = await handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
     assert "Verification: PASSED" in final.current_details
-    done = await operations.list_runs(
-        world.client,
-        operations.list_query(phase="completed", org=None, correlation_id=incident.correlation_id),
-    )
-    for _ in range(50):
-        if done:
-            break
-        await asyncio.sleep(0.2)
-        done = await operations.list_runs(
+    done = await eventually(
+        lambda: operations.list_runs(
             world.client,
             operations.list_query(phase="completed", org=None, correlation_id=incident.correlation_id),
-        )
+        ),
+        what="the completed run listed",
+    )
     assert [r["workflow_id"] for r in done] == [handle.id]

@@ -18,10 +18,10 @@ from temporalio.testing import WorkflowEnvironment
 
 from local_platform.incidents import IncidentReport
 from tests.faults.harness import temporal_address, worker_env
+from tests.helpers import start_dispute, wait_phase
 from workflows.models import Phase
 
 from .conftest import World
-from .test_remediation_workflow import start_dispute, wait_phase
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -16,10 +16,10 @@ import pytest_asyncio
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-import remediation_client as operations
 from config import Settings
 from config.approver_keys import new_key_pair
 from starters.demo import run_demo
+from tests.helpers import wait_phase
 from worker.payload_codec import with_codec
 from workflows import names
 from workflows.models import Phase, RemediationRequest, Scope, VerdictDecision
@@ -125,10 +125,4 @@ async def test_failed_verification_ends_the_demo_with_the_commands_to_decide(
     await world.client.get_workflow_handle(GLOBAL).execute_update(
         names.UPDATE_DECIDE, VerdictDecision(actor="alice", choice="hand_off", comment="test")
     )
-    view = await operations.status(world.client, GLOBAL)
-    for _ in range(100):
-        if view.phase is Phase.HANDED_OFF:
-            break
-        await asyncio.sleep(0.2)
-        view = await operations.status(world.client, GLOBAL)
-    assert view.phase is Phase.HANDED_OFF
+    await wait_phase(world.client.get_workflow_handle(GLOBAL), {Phase.HANDED_OFF}, timeout=20)

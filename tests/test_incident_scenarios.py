@@ -13,7 +13,7 @@ import pytest
 
 from local_platform.incidents import INCIDENTS
 from tests.conftest import World
-from tests.test_remediation_workflow import (
+from tests.helpers import (
     approve,
     approve_quorum,
     assert_ledger_is_the_plan,

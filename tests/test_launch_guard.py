@@ -8,8 +8,8 @@ from typer.testing import CliRunner
 
 import remediation_client as operations
 from starters.cli import app
+from tests.helpers import incident_in
 from tests.histories import keep_history
-from tests.test_remediation_workflow import incident_in
 from workflows.launch_guard import launch_guard_criteria
 from workflows.models import (
     Criterion,

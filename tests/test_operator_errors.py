@@ -3,7 +3,6 @@ rules in words instead of regular expressions, long values cut short."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -13,11 +12,11 @@ from typer.testing import CliRunner
 import remediation_client as operations
 from alert_intake.mapping import AlertRefused, load_mapping
 from starters.cli import app
+from tests.helpers import eventually, start_dispute, wait_phase
 from workflows.input_errors import ECHO_LIMIT
 from workflows.models import Phase, Trigger
 
 from .conftest import APPROVER_KEYS, World
-from .test_remediation_workflow import start_dispute, wait_phase
 
 
 def _write_key(directory: Path, name: str) -> Path:
@@ -79,16 +78,14 @@ async def test_plan_hash_prefixes_are_refused_by_name_and_audited(world: World, 
         key_path=_write_key(tmp_path, "alice"),
     )
     # The workflow audits accepted approvals from its own coroutine: wait for the row.
-    accepted = None
-    for _ in range(100):
-        accepted = await world.db.fetchval(
+    accepted = await eventually(
+        lambda: world.db.fetchval(
             """SELECT a.plan_hash FROM remediation.approvals a JOIN remediation.runs r USING (run_id)
                WHERE r.workflow_id = $1 AND a.accepted""",
             handle.id,
-        )
-        if accepted:
-            break
-        await asyncio.sleep(0.1)
+        ),
+        what="the accepted approval's audit row",
+    )
     assert accepted == current
 
 

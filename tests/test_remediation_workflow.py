@@ -4,35 +4,40 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import jsonschema
 import pytest
 import pytest_asyncio
-from temporalio.client import WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
-from temporalio.exceptions import ApplicationError, CancelledError
+from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
+from temporalio.exceptions import CancelledError
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
 import remediation_client as operations
 from config import Settings
 from config.approver_keys import sign
-from local_platform.incidents import IncidentReport, run_incident
 from starters.incident_commands import start_checked
 from starters.render import render_evidence_html
 from tests.conftest import APPROVER_KEYS, World, make_world
+from tests.helpers import (
+    assert_ledger_is_the_plan,
+    decision,
+    drift,
+    incident_in,
+    ledger_state,
+    refused,
+    request_for,
+    start,
+    start_dispute,
+    wait_phase,
+)
 from tests.histories import keep_history, replay_failure
 from workflows import names
 from workflows.models import (
-    ApprovalDecision,
     Phase,
-    PlanSummary,
     RemediationRequest,
-    RemediationResult,
     Scope,
     StatusView,
     Trigger,
@@ -40,131 +45,6 @@ from workflows.models import (
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-# Independent SQL (not the product's) for the four drift kinds.
-DRIFT_SQL = {
-    "missing_open": """SELECT a.id FROM billing.allocations a WHERE a.status IN ('active','releasing','release_failed')
-                       AND a.id NOT IN (SELECT allocation_id FROM billing.usage_records WHERE end_time IS NULL)""",
-    "orphan_open": """SELECT u.allocation_id FROM billing.usage_records u JOIN billing.allocations a
-                      ON a.id = u.allocation_id WHERE u.end_time IS NULL AND a.status = 'released'""",
-    "unbilled_closed": """SELECT u.allocation_id FROM billing.usage_records u WHERE u.end_time IS NOT NULL
-                          AND u.accrued_cost_minor > 0 AND u.id NOT IN
-                          (SELECT usage_record_id FROM billing.ledger_entries WHERE usage_record_id IS NOT NULL)""",
-    "payment_drift": """SELECT id FROM billing.payment_sessions WHERE status = 'failed_reconcile'
-                        OR ledger_entry_id IS NULL""",
-}
-
-
-async def drift(world: World) -> dict[str, set[str]]:
-    return {k: {r[0] for r in await world.db.fetch(sql)} for k, sql in DRIFT_SQL.items()}
-
-
-async def ledger_state(world: World) -> tuple[Any, ...]:
-    return tuple(
-        await world.db.fetch(
-            "SELECT id, amount_minor, idempotency_key FROM billing.ledger_entries ORDER BY id"
-        )
-    )
-
-
-async def assert_ledger_is_the_plan(world: World, plan: PlanSummary) -> None:
-    """The ledger ends exactly as approved: every action audited once, no key twice, no drift left."""
-    rows = await world.db.fetch(
-        "SELECT seq, outcome FROM remediation.applied_actions WHERE plan_id = $1", plan.plan_id
-    )
-    assert len(rows) == len({r["seq"] for r in rows})
-    # API actions (restriction clear, worker restart) are audited in the same table.
-    assert len(rows) == plan.action_count, (len(rows), plan)
-    assert {r["outcome"] for r in rows} == {"applied"}, {r["outcome"] for r in rows}
-    duplicates = await world.db.fetchval(
-        "SELECT count(*) - count(DISTINCT idempotency_key) FROM billing.ledger_entries"
-    )
-    assert duplicates == 0
-    posted = await world.db.fetchval(
-        "SELECT coalesce(sum(amount_minor), 0) FROM billing.ledger_entries WHERE actor LIKE 'remediation:%'"
-    )
-    assert posted == plan.debit_total_minor + plan.credit_total_minor
-    assert await drift(world) == {k: set() for k in DRIFT_SQL}
-
-
-async def wait_phase(handle: WorkflowHandle[Any, Any], phases: set[Phase], timeout: float = 90) -> StatusView:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        view: StatusView = await handle.query(names.QUERY_STATUS, result_type=StatusView)
-        if view.phase in phases:
-            return view
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"phase {view.phase} never reached {phases}")
-
-
-async def start(world: World, request: RemediationRequest) -> WorkflowHandle[Any, RemediationResult]:
-    started = await operations.start(world.client, world.settings, request)
-    assert not started.attached, "a fresh start must not report attaching"
-    return world.client.get_workflow_handle(
-        started.workflow_id, run_id=started.run_id, result_type=RemediationResult
-    )
-
-
-async def incident_in(world: World, name: str, prefix: str) -> IncidentReport:
-    async with world.db.acquire() as conn:
-        return await run_incident(name, conn, world.nc, prefix=prefix)
-
-
-def request_for(incident: IncidentReport, **overrides: Any) -> RemediationRequest:
-    """The remediation an incident commander would start for ``incident`` (its scope and trigger)."""
-    fields: dict[str, Any] = {
-        "correlation_id": incident.correlation_id,
-        "trace_id": incident.trace_id,
-        "scope": Scope(**incident.scope),
-        "trigger": Trigger(incident.trigger),
-        "requested_by": "ic-dana",
-    }
-    return RemediationRequest(**(fields | overrides))
-
-
-async def start_dispute(
-    world: World, prefix: str, *, dry_run: bool = False, requested_by: str = "ic-dana"
-) -> tuple[IncidentReport, WorkflowHandle[Any, RemediationResult]]:
-    """The user-dispute incident and a remediation started for its (org, user) scope."""
-    incident = await incident_in(world, "user-dispute", prefix)
-    handle = await start(world, request_for(incident, dry_run=dry_run, requested_by=requested_by))
-    return incident, handle
-
-
-async def approve(
-    handle: WorkflowHandle[Any, Any], body: ApprovalDecision, update_id: str | None = None
-) -> str:
-    """Send an approval Update as the CLI does: retried while the plan is still opening."""
-    return await operations.approve_when_open(handle, body, update_id or f"{body.approver}:{body.decision}")
-
-
-async def approve_quorum(handle: WorkflowHandle[Any, Any], view: StatusView) -> None:
-    """Approve the plan in ``view`` by as many of the tests' approvers as it needs."""
-    for who in ("alice", "bob")[: view.approvals_needed]:
-        await approve(handle, decision(view, who), f"approve-{who}")
-
-
-async def refused(handle: WorkflowHandle[Any, Any], body: ApprovalDecision, match: str) -> None:
-    with pytest.raises(WorkflowUpdateFailedError) as err:
-        await handle.execute_update(names.UPDATE_APPROVE, body)
-    assert isinstance(err.value.cause, ApplicationError)
-    assert match in err.value.cause.message, err.value.cause.message
-
-
-def decision(
-    view: StatusView, approver: str, verdict: str = "approve", *, at: datetime | None = None
-) -> ApprovalDecision:
-    """A decision on the plan in ``view``, signed when ``approver`` is one of the tests' approvers."""
-    assert view.plan is not None
-    body = ApprovalDecision(
-        plan_hash=view.plan.plan_hash,
-        approver=approver,
-        decision=verdict,
-        comment="test",
-        plan_id=view.plan.plan_id,
-    )
-    key = APPROVER_KEYS.get(approver)
-    return sign(body, key, at=at) if key else body
 
 
 async def test_worker_crash_remediated_exactly(world: World) -> None:

@@ -8,6 +8,7 @@ import pytest
 
 import remediation_client as operations
 from local_platform.seeder import SeedSpec, seed
+from tests.helpers import start, start_dispute, wait_phase
 from workflows.approval import approvals_required
 from workflows.models import (
     ApprovalPolicy,
@@ -20,7 +21,6 @@ from workflows.models import (
 )
 
 from .conftest import World
-from .test_remediation_workflow import start, start_dispute, wait_phase
 
 
 async def _orgs_with_drift(world: World) -> int:

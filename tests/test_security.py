@@ -18,7 +18,7 @@ import remediation_client as operations
 from config import Settings
 from config.approver_keys import ApproverKeyError, new_key_pair
 from tests.conftest import client_with, make_world
-from tests.test_remediation_workflow import decision, incident_in, start, start_dispute, wait_phase
+from tests.helpers import decision, incident_in, start, start_dispute, wait_phase
 from worker.payload_codec import EncryptionCodec, PayloadKeyError, payload_keys, with_codec
 from workflows import names
 from workflows.models import Phase, RemediationRequest, RemediationResult, Scope, Trigger

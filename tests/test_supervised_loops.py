@@ -18,6 +18,7 @@ from nats.js.errors import NotFoundError
 
 from local_platform.events import ensure_worker_consumer
 from local_platform.seeder import SeedSpec, seed
+from tests.helpers import eventually
 from worker.supervised_loop import LoopHealth, start_supervised, supervise
 
 from .conftest import World
@@ -32,11 +33,7 @@ async def _health(world: World) -> tuple[int, dict[str, Any]]:
 
 
 async def _until(predicate: Any, timeout: float = 30, what: str = "condition") -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.2)
+    await eventually(predicate, timeout=timeout, what=what)
 
 
 async def test_worker_survives_its_consumer_being_recreated_underneath_it(world: World) -> None:

@@ -22,7 +22,7 @@ import remediation_client.runs
 from activities.tempo import TempoActivities
 from config import Settings
 from tests.conftest import client_with, make_world
-from tests.test_remediation_workflow import incident_in, start_dispute
+from tests.helpers import incident_in, start_dispute
 from worker.telemetry import JsonFormatter, configure_tracing
 from workflows.models import Phase, RemediationRequest, RemediationResult, Scope
 

@@ -14,13 +14,13 @@ from temporalio.common import VersioningBehavior
 from temporalio.testing import WorkflowEnvironment
 
 from config import Settings
+from tests.helpers import approve_quorum, incident_in, request_for, start, wait_phase
 from worker.deployment import set_current_version
 from worker.main import build_worker, resources
 from workflows import names
 from workflows.models import Phase, RemediationResult
 
 from .conftest import make_world
-from .test_remediation_workflow import approve_quorum, incident_in, request_for, start, wait_phase
 
 
 async def build_ids_of(handle: WorkflowHandle[Any, Any]) -> set[str]:

@@ -21,7 +21,7 @@ from devstack.stack import Postgres, Temporal
 from local_platform.seeder import SeedSpec, seed
 from tests.conftest import World, make_world
 from tests.faults.harness import FAST_FAILOVER, applied_count, pinned
-from tests.test_remediation_workflow import (
+from tests.helpers import (
     approve,
     approve_quorum,
     assert_ledger_is_the_plan,

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import World
-from tests.test_remediation_workflow import (
+from tests.helpers import (
     DRIFT_SQL,
     approve_quorum,
     drift,

@@ -14,7 +14,7 @@ from local_platform.seeder import SeedSpec, seed
 from tests.conftest import World
 from tests.faults.harness import WorkerProcess, applied_count, temporal_address
 from tests.faults.test_worker_kills import activity_attempts
-from tests.test_remediation_workflow import (
+from tests.helpers import (
     approve_quorum,
     assert_ledger_is_the_plan,
     start,

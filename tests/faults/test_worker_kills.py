@@ -25,13 +25,13 @@ from tests.faults.harness import (
     pinned,
     temporal_address,
 )
-from tests.histories import keep_history, replay_failure
-from tests.test_remediation_workflow import (
+from tests.helpers import (
     approve_quorum,
     assert_ledger_is_the_plan,
     start,
     wait_phase,
 )
+from tests.histories import keep_history, replay_failure
 from workflows import names
 from workflows.models import Phase, RemediationRequest, Trigger
 

@@ -1,4 +1,4 @@
-"""Pure logic: input models and approval rules (no harness)."""
+"""Request validation, approval rules and signatures, payload round trips: pure, property-tested."""
 
 from __future__ import annotations
 
