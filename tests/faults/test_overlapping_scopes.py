@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.conftest import World
@@ -75,6 +76,16 @@ async def test_org_and_user_runs_apply_each_fix_once(world: World) -> None:
     }
     shared = org_keys & user_keys
     assert shared, "the two plans must overlap for this test to mean anything"
+    # Neither scoped run restarts the platform-wide worker; the platform-wide remediation (or an operator)
+    # does, through the admin API, so both runs can verify that the worker processes again.
+    assert "restart_billing_worker" not in org_view.plan.counts_by_kind | user_view.plan.counts_by_kind
+    async with httpx.AsyncClient(base_url=world.settings.resolved_billing_api_url(), timeout=10) as http:
+        restarted = await http.post(
+            "/api/v1/admin/billing-worker/restart",
+            json={"actor": "ic", "correlation_id": "overlap-global"},
+            headers={"Authorization": f"Bearer {world.settings.billing_api_token.get_secret_value()}"},
+        )
+    assert restarted.status_code == 200, restarted.text
     # Both approved at once: the applies race on the same rows.
     org_result, user_result = await asyncio.gather(approved(org_run, org_view), approved(user_run, user_view))
     assert org_result.outcome is Phase.COMPLETED and user_result.outcome is Phase.COMPLETED
