@@ -57,6 +57,27 @@ class Phase(StrEnum):
     CANCELLED = "cancelled"
 
 
+class ActionKind(StrEnum):
+    """Every kind of plan action: the plan's SQL, the apply handlers and the workflow name them from here."""
+
+    OPEN_USAGE_RECORD = "open_usage_record"
+    CLOSE_ORPHAN_USAGE = "close_orphan_usage"
+    POST_USAGE_DEBIT = "post_usage_debit"
+    CREDIT_PAYMENT = "credit_payment"
+    LINK_PAYMENT_CREDIT = "link_payment_credit"
+    # Carried out through the admin billing API by the workflow, not in Postgres.
+    CLEAR_FINANCIAL_RESTRICTION = "clear_financial_restriction"
+    RESTART_BILLING_WORKER = "restart_billing_worker"
+
+
+API_ACTION_KINDS = (ActionKind.CLEAR_FINANCIAL_RESTRICTION, ActionKind.RESTART_BILLING_WORKER)
+
+
+def sql_list(kinds: tuple[ActionKind, ...]) -> str:
+    """``('a', 'b')`` for an SQL ``IN`` (the values are this module's constants, never input)."""
+    return "(" + ", ".join(f"'{k.value}'" for k in kinds) + ")"
+
+
 class BlastRadius(StrEnum):
     """Single user/project dispute, one org, or a widespread (global worker) degradation."""
 
@@ -255,7 +276,7 @@ class ApiAction(Frozen):
     """A plan action carried out through the admin billing API rather than Postgres."""
 
     seq: int
-    kind: Literal["clear_financial_restriction", "restart_billing_worker"]
+    kind: Literal[ActionKind.CLEAR_FINANCIAL_RESTRICTION, ActionKind.RESTART_BILLING_WORKER]
     org_id: str
     idempotency_key: str
 

@@ -23,6 +23,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.details import STEPS_MARKDOWN
     from workflows.launch_guard import LaunchGuardWorkflow
     from workflows.models import (
+        ActionKind,
         AlertNotice,
         ApiActionAudit,
         ApiActionRequest,
@@ -304,7 +305,7 @@ class BillingRemediationWorkflow(ApprovalSteps):
         for action in plan.api_actions:
             activity = (
                 names.CLEAR_RESTRICTION
-                if action.kind == "clear_financial_restriction"
+                if action.kind == ActionKind.CLEAR_FINANCIAL_RESTRICTION
                 else names.RESTART_BILLING_WORKER
             )
             request = ApiActionRequest(
@@ -316,7 +317,7 @@ class BillingRemediationWorkflow(ApprovalSteps):
             )
             words = (
                 "Clear the prepaid financial restriction of " + action.org_id
-                if action.kind == "clear_financial_restriction"
+                if action.kind == ActionKind.CLEAR_FINANCIAL_RESTRICTION
                 else "Restart the billing worker (hook)"
             )
             result = await self._act(activity, request, ApiActionResult, words)

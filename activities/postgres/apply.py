@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -14,8 +15,11 @@ from activities.postgres.base import CUSTOM_PLANS, PostgresActivities
 from activities.postgres.drift_sql import CLOSE_AT, CLOSE_COST, OPEN_STATUSES
 from workflows import names
 from workflows.models import (
+    API_ACTION_KINDS,
+    ActionKind,
     ApplyRequest,
     ApplySummary,
+    sql_list,
 )
 
 
@@ -76,8 +80,8 @@ class ApplyActivities(PostgresActivities):
             async with self._transaction() as conn:
                 await conn.execute(CUSTOM_PLANS)
                 actions = await conn.fetch(
-                    """SELECT * FROM remediation.plan_actions WHERE plan_id = $1 AND seq > $2
-                       AND kind NOT IN ('clear_financial_restriction', 'restart_billing_worker')
+                    f"""SELECT * FROM remediation.plan_actions WHERE plan_id = $1 AND seq > $2
+                       AND kind NOT IN {sql_list(API_ACTION_KINDS)}
                        ORDER BY seq LIMIT $3""",
                     request.plan_id,
                     last_seq,
@@ -86,11 +90,11 @@ class ApplyActivities(PostgresActivities):
                 if not actions:
                     return last_seq
                 # Usage debits (the bulk of a worker outage's drift) go in one statement per batch.
-                debits = [a["seq"] for a in actions if a["kind"] == "post_usage_debit"]
+                debits = [a["seq"] for a in actions if a["kind"] == ActionKind.POST_USAGE_DEBIT]
                 if debits:
                     await self._apply_debits(conn, request, debits)
                 for action in actions:
-                    if action["kind"] != "post_usage_debit":
+                    if action["kind"] != ActionKind.POST_USAGE_DEBIT:
                         await self._apply_one(conn, request, action)
                 last_seq = actions[-1]["seq"]
             progress[0] = last_seq
@@ -99,7 +103,7 @@ class ApplyActivities(PostgresActivities):
     async def _apply_debits(conn: asyncpg.Connection, request: ApplyRequest, seqs: list[int]) -> None:
         """Post a batch of usage debits set-based: same re-checks, keys and audit rows as one at a time."""
         await conn.execute(
-            """WITH acts AS (
+            f"""WITH acts AS (
                    SELECT pa.seq, pa.entity_id::bigint AS usage_id, -pa.amount_minor AS cost, pa.idempotency_key
                    FROM remediation.plan_actions pa WHERE pa.plan_id = $1 AND pa.seq = ANY($2::int[])),
                before AS (
@@ -117,7 +121,7 @@ class ApplyActivities(PostgresActivities):
                    RETURNING usage_record_id, to_jsonb(billing.ledger_entries.*) AS doc)
                INSERT INTO remediation.applied_actions (plan_id, seq, idempotency_key, kind, outcome, actor,
                    approvers, workflow_id, correlation_id, before, after)
-               SELECT $1, a.seq, a.idempotency_key, 'post_usage_debit',
+               SELECT $1, a.seq, a.idempotency_key, '{ActionKind.POST_USAGE_DEBIT.value}',
                       CASE WHEN p.doc IS NULL THEN 'skipped_stale' ELSE 'applied' END,
                       $5, $6, $7, $4, coalesce(b.doc, 'null'::jsonb), coalesce(p.doc, 'null'::jsonb)
                FROM acts a LEFT JOIN before b USING (seq) LEFT JOIN posted p ON p.usage_record_id = a.usage_id
@@ -135,99 +139,17 @@ class ApplyActivities(PostgresActivities):
         self, conn: asyncpg.Connection, request: ApplyRequest, action: asyncpg.Record
     ) -> None:
         """Re-check the finding, apply the effect and write the audit row, all in the caller's transaction."""
-        kind, entity, amount, key = (
-            action["kind"],
-            action["entity_id"],
-            action["amount_minor"],
-            action["idempotency_key"],
-        )
-        actor = f"remediation:{request.actor}"
+        try:
+            handler = HANDLERS[ActionKind(action["kind"])]
+        except (ValueError, KeyError):
+            raise bad_input(
+                f"plan {request.plan_id!r} action {action['seq']}: unknown kind {action['kind']!r}"
+            ) from None
+        kind, key = action["kind"], action["idempotency_key"]
         corr = request.ref.correlation_id
-        before: Any = None
-        after: Any = None
-        if kind == "open_usage_record":
-            before = await conn.fetchval(
-                "SELECT to_jsonb(a) FROM billing.allocations a WHERE id = $1", entity
-            )
-            after = await conn.fetchval(
-                f"""INSERT INTO billing.usage_records (allocation_id, org_id, project_id, requested_by_user_id,
-                        start_time, last_billed_at, app_instance_id, usage_source, control_plane_component,
-                        operating_mode, control_plane_scope, runtime_backend, idempotency_key, created_by,
-                        correlation_id)
-                    SELECT a.id, a.org_id, a.project_id, a.requested_by_user_id, a.activated_at, a.activated_at,
-                           a.app_instance_id, a.usage_source, a.control_plane_component, a.operating_mode,
-                           a.control_plane_scope, a.runtime_backend, $2, $3, $4
-                    FROM billing.allocations a WHERE a.id = $1 AND a.status IN {OPEN_STATUSES}
-                      AND NOT EXISTS (SELECT 1 FROM billing.usage_records u
-                                      WHERE u.allocation_id = a.id AND u.end_time IS NULL)
-                    ON CONFLICT DO NOTHING RETURNING to_jsonb(billing.usage_records.*)""",
-                entity,
-                key,
-                actor,
-                corr,
-            )
-        elif kind == "close_orphan_usage":
-            before = await conn.fetchval(
-                "SELECT to_jsonb(u) FROM billing.usage_records u WHERE id = $1", int(entity)
-            )
-            after = await conn.fetchval(
-                f"""UPDATE billing.usage_records u SET end_time = {CLOSE_AT},
-                        last_billed_at = {CLOSE_AT}, accrued_cost_minor = $2
-                    FROM billing.allocations a
-                    WHERE u.id = $1 AND a.id = u.allocation_id AND u.end_time IS NULL
-                      AND a.status NOT IN {OPEN_STATUSES} AND {CLOSE_COST} = $2
-                    RETURNING to_jsonb(u.*)""",
-                int(entity),
-                -amount,
-            )
-            if after is not None and amount != 0:
-                await self._post_debit(conn, int(entity), -amount, key, actor, corr)
-        elif kind == "post_usage_debit":
-            before = await conn.fetchval(
-                "SELECT to_jsonb(u) FROM billing.usage_records u WHERE id = $1", int(entity)
-            )
-            after = await self._post_debit(conn, int(entity), -amount, key, actor, corr)
-        elif kind == "credit_payment":
-            before = await conn.fetchval(
-                "SELECT to_jsonb(p) FROM billing.payment_sessions p WHERE id = $1", entity
-            )
-            entry = await conn.fetchval(
-                """INSERT INTO billing.ledger_entries (org_id, requested_by_user_id, kind, amount_minor,
-                       payment_session_id, idempotency_key, actor, correlation_id)
-                   SELECT p.org_id, p.user_id, 'payment_credit', p.amount_minor, p.id, $3, $4, $5
-                   FROM billing.payment_sessions p
-                   WHERE p.id = $1 AND p.amount_minor = $2 AND p.ledger_entry_id IS NULL
-                     AND p.status IN ('failed_reconcile', 'completed')
-                     AND NOT EXISTS (SELECT 1 FROM billing.ledger_entries l
-                                     WHERE l.payment_session_id = p.id AND l.kind = 'payment_credit')
-                   ON CONFLICT DO NOTHING RETURNING id""",
-                entity,
-                amount,
-                key,
-                actor,
-                corr,
-            )
-            if entry is not None:
-                after = await conn.fetchval(
-                    """UPDATE billing.payment_sessions SET ledger_entry_id = $2, status = 'completed',
-                           completed_at = coalesce(completed_at, now()) WHERE id = $1 RETURNING to_jsonb(payment_sessions.*)""",
-                    entity,
-                    entry,
-                )
-        elif kind == "link_payment_credit":
-            before = await conn.fetchval(
-                "SELECT to_jsonb(p) FROM billing.payment_sessions p WHERE id = $1", entity
-            )
-            after = await conn.fetchval(
-                """UPDATE billing.payment_sessions p SET ledger_entry_id = l.id, status = 'completed',
-                       completed_at = coalesce(p.completed_at, now())
-                   FROM billing.ledger_entries l
-                   WHERE p.id = $1 AND p.ledger_entry_id IS NULL AND l.payment_session_id = p.id
-                     AND l.kind = 'payment_credit' RETURNING to_jsonb(p.*)""",
-                entity,
-            )
-        else:
-            raise bad_input(f"plan {request.plan_id!r} action {action['seq']}: unknown kind {kind!r}")
+        before, after = await handler(
+            conn, action["entity_id"], action["amount_minor"], key, f"remediation:{request.actor}", corr
+        )
         await conn.execute(
             """INSERT INTO remediation.applied_actions (plan_id, seq, idempotency_key, kind, outcome, actor, approvers,
                    workflow_id, correlation_id, before, after)
@@ -245,22 +167,148 @@ class ApplyActivities(PostgresActivities):
             after if isinstance(after, str) else json.dumps(after),
         )
 
-    @staticmethod
-    async def _post_debit(
-        conn: asyncpg.Connection, usage_id: int, cost: int, key: str, actor: str, corr: str
-    ) -> Any:
-        return await conn.fetchval(
-            """INSERT INTO billing.ledger_entries (org_id, requested_by_user_id, kind, amount_minor, usage_record_id,
-                   idempotency_key, actor, correlation_id)
-               SELECT u.org_id, u.requested_by_user_id, 'usage_debit', -u.accrued_cost_minor, u.id, $3, $4, $5
-               FROM billing.usage_records u
-               WHERE u.id = $1 AND u.end_time IS NOT NULL AND u.accrued_cost_minor = $2
-                 AND NOT EXISTS (SELECT 1 FROM billing.ledger_entries l
-                                 WHERE l.usage_record_id = u.id AND l.kind = 'usage_debit')
-               ON CONFLICT DO NOTHING RETURNING to_jsonb(billing.ledger_entries.*)""",
-            usage_id,
-            cost,
-            key,
-            actor,
-            corr,
+
+# The audited (before, after) of one action; after is None when the re-check found nothing to do.
+Effect = tuple[Any, Any]
+Handler = Callable[[asyncpg.Connection, str, int, str, str, str], Awaitable[Effect]]
+
+
+async def post_debit(
+    conn: asyncpg.Connection, usage_id: int, cost: int, key: str, actor: str, corr: str
+) -> Any:
+    return await conn.fetchval(
+        """INSERT INTO billing.ledger_entries (org_id, requested_by_user_id, kind, amount_minor, usage_record_id,
+               idempotency_key, actor, correlation_id)
+           SELECT u.org_id, u.requested_by_user_id, 'usage_debit', -u.accrued_cost_minor, u.id, $3, $4, $5
+           FROM billing.usage_records u
+           WHERE u.id = $1 AND u.end_time IS NOT NULL AND u.accrued_cost_minor = $2
+             AND NOT EXISTS (SELECT 1 FROM billing.ledger_entries l
+                             WHERE l.usage_record_id = u.id AND l.kind = 'usage_debit')
+           ON CONFLICT DO NOTHING RETURNING to_jsonb(billing.ledger_entries.*)""",
+        usage_id,
+        cost,
+        key,
+        actor,
+        corr,
+    )
+
+
+async def _open_usage_record(
+    conn: asyncpg.Connection, entity: str, amount: int, key: str, actor: str, corr: str
+) -> Effect:
+    """Open the missing usage record of an active allocation (still missing, still open)."""
+    before: Any = None
+    after: Any = None
+    before = await conn.fetchval("SELECT to_jsonb(a) FROM billing.allocations a WHERE id = $1", entity)
+    after = await conn.fetchval(
+        f"""INSERT INTO billing.usage_records (allocation_id, org_id, project_id, requested_by_user_id,
+                start_time, last_billed_at, app_instance_id, usage_source, control_plane_component,
+                operating_mode, control_plane_scope, runtime_backend, idempotency_key, created_by,
+                correlation_id)
+            SELECT a.id, a.org_id, a.project_id, a.requested_by_user_id, a.activated_at, a.activated_at,
+                   a.app_instance_id, a.usage_source, a.control_plane_component, a.operating_mode,
+                   a.control_plane_scope, a.runtime_backend, $2, $3, $4
+            FROM billing.allocations a WHERE a.id = $1 AND a.status IN {OPEN_STATUSES}
+              AND NOT EXISTS (SELECT 1 FROM billing.usage_records u
+                              WHERE u.allocation_id = a.id AND u.end_time IS NULL)
+            ON CONFLICT DO NOTHING RETURNING to_jsonb(billing.usage_records.*)""",
+        entity,
+        key,
+        actor,
+        corr,
+    )
+    return before, after
+
+
+async def _close_orphan_usage(
+    conn: asyncpg.Connection, entity: str, amount: int, key: str, actor: str, corr: str
+) -> Effect:
+    """Close an orphan usage record at its allocation's release, at the planned cost, and debit it."""
+    before: Any = None
+    after: Any = None
+    before = await conn.fetchval("SELECT to_jsonb(u) FROM billing.usage_records u WHERE id = $1", int(entity))
+    after = await conn.fetchval(
+        f"""UPDATE billing.usage_records u SET end_time = {CLOSE_AT},
+                last_billed_at = {CLOSE_AT}, accrued_cost_minor = $2
+            FROM billing.allocations a
+            WHERE u.id = $1 AND a.id = u.allocation_id AND u.end_time IS NULL
+              AND a.status NOT IN {OPEN_STATUSES} AND {CLOSE_COST} = $2
+            RETURNING to_jsonb(u.*)""",
+        int(entity),
+        -amount,
+    )
+    if after is not None and amount != 0:
+        await post_debit(conn, int(entity), -amount, key, actor, corr)
+    return before, after
+
+
+async def _post_usage_debit(
+    conn: asyncpg.Connection, entity: str, amount: int, key: str, actor: str, corr: str
+) -> Effect:
+    """Debit a closed usage record that was never billed (one at a time; batches go set-based)."""
+    before: Any = None
+    after: Any = None
+    before = await conn.fetchval("SELECT to_jsonb(u) FROM billing.usage_records u WHERE id = $1", int(entity))
+    after = await post_debit(conn, int(entity), -amount, key, actor, corr)
+    return before, after
+
+
+async def _credit_payment(
+    conn: asyncpg.Connection, entity: str, amount: int, key: str, actor: str, corr: str
+) -> Effect:
+    """Credit a payment session with no ledger entry and link it (same amount, still unlinked)."""
+    before: Any = None
+    after: Any = None
+    before = await conn.fetchval("SELECT to_jsonb(p) FROM billing.payment_sessions p WHERE id = $1", entity)
+    entry = await conn.fetchval(
+        """INSERT INTO billing.ledger_entries (org_id, requested_by_user_id, kind, amount_minor,
+               payment_session_id, idempotency_key, actor, correlation_id)
+           SELECT p.org_id, p.user_id, 'payment_credit', p.amount_minor, p.id, $3, $4, $5
+           FROM billing.payment_sessions p
+           WHERE p.id = $1 AND p.amount_minor = $2 AND p.ledger_entry_id IS NULL
+             AND p.status IN ('failed_reconcile', 'completed')
+             AND NOT EXISTS (SELECT 1 FROM billing.ledger_entries l
+                             WHERE l.payment_session_id = p.id AND l.kind = 'payment_credit')
+           ON CONFLICT DO NOTHING RETURNING id""",
+        entity,
+        amount,
+        key,
+        actor,
+        corr,
+    )
+    if entry is not None:
+        after = await conn.fetchval(
+            """UPDATE billing.payment_sessions SET ledger_entry_id = $2, status = 'completed',
+                   completed_at = coalesce(completed_at, now()) WHERE id = $1 RETURNING to_jsonb(payment_sessions.*)""",
+            entity,
+            entry,
         )
+    return before, after
+
+
+async def _link_payment_credit(
+    conn: asyncpg.Connection, entity: str, amount: int, key: str, actor: str, corr: str
+) -> Effect:
+    """Link a payment session to the credit already in the ledger."""
+    before: Any = None
+    after: Any = None
+    before = await conn.fetchval("SELECT to_jsonb(p) FROM billing.payment_sessions p WHERE id = $1", entity)
+    after = await conn.fetchval(
+        """UPDATE billing.payment_sessions p SET ledger_entry_id = l.id, status = 'completed',
+               completed_at = coalesce(p.completed_at, now())
+           FROM billing.ledger_entries l
+           WHERE p.id = $1 AND p.ledger_entry_id IS NULL AND l.payment_session_id = p.id
+             AND l.kind = 'payment_credit' RETURNING to_jsonb(p.*)""",
+        entity,
+    )
+    return before, after
+
+
+# One handler per action kind applied in Postgres; the admin-API kinds are carried out by the workflow.
+HANDLERS: dict[ActionKind, Handler] = {
+    ActionKind.OPEN_USAGE_RECORD: _open_usage_record,
+    ActionKind.CLOSE_ORPHAN_USAGE: _close_orphan_usage,
+    ActionKind.POST_USAGE_DEBIT: _post_usage_debit,
+    ActionKind.CREDIT_PAYMENT: _credit_payment,
+    ActionKind.LINK_PAYMENT_CREDIT: _link_payment_credit,
+}

@@ -12,9 +12,12 @@ from activities.postgres.base import PostgresActivities
 from activities.scope_sql import scope_predicate
 from workflows import names
 from workflows.models import (
+    API_ACTION_KINDS,
+    ActionKind,
     ApiAction,
     PlanRequest,
     PlanSummary,
+    sql_list,
 )
 
 
@@ -42,18 +45,18 @@ class PlanActivities(PostgresActivities):
                     request.pass_no,
                 )
                 await conn.execute(
-                    """INSERT INTO remediation.plan_actions (plan_id, seq, kind, entity_type, entity_id, org_id, user_id,
+                    f"""INSERT INTO remediation.plan_actions (plan_id, seq, kind, entity_type, entity_id, org_id, user_id,
                            amount_minor, idempotency_key, params)
                        SELECT $1, row_number() OVER (ORDER BY f.kind, f.entity_id), a.kind, f.entity_type, f.entity_id,
                               f.org_id, f.user_id, a.amount, a.key, f.detail
                        FROM remediation.findings f
                        CROSS JOIN LATERAL (SELECT
                          CASE f.kind
-                           WHEN 'missing_open_usage' THEN 'open_usage_record'
-                           WHEN 'orphan_open_usage' THEN 'close_orphan_usage'
-                           WHEN 'unbilled_closed_usage' THEN 'post_usage_debit'
+                           WHEN 'missing_open_usage' THEN '{ActionKind.OPEN_USAGE_RECORD.value}'
+                           WHEN 'orphan_open_usage' THEN '{ActionKind.CLOSE_ORPHAN_USAGE.value}'
+                           WHEN 'unbilled_closed_usage' THEN '{ActionKind.POST_USAGE_DEBIT.value}'
                            WHEN 'payment_drift' THEN CASE WHEN f.detail->>'existing_credit_id' IS NULL
-                                                          THEN 'credit_payment' ELSE 'link_payment_credit' END
+                                                          THEN '{ActionKind.CREDIT_PAYMENT.value}' ELSE '{ActionKind.LINK_PAYMENT_CREDIT.value}' END
                          END AS kind,
                          CASE f.kind
                            WHEN 'missing_open_usage' THEN 0
@@ -83,8 +86,8 @@ class PlanActivities(PostgresActivities):
                 next_seq = await self._plan_restriction_clears(conn, request, next_seq)
                 if request.restart_worker:
                     await conn.execute(
-                        """INSERT INTO remediation.plan_actions (plan_id, seq, kind, entity_type, entity_id, org_id,
-                               amount_minor, idempotency_key) VALUES ($1, $2, 'restart_billing_worker', 'worker',
+                        f"""INSERT INTO remediation.plan_actions (plan_id, seq, kind, entity_type, entity_id, org_id,
+                               amount_minor, idempotency_key) VALUES ($1, $2, '{ActionKind.RESTART_BILLING_WORKER.value}', 'worker',
                                'billing-worker', '*', 0, $3)""",
                         request.plan_id,
                         next_seq,
@@ -108,8 +111,8 @@ class PlanActivities(PostgresActivities):
                 )
             plan = await conn.fetchrow("SELECT * FROM remediation.plans WHERE plan_id = $1", request.plan_id)
             api_rows = await conn.fetch(
-                """SELECT seq, kind, org_id, idempotency_key FROM remediation.plan_actions WHERE plan_id = $1
-                   AND kind IN ('clear_financial_restriction', 'restart_billing_worker') ORDER BY seq""",
+                f"""SELECT seq, kind, org_id, idempotency_key FROM remediation.plan_actions WHERE plan_id = $1
+                   AND kind IN {sql_list(API_ACTION_KINDS)} ORDER BY seq""",
                 request.plan_id,
             )
         summary = PlanSummary(
@@ -151,8 +154,8 @@ class PlanActivities(PostgresActivities):
         )
         for row in rows:
             await conn.execute(
-                """INSERT INTO remediation.plan_actions (plan_id, seq, kind, entity_type, entity_id, org_id,
-                       amount_minor, idempotency_key) VALUES ($1, $2, 'clear_financial_restriction', 'org', $3, $3,
+                f"""INSERT INTO remediation.plan_actions (plan_id, seq, kind, entity_type, entity_id, org_id,
+                       amount_minor, idempotency_key) VALUES ($1, $2, '{ActionKind.CLEAR_FINANCIAL_RESTRICTION.value}', 'org', $3, $3,
                        0, $4)""",
                 request.plan_id,
                 seq,
