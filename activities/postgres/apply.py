@@ -197,8 +197,6 @@ async def _open_usage_record(
     conn: asyncpg.Connection, entity: str, amount: int, key: str, actor: str, corr: str
 ) -> Effect:
     """Open the missing usage record of an active allocation (still missing, still open)."""
-    before: Any = None
-    after: Any = None
     before = await conn.fetchval("SELECT to_jsonb(a) FROM billing.allocations a WHERE id = $1", entity)
     after = await conn.fetchval(
         f"""INSERT INTO billing.usage_records (allocation_id, org_id, project_id, requested_by_user_id,
@@ -224,8 +222,6 @@ async def _close_orphan_usage(
     conn: asyncpg.Connection, entity: str, amount: int, key: str, actor: str, corr: str
 ) -> Effect:
     """Close an orphan usage record at its allocation's release, at the planned cost, and debit it."""
-    before: Any = None
-    after: Any = None
     before = await conn.fetchval("SELECT to_jsonb(u) FROM billing.usage_records u WHERE id = $1", int(entity))
     after = await conn.fetchval(
         f"""UPDATE billing.usage_records u SET end_time = {CLOSE_AT},
@@ -246,8 +242,6 @@ async def _post_usage_debit(
     conn: asyncpg.Connection, entity: str, amount: int, key: str, actor: str, corr: str
 ) -> Effect:
     """Debit a closed usage record that was never billed (one at a time; batches go set-based)."""
-    before: Any = None
-    after: Any = None
     before = await conn.fetchval("SELECT to_jsonb(u) FROM billing.usage_records u WHERE id = $1", int(entity))
     after = await post_debit(conn, int(entity), -amount, key, actor, corr)
     return before, after
@@ -257,7 +251,6 @@ async def _credit_payment(
     conn: asyncpg.Connection, entity: str, amount: int, key: str, actor: str, corr: str
 ) -> Effect:
     """Credit a payment session with no ledger entry and link it (same amount, still unlinked)."""
-    before: Any = None
     after: Any = None
     before = await conn.fetchval("SELECT to_jsonb(p) FROM billing.payment_sessions p WHERE id = $1", entity)
     entry = await conn.fetchval(
@@ -290,8 +283,6 @@ async def _link_payment_credit(
     conn: asyncpg.Connection, entity: str, amount: int, key: str, actor: str, corr: str
 ) -> Effect:
     """Link a payment session to the credit already in the ledger."""
-    before: Any = None
-    after: Any = None
     before = await conn.fetchval("SELECT to_jsonb(p) FROM billing.payment_sessions p WHERE id = $1", entity)
     after = await conn.fetchval(
         """UPDATE billing.payment_sessions p SET ledger_entry_id = l.id, status = 'completed',
