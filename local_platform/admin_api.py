@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from local_platform import telemetry
+from local_platform.billing_worker import worker_mode
 from worker.supervised_loop import health_report
 
 SERVICE = "gpuaas-api"
@@ -314,7 +315,12 @@ async def restart_worker(request: Request) -> Response:
 async def healthz(request: Request) -> Response:
     """Liveness of the API and of each background loop (billing worker, outbox relay); 503 if one fails."""
     ok, loops = health_report(getattr(request.app.state, "loops", {}))
-    return JSONResponse({"ok": ok, "loops": loops}, status_code=200 if ok else 503)
+    # The worker's control mode too: in a simulated incident the loop is alive but consumes nothing.
+    try:
+        mode: str | None = await worker_mode(_pool(request))
+    except (OSError, asyncpg.PostgresError):
+        mode = None
+    return JSONResponse({"ok": ok, "worker_mode": mode, "loops": loops}, status_code=200 if ok else 503)
 
 
 ROUTES = [

@@ -28,6 +28,10 @@ def render_health(body: dict[str, Any], now: float | None = None) -> str:
     """One line for the API, one per loop: state, restarts, last progress and last error."""
     now = time.time() if now is None else now
     lines = [f"platform: {'ok' if body.get('ok') else 'FAILING'}"]
+    mode = body.get("worker_mode")
+    if mode != "running":
+        # The loops can be alive while the worker consumes nothing (a crashed or stalled incident).
+        lines.append(f"  billing worker control mode: {mode or 'unknown (database unreachable)'}")
     for name, loop in sorted(body.get("loops", {}).items()):
         seen = loop.get("last_progress_at")
         progress = f"last progress {now - seen:.1f}s ago" if seen else "no progress yet"

@@ -22,7 +22,7 @@ from temporalio.service import RPCError
 from config import Settings
 from config.approver_keys import ApproverKeyError, load_private_key, sign
 from database.approvals import record_approval_row
-from remediation_client.errors import OperationError
+from remediation_client.errors import OperationError, update_refusal
 from remediation_client.reads import status
 from remediation_client.runs import handle_for
 from workflows import names
@@ -58,22 +58,9 @@ async def decide_plan(
     try:
         plan_hash = resolve_plan_hash(plan_hash, view)
     except PlanRefused as refused:
-        # Refused before it reaches the workflow, and audited like every refusal the workflow makes.
-        run_id = (await handle.describe()).run_id
-        record = ApprovalRecord(
-            run_id=run_id,
-            event_key=f"{run_id}:refused:{uuid.uuid4()}",
-            plan_id=view.plan.plan_id if view.plan else None,
-            plan_hash=plan_hash.strip()[:64] or None,
-            approver=approver[:128],
-            decision=decision,
-            comment=comment[:2000],
-            accepted=False,
-            refusal_reason=str(refused),
-            via="update",
-        )
-        await _audit_refusal(settings, record)
-        raise OperationError(f"refused: {refused}") from None
+        raise await _refused(
+            settings, handle, view, plan_hash, approver, decision, comment, str(refused)
+        ) from None
     try:
         body = ApprovalDecision(
             plan_hash=plan_hash,
@@ -95,20 +82,11 @@ async def decide_plan(
     try:
         answer = await approve_when_open(handle, body, f"{decision}:{plan_hash[:16]}:{approver}")
     except WorkflowUpdateFailedError as err:
-        reason = err.cause.message if isinstance(err.cause, ApplicationError) else str(err.cause)
-        # Temporal keeps no record of a rejected Update: the refusal is audited here.
-        run_id = (await handle.describe()).run_id
-        record = ApprovalRecord.of(
-            body,
-            run_id=run_id,
-            event_key=f"{run_id}:refused:{uuid.uuid4()}",
-            plan_id=view.plan.plan_id if view.plan else None,
-            refusal_reason=reason,
-            via="update",
-        )
-        await _audit_refusal(settings, record)
+        reason = update_refusal(err)
         log.warning("%s of plan %s refused: %s", decision, plan_hash[:12], reason, extra=context)
-        raise OperationError(f"refused: {reason}") from None
+        raise await _refused(
+            settings, handle, view, plan_hash, approver, decision, body.comment, reason
+        ) from None
     except RPCError as err:
         raise OperationError(f"remediation {workflow_id!r}: {err.message}") from None
     log.info("%s of plan %s accepted: %s", decision, plan_hash[:12], answer, extra=context)
@@ -128,12 +106,36 @@ async def approve_when_open(handle: WorkflowHandle[Any, Any], body: ApprovalDeci
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
-async def _audit_refusal(settings: Settings, record: ApprovalRecord) -> None:
+async def _refused(
+    settings: Settings,
+    handle: WorkflowHandle[Any, Any],
+    view: StatusView,
+    plan_hash: str,
+    approver: str,
+    decision: str,
+    comment: str,
+    reason: str,
+) -> OperationError:
+    """Audit a refused decision (Temporal keeps no record of a refused Update) and say why."""
+    run_id = (await handle.describe()).run_id
+    record = ApprovalRecord(
+        run_id=run_id,
+        event_key=f"{run_id}:refused:{uuid.uuid4()}",
+        plan_id=view.plan.plan_id if view.plan else None,
+        plan_hash=plan_hash.strip()[:64] or None,
+        approver=approver[:128],
+        decision=decision,
+        comment=comment[:2000],
+        accepted=False,
+        refusal_reason=reason,
+        via="update",
+    )
     conn = await asyncpg.connect(settings.resolved_database_url())
     try:
         await record_approval_row(conn, record)
     finally:
         await conn.close()
+    return OperationError(f"refused: {reason}")
 
 
 class PlanRefused(ValueError):
@@ -177,7 +179,6 @@ async def decide_verdict(client: Client, workflow_id: str, *, actor: str, choice
             )
         )
     except WorkflowUpdateFailedError as err:
-        reason = err.cause.message if isinstance(err.cause, ApplicationError) else str(err.cause)
-        raise OperationError(f"refused: {reason}") from None
+        raise OperationError(f"refused: {update_refusal(err)}") from None
     log.info("verdict %s: %s", choice, answer, extra={"workflow_id": workflow_id, "actor": actor})
     return answer

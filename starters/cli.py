@@ -28,6 +28,8 @@ def main() -> None:
         app()
     except SystemExit as done:
         code = exit_code(done.code)
+    except KeyboardInterrupt:  # Ctrl-C on a foreground service: the shell's convention, no traceback
+        code = 130
     except BaseException:  # an unexpected crash still reports and exits through the same door
         traceback.print_exc()
         code = 1

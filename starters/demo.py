@@ -123,7 +123,7 @@ async def run_demo(settings: Settings) -> int:
         phase = await _wait_phase(
             client,
             started.workflow_id,
-            ENDED | {Phase.AWAITING_DECISION},
+            {p for p in Phase if p.ended} | {Phase.AWAITING_DECISION},
             timeout=settings.demo_timeout_seconds,
         )
     except operations.OperationError as err:
@@ -151,22 +151,16 @@ async def run_demo(settings: Settings) -> int:
     return 0 if result.outcome is Phase.COMPLETED else 1
 
 
-ENDED = {
-    Phase.COMPLETED,
-    Phase.DRY_RUN_COMPLETE,
-    Phase.REJECTED,
-    Phase.HANDED_OFF,
-    Phase.EXPIRED,
-    Phase.FAILED,
-    Phase.CANCELLED,
-}
-
-
 def decision_help(workflow_id: str, view: StatusView, actor: str) -> str:
     """What failed in the verification and the exact commands that decide the run (``actor``: an approver)."""
-    failed = [c for c in (view.verification.criteria if view.verification else []) if not c.passed]
-    lines = ["verification FAILED; the remediation waits for an incident commander's decision."]
-    lines += [f"   failed: {c.name}: {c.detail}" for c in failed]
+    if view.verification is None:
+        # Apply stopped before verification (the reason is in `remediate status` and the UI's details).
+        lines = [
+            "the remediation stopped before verification; it waits for an incident commander's decision."
+        ]
+    else:
+        lines = ["verification FAILED; the remediation waits for an incident commander's decision."]
+        lines += [f"   failed: {c.name}: {c.detail}" for c in view.verification.criteria if not c.passed]
     lines += [
         "Decide with one of:",
         f'   remediate decide {workflow_id} retry --as {actor} --comment "cause fixed, verify again"',

@@ -212,11 +212,27 @@ async def test_jwt_callers_are_authenticated_and_authorised(caplog: pytest.LogCa
             idp.up = False
             assert (await http.post("/decode", content=body, headers=headers(token()))).status_code == 200
             assert idp.fetches == fetched
+        # Past the cache's lifetime with the provider down: still verified with the cached keys, and the
+        # provider is asked once, not once per request (each ask could wait for its timeout).
+        expiring = config.model_copy(update={"codec_jwks_cache_seconds": 0.2})
+        idp.up = True
+        async with codec_server(expiring) as (http, codec):
+            body, _ = await sealed_body(codec)
+            assert (await http.post("/decode", content=body, headers=headers(token()))).status_code == 200
+            idp.up = False
+            await asyncio.sleep(0.3)
+            fetched = idp.fetches
+            for _ in range(5):
+                assert (await http.post("/decode", content=body, headers=headers(token()))).status_code == 200
+            assert idp.fetches == fetched + 1
         # A provider that was never reachable: 503 with the reason, not a 401 that blames the user.
         async with codec_server(config) as (http, codec):
             body, _ = await sealed_body(codec)
             answer = await http.post("/decode", content=body, headers=headers(token()))
             assert answer.status_code == 503 and "JWKS" in answer.json()["error"]
+            fetched = idp.fetches
+            again = await http.post("/decode", content=body, headers=headers(token()))
+            assert again.status_code == 503 and idp.fetches == fetched  # answered at once, no new fetch
 
 
 @pytest.mark.asyncio(loop_scope="session")

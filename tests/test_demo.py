@@ -29,8 +29,6 @@ from .faults.harness import pinned, temporal_address, worker_env
 
 REMEDIATE = str(Path(sys.executable).parent / "remediate")
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
-
 GLOBAL = RemediationRequest(correlation_id="x", requested_by="x", scope=Scope()).workflow_id()
 
 
@@ -64,6 +62,7 @@ async def demo_world(
         yield w
 
 
+@pytest.mark.asyncio(loop_scope="session")
 async def test_demo_completes_and_the_readmes_next_commands_work(
     demo_world: World, temporal_env: WorkflowEnvironment, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -100,6 +99,7 @@ def readme_commands_after_demo() -> list[list[str]]:
     return commands
 
 
+@pytest.mark.asyncio(loop_scope="session")
 async def test_failed_verification_ends_the_demo_with_the_commands_to_decide(
     demo_world: World, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -126,3 +126,38 @@ async def test_failed_verification_ends_the_demo_with_the_commands_to_decide(
         names.UPDATE_DECIDE, VerdictDecision(actor="alice", choice="hand_off", comment="test")
     )
     await wait_phase(world.client.get_workflow_handle(GLOBAL), {Phase.HANDED_OFF}, timeout=20)
+
+
+def test_decision_help_says_what_stopped_the_run() -> None:
+    from starters.demo import decision_help
+    from workflows.models import Criterion, StatusView, VerificationResult
+
+    view = StatusView(
+        phase=Phase.AWAITING_DECISION,
+        blast_radius=None,
+        diagnosis=[],
+        drift={},
+        plan=None,
+        approvals=[],
+        approvals_needed=1,
+        rejected_by=None,
+        verification=None,
+        frozen=False,
+    )
+    stopped = decision_help(GLOBAL, view, "alice")
+    assert "stopped before verification" in stopped and "FAILED" not in stopped
+    failed = view.model_copy(
+        update={
+            "verification": VerificationResult(
+                passed=False,
+                criteria=[
+                    Criterion(name="billing_worker_stable", passed=False, detail="pending 9 -> 9"),
+                    Criterion(name="no_unresolved_drift", passed=True, detail="none"),
+                ],
+            )
+        }
+    )
+    text = decision_help(GLOBAL, failed, "alice")
+    assert "verification FAILED" in text and "failed: billing_worker_stable: pending 9 -> 9" in text
+    assert "no_unresolved_drift" not in text
+    assert f"remediate decide {GLOBAL} retry --as alice" in text

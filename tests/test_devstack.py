@@ -85,6 +85,7 @@ def test_root_in_a_private_directory_runs_postgres_and_changes_no_permissions(tm
     with pytest.raises(StackError) as err:
         Postgres(unreachable).start()
     assert "\n" not in str(err.value) and "set REMEDIATION_PG_HOME" in str(err.value)
+    assert not (private / "pg-home").exists()  # refused before anything was created
     assert {p: p.stat().st_mode for p in watched} == before
     shutil.rmtree(home)
 

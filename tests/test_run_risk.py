@@ -98,8 +98,15 @@ async def test_a_dispute_keeps_its_own_risk_and_names_the_wider_degradation(worl
     finding = next(c for c in view.diagnosis if c.check == "platform_degradation")
     description = await global_run.describe()
     assert f"{global_run.id} is running (run {description.run_id}, correlation wd-global" in finding.headline
-    for handle in (second, global_run):
-        await operations.abort(world.client, handle.id)
+    await operations.abort(world.client, second.id)
+    # Terminated from outside, the global run never records its end: the finding asks Temporal, not the
+    # runs table, and does not send a commander to a run that is gone.
+    await global_run.terminate("operator stopped it")
+    _, third = await start_dispute(world, "rf")
+    view = await wait_phase(third, {Phase.AWAITING_APPROVAL})
+    finding = next(c for c in view.diagnosis if c.check == "platform_degradation")
+    assert "no platform-wide remediation is running" in finding.headline, finding.headline
+    await operations.abort(world.client, third.id)
 
 
 def test_quorum_follows_money_rows_and_breadth_of_the_plan() -> None:

@@ -18,7 +18,7 @@ from tests.helpers import approve_quorum, incident_in, request_for, start, wait_
 from worker.deployment import set_current_version
 from worker.main import build_worker, resources
 from workflows import names
-from workflows.models import Phase, RemediationResult
+from workflows.models import Phase, RemediationResult, StatusView
 
 from .conftest import make_world
 
@@ -71,5 +71,6 @@ async def test_a_run_started_on_v1_finishes_on_v1_while_v2_takes_new_runs(
                 description = await old.describe()
                 info = description.raw_description.workflow_execution_info.versioning_info
                 assert info.behavior == VersioningBehavior.PINNED.value
-                # The status query of the v1 run is answered by v1 code too.
-                assert (await old.query(names.QUERY_STATUS)) is not None
+                # The v1 run's status query is still answered (only a v1 worker may answer it).
+                view = await old.query(names.QUERY_STATUS, result_type=StatusView)
+                assert view.phase is Phase.COMPLETED and view.plan == old_view.plan

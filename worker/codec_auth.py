@@ -91,12 +91,17 @@ class JwksCache:
         self._ttl = ttl
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at = float("-inf")
+        self._retry_at = float("-inf")  # after a failed fetch, no request waits on the IdP again before this
 
     async def key(self, kid: str | None) -> jwt.PyJWK:
         """The key for ``kid`` (the only key when the token names none)."""
-        age = time.monotonic() - self._fetched_at
-        if age > self._ttl or (kid not in self._keys and age > JWKS_MIN_REFRESH_SECONDS):
+        now = time.monotonic()
+        stale = now - self._fetched_at > self._ttl
+        unknown = kid not in self._keys and now - self._fetched_at > JWKS_MIN_REFRESH_SECONDS
+        if (stale or unknown) and now >= self._retry_at:
             await self._refresh()
+        elif not self._keys:
+            raise self._unreachable("recently failed")
         if kid is None and len(self._keys) == 1:
             return next(iter(self._keys.values()))
         found = self._keys.get(kid or "")
@@ -110,15 +115,19 @@ class JwksCache:
             response.raise_for_status()
             keys = jwt.PyJWKSet.from_dict(response.json()).keys
         except (httpx.HTTPError, ValueError, jwt.PyJWTError) as err:
-            if self._keys:  # keep serving with the keys we have; the next request tries again
+            # One failed fetch per JWKS_MIN_REFRESH_SECONDS: requests meanwhile use the cached keys (or
+            # get 503 at once) instead of each waiting for the IdP's timeout.
+            self._retry_at = time.monotonic() + JWKS_MIN_REFRESH_SECONDS
+            if self._keys:
                 return
-            raise AuthError(
-                503,
-                f"cannot verify tokens: the identity provider's JWKS at {self._url} is unreachable "
-                f"({type(err).__name__})",
-            ) from None
+            raise self._unreachable(type(err).__name__) from None
         self._keys = {k.key_id or "": k for k in keys}
         self._fetched_at = time.monotonic()
+
+    def _unreachable(self, why: str) -> AuthError:
+        return AuthError(
+            503, f"cannot verify tokens: the identity provider's JWKS at {self._url} is unreachable ({why})"
+        )
 
 
 class CodecAuth:
@@ -155,7 +164,7 @@ class CodecAuth:
             return Caller("static-token", "token", encode_on)
         if self._jwks is None:
             raise AuthError(401, "invalid bearer token")
-        claims = await self._verify(credential)
+        claims = await self._verify(self._jwks, credential)
         groups = _groups(claims.get(self._settings.codec_jwt_group_claim))
         if self._settings.codec_jwt_group not in groups:
             raise AuthError(403, f"not a member of {self._settings.codec_jwt_group}")
@@ -164,14 +173,12 @@ class CodecAuth:
             str(claims["sub"]), "jwt", encode_on and encode_group is not None and encode_group in groups
         )
 
-    async def _verify(self, token: str) -> dict[str, Any]:
+    async def _verify(self, jwks: JwksCache, token: str) -> dict[str, Any]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
             raise AuthError(401, "bearer token is not a JWT") from None
-        if self._jwks is None:  # pragma: no cover - caller() checks first
-            raise AuthError(401, "invalid bearer token")
-        key = await self._jwks.key(header.get("kid"))
+        key = await jwks.key(header.get("kid"))
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,

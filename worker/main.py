@@ -83,9 +83,11 @@ async def resources(settings: Settings) -> AsyncIterator[Resources]:
         await pool.close()
 
 
-def activity_list(settings: Settings, res: Resources) -> Sequence[Callable[..., Any]]:
+def activity_list(
+    settings: Settings, res: Resources, temporal: Client | None = None
+) -> Sequence[Callable[..., Any]]:
     """Every activity, bound to its system's client."""
-    db = BillingDatabaseActivities(res.pool)
+    db = BillingDatabaseActivities(res.pool, temporal)
     records = RecordsActivities(res.pool)
     loki = LokiActivities(res.http_loki, settings.loki_tenant)
     tempo = TempoActivities(res.http_tempo, settings.tempo_tenant)
@@ -133,7 +135,7 @@ def build_worker(
         workflows=[BillingRemediationWorkflow, LaunchGuardWorkflow],
         workflow_runner=workflow_runner(),
         interceptors=[RemediationContext()],
-        activities=activity_list(settings, res),
+        activities=activity_list(settings, res, client),
         max_concurrent_activities=50,
         graceful_shutdown_timeout=timedelta(seconds=10),
         deployment_config=deployment_config(settings),

@@ -148,7 +148,7 @@ async def supervise(
                 reason,
                 health.restarts,
                 backoff,
-                extra={"loop": health.name, "restarts": health.restarts},
+                extra={"fields": {"loop": health.name, "restarts": health.restarts}},
             )
             if on_failure is not None:
                 try:
@@ -163,7 +163,7 @@ async def supervise(
                     health.name,
                     health.restarts,
                     reason,
-                    extra={"loop": health.name, "restarts": health.restarts},
+                    extra={"fields": {"loop": health.name, "restarts": health.restarts}},
                 )
     health.state = "stopped"
 

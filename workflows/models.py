@@ -56,6 +56,24 @@ class Phase(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
 
+    @property
+    def ended(self) -> bool:
+        """True for the phases a run ends in."""
+        return self in _ENDED
+
+
+_ENDED = frozenset(
+    {
+        Phase.COMPLETED,
+        Phase.DRY_RUN_COMPLETE,
+        Phase.REJECTED,
+        Phase.HANDED_OFF,
+        Phase.EXPIRED,
+        Phase.FAILED,
+        Phase.CANCELLED,
+    }
+)
+
 
 class ActionKind(StrEnum):
     """Every kind of plan action: the plan's SQL, the apply handlers and the workflow name them from here."""

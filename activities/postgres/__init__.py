@@ -9,6 +9,9 @@ actions are written to Postgres, never returned whole.
 
 from __future__ import annotations
 
+import asyncpg
+from temporalio.client import Client
+
 from activities.postgres.apply import ApplyActivities
 from activities.postgres.diagnosis import DiagnosisActivities
 from activities.postgres.plan import PlanActivities
@@ -17,6 +20,10 @@ from activities.postgres.reconcile import ReconcileActivities
 
 class BillingDatabaseActivities(DiagnosisActivities, ReconcileActivities, PlanActivities, ApplyActivities):
     """Set-based checks and corrective writes on the billing tables (all groups on one pool)."""
+
+    def __init__(self, pool: asyncpg.Pool, temporal: Client | None = None) -> None:
+        super().__init__(pool)
+        self._temporal = temporal
 
 
 __all__ = ["BillingDatabaseActivities"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 
 from temporalio import activity
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.service import RPCError, RPCStatusCode
 
 from activities.postgres.base import TRANSIENT, PostgresActivities
 from activities.postgres.drift_sql import checks
@@ -25,6 +27,9 @@ from workflows.models import (
 
 class DiagnosisActivities(PostgresActivities):
     """Diagnosis on the billing data."""
+
+    # Set by the worker: asked whether the platform-wide remediation runs (see _platform_degradation).
+    _temporal: Client | None = None
 
     @activity.defn(name=names.CHECK_POSTGRES)
     async def check_postgres(self, ref: RunRef) -> CheckResult:
@@ -175,31 +180,43 @@ class DiagnosisActivities(PostgresActivities):
         )
 
     async def _platform_degradation(self, ref: RunRef, wider: list[str]) -> CheckResult:
-        """The degradation outside this run's scope, and the platform-wide remediation handling it, if any."""
+        """The degradation outside this run's scope, and the platform-wide remediation handling it, if any.
+
+        Whether that remediation runs is Temporal's answer, not the runs table's: a run terminated from
+        outside never writes its end, and pointing a commander at it would send them nowhere.
+        """
         global_id = RemediationRequest(correlation_id="x", requested_by="x").workflow_id()
-        running = await self._fetchrow(
-            """SELECT run_id, requested_by, correlation_id FROM remediation.runs
-               WHERE workflow_id = $1 AND ended_at IS NULL ORDER BY started_at DESC LIMIT 1""",
-            global_id,
-        )
-        if running is not None:
-            handled = (
-                f"{global_id} is running (run {running['run_id']}, correlation {running['correlation_id']}, "
-                f"started by {running['requested_by']})"
-            )
-        else:
-            handled = (
-                "no platform-wide remediation is running: start one with `remediate start "
-                "--correlation-id <incident> --trigger worker_failure`"
-            )
+        run_id, handled = await self._global_remediation(global_id)
         headline = f"outside this run's scope: {'; '.join(wider)}; {handled}"
-        data = {
-            "signals": wider,
-            "global_workflow_id": global_id,
-            "global_run_id": running and running["run_id"],
-        }
+        data = {"signals": wider, "global_workflow_id": global_id, "global_run_id": run_id}
         await self._diagnosis(ref, "platform_degradation", "warn", data)
         return CheckResult(check="platform_degradation", status="warn", headline=headline)
+
+    async def _global_remediation(self, global_id: str) -> tuple[str | None, str]:
+        """The running platform-wide remediation's run id (or None) and a sentence a commander acts on."""
+        none_running = (
+            "no platform-wide remediation is running: start one with `remediate start "
+            "--correlation-id <incident> --trigger worker_failure`"
+        )
+        if self._temporal is None:
+            return None, "whether a platform-wide remediation runs is unknown (no Temporal client here)"
+        try:
+            description = await self._temporal.get_workflow_handle(global_id).describe()
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                return None, none_running
+            return None, f"whether {global_id} runs is unknown (Temporal: {err.message[:120]})"
+        if description.status != WorkflowExecutionStatus.RUNNING:
+            return None, none_running
+        started = await self._fetchrow(
+            "SELECT requested_by, correlation_id FROM remediation.runs WHERE run_id = $1", description.run_id
+        )
+        who = (
+            f", correlation {started['correlation_id']}, started by {started['requested_by']}"
+            if started
+            else ""
+        )
+        return description.run_id, f"{global_id} is running (run {description.run_id}{who})"
 
     @activity.defn(name=names.CHECK_DUPLICATES)
     async def check_duplicates(self, request: VerificationRequest) -> Criterion:
