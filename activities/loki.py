@@ -71,6 +71,11 @@ class LokiActivities:
         self._tenant = tenant
         self._lookback = lookback_seconds
 
+    @property
+    def lookback_ns(self) -> int:
+        """How far back searches look, in nanoseconds."""
+        return self._lookback * 1_000_000_000
+
     async def query_range(self, query: str, start_ns: int, end_ns: int) -> tuple[list[Entry], bool]:
         """Entries of ``query`` in [start, end), paging forward past the per-query limit.
 

@@ -94,7 +94,12 @@ class NatsActivities:
             status, problems = "critical", [f"lagging: {pending} pending, {ack_pending} ack-pending"]
         elif pending > self._threshold or redelivered > 0:
             status, problems = "warn", [f"{pending} pending, {redelivered} redelivered"]
-        counts = {"pending": pending, "ack_pending": ack_pending, "redelivered": redelivered}
+        counts = {
+            "pending": pending,
+            "ack_pending": ack_pending,
+            "redelivered": redelivered,
+            "ack_floor": (info.ack_floor.stream_seq if info.ack_floor else 0) or 0,
+        }
         if since is not None:
             counts["seconds_since_active"] = since
         headline = "; ".join(problems) or f"healthy: {pending} pending, last active {since}s ago"

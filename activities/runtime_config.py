@@ -37,6 +37,8 @@ def runtime_options(settings: Settings) -> RuntimeOptions:
         activity_timeout_seconds=settings.activity_timeout_seconds,
         heartbeat_seconds=settings.heartbeat_seconds,
         retry_max_interval_seconds=settings.retry_max_interval_seconds,
+        provider_wait_seconds=settings.payment_provider_wait_seconds,
+        consumer_pending_threshold=settings.consumer_pending_threshold,
     )
 
 

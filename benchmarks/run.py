@@ -26,6 +26,7 @@ import asyncpg
 from temporalio.testing import ActivityEnvironment
 
 from activities.postgres import BillingDatabaseActivities
+from benchmarks.payments import bench_payments
 from benchmarks.report import emit
 from benchmarks.workflows import bench_memory, bench_workflows, full_stack, percentile
 from config import Settings
@@ -312,6 +313,9 @@ async def main(args: argparse.Namespace) -> None:
             await bench_database(keep, args)
         if args.apply_actions:
             await bench_apply(keep, args.apply_actions)
+        if args.payment_findings:
+            async with database("bench_payments", keep) as pool:
+                await bench_payments(pool, root, args.payment_findings, register)
     finally:
         if server is not None:
             server.stop()
@@ -344,6 +348,9 @@ def cli() -> None:
         "--usage-rows", type=int, default=2_000_000, help="0 skips seed/reconcile/naive/scoped"
     )
     parser.add_argument("--apply-actions", type=int, default=100_000, help="0 skips the apply benchmark")
+    parser.add_argument(
+        "--payment-findings", type=int, default=1000, help="checked against the provider; 0 skips"
+    )
     parser.add_argument("--scopes", type=int, default=200)
     parser.add_argument("--naive-sample", type=int, default=500)
     parser.add_argument("--incidents", type=int, default=200, help="0 skips the workflow benchmark")

@@ -92,6 +92,17 @@ class Settings(BaseSettings):
     tempo_tenant: str | None = Field(default=None, alias="TEMPO_TENANT")
     http_timeout_seconds: float = Field(default=10.0, alias="HTTP_TIMEOUT_SECONDS")
 
+    # The payment provider (Stripe's API; the embedded default is localstripe on loopback).
+    payment_provider_url: str | None = Field(default=None, alias="PAYMENT_PROVIDER_URL")
+    payment_provider_api_key: SecretStr = Field(
+        default=SecretStr("sk_test_local_stand_in"), alias="PAYMENT_PROVIDER_API_KEY"
+    )
+    payment_provider_port: int = Field(default=8482, alias="PAYMENT_PROVIDER_PORT")
+    payment_provider_concurrency: int = Field(default=8, ge=1, le=64, alias="PAYMENT_PROVIDER_CONCURRENCY")
+    payment_provider_retries: int = Field(default=3, ge=0, le=10, alias="PAYMENT_PROVIDER_RETRIES")
+    # While the provider does not answer, a run waits this long between asks (it never credits unconfirmed).
+    payment_provider_wait_seconds: int = Field(default=30, ge=1, alias="PAYMENT_PROVIDER_WAIT_SECONDS")
+
     # NATS: where the billing worker consumes.
     billing_stream: str = Field(default="PLATFORM", alias="BILLING_STREAM")
     billing_consumer: str = Field(default="billing-worker", alias="BILLING_CONSUMER")
@@ -171,6 +182,12 @@ class Settings(BaseSettings):
     apply_batch_size: int = Field(default=500, ge=1, le=10_000, alias="APPLY_BATCH_SIZE")
     worker_restart_hook_url: str | None = Field(default=None, alias="WORKER_RESTART_HOOK_URL")
 
+    @field_validator("payment_provider_url", mode="before")
+    @classmethod
+    def _empty_is_embedded(cls, value: object) -> object:
+        # PAYMENT_PROVIDER_URL="" means the embedded provider, as if unset.
+        return None if value == "" else value
+
     @field_validator("codec_namespaces", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:
@@ -218,6 +235,10 @@ class Settings(BaseSettings):
     def resolved_tempo_url(self) -> str:
         """Base URL of Tempo (the stand-in serves Tempo's API by default)."""
         return self.tempo_url or self.resolved_billing_api_url()
+
+    def resolved_payment_provider_url(self) -> str:
+        """Base URL of the payment provider's API (the embedded localstripe by default)."""
+        return self.payment_provider_url or f"http://127.0.0.1:{self.payment_provider_port}"
 
     def resolved_payload_key_file(self) -> Path:
         """Where the payload keys are read from when PAYLOAD_KEY is not set."""

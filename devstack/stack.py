@@ -14,6 +14,7 @@ from collections.abc import Callable
 from config import SEARCH_ATTRIBUTES, Settings
 from config.approver_keys import new_key_pair, read_public_key
 from devstack.component import Component, ComponentStatus, local_bin
+from devstack.payment_provider import PaymentProvider
 from devstack.postgres import Postgres
 from devstack.processes import (
     StackError,
@@ -23,7 +24,16 @@ from devstack.processes import (
 )
 from worker.payload_codec import new_key_text
 
-__all__ = ["Component", "ComponentStatus", "Postgres", "components", "down", "status", "up"]
+__all__ = [
+    "Component",
+    "ComponentStatus",
+    "PaymentProvider",
+    "Postgres",
+    "components",
+    "down",
+    "status",
+    "up",
+]
 
 
 class Nats(Component):
@@ -194,7 +204,13 @@ class RemediationWorker(PythonService):
         return self.pid() is not None
 
 
-SERVERS: tuple[Callable[[Settings], Component], ...] = (Postgres, Nats, Temporal, CodecServer)
+SERVERS: tuple[Callable[[Settings], Component], ...] = (
+    Postgres,
+    Nats,
+    Temporal,
+    PaymentProvider,
+    CodecServer,
+)
 SERVICES: tuple[Callable[[Settings], Component], ...] = (Platform, RemediationWorker)
 
 

@@ -12,6 +12,7 @@ from nats.aio.client import Client as NATS
 
 from local_platform import telemetry
 from local_platform.events import publish
+from local_platform.provider_payments import ProviderOutcome, ProviderSeeder
 from local_platform.seeder import SeedSpec, seed
 
 
@@ -96,8 +97,14 @@ async def run_incident(
     nc: NATS | None,
     *,
     prefix: str = "inc",
+    provider: ProviderSeeder | None = None,
 ) -> IncidentReport:
-    """Set up incident ``name`` and return where to point the remediation."""
+    """Set up incident ``name`` and return where to point the remediation.
+
+    With ``provider`` the payment sessions are real payments at the provider, and the worker-crash and
+    payments-reconcile incidents also include payments the provider refunded or never captured.
+    """
+    at_provider = provider is not None
     trace_id = telemetry.new_trace_id()
     if name == "worker-crash":
         spec = SeedSpec(
@@ -105,9 +112,10 @@ async def run_incident(
             allocations=120,
             prefix=prefix,
             seed=11,
-            inject={"missing_open": 3, "orphan_open": 2, "unbilled_closed": 4, "payment_drift": 2},
+            inject={"missing_open": 3, "orphan_open": 2, "unbilled_closed": 4, "payment_drift": 2}
+            | ({"payment_refunded": 1} if at_provider else {}),
         )
-        report = await seed(conn, spec, nc)
+        report = await seed(conn, spec, nc, provider)
         corr = f"{prefix}-worker-crash"
         await conn.execute("UPDATE billing.worker_control SET mode = 'crashed', updated_at = now()")
         drifted = {a for ids in report.injected.values() for a in ids}
@@ -137,16 +145,19 @@ async def run_incident(
         )
         return IncidentReport(name, "worker_failure", corr, trace_id, {}, report.injected, report.as_dict())
     if name == "payments-reconcile":
-        spec = SeedSpec(orgs=3, allocations=60, prefix=prefix, seed=12, inject={"payment_drift": 4})
-        report = await seed(conn, spec, nc)
+        mix = (
+            {"payment_unpaid": 1, "payment_refunded": 1, "payment_amount_mismatch": 1} if at_provider else {}
+        )
+        spec = SeedSpec(orgs=3, allocations=100, prefix=prefix, seed=12, inject={"payment_drift": 4} | mix)
+        report = await seed(conn, spec, nc, provider)
         corr = f"{prefix}-payments-reconcile"
+        failed = [pay for kind in ("payment_drift", *mix) for pay in report.injected[kind]]
         if nc is not None:
             rows = await conn.fetch(
-                "SELECT id, org_id FROM billing.payment_sessions WHERE id = ANY($1::text[])",
-                report.injected["payment_drift"],
+                "SELECT id, org_id FROM billing.payment_sessions WHERE id = ANY($1::text[])", failed
             )
             orgs = {row["id"]: row["org_id"] for row in rows}
-            for pay in report.injected["payment_drift"]:
+            for pay in failed:
                 await publish(
                     nc, "payments.reconcile_failed", corr, trace_id, payment_session_id=pay, org_id=orgs[pay]
                 )
@@ -196,6 +207,11 @@ async def run_incident(
         await conn.execute(
             "UPDATE billing.payment_sessions SET amount_minor = $2 WHERE id = $1", pay, debits + 25_000
         )
+        if provider is not None:  # the customer paid that amount at the provider
+            ref = await provider.create(ProviderOutcome.CAPTURED, pay, debits + 25_000, "usd")
+            await conn.execute(
+                "UPDATE billing.payment_sessions SET provider_ref = $2 WHERE id = $1", pay, ref
+            )
         corr = f"{prefix}-prepaid-depleted"
         await conn.execute(
             """INSERT INTO billing.financial_restrictions (org_id, state, reason, block_new_launches, updated_by,

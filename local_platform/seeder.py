@@ -13,6 +13,8 @@ from nats.aio.client import Client as NATS
 
 from local_platform.db import usage_cost_minor
 from local_platform.events import publish
+from local_platform.provider_payments import ProviderOutcome, ProviderSeeder
+from local_platform.telemetry import log
 
 CHUNK = 50_000  # allocations (and payments) generated and copied per round
 ALLOCATION_COPY_COLUMNS = [
@@ -33,7 +35,16 @@ LEDGER_COPY_COLUMNS = [
     "id", "org_id", "requested_by_user_id", "kind", "amount_minor", "usage_record_id", "payment_session_id",
     "idempotency_key", "actor", "correlation_id", "created_at",
 ]  # fmt: skip
-DRIFT_KINDS = ("missing_open", "orphan_open", "unbilled_closed", "payment_drift")
+# payment_drift: captured at the provider, the platform lost the credit or its link. The others are
+# payments the platform left failed_reconcile, with what the provider really did.
+PAYMENT_DRIFT_OUTCOMES = {
+    "payment_drift": ProviderOutcome.CAPTURED,
+    "payment_unpaid": ProviderOutcome.UNPAID,
+    "payment_refunded": ProviderOutcome.REFUNDED,
+    "payment_amount_mismatch": ProviderOutcome.AMOUNT_MISMATCH,
+}
+DRIFT_KINDS = ("missing_open", "orphan_open", "unbilled_closed", *PAYMENT_DRIFT_OUTCOMES)
+CLEAN_PROVIDER_PAYMENTS = 10  # clean sessions also given a provider payment (the rest keep a placeholder ref)
 BASE_TIME = datetime(2026, 11, 1, tzinfo=UTC)
 SKUS = (("gpu-h100-x1", 350), ("gpu-a100-x1", 220), ("gpu-l40s-x1", 120), ("compute-vm-small", 9))
 # usage_source, control_plane_component, operating_mode, control_plane_scope, runtime_backend
@@ -104,8 +115,22 @@ def parse_inject(text: str) -> dict[str, int]:
     return counts
 
 
-async def seed(conn: asyncpg.Connection, spec: SeedSpec, nc: NATS | None = None) -> SeedReport:
-    """Build a consistent platform for ``spec`` (COPY-fast), then inject its drift."""
+async def seed(
+    conn: asyncpg.Connection,
+    spec: SeedSpec,
+    nc: NATS | None = None,
+    provider: ProviderSeeder | None = None,
+) -> SeedReport:
+    """Build a consistent platform for ``spec`` (COPY-fast), then inject its drift.
+
+    With ``provider``, the drifted payment sessions (and a few clean ones) reference real payments
+    created at the provider; without it they keep placeholder refs the provider does not know.
+    """
+    outside = [k for k in PAYMENT_DRIFT_OUTCOMES if k != "payment_drift" and spec.inject.get(k)]
+    if outside and provider is None:
+        raise ValueError(
+            f"--inject {', '.join(outside)}: needs the payment provider (PAYMENT_PROVIDER_URL or dev up)"
+        )
     rng = random.Random(spec.seed)
     p = spec.prefix
     if await conn.fetchval("SELECT 1 FROM billing.orgs WHERE id LIKE $1 LIMIT 1", f"{p}-org-%"):
@@ -239,6 +264,8 @@ async def seed(conn: asyncpg.Connection, spec: SeedSpec, nc: NATS | None = None)
                 f" (SELECT coalesce(max(id), 1) FROM billing.{table}))"
             )
         injected = await _inject(conn, spec, rng)
+        if provider is not None:
+            await _provider_payments(conn, spec, provider, injected)
 
     published = 0
     if nc is not None and events is not None:
@@ -314,15 +341,24 @@ async def _inject(conn: asyncpg.Connection, spec: SeedSpec, rng: random.Random) 
             f"--inject orphan_open+unbilled_closed={want['orphan_open'] + want['unbilled_closed']}:"
             f" only {len(released)} released allocations with cost"
         )
-    if want["payment_drift"] > len(payments):
+    want_payments = sum(want[k] for k in PAYMENT_DRIFT_OUTCOMES)
+    if want_payments > len(payments):
         raise ValueError(
-            f"--inject payment_drift={want['payment_drift']}: only {len(payments)} payment sessions"
+            f"--inject {'+'.join(k for k in PAYMENT_DRIFT_OUTCOMES if want[k])}={want_payments}:"
+            f" only {len(payments)} payment sessions"
         )
 
     missing = sorted(rng.sample(open_allocs, want["missing_open"]))
     picked = rng.sample(released, want["orphan_open"] + want["unbilled_closed"])
     orphans, unbilled = sorted(picked[: want["orphan_open"]]), sorted(picked[want["orphan_open"] :])
-    drifted_payments = sorted(rng.sample(payments, want["payment_drift"]))
+    picked_payments = rng.sample(payments, want_payments)
+    by_outcome: dict[str, list[str]] = {}
+    for kind in PAYMENT_DRIFT_OUTCOMES:
+        by_outcome[kind], picked_payments = (
+            sorted(picked_payments[: want[kind]]),
+            picked_payments[want[kind] :],
+        )
+    drifted_payments = by_outcome["payment_drift"]
 
     # Missing open usage: the worker never saw provisioning.active.
     await conn.execute(
@@ -363,5 +399,72 @@ async def _inject(conn: asyncpg.Connection, spec: SeedSpec, rng: random.Random) 
     injected["missing_open"] = missing
     injected["orphan_open"] = orphans
     injected["unbilled_closed"] = unbilled
-    injected["payment_drift"] = drifted_payments
+    # The other outcomes: the platform left the session failed_reconcile, with no credit.
+    failed_only = [pay for kind, ids in by_outcome.items() if kind != "payment_drift" for pay in ids]
+    await conn.execute(
+        """UPDATE billing.payment_sessions SET ledger_entry_id = NULL, status = 'failed_reconcile'
+           WHERE id = ANY($1::text[])""",
+        failed_only,
+    )
+    await conn.execute(
+        "DELETE FROM billing.ledger_entries WHERE kind = 'payment_credit' AND payment_session_id = ANY($1::text[])",
+        failed_only,
+    )
+    # The outcome-specific kinds are reported when asked for; the classic four always are.
+    injected.update({kind: ids for kind, ids in by_outcome.items() if ids or kind == "payment_drift"})
     return injected
+
+
+async def _provider_payments(
+    conn: asyncpg.Connection, spec: SeedSpec, provider: ProviderSeeder, injected: dict[str, list[str]]
+) -> None:
+    """Create the provider's side of the drifted (and a few clean) sessions; point provider_ref at it.
+
+    Where the provider's success event went is written as the webhook worker's log lines: a lost
+    link's event was received (its credit exists), a lost credit's was received but not applied at even
+    positions and never received at odd ones, an amount mismatch's was received; unpaid and refunded
+    sessions have no line.
+    """
+    drifted = {pay: kind for kind in PAYMENT_DRIFT_OUTCOMES for pay in injected.get(kind, [])}
+    clean = await conn.fetch(
+        """SELECT id FROM billing.payment_sessions WHERE id LIKE $1 AND NOT (id = ANY($2::text[]))
+           ORDER BY id LIMIT $3""",
+        f"{spec.prefix}-pay-%",
+        list(drifted),
+        CLEAN_PROVIDER_PAYMENTS,
+    )
+    sessions = await conn.fetch(
+        """SELECT p.id, p.amount_minor, o.currency, p.correlation_id FROM billing.payment_sessions p
+           JOIN billing.orgs o ON o.id = p.org_id WHERE p.id = ANY($1::text[]) ORDER BY p.id""",
+        [*drifted, *(r["id"] for r in clean)],
+    )
+    items = [
+        (PAYMENT_DRIFT_OUTCOMES[drifted.get(s["id"], "payment_drift")], s["id"], s["amount_minor"], s["currency"], i)
+        for i, s in enumerate(sessions)
+    ]  # fmt: skip
+    refs = await provider.create_many(items)
+    await conn.execute(
+        """UPDATE billing.payment_sessions p SET provider_ref = v.ref
+           FROM unnest($1::text[], $2::text[]) AS v(id, ref) WHERE p.id = v.id""",
+        [s["id"] for s in sessions],
+        refs,
+    )
+    lost_credit = set(injected.get("payment_drift", [])[0::2])
+    for i, (session, ref) in enumerate(zip(sessions, refs, strict=True)):
+        kind = drifted.get(session["id"])
+        if kind is None or (kind == "payment_drift" and session["id"] in lost_credit and i % 2):
+            continue  # clean: not this run's concern; odd lost credits: the event never arrived
+        if kind not in ("payment_drift", "payment_amount_mismatch"):
+            continue
+        applied = kind == "payment_drift" and session["id"] not in lost_credit
+        await log(
+            conn,
+            "gpuaas-webhook-worker",
+            "warn" if applied else "error",
+            "payment_intent.succeeded received; "
+            + ("credit posted, session link failed" if applied else "balance credit failed: reconcile later"),
+            correlation_id=session["correlation_id"],
+            event_type="payment_intent.succeeded",
+            payment_intent=ref,
+            payment_session_id=session["id"],
+        )

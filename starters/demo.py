@@ -8,6 +8,7 @@ import time
 import remediation_client as operations
 from config import Settings
 from local_platform.incidents import run_incident
+from local_platform.provider_payments import seeder_for
 from local_platform.serve import platform_connections
 from starters.render import render_evidence_markdown, render_status
 from workflows.models import Phase, RemediationRequest, RemediationResult, Scope, StatusView, Trigger
@@ -69,9 +70,9 @@ async def run_demo(settings: Settings) -> int:
     configure_tracing("billing-remediation-cli", settings.otlp_endpoint)
 
     prefix = f"d{int(time.time()) % 10_000_000}"
-    async with platform_connections(settings) as (conn, nc):
+    async with platform_connections(settings) as (conn, nc), seeder_for(settings) as provider:
         _say("== 1. Incident: the billing worker crashed; queue lag and drift of all four kinds")
-        incident = await run_incident("worker-crash", conn, nc, prefix=prefix)
+        incident = await run_incident("worker-crash", conn, nc, prefix=prefix, provider=provider)
     _say("   injected: " + ", ".join(f"{k}={len(v)}" for k, v in incident.injected.items()))
 
     client = await connect_temporal(settings)

@@ -74,6 +74,17 @@ def render_evidence_markdown(doc: dict[str, Any]) -> str:
             f"`{plan['plan_id']}` hash `{plan['plan_hash']}`: {plan['action_count']} actions,"
             f" debits {plan['debit_total_minor']}, credits {plan['credit_total_minor']} (minor units)",
         ]
+    if doc.get("payments"):
+        out += ["", "## Payments checked with the provider", ""]
+        out += [
+            "| session | provider ref | verdict | action | outcome | why | webhook |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        out += [
+            f"| {p['session_id']} | {p['provider_ref']} | {p['verdict']} | {p['action']} | {p['outcome']}"
+            f" | {p['reason']} | {p['webhook']} |"
+            for p in doc["payments"]
+        ]
     out += ["", "## Approvals", ""]
     out += [
         f"- {a['approver']} {a['decision']} via {a['via']}: "

@@ -197,7 +197,11 @@ def platform_seed(
     seed: int = 7,
     prefix: str = "t",
     inject: Annotated[
-        str, typer.Option(help="missing_open=a,orphan_open=b,unbilled_closed=c,payment_drift=d")
+        str,
+        typer.Option(
+            help="missing_open=a,orphan_open=b,unbilled_closed=c,payment_drift=d (captured at the provider),"
+            " payment_unpaid=e,payment_refunded=f,payment_amount_mismatch=g"
+        ),
     ] = "",
 ) -> None:
     """Build a consistent platform and inject exactly the requested drift; prints what it injected."""
@@ -213,13 +217,14 @@ def platform_seed(
 
 
 async def _seed(settings: Settings, spec: Any) -> dict[str, Any]:
+    from local_platform.provider_payments import seeder_for
     from local_platform.seeder import seed
     from local_platform.serve import platform_connections
     from remediation_client import OperationError
 
-    async with platform_connections(settings) as (conn, nc):
+    async with platform_connections(settings) as (conn, nc), seeder_for(settings) as provider:
         try:
-            report = await seed(conn, spec, nc)
+            report = await seed(conn, spec, nc, provider)
         except ValueError as err:
             raise OperationError(str(err)) from None
     return report.as_dict()
@@ -237,12 +242,13 @@ def platform_incident(name: str, prefix: str = "inc") -> None:
 
 async def _incident(settings: Settings, name: str, prefix: str) -> dict[str, Any]:
     from local_platform.incidents import run_incident
+    from local_platform.provider_payments import seeder_for
     from local_platform.serve import platform_connections
     from remediation_client import OperationError
 
-    async with platform_connections(settings) as (conn, nc):
+    async with platform_connections(settings) as (conn, nc), seeder_for(settings) as provider:
         try:
-            report = await run_incident(name, conn, nc, prefix=prefix)
+            report = await run_incident(name, conn, nc, prefix=prefix, provider=provider)
         except ValueError as err:
             raise OperationError(str(err)) from None
     return report.as_dict()

@@ -35,7 +35,7 @@ from temporalio.worker import Worker
 from config import SEARCH_ATTRIBUTES, Settings
 from config.approver_keys import public_key_b64
 from devstack.processes import free_port
-from devstack.stack import Nats, Postgres
+from devstack.stack import Nats, PaymentProvider, Postgres
 from local_platform.db import migrate
 from local_platform.serve import running_platform
 from worker.main import build_worker, migrate_remediation_schema, resources
@@ -70,6 +70,22 @@ def pg_settings(state_root: Path) -> Iterator[Settings]:
     yield settings
     pg.stop()
     pg.purge()  # as root the cluster lives outside the test's temporary directory
+
+
+@pytest.fixture(scope="session", autouse=True)
+def payment_provider(state_root: Path) -> Iterator[Settings]:
+    """One real provider server (localstripe) for the session; every world's payments live on it.
+
+    Exported as PAYMENT_PROVIDER_URL so every Settings of the session, in-process or in a worker
+    subprocess, talks to it (each seed creates its own payments, so worlds never share one).
+    """
+    settings = Settings(REMEDIATION_STATE_DIR=state_root / "provider", PAYMENT_PROVIDER_PORT=free_port())
+    server = PaymentProvider(settings)
+    server.start()
+    os.environ["PAYMENT_PROVIDER_URL"] = settings.resolved_payment_provider_url()
+    yield settings
+    os.environ.pop("PAYMENT_PROVIDER_URL", None)
+    server.stop()
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")

@@ -15,6 +15,7 @@ from temporalio.exceptions import ApplicationError
 import remediation_client as operations
 from config.approver_keys import sign
 from local_platform.incidents import IncidentReport, run_incident
+from local_platform.provider_payments import seeder_for
 from tests.conftest import APPROVER_KEYS, World
 from workflows import names
 from workflows.models import (
@@ -76,14 +77,19 @@ async def ledger_state(world: World) -> tuple[Any, ...]:
 
 
 async def assert_ledger_is_the_plan(world: World, plan: PlanSummary) -> None:
-    """The ledger ends exactly as approved: every action audited once, no key twice, no drift left."""
+    """The ledger ends exactly as approved: every action audited once, no key twice, no drift left but
+    the payments handed to the payments team (never applied)."""
     rows = await world.db.fetch(
-        "SELECT seq, outcome FROM remediation.applied_actions WHERE plan_id = $1", plan.plan_id
+        """SELECT a.seq, a.outcome, p.kind, p.entity_id FROM remediation.applied_actions a
+           JOIN remediation.plan_actions p USING (plan_id, seq) WHERE a.plan_id = $1""",
+        plan.plan_id,
     )
     assert len(rows) == len({r["seq"] for r in rows})
     # API actions (restriction clear, worker restart) are audited in the same table.
     assert len(rows) == plan.action_count, (len(rows), plan)
-    assert {r["outcome"] for r in rows} == {"applied"}, {r["outcome"] for r in rows}
+    outcomes = {(r["kind"] == "investigate_payment", r["outcome"]) for r in rows}
+    assert outcomes <= {(False, "applied"), (True, "follow_up")}, outcomes
+    investigated = {r["entity_id"] for r in rows if r["kind"] == "investigate_payment"}
     duplicates = await world.db.fetchval(
         "SELECT count(*) - count(DISTINCT idempotency_key) FROM billing.ledger_entries"
     )
@@ -92,7 +98,7 @@ async def assert_ledger_is_the_plan(world: World, plan: PlanSummary) -> None:
         "SELECT coalesce(sum(amount_minor), 0) FROM billing.ledger_entries WHERE actor LIKE 'remediation:%'"
     )
     assert posted == plan.debit_total_minor + plan.credit_total_minor
-    assert await drift(world) == {k: set() for k in DRIFT_SQL}
+    assert await drift(world) == {k: set() for k in DRIFT_SQL} | {"payment_drift": investigated}
 
 
 async def wait_phase(handle: WorkflowHandle[Any, Any], phases: set[Phase], timeout: float = 90) -> StatusView:
@@ -114,8 +120,8 @@ async def start(world: World, request: RemediationRequest) -> WorkflowHandle[Any
 
 
 async def incident_in(world: World, name: str, prefix: str) -> IncidentReport:
-    async with world.db.acquire() as conn:
-        return await run_incident(name, conn, world.nc, prefix=prefix)
+    async with world.db.acquire() as conn, seeder_for(world.settings) as provider:
+        return await run_incident(name, conn, world.nc, prefix=prefix, provider=provider)
 
 
 def request_for(incident: IncidentReport, **overrides: Any) -> RemediationRequest:

@@ -25,6 +25,8 @@ def test_benchmarks_print_one_json_line_per_measurement() -> None:
             "5",
             "--memory-sizes",
             "30,300",
+            "--payment-findings",
+            "20",
         ],
         capture_output=True,
         text=True,
@@ -34,7 +36,14 @@ def test_benchmarks_print_one_json_line_per_measurement() -> None:
     assert out.returncode == 0, out.stderr[-4000:]
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     lines = {row["benchmark"]: row for row in rows}
-    assert set(lines) == {"machine", "seed", "reconcile", "naive", "scoped", "apply", "workflows", "memory"}
+    assert set(lines) == {
+        "machine", "seed", "reconcile", "naive", "scoped", "apply", "payment_checks", "workflows", "memory"
+    }  # fmt: skip
+    # Every payment finding got the provider's verdict, in the seeded mix (60/20/10/10 %).
+    payments = lines["payment_checks"]
+    assert payments["findings"] == 20
+    assert payments["verdicts"] == {"captured": 12, "not_captured": 4, "investigate": 4}
+    assert payments["speedup"] > 0
     assert lines["reconcile"]["findings"] == sum(lines["seed"]["injected"].values())
     assert lines["reconcile"]["ratio_to_floor"] > 0
     assert lines["apply"]["applied"] == lines["apply"]["actions"] == 300

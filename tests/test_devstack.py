@@ -18,6 +18,9 @@ from devstack.processes import free_port, pid_alive
 from devstack.stack import Postgres
 
 
+SERVERS = ("postgres", "nats", "temporal", "payment-provider", "codec")
+
+
 def test_up_twice_harmless_down_leaves_nothing(tmp_path: Path) -> None:
     settings = Settings(
         REMEDIATION_STATE_DIR=tmp_path,
@@ -26,6 +29,8 @@ def test_up_twice_harmless_down_leaves_nothing(tmp_path: Path) -> None:
         TEMPORAL_PORT=free_port(),
         TEMPORAL_UI_PORT=free_port(),
         CODEC_PORT=free_port(),
+        PAYMENT_PROVIDER_PORT=free_port(),
+        PAYMENT_PROVIDER_URL="",  # the session's provider is exported; this stack embeds its own
     )
     try:
         first = up(settings)
@@ -36,19 +41,15 @@ def test_up_twice_harmless_down_leaves_nothing(tmp_path: Path) -> None:
         assert first[1].startswith("payload key: made")
         assert ((tmp_path / "payload.key").stat().st_mode & 0o777) == 0o600
         assert all("started" in line for line in first[2:])
-        assert all(
-            row.healthy for row in status(settings) if row.name in ("postgres", "nats", "temporal", "codec")
-        )
+        assert all(row.healthy for row in status(settings) if row.name in SERVERS)
         second = up(settings)
         assert all("already running" in line for line in second)
         pids = [int(p.read_text()) for p in (tmp_path / "pids").glob("*.pid")]
-        assert len(pids) == 4  # postgres, nats, temporal and the codec server for the UI
+        assert len(pids) == 5  # postgres, nats, temporal, the payment provider and the UI's codec server
     finally:
         down(settings, purge=True)
     assert not any(pid_alive(pid) for pid in pids)
-    assert not any(
-        row.healthy for row in status(settings) if row.name in ("postgres", "nats", "temporal", "codec")
-    )
+    assert not any(row.healthy for row in status(settings) if row.name in SERVERS)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the root path: Postgres runs as an unprivileged user")

@@ -36,7 +36,27 @@ ACTION_FIXES = {
     "post_usage_debit": "unbilled_closed",
     "credit_payment": "payment_drift",
     "link_payment_credit": "payment_drift",
+    "mark_payment_failed": "payment_unpaid",
+    "investigate_payment": "payment_investigate",
 }
+# The provider's outcomes a human investigates (never applied).
+INVESTIGATED = ("payment_refunded", "payment_amount_mismatch")
+
+
+def as_found(injected: dict[str, set[str]]) -> dict[str, set[str]]:
+    """What independent SQL sees: every failed payment, whatever the provider says, is payment drift."""
+    out: dict[str, set[str]] = {}
+    for kind, ids in injected.items():
+        out.setdefault("payment_drift" if kind.startswith("payment_") else kind, set()).update(ids)
+    return out
+
+
+def as_planned(injected: dict[str, set[str]]) -> dict[str, set[str]]:
+    """What the plan answers: refunded and other-amount payments are both investigated."""
+    out: dict[str, set[str]] = {}
+    for kind, ids in injected.items():
+        out.setdefault("payment_investigate" if kind in INVESTIGATED else kind, set()).update(ids)
+    return out
 # Actions that repair a process or a posture rather than one drifted row.
 NON_ROW_ACTIONS = {"restart_billing_worker", "clear_financial_restriction"}
 
@@ -81,24 +101,24 @@ async def test_every_incident_reject_then_approve_then_rerun(world: World, name:
     incident = await incident_in(world, name, name[:2])
     injected = {k: set(v) for k, v in incident.injected.items() if v}
     # Independent SQL sees exactly what the incident says it injected.
-    assert {k: v for k, v in (await drift(world)).items() if v} == injected
+    assert {k: v for k, v in (await drift(world)).items() if v} == as_found(injected)
     request = request_for(incident)
     ledger_before = await ledger_state(world)
 
     # Rejected: nothing changes, the freeze is lifted.
     handle, view = await awaiting(world, request)
-    assert await planned_drift(world, view.plan.plan_id) == injected  # type: ignore[union-attr]
+    assert await planned_drift(world, view.plan.plan_id) == as_planned(injected)  # type: ignore[union-attr]
     assert await ledger_state(world) == ledger_before
     await approve(handle, decision(view, "carol", "reject"))
     assert (await handle.result()).outcome is Phase.REJECTED
     assert await ledger_state(world) == ledger_before
-    assert {k: v for k, v in (await drift(world)).items() if v} == injected
+    assert {k: v for k, v in (await drift(world)).items() if v} == as_found(injected)
     assert await open_freezes(world) == 0
 
     # Started again and approved by the quorum: exactly the drift is repaired.
     handle, view = await awaiting(world, request)
     plan = view.plan
-    assert plan is not None and await planned_drift(world, plan.plan_id) == injected
+    assert plan is not None and await planned_drift(world, plan.plan_id) == as_planned(injected)
     assert await ledger_state(world) == ledger_before
     await approve_quorum(handle, view)
     result = await handle.result()
@@ -107,11 +127,13 @@ async def test_every_incident_reject_then_approve_then_rerun(world: World, name:
     await assert_ledger_is_the_plan(world, plan)
     assert await open_freezes(world) == 0
 
-    # Re-running on the repaired platform finds nothing and changes nothing.
+    # Re-running on the repaired platform finds nothing to change (investigations stay follow-ups).
     ledger_after = await ledger_state(world)
     again = await start(world, request)
     second = await again.result()
     assert second.outcome is Phase.COMPLETED, second
-    assert second.plan is not None and second.plan.action_count == 0
+    assert second.plan is not None and second.plan.empty
+    investigated = {pay for kind in INVESTIGATED for pay in injected.get(kind, set())}
+    assert second.plan.counts_by_kind.get("investigate_payment", 0) == len(investigated)
     assert await ledger_state(world) == ledger_after
     assert await open_freezes(world) == 0

@@ -19,6 +19,8 @@ from temporalio.worker import Worker
 from activities.billing_api import BillingApiActivities
 from activities.loki import LokiActivities
 from activities.nats_jetstream import NatsActivities
+from activities.payment_checks import PaymentCheckActivities
+from activities.payment_provider import StripePaymentProvider
 from activities.postgres import BillingDatabaseActivities
 from activities.postgres.records import RecordsActivities
 from activities.runtime_config import ConfigActivities
@@ -44,6 +46,7 @@ class Resources:
     http_loki: httpx.AsyncClient
     http_tempo: httpx.AsyncClient
     nats: NatsActivities
+    provider: StripePaymentProvider
 
 
 async def migrate_remediation_schema(pool: asyncpg.Pool) -> list[str]:
@@ -74,22 +77,35 @@ async def resources(settings: Settings) -> AsyncIterator[Resources]:
         settings.billing_consumer,
         settings.consumer_pending_threshold,
     )
+    provider = payment_provider(settings)
     try:
-        yield Resources(pool, http_api, http_loki, http_tempo, nats_acts)
+        yield Resources(pool, http_api, http_loki, http_tempo, nats_acts, provider)
     finally:
         await nats_acts.close()
+        await provider.aclose()
         for client in (http_api, http_loki, http_tempo):
             await client.aclose()
         await pool.close()
+
+
+def payment_provider(settings: Settings) -> StripePaymentProvider:
+    """The payment provider client from settings (the key stays in the client, never in history)."""
+    return StripePaymentProvider(
+        settings.resolved_payment_provider_url(),
+        settings.payment_provider_api_key.get_secret_value(),
+        retries=settings.payment_provider_retries,
+        timeout=settings.http_timeout_seconds,
+    )
 
 
 def activity_list(
     settings: Settings, res: Resources, temporal: Client | None = None
 ) -> Sequence[Callable[..., Any]]:
     """Every activity, bound to its system's client."""
-    db = BillingDatabaseActivities(res.pool, temporal)
+    db = BillingDatabaseActivities(res.pool, temporal, res.provider)
     records = RecordsActivities(res.pool)
     loki = LokiActivities(res.http_loki, settings.loki_tenant)
+    payments = PaymentCheckActivities(res.pool, res.provider, loki, settings.payment_provider_concurrency)
     tempo = TempoActivities(res.http_tempo, settings.tempo_tenant)
     api = BillingApiActivities(res.http_api, settings.worker_restart_hook_url)
     cfg = ConfigActivities(settings)
@@ -110,6 +126,7 @@ def activity_list(
         db.build_plan,
         db.apply_plan,
         db.check_duplicates,
+        payments.check_payment_findings,
         res.nats.check_consumer,
         res.nats.read_event_sequence,
         res.nats.publish_escalation,

@@ -17,7 +17,8 @@ STEPS_MARKDOWN = """**Runbook: billing worker failure and reconciliation drift**
 1. Diagnose: blast radius; Postgres, NATS consumer and outbox health; Loki logs and Tempo trace for the
    correlation id; event sequence; data consistency.
 2. Freeze risky manual adjustments when the blast radius is widespread (always lifted at the end).
-3. Reconcile: missing open usage, orphan open usage, unbilled closed usage, payment drift; build a plan.
+3. Reconcile: missing open usage, orphan open usage, unbilled closed usage, payment drift; ask the payment
+   provider about every payment finding (wait while it does not answer); build a plan.
 4. Wait for approval of the plan's content hash (quorum for widespread or large plans).
 5. Remediate exactly the approved actions (idempotent, audited).
 6. Verify the recovery criteria; on failure wait for a decision.
@@ -38,6 +39,8 @@ def details_markdown(
     approvals_needed: int,
     stalled: str | None,
     verification: VerificationResult | None,
+    payments: dict[str, int] | None = None,
+    waiting: str | None = None,
 ) -> str:
     """Markdown shown live in the Temporal UI: phase, scope, alerts, diagnosis, drift, plan, verdict."""
     lines = [f"### Phase: `{phase.value}`", ""]
@@ -63,6 +66,13 @@ def details_markdown(
     if drift:
         lines.append("")
         lines.append("**Drift** " + " · ".join(f"{k}: {v}" for k, v in sorted(drift.items())))
+    if payments:
+        lines.append(
+            "**Payment provider verdicts** " + " · ".join(f"{k}: {v}" for k, v in sorted(payments.items()))
+        )
+    if waiting is not None:
+        lines.append("")
+        lines.append(f"**Waiting on the payment provider:** {waiting}")
     plan = approval.plan
     if plan is not None:
         lines.append("")

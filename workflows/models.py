@@ -43,6 +43,7 @@ class Phase(StrEnum):
     DIAGNOSING = "diagnosing"
     FREEZING = "freezing"
     RECONCILING = "reconciling"
+    WAITING_ON_PROVIDER = "waiting_on_provider"
     AWAITING_APPROVAL = "awaiting_approval"
     REMEDIATING = "remediating"
     VERIFYING = "verifying"
@@ -83,12 +84,64 @@ class ActionKind(StrEnum):
     POST_USAGE_DEBIT = "post_usage_debit"
     CREDIT_PAYMENT = "credit_payment"
     LINK_PAYMENT_CREDIT = "link_payment_credit"
+    # The provider says the payment was never captured: the session is marked failed, no credit.
+    MARK_PAYMENT_FAILED = "mark_payment_failed"
+    # The provider disagrees (amount, currency, refund, dispute, unknown id): no money moves, ever;
+    # listed in the plan and the evidence's follow-ups for the payments team.
+    INVESTIGATE_PAYMENT = "investigate_payment"
     # Carried out through the admin billing API by the workflow, not in Postgres.
     CLEAR_FINANCIAL_RESTRICTION = "clear_financial_restriction"
     RESTART_BILLING_WORKER = "restart_billing_worker"
 
 
 API_ACTION_KINDS = (ActionKind.CLEAR_FINANCIAL_RESTRICTION, ActionKind.RESTART_BILLING_WORKER)
+# Checked against the payment provider again at apply time, in case it changed its answer since approval.
+PROVIDER_CHECKED_KINDS = (ActionKind.CREDIT_PAYMENT, ActionKind.MARK_PAYMENT_FAILED)
+
+
+class PaymentVerdict(StrEnum):
+    """What the payment provider's answer means for one payment session."""
+
+    CAPTURED = "captured"  # captured, same amount and currency, no refund or dispute: credit
+    NOT_CAPTURED = "not_captured"  # never captured: mark the session failed, no credit
+    INVESTIGATE = "investigate"  # amount/currency differs, refunded, disputed, unknown id: no money moves
+    UNREACHABLE = "unreachable"  # no answer: no plan for the session until it answers
+
+
+class ProviderPayment(Frozen):
+    """The provider's own figures for one payment (integer minor units, lower-case ISO currency)."""
+
+    ref: str
+    found: bool
+    status: str | None = None
+    amount_minor: int | None = None
+    captured_minor: int = 0
+    currency: str | None = None
+    refunded_minor: int = 0
+    disputed: bool = False
+
+
+class PaymentCheck(Frozen):
+    """The verdict on one payment finding, kept in the finding's detail and the plan's hash."""
+
+    verdict: PaymentVerdict
+    reason: str
+    payment: ProviderPayment | None = None
+    # Whether the provider's success event reached the platform's webhook worker (its Loki lines).
+    webhook: str = "unknown"
+
+
+class PaymentCheckSummary(Frozen):
+    """Verdicts written for one reconciliation pass's payment findings."""
+
+    checked: int = 0
+    verdicts: dict[str, int] = Field(default_factory=dict)
+    unreachable_reason: str | None = None
+
+    @property
+    def unreachable(self) -> int:
+        """Sessions the provider did not answer for."""
+        return self.verdicts.get(PaymentVerdict.UNREACHABLE.value, 0)
 
 
 def sql_list(kinds: tuple[ActionKind, ...]) -> str:
@@ -201,6 +254,8 @@ class RuntimeOptions(Frozen):
     activity_timeout_seconds: int = 60
     heartbeat_seconds: int = 30
     retry_max_interval_seconds: int = 30
+    provider_wait_seconds: int = 30
+    consumer_pending_threshold: int = 100
 
 
 # --- activity inputs and results ---------------------------------------------------------------------
@@ -279,6 +334,8 @@ class ReconcileSummary(Frozen):
     pass_no: int
     counts: dict[str, int]
     total: int
+    # Findings this run already handed to a human (investigate_payment): expected to remain.
+    follow_ups: int = 0
 
 
 class PlanRequest(Frozen):
@@ -312,8 +369,8 @@ class PlanSummary(Frozen):
 
     @property
     def empty(self) -> bool:
-        """True when there is nothing to change."""
-        return self.action_count == 0
+        """True when there is nothing to change (follow-ups for a human change nothing: no approval)."""
+        return self.action_count == self.counts_by_kind.get(ActionKind.INVESTIGATE_PAYMENT.value, 0)
 
     @property
     def money_moved_minor(self) -> int:
@@ -339,6 +396,10 @@ class ApplySummary(Frozen):
     skipped_stale: int
     already_applied: int
     last_seq: int
+    # Provider-checked actions whose provider answer changed since approval (nothing done, audited).
+    skipped_provider: int = 0
+    # investigate_payment actions: handed to the payments team, never applied.
+    follow_ups: int = 0
 
 
 class ApiActionRequest(Frozen):
@@ -394,6 +455,8 @@ class ConsumerSample(Frozen):
 
     pending: int
     ack_pending: int
+    # Stream sequence below which every message is acknowledged: it advances only when work completes.
+    ack_floor: int = 0
     redelivered: int
     seconds_since_active: int | None
     status: CheckStatus

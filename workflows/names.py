@@ -27,6 +27,9 @@ BUILD_PLAN = "billing_db.build_plan"
 APPLY_PLAN = "billing_db.apply_plan"
 CHECK_DUPLICATES = "billing_db.check_duplicates"
 
+# Payment provider (with the findings in Postgres and the webhook worker's lines in Loki)
+CHECK_PAYMENTS = "payments.check_payment_findings"
+
 # NATS JetStream
 CHECK_CONSUMER = "nats.check_consumer"
 READ_EVENT_SEQUENCE = "nats.read_event_sequence"

@@ -55,7 +55,7 @@ with workflow.unsafe.imports_passed_through():
         VerificationRequest,
         VerificationResult,
     )
-    from workflows.remediation_approvals import ApprovalSteps
+    from workflows.remediation_payments import PaymentSteps
     from workflows.search_attributes import SA_BLAST
 
 R = TypeVar("R", bound=BaseModel)
@@ -67,7 +67,7 @@ MAX_ALERTS = 50  # distinct alerts recorded per run; history stays bounded under
 
 
 @workflow.defn(name=names.WORKFLOW)
-class BillingRemediationWorkflow(ApprovalSteps):
+class BillingRemediationWorkflow(PaymentSteps):
     """One remediation of one scope, from diagnosis to evidence (state and helpers: ``RemediationBase``)."""
 
     # ---------------------------------------------------------------- run
@@ -164,6 +164,7 @@ class BillingRemediationWorkflow(ApprovalSteps):
                     None,
                     "Capture before-remediation query evidence",
                 )
+            await self._confirm_payments(pass_no, summary.counts)
             plan = await self._act(
                 names.BUILD_PLAN,
                 PlanRequest(
@@ -338,7 +339,7 @@ class BillingRemediationWorkflow(ApprovalSteps):
         if options.verify_window_seconds:
             await workflow.sleep(options.verify_window_seconds, summary="verification window")
         second = await self._consumer_sample("Sample billing worker consumer lag (2/2)")
-        criteria = [worker_criterion(first, second)]
+        criteria = [worker_criterion(first, second, options.consumer_pending_threshold)]
         drift = await self._act(
             names.RECONCILE,
             ReconcileRequest(ref=ref, pass_no=100 + pass_no),
@@ -348,11 +349,17 @@ class BillingRemediationWorkflow(ApprovalSteps):
             heartbeat=True,
         )
         self._drift = dict(drift.counts)
+        unexplained = drift.total - drift.follow_ups
         criteria.append(
             Criterion(
                 name="no_unresolved_drift",
-                passed=drift.total == 0,
-                detail=", ".join(f"{k}={v}" for k, v in drift.counts.items()),
+                passed=unexplained == 0,
+                detail=", ".join(f"{k}={v}" for k, v in drift.counts.items())
+                + (
+                    f"; {drift.follow_ups} payment sessions handed to the payments team (follow-ups)"
+                    if drift.follow_ups
+                    else ""
+                ),
             )
         )
         criteria.append(

@@ -54,6 +54,8 @@ class RemediationBase:
         self._verdict: VerdictDecision | None = None
         self._frozen_id: str | None = None
         self._stalled: str | None = None
+        self._payments: dict[str, int] = {}
+        self._waiting: str | None = None
         self._ref: RunRef | None = None
         self._events = 0
         self._alerts: dict[str, AlertNotice] = {}
@@ -149,6 +151,8 @@ class RemediationBase:
                 approvals_needed=self._approvals_needed(),
                 stalled=self._stalled,
                 verification=self._verification,
+                payments=self._payments,
+                waiting=self._waiting,
             )
         )
 
@@ -159,9 +163,12 @@ class RemediationBase:
             )
         except ActivityError:
             return None
+        if "pending" not in result.counts:  # the consumer does not exist: nothing measured
+            return None
         return ConsumerSample(
             pending=result.counts.get("pending", 0),
             ack_pending=result.counts.get("ack_pending", 0),
+            ack_floor=result.counts.get("ack_floor", 0),
             redelivered=result.counts.get("redelivered", 0),
             seconds_since_active=result.counts.get("seconds_since_active"),
             status=result.status,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncpg
 from temporalio.client import Client
 
+from activities.payment_provider import PaymentProvider
 from activities.postgres.apply import ApplyActivities
 from activities.postgres.diagnosis import DiagnosisActivities
 from activities.postgres.plan import PlanActivities
@@ -21,9 +22,12 @@ from activities.postgres.reconcile import ReconcileActivities
 class BillingDatabaseActivities(DiagnosisActivities, ReconcileActivities, PlanActivities, ApplyActivities):
     """Set-based checks and corrective writes on the billing tables (all groups on one pool)."""
 
-    def __init__(self, pool: asyncpg.Pool, temporal: Client | None = None) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, temporal: Client | None = None, provider: PaymentProvider | None = None
+    ) -> None:
         super().__init__(pool)
         self._temporal = temporal
+        self._provider = provider
 
 
 __all__ = ["BillingDatabaseActivities"]

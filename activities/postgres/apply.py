@@ -9,22 +9,33 @@ from typing import Any
 import asyncpg
 from temporalio import activity
 
-from activities.errors import bad_input, not_found
+from activities.errors import bad_input, dependency_down, not_found
 from activities.heartbeat import heartbeating
+from activities.payment_provider import PaymentProvider, ProviderUnreachable, judge
 from activities.postgres.base import CUSTOM_PLANS, PostgresActivities
 from activities.postgres.drift_sql import CLOSE_AT, CLOSE_COST, OPEN_STATUSES
 from workflows import names
 from workflows.models import (
     API_ACTION_KINDS,
+    PROVIDER_CHECKED_KINDS,
     ActionKind,
     ApplyRequest,
     ApplySummary,
+    PaymentVerdict,
     sql_list,
 )
+
+# What the provider must still say at apply time for each provider-checked kind to go ahead.
+EXPECTED_VERDICT = {
+    ActionKind.CREDIT_PAYMENT: PaymentVerdict.CAPTURED,
+    ActionKind.MARK_PAYMENT_FAILED: PaymentVerdict.NOT_CAPTURED,
+}
 
 
 class ApplyActivities(PostgresActivities):
     """Apply."""
+
+    _provider: PaymentProvider | None = None
 
     @activity.defn(name=names.APPLY_PLAN)
     async def apply_plan(self, request: ApplyRequest) -> ApplySummary:
@@ -64,12 +75,15 @@ class ApplyActivities(PostgresActivities):
             skipped_stale=counts.get("skipped_stale", 0),
             already_applied=counts.get("already_applied", 0),
             last_seq=last_seq,
+            skipped_provider=counts.get("skipped_provider", 0),
+            follow_ups=counts.get("follow_up", 0),
         )
         await self._timeline(
             request.ref.run_id,
             f"apply:{request.plan_id}",
             "remediating",
-            f"applied {summary.applied} actions, {summary.skipped_stale} stale skipped",
+            f"applied {summary.applied} actions, {summary.skipped_stale} stale skipped, "
+            f"{summary.skipped_provider} refused by the provider's answer, {summary.follow_ups} follow-ups",
             {"approvers": ",".join(request.approvers)},
         )
         return summary
@@ -77,16 +91,14 @@ class ApplyActivities(PostgresActivities):
     async def _apply_batches(self, request: ApplyRequest, last_seq: int, progress: list[int]) -> int:
         """Apply the plan after ``last_seq`` in committed batches; returns the last applied seq."""
         while True:
+            batch = f"""SELECT * FROM remediation.plan_actions WHERE plan_id = $1 AND seq > $2
+                        AND kind NOT IN {sql_list(API_ACTION_KINDS)} ORDER BY seq LIMIT $3"""
+            # The provider is asked before the transaction opens: no row lock waits on its answer.
+            peek = await self._fetch(batch, request.plan_id, last_seq, request.batch_size)
+            refused = await self._provider_refusals(request, peek)
             async with self._transaction() as conn:
                 await conn.execute(CUSTOM_PLANS)
-                actions = await conn.fetch(
-                    f"""SELECT * FROM remediation.plan_actions WHERE plan_id = $1 AND seq > $2
-                       AND kind NOT IN {sql_list(API_ACTION_KINDS)}
-                       ORDER BY seq LIMIT $3""",
-                    request.plan_id,
-                    last_seq,
-                    request.batch_size,
-                )
+                actions = await conn.fetch(batch, request.plan_id, last_seq, request.batch_size)
                 if not actions:
                     return last_seq
                 # Usage debits (the bulk of a worker outage's drift) go in one statement per batch.
@@ -94,10 +106,55 @@ class ApplyActivities(PostgresActivities):
                 if debits:
                     await self._apply_debits(conn, request, debits)
                 for action in actions:
-                    if action["kind"] != ActionKind.POST_USAGE_DEBIT:
+                    if action["kind"] == ActionKind.POST_USAGE_DEBIT:
+                        continue
+                    if action["kind"] == ActionKind.INVESTIGATE_PAYMENT:
+                        await self._audit(conn, request, action, "follow_up", action["params"], _FOLLOW_UP)
+                    elif action["seq"] in refused:
+                        before, after = refused[action["seq"]]
+                        await self._audit(conn, request, action, "skipped_provider", before, after)
+                    else:
                         await self._apply_one(conn, request, action)
                 last_seq = actions[-1]["seq"]
             progress[0] = last_seq
+
+    async def _provider_refusals(
+        self, request: ApplyRequest, actions: list[asyncpg.Record]
+    ) -> dict[int, tuple[Any, Any]]:
+        """Ask the provider again for each credit (and failed-marking) of the batch: a refund, a
+        dispute or a late capture since approval turns the action into an audited skip."""
+        checked = [a for a in actions if a["kind"] in PROVIDER_CHECKED_KINDS]
+        if not checked:
+            return {}
+        if self._provider is None:
+            raise bad_input("no payment provider configured: credits cannot be confirmed")
+        sessions = {
+            r["id"]: r
+            for r in await self._fetch(
+                """SELECT p.id, p.provider_ref, p.amount_minor, o.currency, to_jsonb(p) AS doc
+                   FROM billing.payment_sessions p JOIN billing.orgs o ON o.id = p.org_id
+                   WHERE p.id = ANY($1::text[])""",
+                [a["entity_id"] for a in checked],
+            )
+        }
+        refused: dict[int, tuple[Any, Any]] = {}
+        for action in checked:
+            session = sessions.get(action["entity_id"])
+            if session is None:
+                continue  # gone: the handler's own re-check records it as stale
+            try:
+                payment = await self._provider.payment(session["provider_ref"])
+            except ProviderUnreachable as exc:
+                # Retried by the activity's policy; never applied on the plan's word alone.
+                raise dependency_down(
+                    f"payment provider unreachable at apply ({exc}); nothing credited"
+                ) from None
+            verdict, reason = judge(session["amount_minor"], session["currency"], payment)
+            if verdict is not EXPECTED_VERDICT[ActionKind(action["kind"])]:
+                after = {"skipped": f"provider answer changed since approval: {reason}", "verdict": verdict.value,
+                         "provider": payment.model_dump()}  # fmt: skip
+                refused[action["seq"]] = (session["doc"], json.dumps(after))
+        return refused
 
     @staticmethod
     async def _apply_debits(conn: asyncpg.Connection, request: ApplyRequest, seqs: list[int]) -> None:
@@ -145,27 +202,46 @@ class ApplyActivities(PostgresActivities):
             raise bad_input(
                 f"plan {request.plan_id!r} action {action['seq']}: unknown kind {action['kind']!r}"
             ) from None
-        kind, key = action["kind"], action["idempotency_key"]
-        corr = request.ref.correlation_id
         before, after = await handler(
-            conn, action["entity_id"], action["amount_minor"], key, f"remediation:{request.actor}", corr
+            conn,
+            action["entity_id"],
+            action["amount_minor"],
+            action["idempotency_key"],
+            f"remediation:{request.actor}",
+            request.ref.correlation_id,
         )
+        outcome = "applied" if after is not None else "skipped_stale"
+        await self._audit(conn, request, action, outcome, before, after)
+
+    @staticmethod
+    async def _audit(
+        conn: asyncpg.Connection,
+        request: ApplyRequest,
+        action: asyncpg.Record,
+        outcome: str,
+        before: Any,
+        after: Any,
+    ) -> None:
+        """The action's audit row, in the transaction of its effect (or of its refusal)."""
         await conn.execute(
             """INSERT INTO remediation.applied_actions (plan_id, seq, idempotency_key, kind, outcome, actor, approvers,
                    workflow_id, correlation_id, before, after)
                VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) ON CONFLICT (plan_id, seq) DO NOTHING""",
             request.plan_id,
             action["seq"],
-            key,
-            kind,
-            "applied" if after is not None else "skipped_stale",
+            action["idempotency_key"],
+            action["kind"],
+            outcome,
             request.actor,
             request.approvers,
             request.ref.workflow_id,
-            corr,
+            request.ref.correlation_id,
             before if isinstance(before, str) else json.dumps(before),
             after if isinstance(after, str) else json.dumps(after),
         )
+
+
+_FOLLOW_UP = json.dumps({"follow_up": "handed to the payments team; never applied by a remediation"})
 
 
 # The audited (before, after) of one action; after is None when the re-check found nothing to do.
@@ -295,6 +371,22 @@ async def _link_payment_credit(
     return before, after
 
 
+async def _mark_payment_failed(
+    conn: asyncpg.Connection, entity: str, amount: int, key: str, actor: str, corr: str
+) -> Effect:
+    """Mark a session the provider never captured as failed (still uncredited, still unlinked)."""
+    before = await conn.fetchval("SELECT to_jsonb(p) FROM billing.payment_sessions p WHERE id = $1", entity)
+    after = await conn.fetchval(
+        """UPDATE billing.payment_sessions p SET status = 'failed'
+           WHERE p.id = $1 AND p.ledger_entry_id IS NULL AND p.status IN ('failed_reconcile', 'completed')
+             AND NOT EXISTS (SELECT 1 FROM billing.ledger_entries l
+                             WHERE l.payment_session_id = p.id AND l.kind = 'payment_credit')
+           RETURNING to_jsonb(p.*)""",
+        entity,
+    )
+    return before, after
+
+
 # One handler per action kind applied in Postgres; the admin-API kinds are carried out by the workflow.
 HANDLERS: dict[ActionKind, Handler] = {
     ActionKind.OPEN_USAGE_RECORD: _open_usage_record,
@@ -302,4 +394,5 @@ HANDLERS: dict[ActionKind, Handler] = {
     ActionKind.POST_USAGE_DEBIT: _post_usage_debit,
     ActionKind.CREDIT_PAYMENT: _credit_payment,
     ActionKind.LINK_PAYMENT_CREDIT: _link_payment_credit,
+    ActionKind.MARK_PAYMENT_FAILED: _mark_payment_failed,
 }

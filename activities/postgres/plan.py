@@ -20,6 +20,19 @@ from workflows.models import (
     sql_list,
 )
 
+# The provider's verdict decides a payment finding's action: only a captured payment of the same amount
+# and currency is credited (or linked); never captured is marked failed (unless a credit exists: then
+# money already moved for nothing, which a human must look at); anything else, or no verdict, is
+# investigated and never applied.
+PAYMENT_ACTION = f"""CASE
+    WHEN f.kind <> 'payment_drift' THEN NULL
+    WHEN f.detail->'provider'->>'verdict' = 'captured' AND f.detail->>'existing_credit_id' IS NULL
+      THEN '{ActionKind.CREDIT_PAYMENT.value}'
+    WHEN f.detail->'provider'->>'verdict' = 'captured' THEN '{ActionKind.LINK_PAYMENT_CREDIT.value}'
+    WHEN f.detail->'provider'->>'verdict' = 'not_captured' AND f.detail->>'existing_credit_id' IS NULL
+      THEN '{ActionKind.MARK_PAYMENT_FAILED.value}'
+    ELSE '{ActionKind.INVESTIGATE_PAYMENT.value}' END"""
+
 
 class PlanActivities(PostgresActivities):
     """Plans."""
@@ -50,17 +63,17 @@ class PlanActivities(PostgresActivities):
                        SELECT $1, row_number() OVER (ORDER BY f.kind, f.entity_id), a.kind, f.entity_type, f.entity_id,
                               f.org_id, f.user_id, a.amount, a.key, f.detail
                        FROM remediation.findings f
+                       CROSS JOIN LATERAL (SELECT {PAYMENT_ACTION} AS pay) pk
                        CROSS JOIN LATERAL (SELECT
                          CASE f.kind
                            WHEN 'missing_open_usage' THEN '{ActionKind.OPEN_USAGE_RECORD.value}'
                            WHEN 'orphan_open_usage' THEN '{ActionKind.CLOSE_ORPHAN_USAGE.value}'
                            WHEN 'unbilled_closed_usage' THEN '{ActionKind.POST_USAGE_DEBIT.value}'
-                           WHEN 'payment_drift' THEN CASE WHEN f.detail->>'existing_credit_id' IS NULL
-                                                          THEN '{ActionKind.CREDIT_PAYMENT.value}' ELSE '{ActionKind.LINK_PAYMENT_CREDIT.value}' END
+                           WHEN 'payment_drift' THEN pk.pay
                          END AS kind,
                          CASE f.kind
                            WHEN 'missing_open_usage' THEN 0
-                           WHEN 'payment_drift' THEN CASE WHEN f.detail->>'existing_credit_id' IS NULL
+                           WHEN 'payment_drift' THEN CASE WHEN pk.pay = '{ActionKind.CREDIT_PAYMENT.value}'
                                                           THEN f.amount_minor ELSE 0 END
                            ELSE -f.amount_minor
                          END AS amount,
@@ -68,9 +81,11 @@ class PlanActivities(PostgresActivities):
                            WHEN 'missing_open_usage' THEN 'usage-open:' || f.entity_id
                            WHEN 'orphan_open_usage' THEN 'usage-debit:' || f.entity_id
                            WHEN 'unbilled_closed_usage' THEN 'usage-debit:' || f.entity_id
-                           WHEN 'payment_drift' THEN CASE WHEN f.detail->>'existing_credit_id' IS NULL
-                                                          THEN 'payment-credit:' || f.entity_id
-                                                          ELSE 'payment-link:' || f.entity_id END
+                           WHEN 'payment_drift' THEN CASE pk.pay
+                             WHEN '{ActionKind.CREDIT_PAYMENT.value}' THEN 'payment-credit:'
+                             WHEN '{ActionKind.LINK_PAYMENT_CREDIT.value}' THEN 'payment-link:'
+                             WHEN '{ActionKind.MARK_PAYMENT_FAILED.value}' THEN 'payment-failed:'
+                             ELSE 'payment-investigate:' END || f.entity_id
                          END AS key) a
                        WHERE f.run_id = $2 AND f.pass = $3""",
                     request.plan_id,
@@ -99,7 +114,8 @@ class PlanActivities(PostgresActivities):
                          action_count = coalesce(s.n, 0), debit_total_minor = coalesce(s.debits, 0),
                          credit_total_minor = coalesce(s.credits, 0), counts_by_kind = coalesce(s.kinds, '{}')
                        FROM (SELECT string_agg(seq || '|' || kind || '|' || entity_id || '|' || amount_minor || '|'
-                                               || idempotency_key, E'\\n' ORDER BY seq) AS canon,
+                                               || idempotency_key || coalesce('|' || (params->'provider')::text, ''),
+                                               E'\\n' ORDER BY seq) AS canon,
                                     count(*) AS n,
                                     sum(amount_minor) FILTER (WHERE amount_minor < 0) AS debits,
                                     sum(amount_minor) FILTER (WHERE amount_minor > 0) AS credits,

@@ -11,6 +11,7 @@ from activities.postgres.base import CUSTOM_PLANS, RECONCILE_WORK_MEM, PostgresA
 from activities.postgres.drift_sql import Check, checks
 from workflows import names
 from workflows.models import (
+    ActionKind,
     DriftKind,
     ReconcileRequest,
     ReconcileSummary,
@@ -29,6 +30,18 @@ class ReconcileActivities(PostgresActivities):
             await self._reconcile_checks(request, counts)
         counts = {kind.value: counts[kind.value] for kind in DriftKind if kind.value in counts}
         total = sum(counts.values())
+        follow_ups = int(
+            await self._fetchval(
+                f"""SELECT count(*) FROM remediation.findings f
+                    WHERE f.run_id = $1 AND f.pass = $2 AND f.kind = '{DriftKind.PAYMENT_DRIFT.value}'
+                      AND EXISTS (SELECT 1 FROM remediation.plan_actions pa
+                                  JOIN remediation.plans p ON p.plan_id = pa.plan_id
+                                  WHERE p.run_id = $1 AND pa.entity_id = f.entity_id
+                                    AND pa.kind = '{ActionKind.INVESTIGATE_PAYMENT.value}')""",
+                ref.run_id,
+                request.pass_no,
+            )
+        )
         await self._timeline(
             ref.run_id,
             f"reconcile:{request.pass_no}",
@@ -36,7 +49,7 @@ class ReconcileActivities(PostgresActivities):
             f"reconciliation pass {request.pass_no}: {total} findings",
             counts,
         )
-        return ReconcileSummary(pass_no=request.pass_no, counts=counts, total=total)
+        return ReconcileSummary(pass_no=request.pass_no, counts=counts, total=total, follow_ups=follow_ups)
 
     async def _reconcile_checks(self, request: ReconcileRequest, counts: dict[str, int]) -> None:
         """Each check is one set-based INSERT ... SELECT into the findings table; the four run concurrently."""

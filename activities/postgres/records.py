@@ -249,6 +249,13 @@ async def build_evidence(pool: asyncpg.Pool, request: EvidenceRequest) -> dict[s
         if c in FOLLOW_UPS and d.get("status") in ("critical", "warn")
     ]
     applied_total = sum(int(r["n"]) for r in applied if r["outcome"] == "applied")
+    payments = await _payment_outcomes(pool, request.plan_id)
+    follow_ups += [
+        f"Payment session {p['session_id']} (provider {p['provider_ref']}): {p['reason']};"
+        f" webhook {p['webhook']}. Not credited: investigate per the payments runbook."
+        for p in payments
+        if p["action"] == "investigate_payment"
+    ]
     return {
         "schema": "billing-remediation/evidence/v1",
         "run": {
@@ -298,9 +305,42 @@ async def build_evidence(pool: asyncpg.Pool, request: EvidenceRequest) -> dict[s
             }
             for r in impacted
         ],
-        "customer_summary": _customer_summary(request, plan, applied_total, currencies),
+        "payments": payments,
+        "customer_summary": _customer_summary(request, plan, applied_total, currencies, payments),
         "follow_ups": follow_ups,
     }
+
+
+async def _payment_outcomes(pool: asyncpg.Pool, plan_id: str | None) -> list[dict[str, Any]]:
+    """Each payment action of the plan with the provider's verdict, figures and where its webhook went."""
+    if not plan_id:
+        return []
+    rows = await pool.fetch(
+        """SELECT pa.entity_id, pa.kind, pa.amount_minor, pa.params->'provider' AS provider, s.provider_ref,
+                  aa.outcome
+           FROM remediation.plan_actions pa
+           JOIN billing.payment_sessions s ON s.id = pa.entity_id
+           LEFT JOIN remediation.applied_actions aa ON aa.plan_id = pa.plan_id AND aa.seq = pa.seq
+           WHERE pa.plan_id = $1 AND pa.entity_type = 'payment_session' ORDER BY pa.seq""",
+        plan_id,
+    )
+    out = []
+    for r in rows:
+        provider = json.loads(r["provider"]) if r["provider"] else {}
+        out.append(
+            {
+                "session_id": r["entity_id"],
+                "provider_ref": r["provider_ref"],
+                "action": r["kind"],
+                "verdict": provider.get("verdict", "unchecked"),
+                "reason": provider.get("reason", "no provider answer recorded"),
+                "webhook": provider.get("webhook", "unknown"),
+                "provider_figures": provider.get("payment"),
+                "credit_minor": r["amount_minor"],
+                "outcome": r["outcome"] or "not_applied",
+            }
+        )
+    return out
 
 
 def _money(minor: int, currency: str) -> str:
@@ -308,7 +348,11 @@ def _money(minor: int, currency: str) -> str:
 
 
 def _customer_summary(
-    request: EvidenceRequest, plan: asyncpg.Record | None, applied: int, currencies: dict[str, str]
+    request: EvidenceRequest,
+    plan: asyncpg.Record | None,
+    applied: int,
+    currencies: dict[str, str],
+    payments: list[dict[str, Any]],
 ) -> str:
     currency = next(iter(set(currencies.values())), "USD") if len(set(currencies.values())) <= 1 else "mixed"
     if plan is None or plan["action_count"] == 0:
@@ -329,6 +373,18 @@ def _customer_summary(
         parts.append(
             f"Usage totalling {_money(debits, currency)} that had not been billed is now on your ledger,"
             " charged once at the normal rate for the time the resources actually ran."
+        )
+    failed = sum(1 for p in payments if p["action"] == "mark_payment_failed" and p["outcome"] == "applied")
+    if failed:
+        parts.append(
+            f"{failed} payment(s) never completed at our payment provider; they are marked failed and"
+            " nothing was charged or credited for them."
+        )
+    reviewed = sum(1 for p in payments if p["action"] == "investigate_payment")
+    if reviewed:
+        parts.append(
+            f"{reviewed} payment(s) whose status at our payment provider differs from our records are"
+            " being reviewed by our payments team; your balance was not changed for them."
         )
     parts.append("No charge or credit was applied twice.")
     return " ".join(parts)

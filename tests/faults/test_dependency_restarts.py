@@ -18,6 +18,7 @@ from temporalio.testing import WorkflowEnvironment
 from config import Settings
 from devstack.processes import free_port
 from devstack.stack import Postgres, Temporal
+from local_platform.provider_payments import seeder_for
 from local_platform.seeder import SeedSpec, seed
 from tests.conftest import World, make_world
 from tests.faults.harness import FAST_FAILOVER, applied_count, pinned
@@ -72,8 +73,10 @@ async def test_postgres_restarted_during_reconcile_and_apply(
 ) -> None:
     world = failover_world
     inject = {"unbilled_closed": 400, "orphan_open": 100, "missing_open": 100, "payment_drift": 20}
-    async with world.db.acquire() as conn:
-        await seed(conn, SeedSpec(orgs=3, allocations=1500, prefix="pgr", seed=3, inject=inject))
+    async with world.db.acquire() as conn, seeder_for(world.settings) as provider:
+        await seed(
+            conn, SeedSpec(orgs=3, allocations=1500, prefix="pgr", seed=3, inject=inject), provider=provider
+        )
     # Restarted while a reconcile check's INSERT ... SELECT is provably running (waiting on the pin).
     async with pinned(world, "remediation.findings", "INSERT INTO remediation.findings (run_id, pass") as pin:
         handle = await start(

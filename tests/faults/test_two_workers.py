@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
+from local_platform.provider_payments import seeder_for
 from local_platform.seeder import SeedSpec, seed
 from tests.conftest import World
 from tests.faults.harness import WorkerProcess, applied_count, temporal_address
@@ -32,8 +33,10 @@ async def test_two_workers_one_killed_mid_apply_the_other_finishes(
     process_world: World, temporal_env: WorkflowEnvironment, tmp_path: Path
 ) -> None:
     world = process_world
-    async with world.db.acquire() as conn:
-        await seed(conn, SeedSpec(orgs=3, allocations=1500, prefix="two", seed=8, inject=INJECT))
+    async with world.db.acquire() as conn, seeder_for(world.settings) as provider:
+        await seed(
+            conn, SeedSpec(orgs=3, allocations=1500, prefix="two", seed=8, inject=INJECT), provider=provider
+        )
     address = temporal_address(temporal_env)
     workers = [WorkerProcess(world.settings, address, tmp_path / f"worker-{i}.log") for i in (1, 2)]
     for w in workers:

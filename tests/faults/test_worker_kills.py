@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
+from local_platform.provider_payments import seeder_for
 from local_platform.seeder import SeedSpec, seed
 from tests.conftest import World
 from tests.faults.harness import (
@@ -50,8 +51,9 @@ async def test_kill_9_at_seeded_points_ledger_equals_the_approved_plan(
 ) -> None:
     world = process_world
     rng = random.Random(KILL_SEED)
-    async with world.db.acquire() as conn:
-        report = await seed(conn, SeedSpec(orgs=4, allocations=3000, prefix="kill", seed=5, inject=INJECT))
+    async with world.db.acquire() as conn, seeder_for(world.settings) as provider:
+        spec = SeedSpec(orgs=4, allocations=3000, prefix="kill", seed=5, inject=INJECT)
+        report = await seed(conn, spec, provider=provider)
     assert {k: len(v) for k, v in report.injected.items()} == INJECT
     await notice_dead_clients(world)
     worker = WorkerProcess(world.settings, temporal_address(temporal_env), tmp_path / "worker.log")

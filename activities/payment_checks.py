@@ -1,0 +1,165 @@
+"""Ask the payment provider about every payment finding; its answer becomes part of the finding.
+
+Touches three systems on purpose, in one place: the findings (Postgres), the provider (its API) and
+the webhook worker's log lines (Loki), because one verdict needs all three.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import asyncpg
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.heartbeat import heartbeating
+from activities.loki import LokiActivities
+from activities.payment_provider import PaymentProvider, ProviderUnreachable, judge
+from activities.postgres.base import PostgresActivities
+from workflows import names
+from workflows.models import (
+    DriftKind,
+    PaymentCheck,
+    PaymentCheckSummary,
+    PaymentVerdict,
+    ReconcileRequest,
+)
+
+WEBHOOK_QUERY = '{service_name="gpuaas-webhook-worker"} |= "payment_intent.succeeded" | json | __error__=""'
+
+
+class PaymentCheckActivities(PostgresActivities):
+    """Provider verdicts for payment findings (bounded concurrency, retries in the provider client)."""
+
+    def __init__(
+        self, pool: asyncpg.Pool, provider: PaymentProvider, loki: LokiActivities, concurrency: int = 8
+    ) -> None:
+        super().__init__(pool)
+        self._provider = provider
+        self._loki = loki
+        self._concurrency = concurrency
+
+    @activity.defn(name=names.CHECK_PAYMENTS)
+    async def check_payment_findings(self, request: ReconcileRequest) -> PaymentCheckSummary:
+        """Give every unjudged (or unanswered) payment finding of the pass the provider's verdict."""
+        rows = await self._fetch(
+            """SELECT f.entity_id, p.provider_ref, p.amount_minor, o.currency
+               FROM remediation.findings f
+               JOIN billing.payment_sessions p ON p.id = f.entity_id
+               JOIN billing.orgs o ON o.id = p.org_id
+               WHERE f.run_id = $1 AND f.pass = $2 AND f.kind = $3
+                 AND coalesce(f.detail->'provider'->>'verdict', 'unreachable') = 'unreachable'
+               ORDER BY f.entity_id""",
+            request.ref.run_id,
+            request.pass_no,
+            DriftKind.PAYMENT_DRIFT.value,
+        )
+        done = [0]
+        async with heartbeating(lambda: done[0]):
+            checks = await self._judge_all(rows, done)
+        if checks:
+            await self._execute(
+                """UPDATE remediation.findings f SET detail = f.detail || jsonb_build_object('provider', v.doc::jsonb)
+                   FROM unnest($4::text[], $5::text[]) AS v(entity, doc)
+                   WHERE f.run_id = $1 AND f.pass = $2 AND f.kind = $3 AND f.entity_id = v.entity""",
+                request.ref.run_id,
+                request.pass_no,
+                DriftKind.PAYMENT_DRIFT.value,
+                list(checks),
+                [c.model_dump_json() for c in checks.values()],
+            )
+        summary = await self._summary(request, checks)
+        await self._timeline(
+            request.ref.run_id,
+            f"payments:{request.pass_no}:{summary.checked}:{summary.unreachable}",
+            "reconciling",
+            f"payment provider checked {len(checks)} payment findings: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(summary.verdicts.items())),
+            {"verdicts": summary.verdicts, "unreachable_reason": summary.unreachable_reason},
+        )
+        return summary
+
+    async def _judge_all(self, rows: list[asyncpg.Record], done: list[int]) -> dict[str, PaymentCheck]:
+        """Look every payment up (at most ``concurrency`` at once), then say where its webhook went."""
+        gate = asyncio.Semaphore(self._concurrency)
+
+        async def one(row: asyncpg.Record) -> PaymentCheck:
+            async with gate:
+                try:
+                    payment = await self._provider.payment(row["provider_ref"])
+                except ProviderUnreachable as exc:
+                    return PaymentCheck(verdict=PaymentVerdict.UNREACHABLE, reason=str(exc))
+                finally:
+                    done[0] += 1
+            verdict, reason = judge(row["amount_minor"], row["currency"], payment)
+            return PaymentCheck(verdict=verdict, reason=reason, payment=payment)
+
+        results = await asyncio.gather(*(one(r) for r in rows))
+        checks = {r["entity_id"]: c for r, c in zip(rows, results, strict=True)}
+        answered = {c.payment.ref for c in checks.values() if c.payment is not None and c.payment.found}
+        if not answered:
+            return checks
+        webhook = await self._webhook_status(answered)
+        return {
+            entity: c.model_copy(update={"webhook": webhook(c.payment.ref)}) if c.payment else c
+            for entity, c in checks.items()
+        }
+
+    async def _webhook_status(self, refs: set[str]) -> Any:
+        """A function: payment ref -> whether its success event reached the platform's webhook worker."""
+        events: dict[str, str] = {}
+        events_error: str | None = None
+        try:
+            events = await self._provider.succeeded_events(refs)
+        except ProviderUnreachable as exc:
+            events_error = str(exc)
+        received: set[str | None] = set()
+        loki_error: str | None = None
+        try:
+            now = time.time_ns()
+            entries, _ = await self._loki.query_range(WEBHOOK_QUERY, now - self._loki.lookback_ns, now)
+            received = {_payment_intent(line) for _, _, line in entries}
+        except ApplicationError as exc:  # Loki down or answering garbage: the webhook is unknown
+            loki_error = str(exc)
+
+        def status(ref: str) -> str:
+            if ref in received:
+                return f"received, not applied (webhook worker logged {ref})"
+            if loki_error is not None:
+                return f"unknown (Loki: {loki_error})"
+            if ref in events:
+                return f"never received (provider event {events[ref]}, no webhook worker line)"
+            if events_error is not None:
+                return f"unknown (provider events: {events_error})"
+            return "no success event at the provider"
+
+        return status
+
+    async def _summary(
+        self, request: ReconcileRequest, checks: dict[str, PaymentCheck]
+    ) -> PaymentCheckSummary:
+        rows = await self._fetch(
+            """SELECT coalesce(detail->'provider'->>'verdict', 'unchecked') AS verdict, count(*) AS n
+               FROM remediation.findings WHERE run_id = $1 AND pass = $2 AND kind = $3 GROUP BY 1""",
+            request.ref.run_id,
+            request.pass_no,
+            DriftKind.PAYMENT_DRIFT.value,
+        )
+        reasons = [c.reason for c in checks.values() if c.verdict is PaymentVerdict.UNREACHABLE]
+        return PaymentCheckSummary(
+            checked=len(checks),
+            verdicts={r["verdict"]: int(r["n"]) for r in rows},
+            unreachable_reason=reasons[0] if reasons else None,
+        )
+
+
+def _payment_intent(line: str) -> str | None:
+    try:
+        parsed = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    value = parsed.get("payment_intent") if isinstance(parsed, dict) else None
+    return str(value) if value else None

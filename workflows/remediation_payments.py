@@ -1,0 +1,55 @@
+"""The payment step of reconciliation: every payment finding gets the provider's verdict before a plan.
+
+While the provider does not answer, the run waits visibly (phase ``waiting_on_provider`` and the
+details say how many sessions and why) and asks again with backoff; it never plans on its own word.
+"""
+
+from __future__ import annotations
+
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from workflows import names
+    from workflows.models import (
+        DriftKind,
+        PaymentCheckSummary,
+        Phase,
+        ReconcileRequest,
+    )
+    from workflows.remediation_approvals import ApprovalSteps
+
+MAX_PROVIDER_WAIT_SECONDS = 600  # backoff ceiling: history grows by a few events per ask
+
+
+class PaymentSteps(ApprovalSteps):
+    """Provider verdicts for a reconciliation pass's payment findings."""
+
+    async def _confirm_payments(self, pass_no: int, counts: dict[str, int]) -> None:
+        """Ask the provider about the pass's payment findings until it has answered for every one."""
+        if not counts.get(DriftKind.PAYMENT_DRIFT.value):
+            return
+        ref = self._require_ref()
+        options = self._require_options()
+        wait = options.provider_wait_seconds
+        while True:
+            summary: PaymentCheckSummary = await self._act(
+                names.CHECK_PAYMENTS,
+                ReconcileRequest(ref=ref, pass_no=pass_no),
+                PaymentCheckSummary,
+                f"Ask the payment provider about {counts[DriftKind.PAYMENT_DRIFT.value]} payment findings",
+                timeout=600,
+                heartbeat=True,
+                attempts=20,
+            )
+            self._payments = dict(summary.verdicts)
+            if not summary.unreachable:
+                self._waiting = None
+                self._set_phase(Phase.RECONCILING)
+                return
+            self._waiting = (
+                f"{summary.unreachable} payment sessions unconfirmed ({summary.unreachable_reason}); "
+                f"asking again in {wait}s. Nothing is planned or credited for them until it answers."
+            )
+            self._set_phase(Phase.WAITING_ON_PROVIDER)
+            await workflow.sleep(wait, summary="waiting for the payment provider to answer")
+            wait = min(wait * 2, MAX_PROVIDER_WAIT_SECONDS)
