@@ -17,7 +17,6 @@ from devstack import StackError, down, status, up
 from devstack.processes import free_port, pid_alive
 from devstack.stack import Postgres
 
-
 SERVERS = ("postgres", "nats", "temporal", "payment-provider", "codec")
 
 
