@@ -8,7 +8,7 @@ import httpx
 from pydantic import ValidationError
 from temporalio import activity
 
-from activities.errors import dependency_down
+from activities.errors import bad_input, dependency_down
 from activities.http_errors import json_object, raise_for, send
 from workflows import names
 from workflows.models import (
@@ -18,7 +18,9 @@ from workflows.models import (
     LaunchProbe,
     PostureObservation,
     PrecheckObservation,
+    RunRef,
     SubmitObservation,
+    WorkerDeployments,
 )
 
 SYSTEM = "admin billing API"
@@ -27,9 +29,15 @@ SYSTEM = "admin billing API"
 class BillingApiActivities:
     """Calls the platform's admin billing API with the configured bearer token (never logged)."""
 
-    def __init__(self, client: httpx.AsyncClient, restart_hook_url: str | None = None) -> None:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        restart_hook_url: str | None = None,
+        rollback_hook_url: str | None = None,
+    ) -> None:
         self._client = client
         self._restart_hook_url = restart_hook_url
+        self._rollback_hook_url = rollback_hook_url
 
     async def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         response = await send(self._client, SYSTEM, method, path, **kwargs)
@@ -87,6 +95,34 @@ class BillingApiActivities:
             json={"actor": f"remediation:{request.actor}", "correlation_id": request.ref.correlation_id},
         )
         return ApiActionResult(outcome="applied", detail=f"worker {body.get('mode', 'restarted')}")
+
+    @activity.defn(name=names.ROLLBACK_BILLING_WORKER)
+    async def rollback_billing_worker(self, request: ApiActionRequest) -> ApiActionResult:
+        """Roll the billing worker back to the approved revision through the configured hook."""
+        if request.action.target_revision is None:
+            raise bad_input(f"plan action {request.action.seq}: a rollback needs its target revision")
+        body = await self._call(
+            "POST",
+            self._rollback_hook_url or "/api/v1/admin/billing-worker/rollback",
+            json={
+                "to_revision": request.action.target_revision,
+                "actor": f"remediation:{request.actor}",
+                "idempotency_key": request.action.idempotency_key,
+                "correlation_id": request.ref.correlation_id,
+            },
+        )
+        current = (body.get("current") or {}).get("version", "?")
+        outcome = "already_applied" if body.get("duplicate") else "applied"
+        return ApiActionResult(outcome=outcome, detail=f"worker runs {current}")
+
+    @activity.defn(name=names.READ_WORKER_DEPLOYMENTS)
+    async def read_worker_deployments(self, ref: RunRef) -> WorkerDeployments:
+        """The billing worker's current and previous revisions, with their rollout times."""
+        body = await self._call("GET", "/api/v1/admin/billing-worker/deployments")
+        try:
+            return WorkerDeployments(current=body["current"], previous=body.get("previous"))
+        except (KeyError, ValidationError) as exc:
+            raise dependency_down(f"{SYSTEM}: unexpected deployments answer: {exc}") from None
 
     @staticmethod
     def _launch_headers(probe: LaunchProbe) -> dict[str, str]:

@@ -32,6 +32,16 @@ def correlation_query(correlation_id: str) -> str:
     return f'{selector} |= {literal} | json | __error__="" | correlation_id={literal}'
 
 
+def line_field(line: str, name: str) -> str | None:
+    """Field ``name`` of a JSON log line, or None (not JSON, not an object, absent or empty)."""
+    try:
+        parsed = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    value = parsed.get(name) if isinstance(parsed, dict) else None
+    return str(value) if value else None
+
+
 def trace_id_of(stream: dict[str, Any], line: str) -> str | None:
     """The trace id of an entry, from the JSON line or the stream's labels/structured metadata."""
     if stream.get("trace_id"):

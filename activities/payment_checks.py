@@ -7,7 +7,6 @@ the webhook worker's log lines (Loki), because one verdict needs all three.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any
 
@@ -16,7 +15,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.heartbeat import heartbeating
-from activities.loki import LokiActivities
+from activities.loki import LokiActivities, line_field
 from activities.payment_provider import PaymentProvider, ProviderUnreachable, judge
 from activities.postgres.base import PostgresActivities
 from workflows import names
@@ -121,7 +120,7 @@ class PaymentCheckActivities(PostgresActivities):
         try:
             now = time.time_ns()
             entries, _ = await self._loki.query_range(WEBHOOK_QUERY, now - self._loki.lookback_ns, now)
-            received = {_payment_intent(line) for _, _, line in entries}
+            received = {line_field(line, "payment_intent") for _, _, line in entries}
         except ApplicationError as exc:  # Loki down or answering garbage: the webhook is unknown
             loki_error = str(exc)
 
@@ -154,12 +153,3 @@ class PaymentCheckActivities(PostgresActivities):
             verdicts={r["verdict"]: int(r["n"]) for r in rows},
             unreachable_reason=reasons[0] if reasons else None,
         )
-
-
-def _payment_intent(line: str) -> str | None:
-    try:
-        parsed = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    value = parsed.get("payment_intent") if isinstance(parsed, dict) else None
-    return str(value) if value else None

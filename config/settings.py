@@ -181,6 +181,7 @@ class Settings(BaseSettings):
 
     apply_batch_size: int = Field(default=500, ge=1, le=10_000, alias="APPLY_BATCH_SIZE")
     worker_restart_hook_url: str | None = Field(default=None, alias="WORKER_RESTART_HOOK_URL")
+    worker_rollback_hook_url: str | None = Field(default=None, alias="WORKER_ROLLBACK_HOOK_URL")
 
     @field_validator("payment_provider_url", mode="before")
     @classmethod

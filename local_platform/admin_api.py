@@ -312,6 +312,84 @@ async def restart_worker(request: Request) -> Response:
     return JSONResponse({"mode": "running", "restarts": restarts})
 
 
+async def deployments_doc(conn: asyncpg.Pool | asyncpg.Connection) -> dict[str, Any]:
+    """The billing worker's revisions, newest first, with the current one and the one before it."""
+    rows = await conn.fetch(
+        """SELECT d.revision, d.version, d.rolled_out_at, d.rolled_back_at, d.revision = c.revision AS current
+           FROM billing.worker_deployments d CROSS JOIN billing.worker_control c
+           WHERE c.id = 1 ORDER BY d.revision DESC"""
+    )
+
+    def doc(row: asyncpg.Record) -> dict[str, Any]:
+        return {
+            "revision": row["revision"],
+            "version": row["version"],
+            "rolled_out_at": row["rolled_out_at"].isoformat(),
+            "rolled_back_at": row["rolled_back_at"].isoformat() if row["rolled_back_at"] else None,
+        }
+
+    current = next(r for r in rows if r["current"])
+    # What a rollback runs: the newest earlier revision that was not itself rolled back.
+    previous = next(
+        (r for r in rows if r["revision"] < current["revision"] and not r["rolled_back_at"]), None
+    )
+    return {
+        "current": doc(current),
+        "previous": doc(previous) if previous else None,
+        "history": [doc(r) for r in rows],
+    }
+
+
+@authorized
+async def worker_deployments(request: Request) -> Response:
+    """GET /api/v1/admin/billing-worker/deployments: current and previous revisions, with rollout times."""
+    return JSONResponse(await deployments_doc(_pool(request)))
+
+
+@authorized
+async def rollback_worker(request: Request) -> Response:
+    """POST /api/v1/admin/billing-worker/rollback: run an earlier revision (idempotent per target)."""
+    body = await _json_body(request, "actor", "to_revision")
+    if isinstance(body, JSONResponse):
+        return body
+    target = body["to_revision"]
+    if not isinstance(target, int) or isinstance(target, bool):
+        return _error(400, "bad_request", f"to_revision must be an integer revision, got {target!r}")
+    pool = _pool(request)
+    async with pool.acquire() as conn, conn.transaction():
+        current = await conn.fetchval("SELECT revision FROM billing.worker_control WHERE id = 1 FOR UPDATE")
+        version = await conn.fetchval(
+            "SELECT version FROM billing.worker_deployments WHERE revision = $1", target
+        )
+        if version is None:
+            return _error(404, "not_found", f"unknown billing worker revision {target}")
+        if target > current:
+            return _error(409, "not_a_rollback", f"revision {target} is newer than the current {current}")
+        duplicate = target == current
+        if not duplicate:
+            await conn.execute(
+                """UPDATE billing.worker_deployments SET rolled_back_at = now()
+                   WHERE revision > $1 AND rolled_back_at IS NULL""",
+                target,
+            )
+            await conn.execute(
+                """UPDATE billing.worker_control SET revision = $1, mode = 'running', restarts = restarts + 1,
+                       updated_at = now() WHERE id = 1""",
+                target,
+            )
+            await telemetry.log(
+                conn,
+                "gpuaas-billing-worker",
+                "info",
+                f"billing worker rolled back from revision {current} to {version}",
+                correlation_id=body.get("correlation_id"),
+                actor=body["actor"],
+                version=version,
+            )
+        doc = await deployments_doc(conn)
+    return JSONResponse({**doc, "duplicate": duplicate, "rolled_back_from": None if duplicate else current})
+
+
 async def healthz(request: Request) -> Response:
     """Liveness of the API and of each background loop (billing worker, outbox relay); 503 if one fails."""
     ok, loops = health_report(getattr(request.app.state, "loops", {}))
@@ -334,4 +412,6 @@ ROUTES = [
     Route("/api/v1/admin/billing/adjustments", manual_adjustment, methods=["POST"]),
     Route("/api/v1/admin/billing/restrictions/{org_id}/clear", clear_restriction, methods=["POST"]),
     Route("/api/v1/admin/billing-worker/restart", restart_worker, methods=["POST"]),
+    Route("/api/v1/admin/billing-worker/deployments", worker_deployments),
+    Route("/api/v1/admin/billing-worker/rollback", rollback_worker, methods=["POST"]),
 ]

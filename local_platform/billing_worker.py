@@ -34,8 +34,13 @@ log = logging.getLogger(__name__)
 
 
 async def worker_mode(pool: asyncpg.Pool) -> str:
-    """Current control mode: running, crashed or stalled."""
-    return str(await pool.fetchval("SELECT mode FROM billing.worker_control WHERE id = 1"))
+    """Current control mode: running, crashed or stalled; a faulty current revision crashes whatever the mode."""
+    return str(
+        await pool.fetchval(
+            """SELECT CASE WHEN d.faulty THEN 'crashed' ELSE c.mode END FROM billing.worker_control c
+               JOIN billing.worker_deployments d ON d.revision = c.revision WHERE c.id = 1"""
+        )
+    )
 
 
 def _ts(value: Any) -> datetime:

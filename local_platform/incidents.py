@@ -33,11 +33,13 @@ class IncidentReport:
         return asdict(self)
 
 
-INCIDENTS = ("worker-crash", "payments-reconcile", "user-dispute", "prepaid-depleted")
+INCIDENTS = ("worker-crash", "worker-regression", "payments-reconcile", "user-dispute", "prepaid-depleted")
+BAD_VERSION = "v1.43.0"
+SERVICE_WORKER = "gpuaas-billing-worker"
 
 
 async def _trace(
-    conn: asyncpg.Connection, correlation_id: str, trace_id: str, failing: str, error: str
+    conn: asyncpg.Connection, correlation_id: str, trace_id: str, failing: str, error: str, **fields: str
 ) -> None:
     """A small incident trace: api -> billing worker -> postgres, one error span, plus log lines."""
     now = time.time_ns() - 60_000_000_000
@@ -88,6 +90,7 @@ async def _trace(
         ts_ns=now + 700_000_000,
         # The failing service ships its trace id as structured metadata, not inside the line.
         trace_in_line=False,
+        **fields,
     )
 
 
@@ -231,4 +234,62 @@ async def run_incident(
         return IncidentReport(
             name, "prepaid_depleted", corr, trace_id, {"org_id": org}, report.injected, report.as_dict()
         )
+    if name == "worker-regression":
+        return await _worker_regression(conn, nc, prefix, trace_id, provider)
     raise ValueError(f"unknown incident {name!r}; expected one of {', '.join(INCIDENTS)}")
+
+
+async def _worker_regression(
+    conn: asyncpg.Connection, nc: NATS | None, prefix: str, trace_id: str, provider: ProviderSeeder | None
+) -> IncidentReport:
+    """A new billing-worker revision fails every event since its rollout; the one before it was fine."""
+    spec = SeedSpec(
+        orgs=6, allocations=120, prefix=prefix, seed=15, inject={"missing_open": 2, "unbilled_closed": 3}
+    )
+    report = await seed(conn, spec, nc, provider)
+    corr = f"{prefix}-worker-regression"
+    rollout_ns = time.time_ns() - 600 * 1_000_000_000
+    good = await conn.fetchrow(
+        """SELECT d.revision, d.version FROM billing.worker_control c
+           JOIN billing.worker_deployments d ON d.revision = c.revision WHERE c.id = 1"""
+    )
+    bad = await conn.fetchval(
+        """INSERT INTO billing.worker_deployments (revision, version, rolled_out_at, faulty)
+           SELECT max(revision) + 1, $1, to_timestamp($2::double precision / 1e9), true FROM billing.worker_deployments
+           RETURNING revision""",
+        BAD_VERSION,
+        rollout_ns,
+    )
+    await conn.execute(
+        "UPDATE billing.worker_control SET revision = $1, updated_at = now() WHERE id = 1", bad
+    )
+    # Before the rollout the worker processed events under the good version; after it, every event fails.
+    await telemetry.log(conn, SERVICE_WORKER, "info", "processed provisioning.active", version=good["version"],
+                        ts_ns=rollout_ns - 1_800 * 1_000_000_000)  # fmt: skip
+    for minute in range(1, 6):
+        await telemetry.log(
+            conn,
+            SERVICE_WORKER,
+            "error",
+            "panic: nil pointer dereference in ledger projection (event dropped)",
+            correlation_id=corr,
+            version=BAD_VERSION,
+            ts_ns=rollout_ns + minute * 60 * 1_000_000_000,
+        )
+    if nc is not None:
+        allocs = [r["id"] for r in await conn.fetch(
+            "SELECT id FROM billing.allocations WHERE id LIKE $1 ORDER BY id LIMIT 150", f"{prefix}-alloc-%")]  # fmt: skip
+        for alloc in allocs:
+            await publish(nc, "provisioning.active", corr, trace_id, allocation_id=alloc)
+        await nc.flush()
+    await _trace(
+        conn,
+        corr,
+        trace_id,
+        SERVICE_WORKER,
+        f"panic in ledger projection ({BAD_VERSION})",
+        version=BAD_VERSION,
+    )
+    return IncidentReport(
+        "worker-regression", "worker_failure", corr, trace_id, {}, report.injected, report.as_dict()
+    )

@@ -232,7 +232,7 @@ async def _seed(settings: Settings, spec: Any) -> dict[str, Any]:
 
 @platform.command("incident")
 def platform_incident(name: str, prefix: str = "inc") -> None:
-    """Reproduce a runbook trigger: worker-crash, payments-reconcile, user-dispute, prepaid-depleted."""
+    """Reproduce a runbook trigger: worker-crash, worker-regression, payments-reconcile, user-dispute, prepaid-depleted."""
     from local_platform.incidents import INCIDENTS
 
     if name not in INCIDENTS:

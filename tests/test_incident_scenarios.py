@@ -58,7 +58,7 @@ def as_planned(injected: dict[str, set[str]]) -> dict[str, set[str]]:
         out.setdefault("payment_investigate" if kind in INVESTIGATED else kind, set()).update(ids)
     return out
 # Actions that repair a process or a posture rather than one drifted row.
-NON_ROW_ACTIONS = {"restart_billing_worker", "clear_financial_restriction"}
+NON_ROW_ACTIONS = {"restart_billing_worker", "rollback_billing_worker", "clear_financial_restriction"}
 
 
 async def planned_drift(world: World, plan_id: str) -> dict[str, set[str]]:

@@ -25,6 +25,7 @@ from activities.postgres import BillingDatabaseActivities
 from activities.postgres.records import RecordsActivities
 from activities.runtime_config import ConfigActivities
 from activities.tempo import TempoActivities
+from activities.worker_regression import WorkerRegressionActivities
 from config import Settings
 from migrations import apply_migrations, remediation_migrations_dir
 from worker.connection import connect_temporal
@@ -107,7 +108,10 @@ def activity_list(
     loki = LokiActivities(res.http_loki, settings.loki_tenant)
     payments = PaymentCheckActivities(res.pool, res.provider, loki, settings.payment_provider_concurrency)
     tempo = TempoActivities(res.http_tempo, settings.tempo_tenant)
-    api = BillingApiActivities(res.http_api, settings.worker_restart_hook_url)
+    api = BillingApiActivities(
+        res.http_api, settings.worker_restart_hook_url, settings.worker_rollback_hook_url
+    )
+    regression = WorkerRegressionActivities(api, loki)
     cfg = ConfigActivities(settings)
     return [
         cfg.load_runtime_options,
@@ -136,6 +140,9 @@ def activity_list(
         api.unfreeze_adjustments,
         api.clear_restriction,
         api.restart_billing_worker,
+        api.rollback_billing_worker,
+        api.read_worker_deployments,
+        regression.check_worker_regression,
         api.read_posture,
         api.run_precheck,
         api.probe_submit,

@@ -92,9 +92,15 @@ class ActionKind(StrEnum):
     # Carried out through the admin billing API by the workflow, not in Postgres.
     CLEAR_FINANCIAL_RESTRICTION = "clear_financial_restriction"
     RESTART_BILLING_WORKER = "restart_billing_worker"
+    # A runtime regression of the current revision: run the previous one (a restart reruns the bad code).
+    ROLLBACK_BILLING_WORKER = "rollback_billing_worker"
 
 
-API_ACTION_KINDS = (ActionKind.CLEAR_FINANCIAL_RESTRICTION, ActionKind.RESTART_BILLING_WORKER)
+API_ACTION_KINDS = (
+    ActionKind.CLEAR_FINANCIAL_RESTRICTION,
+    ActionKind.RESTART_BILLING_WORKER,
+    ActionKind.ROLLBACK_BILLING_WORKER,
+)
 # Checked against the payment provider again at apply time, in case it changed its answer since approval.
 PROVIDER_CHECKED_KINDS = (ActionKind.CREDIT_PAYMENT, ActionKind.MARK_PAYMENT_FAILED)
 
@@ -345,15 +351,39 @@ class PlanRequest(Frozen):
     pass_no: int
     plan_id: str
     restart_worker: bool
+    # Set when diagnosis suspects a runtime regression: roll back to this revision instead of restarting.
+    rollback_worker_to: int | None = None
 
 
 class ApiAction(Frozen):
     """A plan action carried out through the admin billing API rather than Postgres."""
 
     seq: int
-    kind: Literal[ActionKind.CLEAR_FINANCIAL_RESTRICTION, ActionKind.RESTART_BILLING_WORKER]
+    kind: Literal[
+        ActionKind.CLEAR_FINANCIAL_RESTRICTION,
+        ActionKind.RESTART_BILLING_WORKER,
+        ActionKind.ROLLBACK_BILLING_WORKER,
+    ]
     org_id: str
     idempotency_key: str
+    # The revision a rollback runs.
+    target_revision: int | None = None
+
+
+class WorkerRevision(Frozen):
+    """One deployed revision of the platform's billing worker."""
+
+    revision: int
+    version: str
+    rolled_out_at: datetime
+    rolled_back_at: datetime | None = None
+
+
+class WorkerDeployments(Frozen):
+    """The billing worker's current revision and the one deployed before it."""
+
+    current: WorkerRevision
+    previous: WorkerRevision | None = None
 
 
 class PlanSummary(Frozen):

@@ -23,11 +23,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.details import STEPS_MARKDOWN
     from workflows.launch_guard import LaunchGuardWorkflow
     from workflows.models import (
-        ActionKind,
         AlertNotice,
-        ApiActionAudit,
-        ApiActionRequest,
-        ApiActionResult,
         ApplyRequest,
         ApplySummary,
         BlastRadius,
@@ -55,7 +51,7 @@ with workflow.unsafe.imports_passed_through():
         VerificationRequest,
         VerificationResult,
     )
-    from workflows.remediation_payments import PaymentSteps
+    from workflows.remediation_worker import WorkerSteps
     from workflows.search_attributes import SA_BLAST
 
 R = TypeVar("R", bound=BaseModel)
@@ -67,7 +63,7 @@ MAX_ALERTS = 50  # distinct alerts recorded per run; history stays bounded under
 
 
 @workflow.defn(name=names.WORKFLOW)
-class BillingRemediationWorkflow(PaymentSteps):
+class BillingRemediationWorkflow(WorkerSteps):
     """One remediation of one scope, from diagnosis to evidence (state and helpers: ``RemediationBase``)."""
 
     # ---------------------------------------------------------------- run
@@ -174,6 +170,7 @@ class BillingRemediationWorkflow(PaymentSteps):
                     # The worker is platform-wide: only a platform-wide run restarts it; a scoped run
                     # names the degradation (platform_degradation) instead.
                     restart_worker=worker_degraded and pass_no == 0 and request.scope.is_global,
+                    rollback_worker_to=self._rollback_target(),
                 ),
                 PlanSummary,
                 "Build the remediation plan from the findings",
@@ -232,6 +229,12 @@ class BillingRemediationWorkflow(PaymentSteps):
                 "event_sequence",
                 ref,
                 f"Validate the event sequence for {scope_words}",
+            ),
+            self._check(
+                names.CHECK_WORKER_REGRESSION,
+                "worker_regression",
+                ref,
+                "Compare the billing worker's failures with its latest rollout",
             ),
             self._check(
                 names.CHECK_DATA_CONSISTENCY,
@@ -303,31 +306,7 @@ class BillingRemediationWorkflow(PaymentSteps):
             heartbeat=True,
             attempts=50,
         )
-        for action in plan.api_actions:
-            activity = (
-                names.CLEAR_RESTRICTION
-                if action.kind == ActionKind.CLEAR_FINANCIAL_RESTRICTION
-                else names.RESTART_BILLING_WORKER
-            )
-            request = ApiActionRequest(
-                ref=ref,
-                plan_id=plan.plan_id,
-                action=action,
-                actor=self._request.requested_by,
-                approvers=approvers,
-            )
-            words = (
-                "Clear the prepaid financial restriction of " + action.org_id
-                if action.kind == ActionKind.CLEAR_FINANCIAL_RESTRICTION
-                else "Restart the billing worker (hook)"
-            )
-            result = await self._act(activity, request, ApiActionResult, words)
-            await self._act(
-                names.RECORD_API_ACTION,
-                ApiActionAudit(request=request, result=result),
-                None,
-                f"Audit: {action.kind} {result.outcome}",
-            )
+        await self._api_actions(plan, approvers)
         self._refresh_details()
         return applied
 
@@ -340,6 +319,9 @@ class BillingRemediationWorkflow(PaymentSteps):
             await workflow.sleep(options.verify_window_seconds, summary="verification window")
         second = await self._consumer_sample("Sample billing worker consumer lag (2/2)")
         criteria = [worker_criterion(first, second, options.consumer_pending_threshold)]
+        rollback = await self._rollback_criterion(self._approval.plan)
+        if rollback is not None:
+            criteria.append(rollback)
         drift = await self._act(
             names.RECONCILE,
             ReconcileRequest(ref=ref, pass_no=100 + pass_no),

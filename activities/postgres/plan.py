@@ -99,7 +99,18 @@ class PlanActivities(PostgresActivities):
                     )
                 )
                 next_seq = await self._plan_restriction_clears(conn, request, next_seq)
-                if request.restart_worker:
+                if request.restart_worker and request.rollback_worker_to is not None:
+                    await conn.execute(
+                        f"""INSERT INTO remediation.plan_actions (plan_id, seq, kind, entity_type, entity_id, org_id,
+                               amount_minor, idempotency_key, params) VALUES ($1, $2,
+                               '{ActionKind.ROLLBACK_BILLING_WORKER.value}', 'worker', 'billing-worker', '*', 0, $3,
+                               jsonb_build_object('to_revision', $4::int))""",
+                        request.plan_id,
+                        next_seq,
+                        f"worker-rollback:{ref.run_id}",
+                        request.rollback_worker_to,
+                    )
+                elif request.restart_worker:
                     await conn.execute(
                         f"""INSERT INTO remediation.plan_actions (plan_id, seq, kind, entity_type, entity_id, org_id,
                                amount_minor, idempotency_key) VALUES ($1, $2, '{ActionKind.RESTART_BILLING_WORKER.value}', 'worker',
@@ -127,7 +138,8 @@ class PlanActivities(PostgresActivities):
                 )
             plan = await conn.fetchrow("SELECT * FROM remediation.plans WHERE plan_id = $1", request.plan_id)
             api_rows = await conn.fetch(
-                f"""SELECT seq, kind, org_id, idempotency_key FROM remediation.plan_actions WHERE plan_id = $1
+                f"""SELECT seq, kind, org_id, idempotency_key, (params->>'to_revision')::int AS target_revision
+                   FROM remediation.plan_actions WHERE plan_id = $1
                    AND kind IN {sql_list(API_ACTION_KINDS)} ORDER BY seq""",
                 request.plan_id,
             )
@@ -140,7 +152,11 @@ class PlanActivities(PostgresActivities):
             counts_by_kind=json.loads(plan["counts_by_kind"]),
             api_actions=[
                 ApiAction(
-                    seq=r["seq"], kind=r["kind"], org_id=r["org_id"], idempotency_key=r["idempotency_key"]
+                    seq=r["seq"],
+                    kind=r["kind"],
+                    org_id=r["org_id"],
+                    idempotency_key=r["idempotency_key"],
+                    target_revision=r["target_revision"],
                 )
                 for r in api_rows
             ],

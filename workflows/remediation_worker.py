@@ -1,0 +1,106 @@
+"""The billing worker's side of a remediation: the admin-API plan actions (restriction clears, worker
+restart or rollback) and the rollback's verification.
+
+A rollback is planned instead of a restart when diagnosis suspects a runtime regression of the
+worker's current revision (``worker_regression``): a restart would run the same bad code again.
+"""
+
+from __future__ import annotations
+
+from temporalio import workflow
+from temporalio.exceptions import ActivityError
+
+with workflow.unsafe.imports_passed_through():
+    from workflows import names
+    from workflows.activity_calls import activity_cause
+    from workflows.models import (
+        ActionKind,
+        ApiAction,
+        ApiActionAudit,
+        ApiActionRequest,
+        ApiActionResult,
+        Criterion,
+        PlanSummary,
+        WorkerDeployments,
+    )
+    from workflows.remediation_payments import PaymentSteps
+
+API_ACTIVITIES = {
+    ActionKind.CLEAR_FINANCIAL_RESTRICTION: names.CLEAR_RESTRICTION,
+    ActionKind.RESTART_BILLING_WORKER: names.RESTART_BILLING_WORKER,
+    ActionKind.ROLLBACK_BILLING_WORKER: names.ROLLBACK_BILLING_WORKER,
+}
+
+
+def _words(action: ApiAction) -> str:
+    if action.kind is ActionKind.CLEAR_FINANCIAL_RESTRICTION:
+        return "Clear the prepaid financial restriction of " + action.org_id
+    if action.kind is ActionKind.ROLLBACK_BILLING_WORKER:
+        return f"Roll the billing worker back to revision {action.target_revision} (hook)"
+    return "Restart the billing worker (hook)"
+
+
+class WorkerSteps(PaymentSteps):
+    """Admin-API actions of an approved plan and the worker rollback's criterion."""
+
+    def _rollback_target(self) -> int | None:
+        """The revision to roll back to when diagnosis suspects a runtime regression, else None."""
+        return next(
+            (
+                c.counts.get("rollback_to")
+                for c in self._diagnosis
+                if c.check == "worker_regression" and c.status == "critical"
+            ),
+            None,
+        )
+
+    async def _api_actions(self, plan: PlanSummary, approvers: list[str]) -> None:
+        """Carry out the plan's admin-API actions, each audited with its result."""
+        ref = self._require_ref()
+        for action in plan.api_actions:
+            request = ApiActionRequest(
+                ref=ref,
+                plan_id=plan.plan_id,
+                action=action,
+                actor=self._request.requested_by,
+                approvers=approvers,
+            )
+            result = await self._act(API_ACTIVITIES[action.kind], request, ApiActionResult, _words(action))
+            await self._act(
+                names.RECORD_API_ACTION,
+                ApiActionAudit(request=request, result=result),
+                None,
+                f"Audit: {action.kind} {result.outcome}",
+            )
+
+    async def _rollback_criterion(self, plan: PlanSummary | None) -> Criterion | None:
+        """After an approved rollback: the worker runs the target revision (None when none was planned)."""
+        target = next(
+            (
+                a.target_revision
+                for a in (plan.api_actions if plan else [])
+                if a.kind is ActionKind.ROLLBACK_BILLING_WORKER
+            ),
+            None,
+        )
+        if target is None:
+            return None
+        try:
+            deployments: WorkerDeployments = await self._act(
+                names.READ_WORKER_DEPLOYMENTS,
+                self._require_ref(),
+                WorkerDeployments,
+                "Read the billing worker's running revision",
+                attempts=3,
+            )
+        except ActivityError as err:
+            return Criterion(
+                name="worker_rolled_back", passed=False, detail=f"unknown: {activity_cause(err)}"
+            )
+        current = deployments.current
+        return Criterion(
+            name="worker_rolled_back",
+            passed=current.revision == target,
+            detail=f"the billing worker runs {current.version} (revision {current.revision});"
+            f" the approved rollback target is revision {target}",
+        )
