@@ -30,18 +30,7 @@ class ReconcileActivities(PostgresActivities):
             await self._reconcile_checks(request, counts)
         counts = {kind.value: counts[kind.value] for kind in DriftKind if kind.value in counts}
         total = sum(counts.values())
-        follow_ups = int(
-            await self._fetchval(
-                f"""SELECT count(*) FROM remediation.findings f
-                    WHERE f.run_id = $1 AND f.pass = $2 AND f.kind = '{DriftKind.PAYMENT_DRIFT.value}'
-                      AND EXISTS (SELECT 1 FROM remediation.plan_actions pa
-                                  JOIN remediation.plans p ON p.plan_id = pa.plan_id
-                                  WHERE p.run_id = $1 AND pa.entity_id = f.entity_id
-                                    AND pa.kind = '{ActionKind.INVESTIGATE_PAYMENT.value}')""",
-                ref.run_id,
-                request.pass_no,
-            )
-        )
+        follow_ups = await self._follow_ups(request)
         await self._timeline(
             ref.run_id,
             f"reconcile:{request.pass_no}",
@@ -50,6 +39,27 @@ class ReconcileActivities(PostgresActivities):
             counts,
         )
         return ReconcileSummary(pass_no=request.pass_no, counts=counts, total=total, follow_ups=follow_ups)
+
+    async def _follow_ups(self, request: ReconcileRequest) -> int:
+        """Payment findings of the pass that this run's plans already handed to the payments team."""
+        # Only once the run has a plan can there be any (and reading plan_actions before then would
+        # wait on a plan being written).
+        if not await self._fetchval(
+            "SELECT EXISTS (SELECT 1 FROM remediation.plans WHERE run_id = $1)", request.ref.run_id
+        ):
+            return 0
+        return int(
+            await self._fetchval(
+                f"""SELECT count(*) FROM remediation.findings f
+                    WHERE f.run_id = $1 AND f.pass = $2 AND f.kind = '{DriftKind.PAYMENT_DRIFT.value}'
+                      AND EXISTS (SELECT 1 FROM remediation.plan_actions pa
+                                  JOIN remediation.plans p ON p.plan_id = pa.plan_id
+                                  WHERE p.run_id = $1 AND pa.entity_id = f.entity_id
+                                    AND pa.kind = '{ActionKind.INVESTIGATE_PAYMENT.value}')""",
+                request.ref.run_id,
+                request.pass_no,
+            )
+        )
 
     async def _reconcile_checks(self, request: ReconcileRequest, counts: dict[str, int]) -> None:
         """Each check is one set-based INSERT ... SELECT into the findings table; the four run concurrently."""
