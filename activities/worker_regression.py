@@ -81,5 +81,11 @@ def _ns(at: datetime) -> int:
 
 
 def _ago(first_ns: int, rollout_ns: int) -> str:
+    """``4 min after`` / ``29 days before``: how the first failure relates to the rollout."""
     seconds = abs(first_ns - rollout_ns) // 1_000_000_000
-    return f"{seconds}s {'after' if first_ns >= rollout_ns else 'before'}"
+    amount = f"{seconds} s"
+    for unit, size in (("days", 86_400), ("h", 3_600), ("min", 60)):
+        if seconds >= size:
+            amount = f"{seconds // size} {unit}"
+            break
+    return f"{amount} {'after' if first_ns >= rollout_ns else 'before'}"

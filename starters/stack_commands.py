@@ -90,9 +90,10 @@ def dev_status() -> None:
     from devstack import status
 
     rows = status(cli_settings())
+    width = max(len(r.name) for r in rows)
     for row in rows:
         health = "healthy" if row.healthy else "DOWN"
-        typer.echo(f"{row.name:<9} {health:<8} {row.address:<40} {row.detail}")
+        typer.echo(f"{row.name:<{width}} {health:<8} {row.address:<40} {row.detail}")
     if not all(r.healthy for r in rows if r.name in ("postgres", "nats", "temporal")):
         raise typer.Exit(1)
 
