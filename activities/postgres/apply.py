@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,14 +23,36 @@ from workflows.models import (
     ApplyRequest,
     ApplySummary,
     PaymentVerdict,
+    ProviderPayment,
     sql_list,
 )
+
+RECHECK_CONCURRENCY = 8  # provider lookups at once while a batch is re-checked
 
 # What the provider must still say at apply time for each provider-checked kind to go ahead.
 EXPECTED_VERDICT = {
     ActionKind.CREDIT_PAYMENT: PaymentVerdict.CAPTURED,
     ActionKind.MARK_PAYMENT_FAILED: PaymentVerdict.NOT_CAPTURED,
 }
+
+
+def debit_insert(source: str, actor: str, corr: str) -> str:
+    """The one INSERT of usage debits a remediation posts, for a batch or one row.
+
+    ``source`` yields (usage_id, cost, key); a debit is posted only if the usage record is still closed
+    at the planned cost and has no debit yet, under its UNIQUE idempotency key (so a crash, a retry or
+    the platform's own worker can never debit twice). Returns each posted entry's usage id and row.
+    """
+    return f"""INSERT INTO billing.ledger_entries (org_id, requested_by_user_id, kind, amount_minor,
+                   usage_record_id, idempotency_key, actor, correlation_id)
+               SELECT u.org_id, u.requested_by_user_id, 'usage_debit', -u.accrued_cost_minor, u.id, d.key,
+                      {actor}, {corr}
+               FROM ({source}) d JOIN billing.usage_records u ON u.id = d.usage_id
+               WHERE u.end_time IS NOT NULL AND u.accrued_cost_minor = d.cost
+                 AND NOT EXISTS (SELECT 1 FROM billing.ledger_entries l
+                                 WHERE l.usage_record_id = u.id AND l.kind = 'usage_debit')
+               ON CONFLICT DO NOTHING
+               RETURNING usage_record_id, to_jsonb(billing.ledger_entries.*) AS doc"""
 
 
 class ApplyActivities(PostgresActivities):
@@ -137,18 +160,27 @@ class ApplyActivities(PostgresActivities):
                 [a["entity_id"] for a in checked],
             )
         }
+        provider = self._provider
+        refs = sorted({s["provider_ref"] for s in sessions.values()})
+        gate = asyncio.Semaphore(RECHECK_CONCURRENCY)
+
+        async def lookup(ref: str) -> ProviderPayment:
+            async with gate:
+                return await provider.payment(ref)
+
+        try:
+            payments = dict(zip(refs, await asyncio.gather(*(lookup(r) for r in refs)), strict=True))
+        except ProviderUnreachable as exc:
+            # Retried by the activity's policy; never applied on the plan's word alone.
+            raise dependency_down(
+                f"payment provider unreachable at apply ({exc}); nothing credited"
+            ) from None
         refused: dict[int, tuple[Any, Any]] = {}
         for action in checked:
             session = sessions.get(action["entity_id"])
             if session is None:
                 continue  # gone: the handler's own re-check records it as stale
-            try:
-                payment = await self._provider.payment(session["provider_ref"])
-            except ProviderUnreachable as exc:
-                # Retried by the activity's policy; never applied on the plan's word alone.
-                raise dependency_down(
-                    f"payment provider unreachable at apply ({exc}); nothing credited"
-                ) from None
+            payment = payments[session["provider_ref"]]
             verdict, reason = judge(session["amount_minor"], session["currency"], payment)
             if verdict is not EXPECTED_VERDICT[ActionKind(action["kind"])]:
                 after = {"skipped": f"provider answer changed since approval: {reason}", "verdict": verdict.value,
@@ -161,24 +193,14 @@ class ApplyActivities(PostgresActivities):
         """Post a batch of usage debits set-based: same re-checks, keys and audit rows as one at a time."""
         await conn.execute(
             f"""WITH acts AS (
-                   SELECT pa.seq, pa.entity_id::bigint AS usage_id, -pa.amount_minor AS cost, pa.idempotency_key
+                   SELECT pa.seq, pa.entity_id::bigint AS usage_id, -pa.amount_minor AS cost, pa.idempotency_key AS key
                    FROM remediation.plan_actions pa WHERE pa.plan_id = $1 AND pa.seq = ANY($2::int[])),
                before AS (
                    SELECT a.seq, to_jsonb(u) AS doc FROM acts a JOIN billing.usage_records u ON u.id = a.usage_id),
-               posted AS (
-                   INSERT INTO billing.ledger_entries (org_id, requested_by_user_id, kind, amount_minor,
-                       usage_record_id, idempotency_key, actor, correlation_id)
-                   SELECT u.org_id, u.requested_by_user_id, 'usage_debit', -u.accrued_cost_minor, u.id,
-                          a.idempotency_key, $3, $4
-                   FROM acts a JOIN billing.usage_records u ON u.id = a.usage_id
-                   WHERE u.end_time IS NOT NULL AND u.accrued_cost_minor = a.cost
-                     AND NOT EXISTS (SELECT 1 FROM billing.ledger_entries l
-                                     WHERE l.usage_record_id = u.id AND l.kind = 'usage_debit')
-                   ON CONFLICT DO NOTHING
-                   RETURNING usage_record_id, to_jsonb(billing.ledger_entries.*) AS doc)
+               posted AS ({debit_insert("SELECT usage_id, cost, key FROM acts", "$3", "$4")})
                INSERT INTO remediation.applied_actions (plan_id, seq, idempotency_key, kind, outcome, actor,
                    approvers, workflow_id, correlation_id, before, after)
-               SELECT $1, a.seq, a.idempotency_key, '{ActionKind.POST_USAGE_DEBIT.value}',
+               SELECT $1, a.seq, a.key, '{ActionKind.POST_USAGE_DEBIT.value}',
                       CASE WHEN p.doc IS NULL THEN 'skipped_stale' ELSE 'applied' END,
                       $5, $6, $7, $4, coalesce(b.doc, 'null'::jsonb), coalesce(p.doc, 'null'::jsonb)
                FROM acts a LEFT JOIN before b USING (seq) LEFT JOIN posted p ON p.usage_record_id = a.usage_id
@@ -252,15 +274,10 @@ Handler = Callable[[asyncpg.Connection, str, int, str, str, str], Awaitable[Effe
 async def post_debit(
     conn: asyncpg.Connection, usage_id: int, cost: int, key: str, actor: str, corr: str
 ) -> Any:
+    """Post one usage debit (``debit_insert`` for a single row); its ledger row, or None when re-checks fail."""
     return await conn.fetchval(
-        """INSERT INTO billing.ledger_entries (org_id, requested_by_user_id, kind, amount_minor, usage_record_id,
-               idempotency_key, actor, correlation_id)
-           SELECT u.org_id, u.requested_by_user_id, 'usage_debit', -u.accrued_cost_minor, u.id, $3, $4, $5
-           FROM billing.usage_records u
-           WHERE u.id = $1 AND u.end_time IS NOT NULL AND u.accrued_cost_minor = $2
-             AND NOT EXISTS (SELECT 1 FROM billing.ledger_entries l
-                             WHERE l.usage_record_id = u.id AND l.kind = 'usage_debit')
-           ON CONFLICT DO NOTHING RETURNING to_jsonb(billing.ledger_entries.*)""",
+        f"""WITH posted AS ({debit_insert("SELECT $1::bigint AS usage_id, $2::bigint AS cost, $3::text AS key", "$4", "$5")})
+            SELECT doc FROM posted""",
         usage_id,
         cost,
         key,
