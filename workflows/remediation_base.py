@@ -3,7 +3,7 @@ the UI's details. Orchestration lives in ``remediation``, approvals in ``remedia
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import TypeVar, overload
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
@@ -85,19 +85,48 @@ class RemediationBase:
             return 0
         return approvals_required(self._options.policy, self._approval.plan, self._blast)
 
+    @overload
     async def _act(
         self,
         name: str,
-        arg: Any,
+        arg: BaseModel | None,
+        result_type: type[R],
+        summary: str,
+        *,
+        timeout: int | None = None,
+        heartbeat: bool = False,
+        attempts: int = 5,
+    ) -> R: ...
+
+    @overload
+    async def _act(
+        self,
+        name: str,
+        arg: BaseModel | None,
+        result_type: None,
+        summary: str,
+        *,
+        timeout: int | None = None,
+        heartbeat: bool = False,
+        attempts: int = 5,
+    ) -> None: ...
+
+    async def _act(
+        self,
+        name: str,
+        arg: BaseModel | None,
         result_type: type[R] | None,
         summary: str,
         *,
         timeout: int | None = None,
         heartbeat: bool = False,
         attempts: int = 5,
-    ) -> Any:
-        """Execute activity ``name`` with explicit timeouts, a bounded retry policy and a UI summary."""
-        return await workflow.execute_activity(
+    ) -> R | None:
+        """Execute activity ``name`` with explicit timeouts, a bounded retry policy and a UI summary.
+
+        Typed by ``result_type``: the caller gets that model (or None), checked by mypy at every call.
+        """
+        result: R | None = await workflow.execute_activity(
             name,
             args=[] if arg is None else [arg],
             result_type=result_type,
@@ -105,6 +134,7 @@ class RemediationBase:
                 self._options, timeout=timeout, heartbeat=heartbeat, attempts=attempts, summary=summary
             ),
         )
+        return result
 
     def _set_phase(self, phase: Phase, *, approval: str | None = None) -> None:
         self._phase = phase
