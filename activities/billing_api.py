@@ -10,8 +10,8 @@ from temporalio import activity
 
 from activities.errors import bad_input, dependency_down
 from activities.http_errors import json_object, raise_for, send
-from workflows import names
-from workflows.models import (
+from contracts import names
+from contracts.models import (
     ApiActionRequest,
     ApiActionResult,
     FreezeRequest,

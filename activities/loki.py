@@ -12,8 +12,8 @@ from temporalio import activity
 
 from activities.errors import dependency_down
 from activities.http_errors import json_object, raise_for, send
-from workflows import names
-from workflows.models import CheckResult, RunRef
+from contracts import names
+from contracts.models import CheckResult, RunRef
 
 SERVICES = ("gpuaas-billing-worker", "gpuaas-api", "gpuaas-webhook-worker")
 PAGE_LIMIT = 1000

@@ -17,8 +17,8 @@ from nats.js.errors import NotFoundError
 from temporalio import activity
 
 from activities.errors import dependency_down
-from workflows import names
-from workflows.models import CheckResult, EscalationRequest, RunRef
+from contracts import names
+from contracts.models import CheckResult, EscalationRequest, RunRef
 
 SCAN_LIMIT = 20_000
 ORDER = {"provisioning.active": 0, "provisioning.releasing.completed": 1, "provisioning.release_failed": 1}

@@ -18,8 +18,8 @@ from activities.heartbeat import heartbeating
 from activities.loki import LokiActivities, line_field
 from activities.payment_provider import PaymentProvider, ProviderUnreachable, judge
 from activities.postgres.base import PostgresActivities
-from workflows import names
-from workflows.models import (
+from contracts import names
+from contracts.models import (
     DriftKind,
     PaymentCheck,
     PaymentCheckSummary,

@@ -17,7 +17,7 @@ from typing import Any, Protocol, TypeVar
 
 import stripe
 
-from workflows.models import PaymentVerdict, ProviderPayment
+from contracts.models import PaymentVerdict, ProviderPayment
 
 T = TypeVar("T")
 NEVER_CAPTURED = frozenset(

@@ -6,8 +6,8 @@ from temporalio import activity
 
 from config import Settings
 from config.approver_keys import read_public_key
-from workflows import names
-from workflows.models import ApprovalPolicy, ApproverInfo, RuntimeOptions
+from contracts import names
+from contracts.models import ApprovalPolicy, ApproverInfo, RuntimeOptions
 
 
 def runtime_options(settings: Settings) -> RuntimeOptions:

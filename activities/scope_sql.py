@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workflows.models import Scope
+from contracts.models import Scope
 
 ALLOCATION_COLUMNS = {
     "org_id": "a.org_id",

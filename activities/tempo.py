@@ -11,8 +11,8 @@ from temporalio import activity
 
 from activities.errors import bad_input, dependency_down
 from activities.http_errors import json_object, raise_for, send
-from workflows import names
-from workflows.models import CheckResult, RunRef
+from contracts import names
+from contracts.models import CheckResult, RunRef
 
 
 def normalize_trace_id(raw: str) -> str:

@@ -14,8 +14,8 @@ from temporalio import activity
 
 from activities.billing_api import BillingApiActivities
 from activities.loki import LokiActivities, line_field
-from workflows import names
-from workflows.models import CheckResult, RunRef
+from contracts import names
+from contracts.models import CheckResult, RunRef
 
 QUIET_BEFORE_NS = 3600 * 1_000_000_000
 FAILING_LINES = '{service_name="gpuaas-billing-worker"} | json | __error__="" | level="error"'

@@ -18,9 +18,9 @@ import remediation_client as operations
 from alert_intake.alertmanager import Alert
 from alert_intake.mapping import AlertRefused, Mapping
 from config import Settings
+from contracts import names
+from contracts.models import AlertNotice, RemediationRequest, Trigger
 from database.scope import ScopeRefused, validate_scope
-from workflows import names
-from workflows.models import AlertNotice, RemediationRequest, Trigger
 
 log = logging.getLogger("billing_remediation.alert_intake")
 Action = Literal["started", "attached", "resolved_recorded", "no_running_remediation", "ignored"]

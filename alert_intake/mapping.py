@@ -8,8 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from contracts.models import RemediationRequest, Scope, Trigger
 from workflows.input_errors import explain
-from workflows.models import RemediationRequest, Scope, Trigger
 
 DEFAULT_MAPPING = Path(__file__).with_name("alert_mapping.toml")
 SCOPE_FIELDS = frozenset(Scope.model_fields)

@@ -20,11 +20,11 @@ from activities.payment_provider import StripePaymentProvider
 from activities.postgres import BillingDatabaseActivities
 from benchmarks.report import emit
 from config import Settings
+from contracts.models import ReconcileRequest, RunRef, Scope
 from devstack.processes import free_port
 from devstack.stack import PaymentProvider
 from local_platform.provider_payments import seeder_for
 from local_platform.seeder import SeedSpec, seed
-from workflows.models import ReconcileRequest, RunRef, Scope
 
 
 async def bench_payments(

@@ -30,12 +30,12 @@ from benchmarks.payments import bench_payments
 from benchmarks.report import emit
 from benchmarks.workflows import bench_memory, bench_workflows, full_stack, percentile
 from config import Settings
+from contracts.models import ApplyRequest, PlanRequest, ReconcileRequest, RunRef, Scope
 from devstack.processes import free_port
 from devstack.stack import Postgres
 from local_platform.db import migrate
 from local_platform.seeder import SeedSpec, seed
 from migrations.runner import apply_migrations, remediation_migrations_dir
-from workflows.models import ApplyRequest, PlanRequest, ReconcileRequest, RunRef, Scope
 
 T = TypeVar("T")
 FLOOR_TABLES = ("allocations", "usage_records", "ledger_entries", "payment_sessions")

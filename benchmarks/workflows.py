@@ -29,14 +29,8 @@ from temporalio.testing import ActivityEnvironment
 from benchmarks.report import emit
 from config import Settings
 from config.approver_keys import load_private_key, sign
-from devstack.processes import free_port
-from devstack.stack import Nats, Postgres, Temporal, dev_approver_keys
-from local_platform.seeder import SeedSpec, seed
-from local_platform.serve import running_platform
-from worker.deployment import set_current_version
-from worker.main import activity_list, build_worker, resources
-from workflows import names
-from workflows.models import (
+from contracts import names
+from contracts.models import (
     ApprovalDecision,
     BlastRadiusRequest,
     EvidenceRequest,
@@ -52,6 +46,12 @@ from workflows.models import (
     StatusView,
     Trigger,
 )
+from devstack.processes import free_port
+from devstack.stack import Nats, Postgres, Temporal, dev_approver_keys
+from local_platform.seeder import SeedSpec, seed
+from local_platform.serve import running_platform
+from worker.deployment import set_current_version
+from worker.main import activity_list, build_worker, resources
 
 
 @dataclass

@@ -15,8 +15,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from workflows.models import ApprovalDecision
-from workflows.signatures import signed_message
+from contracts.models import ApprovalDecision
+from contracts.signatures import signed_message
 
 # Names become file names: no separators, no leading dot.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncpg
 
+from contracts.models import ApprovalRecord
 from database.timeline import insert_timeline
-from workflows.models import ApprovalRecord
 
 
 async def record_approval_row(pool: asyncpg.Pool | asyncpg.Connection, record: ApprovalRecord) -> None:

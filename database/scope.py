@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from workflows.models import Scope
+from contracts.models import Scope
 
 
 class ScopeRefused(ValueError):

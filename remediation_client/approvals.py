@@ -21,19 +21,19 @@ from temporalio.service import RPCError
 
 from config import Settings
 from config.approver_keys import ApproverKeyError, load_private_key, sign
-from database.approvals import record_approval_row
-from remediation_client.errors import OperationError, update_refusal
-from remediation_client.reads import status
-from remediation_client.runs import handle_for
-from workflows import names
-from workflows.approval import NOT_OPEN
-from workflows.input_errors import explain, shown
-from workflows.models import (
+from contracts import names
+from contracts.models import (
     ApprovalDecision,
     ApprovalRecord,
     StatusView,
     VerdictDecision,
 )
+from database.approvals import record_approval_row
+from remediation_client.errors import OperationError, update_refusal
+from remediation_client.reads import status
+from remediation_client.runs import handle_for
+from workflows.approval import NOT_OPEN
+from workflows.input_errors import explain, shown
 
 log = logging.getLogger("billing_remediation.cli")
 # An approval sent while the plan is still opening (or reopening after an escalation) is retried.

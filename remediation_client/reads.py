@@ -13,13 +13,13 @@ from temporalio.client import (
 from temporalio.service import RPCError
 
 from config import Settings
-from remediation_client.errors import OperationError
-from remediation_client.runs import check_workflow_id, handle_for
-from workflows import names
-from workflows.models import (
+from contracts import names
+from contracts.models import (
     PlanSummary,
     StatusView,
 )
+from remediation_client.errors import OperationError
+from remediation_client.runs import check_workflow_id, handle_for
 from workflows.search_attributes import SA_CORRELATION, SA_ORG, SA_PHASE
 
 

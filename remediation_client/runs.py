@@ -20,16 +20,16 @@ from temporalio.common import SearchAttributePair, TypedSearchAttributes, Workfl
 from temporalio.service import RPCError, RPCStatusCode
 
 from config import Settings
-from database.scope import ScopeRefused, validate_scope
-from remediation_client.errors import OperationError, root_message
-from workflows.details import STEPS_MARKDOWN
-from workflows.launch_guard import LaunchGuardWorkflow
-from workflows.models import (
+from contracts import names
+from contracts.models import (
     LaunchGuardReport,
     LaunchGuardVerifyRequest,
     RemediationRequest,
+    RemediationResult,
 )
-from workflows.remediation import BillingRemediationWorkflow
+from database.scope import ScopeRefused, validate_scope
+from remediation_client.errors import OperationError, root_message
+from workflows.details import STEPS_MARKDOWN
 from workflows.search_attributes import scope_values
 
 log = logging.getLogger("billing_remediation.cli")
@@ -85,9 +85,11 @@ async def start(client: Client, settings: Settings, request: RemediationRequest)
         "remediate start",
         attributes={"correlation_id": request.correlation_id, "actor": request.requested_by},
     ) as span:
+        # By name: a client never loads the workflow module (it imports the activities it calls).
         handle = await client.start_workflow(
-            BillingRemediationWorkflow.run,
+            names.WORKFLOW,
             request,
+            result_type=RemediationResult,
             id=request.workflow_id(),
             task_queue=settings.task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
@@ -119,8 +121,9 @@ async def verify_launch_guard(
     workflow_id = f"launch-guard-{where}-{uuid.uuid4().hex[:8]}"
     try:
         report = await client.execute_workflow(
-            LaunchGuardWorkflow.run,
+            names.LAUNCH_GUARD_WORKFLOW,
             request,
+            result_type=LaunchGuardReport,
             id=workflow_id,
             task_queue=settings.task_queue,
             static_summary=f"launch guard · expect {request.expect} · {where} · corr {request.correlation_id}"

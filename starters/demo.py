@@ -7,11 +7,11 @@ import time
 
 import remediation_client as operations
 from config import Settings
+from contracts.models import Phase, RemediationRequest, RemediationResult, Scope, StatusView, Trigger
 from local_platform.incidents import run_incident
 from local_platform.provider_payments import seeder_for
 from local_platform.serve import platform_connections
 from starters.render import render_evidence_markdown, render_status
-from workflows.models import Phase, RemediationRequest, RemediationResult, Scope, StatusView, Trigger
 
 
 def _say(text: str) -> None:

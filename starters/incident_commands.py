@@ -11,6 +11,7 @@ import typer
 from pydantic import ValidationError
 
 from config import Settings
+from contracts.models import RemediationRequest, Scope, Trigger
 from starters.cli_app import (
     app,
     cli_client,
@@ -19,7 +20,6 @@ from starters.cli_app import (
     invalid,
     run_async,
 )
-from workflows.models import RemediationRequest, Scope, Trigger
 
 
 @app.command()
@@ -83,7 +83,7 @@ def verify_launch_guard(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Verify the launch boundary (posture, precheck, submit 402) against the expected state; exit 1 if not."""
-    from workflows.models import LaunchGuardVerifyRequest
+    from contracts.models import LaunchGuardVerifyRequest
 
     try:
         request = LaunchGuardVerifyRequest(
@@ -126,7 +126,7 @@ async def start_checked(settings: Settings, request: RemediationRequest, wait: b
     started = await operations.start(client, settings, request)
     result = ""
     if wait:
-        from workflows.models import RemediationResult
+        from contracts.models import RemediationResult
 
         outcome = await client.get_workflow_handle(
             started.workflow_id, result_type=RemediationResult

@@ -6,7 +6,7 @@ import re
 from html import escape
 from typing import Any
 
-from workflows.models import StatusView
+from contracts.models import StatusView
 
 
 def render_status(workflow_id: str, view: StatusView) -> str:

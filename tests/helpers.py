@@ -14,11 +14,8 @@ from temporalio.exceptions import ApplicationError
 
 import remediation_client as operations
 from config.approver_keys import sign
-from local_platform.incidents import IncidentReport, run_incident
-from local_platform.provider_payments import seeder_for
-from tests.conftest import APPROVER_KEYS, World
-from workflows import names
-from workflows.models import (
+from contracts import names
+from contracts.models import (
     ApprovalDecision,
     Phase,
     PlanSummary,
@@ -28,6 +25,9 @@ from workflows.models import (
     StatusView,
     Trigger,
 )
+from local_platform.incidents import IncidentReport, run_incident
+from local_platform.provider_payments import seeder_for
+from tests.conftest import APPROVER_KEYS, World
 
 T = TypeVar("T")
 

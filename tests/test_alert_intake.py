@@ -19,9 +19,9 @@ from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 import remediation_client as operations
 from alert_intake.mapping import MappingError, load_mapping
 from alert_intake.serve import running_intake
+from contracts.models import RemediationRequest, Scope, StatusView
 from devstack.processes import free_port
 from tests.helpers import eventually, incident_in
-from workflows.models import RemediationRequest, Scope, StatusView
 from workflows.search_attributes import SA_ORG, SA_TRIGGER
 
 from .conftest import World

@@ -13,11 +13,11 @@ from nats.aio.msg import Msg
 from temporalio.testing import WorkflowEnvironment
 
 from config import Settings
+from contracts import names
+from contracts.models import Phase, RemediationResult, StatusView
 from tests.conftest import World, make_world
 from tests.helpers import decision, eventually, ledger_state, start_dispute, wait_phase
 from tests.histories import keep_history
-from workflows import names
-from workflows.models import Phase, RemediationResult, StatusView
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -13,6 +13,7 @@ PACKAGES = (
     "alert_intake",
     "benchmarks",
     "config",
+    "contracts",
     "database",
     "devstack",
     "local_platform",
@@ -25,7 +26,7 @@ PACKAGES = (
 # What incident commanders, approvers and the alert intake run: none of it may load activity code.
 CLIENTS = ("remediation_client", "alert_intake", "starters.incident_commands", "starters.cli_app")
 MAX_LINES = 500
-LARGER_ALLOWED = {"workflows/models.py"}  # the boundary models, one place for every shape
+LARGER_ALLOWED = {"contracts/models.py"}  # the boundary models, one place for every shape
 
 
 def module_files() -> dict[str, Path]:

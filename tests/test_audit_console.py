@@ -6,10 +6,10 @@ import pytest
 from temporalio.api.sdk.v1 import WorkflowMetadata
 
 import remediation_client as operations
+from contracts import names
+from contracts.models import Phase, Scope
 from tests.conftest import World
 from tests.helpers import decision, eventually, start_dispute, wait_phase
-from workflows import names
-from workflows.models import Phase, Scope
 from workflows.search_attributes import (
     SA_APPROVAL,
     SA_BLAST,

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
+from contracts.models import Phase
 from local_platform.incidents import IncidentReport
 from tests.faults.harness import temporal_address, worker_env
 from tests.helpers import start_dispute, wait_phase
-from workflows.models import Phase
 
 from .conftest import World
 

@@ -18,11 +18,11 @@ from temporalio.testing import WorkflowEnvironment
 
 from config import Settings
 from config.approver_keys import new_key_pair
+from contracts import names
+from contracts.models import Phase, RemediationRequest, Scope, VerdictDecision
 from starters.demo import run_demo
 from tests.helpers import wait_phase
 from worker.payload_codec import with_codec
-from workflows import names
-from workflows.models import Phase, RemediationRequest, Scope, VerdictDecision
 
 from .conftest import APPROVER_TIERS, World, client_with, make_world
 from .faults.harness import pinned, temporal_address, worker_env
@@ -129,8 +129,8 @@ async def test_failed_verification_ends_the_demo_with_the_commands_to_decide(
 
 
 def test_decision_help_says_what_stopped_the_run() -> None:
+    from contracts.models import Criterion, StatusView, VerificationResult
     from starters.demo import decision_help
-    from workflows.models import Criterion, StatusView, VerificationResult
 
     view = StatusView(
         phase=Phase.AWAITING_DECISION,

@@ -10,8 +10,8 @@ import remediation_client as operations
 from activities.billing_api import BillingApiActivities
 from activities.loki import LokiActivities
 from activities.tempo import TempoActivities
+from contracts.models import FreezeRequest, RunRef, Scope
 from tests.conftest import World
-from workflows.models import FreezeRequest, RunRef, Scope
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from contracts.models import BlastRadius, Phase, RemediationRequest, StatusView
 from local_platform.incidents import INCIDENTS
 from tests.conftest import World
 from tests.helpers import (
@@ -25,7 +26,6 @@ from tests.helpers import (
     start,
     wait_phase,
 )
-from workflows.models import BlastRadius, Phase, RemediationRequest, StatusView
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -7,17 +7,17 @@ import pytest
 from typer.testing import CliRunner
 
 import remediation_client as operations
-from starters.cli import app
-from tests.helpers import incident_in
-from tests.histories import keep_history
-from workflows.launch_guard import launch_guard_criteria
-from workflows.models import (
+from contracts.models import (
     Criterion,
     LaunchGuardVerifyRequest,
     PostureObservation,
     PrecheckObservation,
     SubmitObservation,
 )
+from starters.cli import app
+from tests.helpers import incident_in
+from tests.histories import keep_history
+from workflows.launch_guard import launch_guard_criteria
 
 from .conftest import World
 

@@ -12,10 +12,10 @@ from temporalio.exceptions import ApplicationError
 from activities.errors import dependency_down
 from activities.loki import PAGE_LIMIT, LokiActivities, correlation_query, trace_id_of
 from activities.tempo import TempoActivities, normalize_trace_id
+from contracts.models import RunRef
 from local_platform.telemetry import log
 from tests.conftest import World
 from tests.helpers import incident_in
-from workflows.models import RunRef
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

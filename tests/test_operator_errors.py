@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 
 import remediation_client as operations
 from alert_intake.mapping import AlertRefused, load_mapping
+from contracts.models import Phase, Trigger
 from starters.cli import app
 from tests.helpers import eventually, start_dispute, wait_phase
 from workflows.input_errors import ECHO_LIMIT
-from workflows.models import Phase, Trigger
 
 from .conftest import APPROVER_KEYS, World
 

@@ -23,15 +23,8 @@ from temporalio.testing import WorkflowEnvironment
 from activities.nats_jetstream import NatsActivities
 from activities.payment_provider import StripePaymentProvider, judge
 from config import Settings
-from devstack.processes import free_port
-from devstack.stack import PaymentProvider
-from local_platform.events import publish
-from local_platform.provider_payments import ProviderOutcome, seeder_for
-from tests.conftest import World, make_world
-from tests.helpers import decision, eventually, incident_in, ledger_state, request_for, start, wait_phase
-from workflows import names
-from workflows.criteria import worker_criterion
-from workflows.models import (
+from contracts import names
+from contracts.models import (
     ConsumerSample,
     PaymentVerdict,
     Phase,
@@ -40,6 +33,13 @@ from workflows.models import (
     StatusView,
     VerdictDecision,
 )
+from devstack.processes import free_port
+from devstack.stack import PaymentProvider
+from local_platform.events import publish
+from local_platform.provider_payments import ProviderOutcome, seeder_for
+from tests.conftest import World, make_world
+from tests.helpers import decision, eventually, incident_in, ledger_state, request_for, start, wait_phase
+from workflows.criteria import worker_criterion
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -8,9 +8,9 @@ import pytest
 from temporalio.testing import ActivityEnvironment
 
 from activities.postgres import BillingDatabaseActivities
+from contracts.models import ReconcileRequest, RunRef, Scope
 from local_platform.seeder import SeedSpec, seed
 from tests.conftest import World
-from workflows.models import ReconcileRequest, RunRef, Scope
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -18,6 +18,15 @@ from temporalio.testing import WorkflowEnvironment
 import remediation_client as operations
 from config import Settings
 from config.approver_keys import sign
+from contracts import names
+from contracts.models import (
+    Phase,
+    RemediationRequest,
+    Scope,
+    StatusView,
+    Trigger,
+    VerdictDecision,
+)
 from starters.incident_commands import start_checked
 from starters.render import render_evidence_html
 from tests.conftest import APPROVER_KEYS, World, make_world
@@ -34,15 +43,6 @@ from tests.helpers import (
     wait_phase,
 )
 from tests.histories import keep_history, replay_failure
-from workflows import names
-from workflows.models import (
-    Phase,
-    RemediationRequest,
-    Scope,
-    StatusView,
-    Trigger,
-    VerdictDecision,
-)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

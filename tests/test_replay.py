@@ -10,9 +10,9 @@ from temporalio import workflow
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
+from contracts import names
+from contracts.models import RemediationRequest, RemediationResult
 from tests.histories import load, recorded, replay_failure
-from workflows import names
-from workflows.models import RemediationRequest, RemediationResult
 from workflows.remediation import BillingRemediationWorkflow
 from workflows.sandbox import workflow_runner
 

@@ -12,15 +12,7 @@ from pydantic import ValidationError
 from temporalio.contrib.pydantic import pydantic_data_converter
 
 from config.approver_keys import public_key_b64, sign
-from workflows.approval import (
-    NOT_OPEN,
-    ApprovalState,
-    apply_decision,
-    approvals_required,
-    refusal,
-    reset_for_plan,
-)
-from workflows.models import (
+from contracts.models import (
     ApprovalDecision,
     ApprovalPolicy,
     ApproverInfo,
@@ -29,7 +21,15 @@ from workflows.models import (
     RemediationRequest,
     Scope,
 )
-from workflows.signatures import verify
+from contracts.signatures import verify
+from workflows.approval import (
+    NOT_OPEN,
+    ApprovalState,
+    apply_decision,
+    approvals_required,
+    refusal,
+    reset_for_plan,
+)
 
 ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,30}", fullmatch=True)
 

@@ -7,10 +7,7 @@ from __future__ import annotations
 import pytest
 
 import remediation_client as operations
-from local_platform.seeder import SeedSpec, seed
-from tests.helpers import start, start_dispute, wait_phase
-from workflows.approval import approvals_required
-from workflows.models import (
+from contracts.models import (
     ApprovalPolicy,
     ApproverInfo,
     BlastRadius,
@@ -19,6 +16,9 @@ from workflows.models import (
     RemediationRequest,
     Trigger,
 )
+from local_platform.seeder import SeedSpec, seed
+from tests.helpers import start, start_dispute, wait_phase
+from workflows.approval import approvals_required
 
 from .conftest import World
 

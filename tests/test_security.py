@@ -17,11 +17,11 @@ from temporalio.worker import Replayer
 import remediation_client as operations
 from config import Settings
 from config.approver_keys import ApproverKeyError, new_key_pair
+from contracts import names
+from contracts.models import Phase, RemediationRequest, RemediationResult, Scope, Trigger
 from tests.conftest import client_with, make_world
 from tests.helpers import decision, incident_in, start, start_dispute, wait_phase
 from worker.payload_codec import EncryptionCodec, PayloadKeyError, payload_keys, with_codec
-from workflows import names
-from workflows.models import Phase, RemediationRequest, RemediationResult, Scope, Trigger
 from workflows.remediation import BillingRemediationWorkflow
 from workflows.sandbox import workflow_runner
 

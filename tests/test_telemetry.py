@@ -21,10 +21,10 @@ import remediation_client as operations
 import remediation_client.runs
 from activities.tempo import TempoActivities
 from config import Settings
+from contracts.models import Phase, RemediationRequest, RemediationResult, Scope
 from tests.conftest import client_with, make_world
 from tests.helpers import incident_in, start_dispute
 from worker.telemetry import JsonFormatter, configure_tracing
-from workflows.models import Phase, RemediationRequest, RemediationResult, Scope
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

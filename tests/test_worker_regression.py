@@ -8,9 +8,9 @@ from typing import Any
 import httpx
 import pytest
 
+from contracts.models import Phase
 from tests.conftest import World
 from tests.helpers import approve_quorum, incident_in, request_for, start, wait_phase
-from workflows.models import Phase
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -14,11 +14,11 @@ from temporalio.common import VersioningBehavior
 from temporalio.testing import WorkflowEnvironment
 
 from config import Settings
+from contracts import names
+from contracts.models import Phase, RemediationResult, StatusView
 from tests.helpers import approve_quorum, incident_in, request_for, start, wait_phase
 from worker.deployment import set_current_version
 from worker.main import build_worker, resources
-from workflows import names
-from workflows.models import Phase, RemediationResult, StatusView
 
 from .conftest import make_world
 

@@ -20,7 +20,7 @@ from opentelemetry import trace
 from temporalio import activity
 from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput, Interceptor
 
-from workflows.models import RunRef
+from contracts.models import RunRef
 
 CONTEXT_FIELDS = ("correlation_id", "workflow_id", "phase", "actor")
 _configured: list[str] = []  # the global tracer provider can be set once per process

@@ -8,8 +8,8 @@ from typing import Any
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
-from workflows import names
-from workflows.models import RuntimeOptions
+from contracts import names
+from contracts.models import RuntimeOptions
 
 
 def activity_cause(err: ActivityError) -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from workflows.models import ApprovalDecision, ApprovalPolicy, BlastRadius, PlanSummary
-from workflows.signatures import signature_problem
+from contracts.models import ApprovalDecision, ApprovalPolicy, BlastRadius, PlanSummary
+from contracts.signatures import signature_problem
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workflows.models import ConsumerSample, Criterion
+from contracts.models import ConsumerSample, Criterion
 
 
 def worker_criterion(

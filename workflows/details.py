@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from workflows.approval import ApprovalState
-from workflows.models import (
+from contracts.models import (
     AlertNotice,
     BlastRadius,
     CheckResult,
@@ -11,6 +10,7 @@ from workflows.models import (
     RemediationRequest,
     VerificationResult,
 )
+from workflows.approval import ApprovalState
 
 STEPS_MARKDOWN = """**Runbook: billing worker failure and reconciliation drift**
 

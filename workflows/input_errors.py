@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from workflows.models import ID_PATTERN, PLAN_HASH_PATTERN, TRACE_ID_PATTERN
+from contracts.models import ID_PATTERN, PLAN_HASH_PATTERN, TRACE_ID_PATTERN
 
 ECHO_LIMIT = 64  # characters of a refused value shown back
 

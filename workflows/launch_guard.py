@@ -7,15 +7,17 @@ with the expected state. Orchestration only; the probes are activities of the ad
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from workflows import names
-    from workflows.models import (
+    from activities.billing_api import BillingApiActivities
+    from contracts import names
+    from contracts.models import (
         Criterion,
         LaunchGuardReport,
         LaunchGuardVerifyRequest,
@@ -93,7 +95,7 @@ class LaunchGuardWorkflow:
         where = request.org_id + (f"/{request.project_id}" if request.project_id else "")
         probe = request.probe()
         posture = await self._probe(
-            names.READ_POSTURE, probe, PostureObservation, f"Read financial posture of {request.org_id}"
+            BillingApiActivities.read_posture, probe, f"Read financial posture of {request.org_id}"
         )
         if posture.org_id != request.org_id:
             # The project named belongs to another org: comparing would verify the wrong customer.
@@ -103,12 +105,12 @@ class LaunchGuardWorkflow:
                 non_retryable=True,
             )
         precheck = await self._probe(
-            names.RUN_PRECHECK, probe, PrecheckObservation, f"Launch precheck {request.sku} for {where}"
+            BillingApiActivities.run_precheck, probe, f"Launch precheck {request.sku} for {where}"
         )
         submit: SubmitObservation | None = None
         if request.expect == "restricted" and request.probe_submit:
             submit = await self._probe(
-                names.PROBE_SUBMIT, probe, SubmitObservation, f"Probe launch submit for {where} (expect 402)"
+                BillingApiActivities.probe_submit, probe, f"Probe launch submit for {where} (expect 402)"
             )
         criteria = launch_guard_criteria(request.expect, posture, precheck, submit)
         passed = all(c.passed for c in criteria)
@@ -134,11 +136,12 @@ class LaunchGuardWorkflow:
         return self._report
 
     @staticmethod
-    async def _probe(name: str, probe: LaunchProbe, result_type: type[T], summary: str) -> T:
-        result: T = await workflow.execute_activity(
-            name,
+    async def _probe(
+        activity: Callable[[Any, LaunchProbe], Awaitable[T]], probe: LaunchProbe, summary: str
+    ) -> T:
+        result: T = await workflow.execute_activity_method(
+            activity,
             probe,
-            result_type=result_type,
             start_to_close_timeout=timedelta(seconds=30),
             retry_policy=_RETRY,
             summary=summary,

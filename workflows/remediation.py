@@ -1,12 +1,14 @@
 """The runbook as one durable workflow: diagnose, freeze, reconcile, approve, remediate, verify, evidence.
 
-Orchestration only: no I/O, no clocks, no randomness. Activities are referenced by their stable names.
+Orchestration only: no I/O, no clocks, no randomness. Activities are called by method reference (their
+stable names, in ``contracts.names``, are what history records).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError
@@ -14,21 +16,21 @@ from temporalio.exceptions import ActivityError
 with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel
 
-    from workflows import names
-    from workflows.activity_calls import activity_cause
-    from workflows.approval import (
-        reset_for_plan,
-    )
-    from workflows.criteria import worker_criterion
-    from workflows.details import STEPS_MARKDOWN
-    from workflows.launch_guard import LaunchGuardWorkflow
-    from workflows.models import (
+    from activities.billing_api import BillingApiActivities
+    from activities.loki import LokiActivities
+    from activities.nats_jetstream import NatsActivities
+    from activities.postgres import BillingDatabaseActivities
+    from activities.postgres.records import RecordsActivities
+    from activities.runtime_config import ConfigActivities
+    from activities.tempo import TempoActivities
+    from activities.worker_regression import WorkerRegressionActivities
+    from contracts import names
+    from contracts.models import (
         AlertNotice,
         ApplyRequest,
         ApplySummary,
         BlastRadius,
         BlastRadiusRequest,
-        BlastRadiusResult,
         CheckResult,
         Criterion,
         EvidenceRequest,
@@ -39,7 +41,6 @@ with workflow.unsafe.imports_passed_through():
         PlanRequest,
         PlanSummary,
         ReconcileRequest,
-        ReconcileSummary,
         RegisterRun,
         RemediationRequest,
         RemediationResult,
@@ -51,6 +52,13 @@ with workflow.unsafe.imports_passed_through():
         VerificationRequest,
         VerificationResult,
     )
+    from workflows.activity_calls import activity_cause, activity_options
+    from workflows.approval import (
+        reset_for_plan,
+    )
+    from workflows.criteria import worker_criterion
+    from workflows.details import STEPS_MARKDOWN
+    from workflows.launch_guard import LaunchGuardWorkflow
     from workflows.remediation_worker import WorkerSteps
     from workflows.search_attributes import SA_BLAST
 
@@ -82,13 +90,19 @@ class BillingRemediationWorkflow(WorkerSteps):
         self._upsert_scope_attributes()
         # Issues no command until an audit is queued.
         self._auditor = asyncio.create_task(self._audit_approvals())
-        self._options = await self._act(
-            names.LOAD_RUNTIME_OPTIONS, None, RuntimeOptions, "Load the approval policy and thresholds"
+        self._options = await workflow.execute_activity_method(
+            ConfigActivities.load_runtime_options,
+            **activity_options(
+                None,
+                timeout=None,
+                heartbeat=False,
+                attempts=5,
+                summary="Load the approval policy and thresholds",
+            ),
         )
         await self._act(
-            names.REGISTER_RUN,
+            RecordsActivities.register_run,
             RegisterRun(ref=self._ref, request=request),
-            None,
             f"Register remediation of {request.scope.describe()} by {request.requested_by}",
             attempts=3,
         )
@@ -125,14 +139,13 @@ class BillingRemediationWorkflow(WorkerSteps):
             self._set_phase(Phase.FREEZING)
             self._frozen_id = f"{ref.workflow_id}/{ref.run_id}"
             await self._act(
-                names.FREEZE_ADJUSTMENTS,
+                BillingApiActivities.freeze_adjustments,
                 FreezeRequest(
                     ref=ref,
                     freeze_id=self._frozen_id,
                     actor=request.requested_by,
                     reason=f"widespread billing drift; remediation {ref.workflow_id}",
                 ),
-                None,
                 f"Freeze manual adjustments for {request.scope.describe()}",
             )
 
@@ -144,9 +157,8 @@ class BillingRemediationWorkflow(WorkerSteps):
         for pass_no in range(MAX_PASSES):
             self._set_phase(Phase.RECONCILING)
             summary = await self._act(
-                names.RECONCILE,
+                BillingDatabaseActivities.reconcile,
                 ReconcileRequest(ref=ref, pass_no=pass_no),
-                ReconcileSummary,
                 f"Reconcile the four runbook checks for {request.scope.describe()}",
                 timeout=600,
                 heartbeat=True,
@@ -155,14 +167,13 @@ class BillingRemediationWorkflow(WorkerSteps):
             self._drift = dict(summary.counts)
             if pass_no == 0:
                 await self._act(
-                    names.SNAPSHOT_SCOPE,
+                    RecordsActivities.snapshot_scope,
                     SnapshotRequest(ref=ref, label="before"),
-                    None,
                     "Capture before-remediation query evidence",
                 )
             await self._confirm_payments(pass_no, summary.counts)
             plan = await self._act(
-                names.BUILD_PLAN,
+                BillingDatabaseActivities.build_plan,
                 PlanRequest(
                     ref=ref,
                     pass_no=pass_no,
@@ -172,7 +183,6 @@ class BillingRemediationWorkflow(WorkerSteps):
                     restart_worker=worker_degraded and pass_no == 0 and request.scope.is_global,
                     rollback_worker_to=self._rollback_target(),
                 ),
-                PlanSummary,
                 "Build the remediation plan from the findings",
                 timeout=600,
                 heartbeat=True,
@@ -210,34 +220,41 @@ class BillingRemediationWorkflow(WorkerSteps):
         self._set_phase(Phase.DIAGNOSING)
         scope_words = request.scope.describe()
         checks = await asyncio.gather(
-            self._check(names.CHECK_POSTGRES, "postgres", ref, "Check Postgres connectivity"),
             self._check(
-                names.CHECK_CONSUMER,
+                BillingDatabaseActivities.check_postgres, "postgres", ref, "Check Postgres connectivity"
+            ),
+            self._check(
+                NatsActivities.check_consumer,
                 "nats_consumer",
                 ref,
                 "Check the billing worker's NATS consumer (pending, ack-pending, redeliveries)",
             ),
-            self._check(names.CHECK_OUTBOX, "outbox_relay", ref, "Check outbox relay backlog and lag"),
             self._check(
-                names.QUERY_CORRELATION_LOGS,
+                BillingDatabaseActivities.check_outbox,
+                "outbox_relay",
+                ref,
+                "Check outbox relay backlog and lag",
+            ),
+            self._check(
+                LokiActivities.query_correlation_logs,
                 "loki_logs",
                 ref,
                 f"Search Loki for correlation id {request.correlation_id}",
             ),
             self._check(
-                names.READ_EVENT_SEQUENCE,
+                NatsActivities.read_event_sequence,
                 "event_sequence",
                 ref,
                 f"Validate the event sequence for {scope_words}",
             ),
             self._check(
-                names.CHECK_WORKER_REGRESSION,
+                WorkerRegressionActivities.check_worker_regression,
                 "worker_regression",
                 ref,
                 "Compare the billing worker's failures with its latest rollout",
             ),
             self._check(
-                names.CHECK_DATA_CONSISTENCY,
+                BillingDatabaseActivities.check_data_consistency,
                 "data_consistency",
                 ref,
                 f"Check usage/ledger/allocation/attribution consistency for {scope_words}",
@@ -251,19 +268,21 @@ class BillingRemediationWorkflow(WorkerSteps):
             traced = ref.model_copy(update={"trace_id": trace_id})
             self._diagnosis.append(
                 await self._check(
-                    names.SUMMARIZE_TRACE, "tempo_trace", traced, f"Summarize Tempo trace {trace_id}"
+                    TempoActivities.summarize_trace,
+                    "tempo_trace",
+                    traced,
+                    f"Summarize Tempo trace {trace_id}",
                 )
             )
         degraded = any(c.check == "nats_consumer" and c.status == "critical" for c in self._diagnosis)
         try:
             assessed = await self._act(
-                names.ASSESS_BLAST_RADIUS,
+                BillingDatabaseActivities.assess_blast_radius,
                 BlastRadiusRequest(
                     ref=ref,
                     worker_degraded=degraded,
                     widespread_org_threshold=options.widespread_org_threshold,
                 ),
-                BlastRadiusResult,
                 f"Assess the blast radius around {scope_words}",
             )
             self._blast = assessed.radius
@@ -276,11 +295,12 @@ class BillingRemediationWorkflow(WorkerSteps):
         workflow.upsert_search_attributes([SA_BLAST.value_set(self._blast.value)])
         self._refresh_details()
 
-    async def _check(self, name: str, check: str, ref: RunRef, summary: str) -> CheckResult:
+    async def _check(
+        self, activity: Callable[[Any, RunRef], Awaitable[CheckResult]], check: str, ref: RunRef, summary: str
+    ) -> CheckResult:
         """Run one diagnosis activity; a dependency that is down becomes a finding, not a crash."""
         try:
-            result: CheckResult = await self._act(name, ref, CheckResult, summary, attempts=3)
-            return result
+            return await self._act(activity, ref, summary, attempts=3)
         except ActivityError as err:
             return CheckResult(
                 check=check, status="unreachable", headline=f"{check} unreachable: {activity_cause(err)}"
@@ -291,7 +311,7 @@ class BillingRemediationWorkflow(WorkerSteps):
         options = self._require_options()
         approvers = list(self._approval.approved_by)
         applied: ApplySummary = await self._act(
-            names.APPLY_PLAN,
+            BillingDatabaseActivities.apply_plan,
             ApplyRequest(
                 ref=ref,
                 plan_id=plan.plan_id,
@@ -300,7 +320,6 @@ class BillingRemediationWorkflow(WorkerSteps):
                 approvers=approvers,
                 batch_size=options.apply_batch_size,
             ),
-            ApplySummary,
             f"Apply {plan.action_count} approved actions of plan {plan.plan_id} in batches",
             timeout=3600,
             heartbeat=True,
@@ -323,9 +342,8 @@ class BillingRemediationWorkflow(WorkerSteps):
         if rollback is not None:
             criteria.append(rollback)
         drift = await self._act(
-            names.RECONCILE,
+            BillingDatabaseActivities.reconcile,
             ReconcileRequest(ref=ref, pass_no=100 + pass_no),
-            ReconcileSummary,
             f"Re-run reconciliation for {request.scope.describe()} (expect no drift)",
             timeout=600,
             heartbeat=True,
@@ -346,13 +364,14 @@ class BillingRemediationWorkflow(WorkerSteps):
         )
         criteria.append(
             await self._act(
-                names.CHECK_DUPLICATES,
+                BillingDatabaseActivities.check_duplicates,
                 VerificationRequest(ref=ref, pass_no=pass_no),
-                Criterion,
                 "Check for duplicate debits and credits",
             )
         )
-        outbox = await self._check(names.CHECK_OUTBOX, "outbox_relay", ref, "Re-check outbox relay (alerts)")
+        outbox = await self._check(
+            BillingDatabaseActivities.check_outbox, "outbox_relay", ref, "Re-check outbox relay (alerts)"
+        )
         criteria.append(
             Criterion(
                 name="alerts_below_threshold", passed=outbox.status in ("ok", "warn"), detail=outbox.headline
@@ -362,9 +381,8 @@ class BillingRemediationWorkflow(WorkerSteps):
             criteria.append(await self._verify_launch_guard(request, pass_no))
         self._verification = VerificationResult(passed=all(c.passed for c in criteria), criteria=criteria)
         await self._act(
-            names.SNAPSHOT_SCOPE,
+            RecordsActivities.snapshot_scope,
             SnapshotRequest(ref=ref, label="after"),
-            None,
             "Capture after-remediation query evidence",
         )
         self._refresh_details()
@@ -395,14 +413,13 @@ class BillingRemediationWorkflow(WorkerSteps):
         ref = self._require_ref()
         if self._frozen_id is not None:
             await self._act(
-                names.UNFREEZE_ADJUSTMENTS,
+                BillingApiActivities.unfreeze_adjustments,
                 FreezeRequest(
                     ref=ref,
                     freeze_id=self._frozen_id,
                     actor=self._request.requested_by,
                     reason=f"remediation ended: {outcome.value}",
                 ),
-                None,
                 "Lift the manual-adjustment freeze",
                 attempts=20,
             )
@@ -410,7 +427,7 @@ class BillingRemediationWorkflow(WorkerSteps):
         self._set_phase(Phase.CAPTURING_EVIDENCE)
         await workflow.wait_condition(lambda: not self._audits and not self._auditing)
         await self._act(
-            names.CAPTURE_EVIDENCE,
+            RecordsActivities.capture_evidence,
             EvidenceRequest(
                 ref=ref,
                 outcome=outcome.value,
@@ -419,18 +436,16 @@ class BillingRemediationWorkflow(WorkerSteps):
                 verification=self._verification,
                 approvers=list(self._approval.approved_by),
             ),
-            None,
             "Capture the evidence pack",
         )
         await self._act(
-            names.FINISH_RUN,
+            RecordsActivities.finish_run,
             FinishRun(
                 ref=ref,
                 phase=outcome.value,
                 outcome=outcome.value,
                 blast_radius=self._blast.value if self._blast else None,
             ),
-            None,
             f"Close the run as {outcome.value}",
         )
         self._set_phase(outcome)

@@ -13,18 +13,20 @@ from temporalio.exceptions import ApplicationError
 with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel
 
-    from workflows import names
-    from workflows.approval import (
-        apply_decision,
-        refusal,
-    )
-    from workflows.models import (
+    from activities.nats_jetstream import NatsActivities
+    from activities.postgres.records import RecordsActivities
+    from contracts import names
+    from contracts.models import (
         ApprovalDecision,
         ApprovalRecord,
         EscalationRequest,
         Phase,
         PlanSummary,
         VerdictDecision,
+    )
+    from workflows.approval import (
+        apply_decision,
+        refusal,
     )
     from workflows.remediation_base import RemediationBase
     from workflows.search_attributes import SA_APPROVAL
@@ -97,7 +99,7 @@ class ApprovalSteps(RemediationBase):
             a.name for a in policy.approvers
         ]
         await self._act(
-            names.PUBLISH_ESCALATION,
+            NatsActivities.publish_escalation,
             EscalationRequest(
                 ref=self._require_ref(),
                 plan_id=plan.plan_id,
@@ -107,7 +109,6 @@ class ApprovalSteps(RemediationBase):
                 next_tier=tier,
                 next_approvers=next_approvers,
             ),
-            None,
             f"Escalate the pending approval to tier {tier}",
         )
 
@@ -212,7 +213,7 @@ class ApprovalSteps(RemediationBase):
         self._events += 1
         plan = self._approval.plan
         await self._act(
-            names.RECORD_APPROVAL,
+            RecordsActivities.record_approval,
             ApprovalRecord.of(
                 decision,
                 run_id=ref.run_id,
@@ -221,7 +222,6 @@ class ApprovalSteps(RemediationBase):
                 refusal_reason=reason,
                 via=via,
             ),
-            None,
             f"Audit {decision.decision} by {decision.approver}"
             + ("" if reason is None else f" (refused: {reason})"),
         )

@@ -3,22 +3,16 @@ the UI's details. Orchestration lives in ``remediation``, approvals in ``remedia
 
 from __future__ import annotations
 
-from typing import TypeVar, overload
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from pydantic import BaseModel
-
-    from workflows import names
-    from workflows.activity_calls import activity_options
-    from workflows.approval import (
-        ApprovalState,
-        approvals_required,
-    )
-    from workflows.details import details_markdown
-    from workflows.models import (
+    from activities.nats_jetstream import NatsActivities
+    from activities.postgres.records import RecordsActivities
+    from contracts.models import (
         AlertNotice,
         ApprovalDecision,
         BlastRadius,
@@ -32,9 +26,16 @@ with workflow.unsafe.imports_passed_through():
         VerdictDecision,
         VerificationResult,
     )
+    from workflows.activity_calls import activity_options
+    from workflows.approval import (
+        ApprovalState,
+        approvals_required,
+    )
+    from workflows.details import details_markdown
     from workflows.search_attributes import SA_APPROVAL, SA_PHASE, scope_values
 
-R = TypeVar("R", bound=BaseModel)
+A = TypeVar("A")
+T = TypeVar("T")
 
 
 class RemediationBase:
@@ -67,7 +68,7 @@ class RemediationBase:
         ref = self._require_ref()
         self._events += 1
         await self._act(
-            names.RECORD_TIMELINE,
+            RecordsActivities.record_timeline,
             TimelineEvent(
                 run_id=ref.run_id,
                 event_key=f"{ref.run_id}:wf:{self._events}",
@@ -76,7 +77,6 @@ class RemediationBase:
                 message=message,
                 detail={"comment": comment},
             ),
-            None,
             f"Timeline: {message}",
         )
 
@@ -85,56 +85,25 @@ class RemediationBase:
             return 0
         return approvals_required(self._options.policy, self._approval.plan, self._blast)
 
-    @overload
     async def _act(
         self,
-        name: str,
-        arg: BaseModel | None,
-        result_type: type[R],
+        activity: Callable[[Any, A], Awaitable[T]],
+        arg: A,
         summary: str,
         *,
         timeout: int | None = None,
         heartbeat: bool = False,
         attempts: int = 5,
-    ) -> R: ...
+    ) -> T:
+        """Execute the activity method with explicit timeouts, a bounded retry policy and a UI summary.
 
-    @overload
-    async def _act(
-        self,
-        name: str,
-        arg: BaseModel | None,
-        result_type: None,
-        summary: str,
-        *,
-        timeout: int | None = None,
-        heartbeat: bool = False,
-        attempts: int = 5,
-    ) -> None: ...
-
-    async def _act(
-        self,
-        name: str,
-        arg: BaseModel | None,
-        result_type: type[R] | None,
-        summary: str,
-        *,
-        timeout: int | None = None,
-        heartbeat: bool = False,
-        attempts: int = 5,
-    ) -> R | None:
-        """Execute activity ``name`` with explicit timeouts, a bounded retry policy and a UI summary.
-
-        Typed by ``result_type``: the caller gets that model (or None), checked by mypy at every call.
+        Called by reference (``Class.method``): mypy checks the argument and the result at every call,
+        and a reader follows the call to its code. History records the method's stable name.
         """
-        result: R | None = await workflow.execute_activity(
-            name,
-            args=[] if arg is None else [arg],
-            result_type=result_type,
-            **activity_options(
-                self._options, timeout=timeout, heartbeat=heartbeat, attempts=attempts, summary=summary
-            ),
+        options = activity_options(
+            self._options, timeout=timeout, heartbeat=heartbeat, attempts=attempts, summary=summary
         )
-        return result
+        return await workflow.execute_activity_method(activity, arg, **options)
 
     def _set_phase(self, phase: Phase, *, approval: str | None = None) -> None:
         self._phase = phase
@@ -188,9 +157,7 @@ class RemediationBase:
 
     async def _consumer_sample(self, summary: str) -> ConsumerSample | None:
         try:
-            result = await self._act(
-                names.CHECK_CONSUMER, self._require_ref(), CheckResult, summary, attempts=3
-            )
+            result = await self._act(NatsActivities.check_consumer, self._require_ref(), summary, attempts=3)
         except ActivityError:
             return None
         if "pending" not in result.counts:  # the consumer does not exist: nothing measured

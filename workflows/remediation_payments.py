@@ -9,8 +9,8 @@ from __future__ import annotations
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from workflows import names
-    from workflows.models import (
+    from activities.payment_checks import PaymentCheckActivities
+    from contracts.models import (
         DriftKind,
         PaymentCheckSummary,
         Phase,
@@ -33,9 +33,8 @@ class PaymentSteps(ApprovalSteps):
         wait = options.provider_wait_seconds
         while True:
             summary: PaymentCheckSummary = await self._act(
-                names.CHECK_PAYMENTS,
+                PaymentCheckActivities.check_payment_findings,
                 ReconcileRequest(ref=ref, pass_no=pass_no),
-                PaymentCheckSummary,
                 f"Ask the payment provider about {counts[DriftKind.PAYMENT_DRIFT.value]} payment findings",
                 timeout=600,
                 heartbeat=True,

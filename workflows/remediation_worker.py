@@ -7,13 +7,16 @@ worker's current revision (``worker_regression``): a restart would run the same 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 from temporalio import workflow
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
-    from workflows import names
-    from workflows.activity_calls import activity_cause
-    from workflows.models import (
+    from activities.billing_api import BillingApiActivities
+    from activities.postgres.records import RecordsActivities
+    from contracts.models import (
         ActionKind,
         ApiAction,
         ApiActionAudit,
@@ -23,12 +26,13 @@ with workflow.unsafe.imports_passed_through():
         PlanSummary,
         WorkerDeployments,
     )
+    from workflows.activity_calls import activity_cause
     from workflows.remediation_payments import PaymentSteps
 
-API_ACTIVITIES = {
-    ActionKind.CLEAR_FINANCIAL_RESTRICTION: names.CLEAR_RESTRICTION,
-    ActionKind.RESTART_BILLING_WORKER: names.RESTART_BILLING_WORKER,
-    ActionKind.ROLLBACK_BILLING_WORKER: names.ROLLBACK_BILLING_WORKER,
+API_ACTIVITIES: dict[ActionKind, Callable[[Any, ApiActionRequest], Awaitable[ApiActionResult]]] = {
+    ActionKind.CLEAR_FINANCIAL_RESTRICTION: BillingApiActivities.clear_restriction,
+    ActionKind.RESTART_BILLING_WORKER: BillingApiActivities.restart_billing_worker,
+    ActionKind.ROLLBACK_BILLING_WORKER: BillingApiActivities.rollback_billing_worker,
 }
 
 
@@ -65,11 +69,10 @@ class WorkerSteps(PaymentSteps):
                 actor=self._request.requested_by,
                 approvers=approvers,
             )
-            result = await self._act(API_ACTIVITIES[action.kind], request, ApiActionResult, _words(action))
+            result = await self._act(API_ACTIVITIES[action.kind], request, _words(action))
             await self._act(
-                names.RECORD_API_ACTION,
+                RecordsActivities.record_api_action,
                 ApiActionAudit(request=request, result=result),
-                None,
                 f"Audit: {action.kind} {result.outcome}",
             )
 
@@ -87,9 +90,8 @@ class WorkerSteps(PaymentSteps):
             return None
         try:
             deployments: WorkerDeployments = await self._act(
-                names.READ_WORKER_DEPLOYMENTS,
+                BillingApiActivities.read_worker_deployments,
                 self._require_ref(),
-                WorkerDeployments,
                 "Read the billing worker's running revision",
                 attempts=3,
             )

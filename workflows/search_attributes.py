@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from temporalio.common import SearchAttributeKey
 
-from workflows.models import Scope
+from contracts.models import Scope
 
 SA_CORRELATION = SearchAttributeKey.for_keyword("CorrelationId")
 SA_ORG = SearchAttributeKey.for_keyword("OrgId")

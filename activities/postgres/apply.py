@@ -15,8 +15,8 @@ from activities.heartbeat import heartbeating
 from activities.payment_provider import PaymentProvider, ProviderUnreachable, judge
 from activities.postgres.base import CUSTOM_PLANS, PostgresActivities
 from activities.postgres.drift_sql import CLOSE_AT, CLOSE_COST, OPEN_STATUSES
-from workflows import names
-from workflows.models import (
+from contracts import names
+from contracts.models import (
     API_ACTION_KINDS,
     PROVIDER_CHECKED_KINDS,
     ActionKind,

@@ -10,8 +10,8 @@ from typing import Any
 import asyncpg
 
 from activities.errors import dependency_down
+from contracts.models import RunRef
 from database.timeline import insert_timeline
-from workflows.models import RunRef
 
 # Driver errors that mean "the database is unreachable or restarting": retry them.
 TRANSIENT = (

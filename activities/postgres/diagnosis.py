@@ -11,8 +11,8 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities.postgres.base import TRANSIENT, PostgresActivities
 from activities.postgres.drift_sql import checks
 from activities.scope_sql import ALLOCATION_COLUMNS, LEDGER_COLUMNS, USAGE_COLUMNS, scope_predicate
-from workflows import names
-from workflows.models import (
+from contracts import names
+from contracts.models import (
     BlastRadius,
     BlastRadiusRequest,
     BlastRadiusResult,

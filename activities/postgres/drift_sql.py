@@ -13,7 +13,7 @@ from activities.scope_sql import (
     scope_predicate,
     scope_prefilter,
 )
-from workflows.models import DriftKind, Scope
+from contracts.models import DriftKind, Scope
 
 OPEN_STATUSES = "('active', 'releasing', 'release_failed')"
 # Cost of closing a usage record at the allocation's release: the platform's pricing rule in SQL.

@@ -10,8 +10,8 @@ from temporalio import activity
 from activities.heartbeat import heartbeating
 from activities.postgres.base import PostgresActivities
 from activities.scope_sql import scope_predicate
-from workflows import names
-from workflows.models import (
+from contracts import names
+from contracts.models import (
     API_ACTION_KINDS,
     ActionKind,
     ApiAction,

@@ -9,8 +9,8 @@ from temporalio import activity
 from activities.heartbeat import heartbeating
 from activities.postgres.base import CUSTOM_PLANS, RECONCILE_WORK_MEM, PostgresActivities
 from activities.postgres.drift_sql import Check, checks
-from workflows import names
-from workflows.models import (
+from contracts import names
+from contracts.models import (
     ActionKind,
     DriftKind,
     ReconcileRequest,

@@ -11,11 +11,8 @@ from temporalio import activity
 from activities.errors import bad_input
 from activities.postgres.base import PostgresActivities, driver_errors
 from activities.scope_sql import LEDGER_COLUMNS, USAGE_COLUMNS, scope_predicate
-from database.approvals import record_approval_row
-from database.scope import ScopeRefused, validate_scope
-from database.timeline import insert_timeline
-from workflows import names
-from workflows.models import (
+from contracts import names
+from contracts.models import (
     ApiActionAudit,
     ApprovalRecord,
     EvidenceRequest,
@@ -24,6 +21,9 @@ from workflows.models import (
     SnapshotRequest,
     TimelineEvent,
 )
+from database.approvals import record_approval_row
+from database.scope import ScopeRefused, validate_scope
+from database.timeline import insert_timeline
 
 FOLLOW_UPS = {
     "nats_consumer": "Alert on billing-worker consumer stalls (pending > 0 with no ack for 5 min) and page on-call.",

@@ -16,6 +16,8 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from config import Settings
+from contracts import names
+from contracts.models import Phase, RemediationRequest, StatusView, Trigger
 from devstack.processes import free_port
 from devstack.stack import Postgres, Temporal
 from local_platform.provider_payments import seeder_for
@@ -32,8 +34,6 @@ from tests.helpers import (
     start_dispute,
     wait_phase,
 )
-from workflows import names
-from workflows.models import Phase, RemediationRequest, StatusView, Trigger
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -123,7 +123,7 @@ async def test_nats_stopped_during_verification_waits_for_a_human(failover_world
 
 
 def _verdict(actor: str, choice: str) -> Any:
-    from workflows.models import VerdictDecision
+    from contracts.models import VerdictDecision
 
     return VerdictDecision(actor=actor, choice=choice, comment="NATS down during verification")
 

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
+from contracts.models import Phase, RemediationRequest, RemediationResult, Scope, StatusView, Trigger
 from tests.conftest import World
 from tests.helpers import (
     DRIFT_SQL,
@@ -17,7 +18,6 @@ from tests.helpers import (
     start,
     wait_phase,
 )
-from workflows.models import Phase, RemediationRequest, RemediationResult, Scope, StatusView, Trigger
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
+from contracts import names
+from contracts.models import Phase, RemediationRequest, Trigger
 from local_platform.provider_payments import seeder_for
 from local_platform.seeder import SeedSpec, seed
 from tests.conftest import World
@@ -21,8 +23,6 @@ from tests.helpers import (
     start,
     wait_phase,
 )
-from workflows import names
-from workflows.models import Phase, RemediationRequest, Trigger
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

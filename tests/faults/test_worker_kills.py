@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
+from contracts import names
+from contracts.models import Phase, RemediationRequest, Trigger
 from local_platform.provider_payments import seeder_for
 from local_platform.seeder import SeedSpec, seed
 from tests.conftest import World
@@ -33,8 +35,6 @@ from tests.helpers import (
     wait_phase,
 )
 from tests.histories import keep_history, replay_failure
-from workflows import names
-from workflows.models import Phase, RemediationRequest, Trigger
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

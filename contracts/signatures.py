@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from workflows.models import ApprovalDecision, ApproverInfo, PlanSummary
+from contracts.models import ApprovalDecision, ApproverInfo, PlanSummary
 
 # The approver's clock may run a little ahead of or behind the server's.
 CLOCK_SKEW = timedelta(minutes=2)
