@@ -52,7 +52,7 @@ def provider_client(settings: Settings) -> StripePaymentProvider:
     )
 
 
-def test_verdict_rules_follow_the_table() -> None:
+async def test_verdict_rules_follow_the_table() -> None:
     def pay(**fields: Any) -> ProviderPayment:
         base: dict[str, Any] = {"ref": "pi_1", "found": True, "status": "succeeded", "amount_minor": 500,
                                 "captured_minor": 500, "currency": "usd"}  # fmt: skip
