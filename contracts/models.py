@@ -470,6 +470,8 @@ class SnapshotRequest(Frozen):
 
     ref: RunRef
     label: Literal["before", "after"]
+    # The reconciliation pass whose findings are the drift to record (0 before; the verification pass after).
+    pass_no: int = 0
 
 
 class Criterion(Frozen):

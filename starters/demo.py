@@ -145,7 +145,14 @@ async def run_demo(settings: Settings) -> int:
     doc = await operations.evidence(settings, started.workflow_id)
     markdown = render_evidence_markdown(doc)
     _say("== 6. Evidence summary (full pack: remediate evidence " + started.workflow_id + ")")
-    _say("\n".join(markdown.splitlines()[:12]))
+    lines = markdown.splitlines()
+    # Up to the customers' own summaries, the first three of them.
+    end = lines.index("## Impacted scope") if "## Impacted scope" in lines else 12
+    shown = lines[:end]
+    customers = [i for i, line in enumerate(shown) if line.startswith("### ")]
+    _say("\n".join(shown[: customers[3]] if len(customers) > 3 else shown))
+    if len(customers) > 3:
+        _say(f"   ... and {len(customers) - 3} more customer summaries")
     await _show_traces(settings, incident.trace_id, started.trace_id)
     _say(f"\nTemporal UI: {started.ui_link}")
     _say("The stack is still running. Explore the UI, then stop everything with: make down")

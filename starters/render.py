@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from html import escape
 from typing import Any
 
@@ -41,6 +42,14 @@ def render_status(workflow_id: str, view: StatusView) -> str:
     return "\n".join(lines)
 
 
+def _utc(at: str) -> str:
+    """An ISO timestamp as ``2026-11-30 12:15:43 UTC`` (seconds: what an auditor compares)."""
+    try:
+        return datetime.fromisoformat(at).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except ValueError:
+        return at
+
+
 def render_evidence_markdown(doc: dict[str, Any]) -> str:
     """The evidence pack as markdown for tickets and finance."""
     run = doc["run"]
@@ -51,20 +60,25 @@ def render_evidence_markdown(doc: dict[str, Any]) -> str:
         f"- Correlation id: `{run['correlation_id']}` · trace id: `{run['trace_id']}`",
         f"- Requested by: {run['requested_by']} · run id `{run['run_id']}`",
         "",
-        "## Customer-facing summary",
+        "## Summary (internal: all customers together)",
         "",
         doc["customer_summary"],
         "",
-        "## Impacted scope",
+        "## Customer-facing summaries (one per org, its own amounts)",
         "",
     ]
+    for c in doc.get("customer_summaries", []):
+        out += [f"### {c['org_id']} ({c['currency']})", "", c["summary"], ""]
+    if not doc.get("customer_summaries"):
+        out += ["- none", ""]
+    out += ["## Impacted scope", ""]
     out += [
         f"- org {i['org_id']} ({i['currency']}): projects {', '.join(i['projects']) or '-'}; users "
         f"{', '.join(i['users']) or '-'}; {i['findings']} findings"
         for i in doc["impacted"]
     ] or ["- none"]
     out += ["", "## Timeline", "", "| at | phase | actor | event |", "|---|---|---|---|"]
-    out += [f"| {t['at']} | {t['phase']} | {t['actor']} | {t['message']} |" for t in doc["timeline"]]
+    out += [f"| {_utc(t['at'])} | {t['phase']} | {t['actor']} | {t['message']} |" for t in doc["timeline"]]
     plan = doc.get("plan")
     if plan:
         out += [
@@ -114,6 +128,9 @@ def render_evidence_html(doc: dict[str, Any]) -> str:
     """The evidence pack as one self-contained HTML page, with drift by kind before/after as a chart."""
     body = markdown_to_html(render_evidence_markdown(doc))
     chart = drift_chart_svg(doc["query_evidence"])
+    # The chart sits under the title.
+    head, sep, rest = body.partition("</h1>")
+    head, rest = (head + sep, rest) if sep else ("", body)
     title = escape(f"Remediation evidence: {doc['run']['workflow_id']}")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
@@ -122,9 +139,10 @@ body{{font:15px/1.5 system-ui,sans-serif;max-width:960px;margin:2em auto;padding
 table{{border-collapse:collapse;width:100%}}td,th{{border:1px solid #d0d5dd;padding:4px 8px;text-align:left}}
 code{{background:#f2f4f7;padding:0 3px}}h1{{font-size:1.5em}}h2{{margin-top:1.6em;font-size:1.2em}}
 </style></head><body>
+{head}
 <h2>Drift by kind, before and after</h2>
 {chart}
-{body}
+{rest}
 </body></html>
 """
 

@@ -119,7 +119,31 @@ async def test_worker_crash_remediated_exactly(world: World) -> None:
     # Evidence exists and names the approvers.
     doc = await operations.evidence(world.settings, handle.id)
     assert {a["approver"] for a in doc["approvals"] if a["accepted"]} == {"alice", "bob"}
-    assert doc["query_evidence"]["before"]["drift"] and doc["query_evidence"]["after"]
+    # Before: the injected drift; after: what verification found (only the refunded payment, handed over).
+    assert doc["query_evidence"]["before"]["drift"] == {
+        "missing_open_usage": 3, "orphan_open_usage": 2, "payment_drift": 3, "unbilled_closed_usage": 4
+    }  # fmt: skip
+    assert doc["query_evidence"]["after"]["drift"] == {
+        "missing_open_usage": 0, "orphan_open_usage": 0, "payment_drift": 1, "unbilled_closed_usage": 0
+    }  # fmt: skip
+    # Each customer reads only its own corrections: the amounts are its own ledger's, by independent SQL.
+    posted = {
+        r["org_id"]: (int(r["credits"]), int(r["debits"]))
+        for r in await world.db.fetch(
+            """SELECT org_id, coalesce(sum(amount_minor) FILTER (WHERE amount_minor > 0), 0) AS credits,
+                      coalesce(sum(amount_minor) FILTER (WHERE amount_minor < 0), 0) AS debits
+               FROM billing.ledger_entries WHERE actor LIKE 'remediation:%' GROUP BY org_id"""
+        )
+    }
+    summaries = {c["org_id"]: c for c in doc["customer_summaries"]}
+    assert len(summaries) > 1 and set(posted) <= set(summaries)
+    for org, summary in summaries.items():
+        assert (summary["credits_minor"], summary["debits_minor"]) == posted.get(org, (0, 0)), org
+        others = [o for o in summaries if o != org and posted.get(o, (0, 0))[0]]
+        for other in others:  # another org's credit never appears in this org's text
+            credit = posted[other][0]
+            if credit and credit != summary["credits_minor"]:
+                assert f"{credit / 100:,.2f}" not in summary["summary"]
     # The JSON form follows its published schema; the HTML form is one self-contained page with the chart.
     schema = json.loads((Path(__file__).parent.parent / "docs/schemas/evidence.schema.json").read_text())
     jsonschema.validate(doc, schema, format_checker=jsonschema.FormatChecker())

@@ -382,7 +382,7 @@ class BillingRemediationWorkflow(WorkerSteps):
         self._verification = VerificationResult(passed=all(c.passed for c in criteria), criteria=criteria)
         await self._act(
             RecordsActivities.snapshot_scope,
-            SnapshotRequest(ref=ref, label="after"),
+            SnapshotRequest(ref=ref, label="after", pass_no=100 + pass_no),
             "Capture after-remediation query evidence",
         )
         self._refresh_details()

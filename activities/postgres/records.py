@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 from temporalio import activity
@@ -15,6 +15,7 @@ from contracts import names
 from contracts.models import (
     ApiActionAudit,
     ApprovalRecord,
+    DriftKind,
     EvidenceRequest,
     FinishRun,
     RegisterRun,
@@ -128,13 +129,15 @@ class RecordsActivities(PostgresActivities):
                 FROM billing.ledger_entries l WHERE {ledger_pred} GROUP BY kind ORDER BY kind""",
             *lparams,
         )
+        # Exactly the pass the workflow names, every kind listed: a pass that found nothing has no
+        # finding rows, and reading "the latest pass with rows" instead showed "after" = "before".
         drift = await self._fetch(
-            """SELECT kind, count(*) AS n FROM remediation.findings WHERE run_id = $1
-               AND pass = (SELECT max(pass) FROM remediation.findings WHERE run_id = $1
-                           AND pass < CASE WHEN $2 = 'before' THEN 100 ELSE 1000 END)
-               GROUP BY kind""",
+            """SELECT k.kind, count(f.kind) AS n FROM unnest($3::text[]) AS k(kind)
+               LEFT JOIN remediation.findings f ON f.run_id = $1 AND f.pass = $2 AND f.kind = k.kind
+               GROUP BY k.kind ORDER BY k.kind""",
             ref.run_id,
-            request.label,
+            request.pass_no,
+            [kind.value for kind in DriftKind],
         )
         data = {
             "usage_records": {k: int(v) for k, v in dict(usage).items()},
@@ -307,6 +310,7 @@ async def build_evidence(pool: asyncpg.Pool, request: EvidenceRequest) -> dict[s
         ],
         "payments": payments,
         "customer_summary": _customer_summary(request, plan, applied_total, currencies, payments),
+        "customer_summaries": await _customer_summaries(pool, request, plan, currencies),
         "follow_ups": follow_ups,
     }
 
@@ -343,8 +347,58 @@ async def _payment_outcomes(pool: asyncpg.Pool, plan_id: str | None) -> list[dic
     return out
 
 
+async def _customer_summaries(
+    pool: asyncpg.Pool, request: EvidenceRequest, plan: asyncpg.Record | None, currencies: dict[str, str]
+) -> list[dict[str, Any]]:
+    """One summary per impacted org: only its own corrections and amounts, in its own currency."""
+    if plan is None:
+        return []
+    rows = await pool.fetch(
+        """SELECT pa.org_id,
+                  count(*) FILTER (WHERE aa.outcome = 'applied' AND pa.entity_type <> 'worker') AS corrected,
+                  coalesce(sum(pa.amount_minor) FILTER (WHERE aa.outcome = 'applied' AND pa.amount_minor > 0), 0)
+                      AS credits,
+                  coalesce(sum(pa.amount_minor) FILTER (WHERE aa.outcome = 'applied' AND pa.amount_minor < 0), 0)
+                      AS debits,
+                  count(*) FILTER (WHERE pa.kind = 'mark_payment_failed' AND aa.outcome = 'applied') AS failed,
+                  count(*) FILTER (WHERE pa.kind = 'investigate_payment') AS reviewed,
+                  count(*) AS planned
+           FROM remediation.plan_actions pa
+           LEFT JOIN remediation.applied_actions aa ON aa.plan_id = pa.plan_id AND aa.seq = pa.seq
+           WHERE pa.plan_id = $1 AND pa.org_id <> '*' GROUP BY pa.org_id ORDER BY pa.org_id""",
+        plan["plan_id"],
+    )
+    out = []
+    for r in rows:
+        currency = currencies.get(r["org_id"]) or await pool.fetchval(
+            "SELECT currency FROM billing.orgs WHERE id = $1", r["org_id"]
+        )
+        figures = _Figures(
+            int(r["corrected"]), int(r["credits"]), int(r["debits"]), int(r["failed"]), int(r["reviewed"])
+        )
+        out.append(
+            {
+                "org_id": r["org_id"],
+                "currency": currency or "USD",
+                "corrections": figures.corrected,
+                "credits_minor": figures.credits,
+                "debits_minor": figures.debits,
+                "summary": _summary_text(request, int(r["planned"]), figures, currency or "USD"),
+            }
+        )
+    return out
+
+
 def _money(minor: int, currency: str) -> str:
     return f"{abs(minor) / 100:,.2f} {currency}"
+
+
+class _Figures(NamedTuple):
+    corrected: int
+    credits: int
+    debits: int
+    failed: int
+    reviewed: int
 
 
 def _customer_summary(
@@ -354,36 +408,50 @@ def _customer_summary(
     currencies: dict[str, str],
     payments: list[dict[str, Any]],
 ) -> str:
+    """The whole run's summary (internal: it adds every org's amounts; customers get their own)."""
     currency = next(iter(set(currencies.values())), "USD") if len(set(currencies.values())) <= 1 else "mixed"
-    if plan is None or plan["action_count"] == 0:
+    failed = sum(1 for p in payments if p["action"] == "mark_payment_failed" and p["outcome"] == "applied")
+    reviewed = sum(1 for p in payments if p["action"] == "investigate_payment")
+    figures = _Figures(
+        applied,
+        plan["credit_total_minor"] if plan else 0,
+        plan["debit_total_minor"] if plan else 0,
+        failed,
+        reviewed,
+    )
+    return _summary_text(request, plan["action_count"] if plan else 0, figures, currency)
+
+
+def _summary_text(request: EvidenceRequest, planned: int, figures: _Figures, currency: str) -> str:
+    """What a customer reads about the corrections in ``figures``."""
+    if planned == 0:
         return "We checked your billing records for this incident and found nothing that needed correcting."
     if request.outcome in ("rejected", "expired", "dry_run_complete", "cancelled"):
         return (
             "We found billing records that need correcting; no change has been made yet while the "
             "correction is reviewed."
         )
-    debits, credits = plan["debit_total_minor"], plan["credit_total_minor"]
-    parts = [f"A billing worker incident left some records out of step. We corrected {applied} record(s)."]
-    if credits:
+    parts = [
+        f"A billing worker incident left some records out of step. We corrected {figures.corrected} record(s)."
+    ]
+    if figures.credits:
         parts.append(
-            f"Payments totalling {_money(credits, currency)} that had not reached your balance are now "
+            f"Payments totalling {_money(figures.credits, currency)} that had not reached your balance are now "
             "credited."
         )
-    if debits:
+    if figures.debits:
         parts.append(
-            f"Usage totalling {_money(debits, currency)} that had not been billed is now on your ledger,"
+            f"Usage totalling {_money(figures.debits, currency)} that had not been billed is now on your ledger,"
             " charged once at the normal rate for the time the resources actually ran."
         )
-    failed = sum(1 for p in payments if p["action"] == "mark_payment_failed" and p["outcome"] == "applied")
-    if failed:
+    if figures.failed:
         parts.append(
-            f"{failed} payment(s) never completed at our payment provider; they are marked failed and"
+            f"{figures.failed} payment(s) never completed at our payment provider; they are marked failed and"
             " nothing was charged or credited for them."
         )
-    reviewed = sum(1 for p in payments if p["action"] == "investigate_payment")
-    if reviewed:
+    if figures.reviewed:
         parts.append(
-            f"{reviewed} payment(s) whose status at our payment provider differs from our records are"
+            f"{figures.reviewed} payment(s) whose status at our payment provider differs from our records are"
             " being reviewed by our payments team; your balance was not changed for them."
         )
     parts.append("No charge or credit was applied twice.")
