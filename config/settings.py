@@ -11,6 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+EVIDENCE_SIGNER = "evidence-signer"  # key name of the worker's evidence-signing key pair
 SEARCH_ATTRIBUTES: tuple[str, ...] = (
     "CorrelationId",
     "OrgId",
@@ -129,6 +130,10 @@ class Settings(BaseSettings):
     # "required": only approvals signed with the approver's Ed25519 key count.
     approval_signatures: Literal["required", "off"] = Field(default="required", alias="APPROVAL_SIGNATURES")
     approver_keys_dir: Path | None = Field(default=None, alias="APPROVER_KEYS_DIR")
+    # The worker signs each evidence pack's audit-chain head with this Ed25519 key; verifiers trust
+    # EVIDENCE_PUBLIC_KEY (or the .pub beside the key in the keys directory).
+    evidence_signing_key_file: Path | None = Field(default=None, alias="EVIDENCE_SIGNING_KEY_FILE")
+    evidence_public_key: str | None = Field(default=None, alias="EVIDENCE_PUBLIC_KEY")
 
     # Verification.
     verify_window_seconds: int = Field(default=20, ge=0, alias="VERIFY_WINDOW_SECONDS")
@@ -244,6 +249,10 @@ class Settings(BaseSettings):
     def resolved_payload_key_file(self) -> Path:
         """Where the payload keys are read from when PAYLOAD_KEY is not set."""
         return self.payload_key_file or self.state_dir / "payload.key"
+
+    def resolved_evidence_key_file(self) -> Path:
+        """The worker's evidence-signing private key (``evidence-signer.key`` in the keys directory)."""
+        return self.evidence_signing_key_file or self.resolved_keys_dir() / f"{EVIDENCE_SIGNER}.key"
 
     def resolved_keys_dir(self) -> Path:
         """Where approver key files live (``NAME.key`` private, ``NAME.pub`` public)."""

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from config import SEARCH_ATTRIBUTES, Settings
 from config.approver_keys import new_key_pair, read_public_key
+from config.settings import EVIDENCE_SIGNER
 from devstack.component import Component, ComponentStatus, local_bin
 from devstack.payment_provider import PaymentProvider
 from devstack.postgres import Postgres
@@ -249,6 +250,8 @@ def dev_approver_keys(settings: Settings) -> list[str]:
         if approver.public_key is None and read_public_key(keys_dir, approver.name) is None:
             new_key_pair(keys_dir, approver.name, overwrite=True)
             made.append(approver.name)
+    if not settings.resolved_evidence_key_file().exists():  # the worker signs evidence packs with it
+        new_key_pair(settings.resolved_evidence_key_file().parent, EVIDENCE_SIGNER, overwrite=True)
     return [f"approver keys: made {', '.join(made)} in {keys_dir}"] if made else []
 
 

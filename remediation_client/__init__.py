@@ -15,6 +15,7 @@ from remediation_client.approvals import (
     resolve_plan_hash,
 )
 from remediation_client.errors import OperationError
+from remediation_client.integrity import verify_evidence
 from remediation_client.reads import evidence, list_query, list_runs, plan, plan_actions, status
 from remediation_client.runs import (
     WORKFLOW_ID,
@@ -48,5 +49,6 @@ __all__ = [
     "resolve_plan_hash",
     "start",
     "status",
+    "verify_evidence",
     "verify_launch_guard",
 ]

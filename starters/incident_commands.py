@@ -287,6 +287,21 @@ def list_(
         )
 
 
+@app.command("verify-evidence")
+def verify_evidence(workflow_id: str) -> None:
+    """Recompute the latest run's audit chain and check the evidence pack's signature (exit 1 naming the first difference)."""
+    import remediation_client as operations
+
+    problems, facts = run_async(operations.verify_evidence(cli_settings(), workflow_id))
+    for line in facts:
+        typer.echo(line)
+    if problems:
+        for line in problems:
+            typer.echo(f"FAILED: {line}", err=True)
+        raise typer.Exit(1)
+    typer.echo("evidence verified: the audit chain is whole and the pack is signed by the trusted key")
+
+
 @app.command()
 def evidence(workflow_id: str, format: Annotated[str, typer.Option("--format")] = "markdown") -> None:
     """The evidence pack of the latest run: markdown, json (docs/schemas/evidence.schema.json) or html."""

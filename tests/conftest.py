@@ -33,7 +33,8 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from config import SEARCH_ATTRIBUTES, Settings
-from config.approver_keys import public_key_b64
+from config.approver_keys import new_key_pair, public_key_b64
+from config.settings import EVIDENCE_SIGNER
 from devstack.processes import free_port
 from devstack.stack import Nats, PaymentProvider, Postgres
 from local_platform.db import migrate
@@ -206,6 +207,8 @@ async def make_world(
         "APPROVERS": signed_approvers(),
     }
     settings = Settings(**(fields | overrides))
+    # The world's worker signs its evidence packs, as a dev stack's does.
+    new_key_pair(settings.resolved_evidence_key_file().parent, EVIDENCE_SIGNER, overwrite=True)
     async with running_platform(settings, settings.platform_port), resources(settings) as res:
         db = await asyncpg.create_pool(settings.resolved_database_url(), min_size=1, max_size=4)
         nc = await nats.connect(settings.resolved_nats_url())

@@ -78,7 +78,12 @@ async def test_demo_completes_and_the_readmes_next_commands_work(
     # Every command the README lists after `make demo` works on the demo's run, unchanged.
     env = worker_env(demo_world.settings, temporal_address(temporal_env))
     assert demo_world.settings.payload_key is not None
-    env |= {"PAYLOAD_ENCRYPTION": "on", "PAYLOAD_KEY": demo_world.settings.payload_key.get_secret_value()}
+    env |= {
+        "PAYLOAD_ENCRYPTION": "on",
+        "PAYLOAD_KEY": demo_world.settings.payload_key.get_secret_value(),
+        # The same keys directory as the stack: verify-evidence trusts the worker's public key there.
+        "APPROVER_KEYS_DIR": str(demo_world.settings.resolved_keys_dir()),
+    }
     for line in readme_commands_after_demo():
         # Asynchronously: the stand-in these commands ask is served by this test's event loop.
         proc = await asyncio.create_subprocess_exec(

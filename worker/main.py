@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from temporalio.client import Client
 from temporalio.worker import Worker
 
@@ -27,6 +28,7 @@ from activities.runtime_config import ConfigActivities
 from activities.tempo import TempoActivities
 from activities.worker_regression import WorkerRegressionActivities
 from config import Settings
+from config.approver_keys import load_private_key
 from migrations import apply_migrations, remediation_migrations_dir
 from worker.connection import connect_temporal
 from worker.deployment import build_id, deployment_config
@@ -99,12 +101,21 @@ def payment_provider(settings: Settings) -> StripePaymentProvider:
     )
 
 
+def evidence_signer(settings: Settings) -> Ed25519PrivateKey | None:
+    """The evidence-signing key, if there is one (packs are marked unsigned otherwise, and fail verification)."""
+    path = settings.resolved_evidence_key_file()
+    if not path.exists():
+        log.warning("no evidence signing key at %s: evidence packs will be unsigned", path)
+        return None
+    return load_private_key(path)
+
+
 def activity_list(
     settings: Settings, res: Resources, temporal: Client | None = None
 ) -> Sequence[Callable[..., Any]]:
     """Every activity, bound to its system's client."""
     db = BillingDatabaseActivities(res.pool, temporal, res.provider)
-    records = RecordsActivities(res.pool)
+    records = RecordsActivities(res.pool, evidence_signer(settings))
     loki = LokiActivities(res.http_loki, settings.loki_tenant)
     payments = PaymentCheckActivities(res.pool, res.provider, loki, settings.payment_provider_concurrency)
     tempo = TempoActivities(res.http_tempo, settings.tempo_tenant)

@@ -6,6 +6,7 @@ import json
 from typing import Any, NamedTuple
 
 import asyncpg
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from temporalio import activity
 
 from activities.errors import bad_input
@@ -23,6 +24,7 @@ from contracts.models import (
     TimelineEvent,
 )
 from database.approvals import record_approval_row
+from database.audit_chain import chain_head, sign_integrity
 from database.scope import ScopeRefused, validate_scope
 from database.timeline import insert_timeline
 
@@ -38,6 +40,10 @@ FOLLOW_UPS = {
 
 class RecordsActivities(PostgresActivities):
     """The remediation's audit trail in Postgres."""
+
+    def __init__(self, pool: asyncpg.Pool, signer: Ed25519PrivateKey | None = None) -> None:
+        super().__init__(pool)
+        self._signer = signer
 
     @activity.defn(name=names.REGISTER_RUN)
     async def register_run(self, request: RegisterRun) -> None:
@@ -165,8 +171,12 @@ class RecordsActivities(PostgresActivities):
     @activity.defn(name=names.CAPTURE_EVIDENCE)
     async def capture_evidence(self, request: EvidenceRequest) -> None:
         """Assemble the runbook's evidence pack and store it with the run."""
+        run_id = request.ref.run_id
         with driver_errors():
-            document = await build_evidence(self._pool, request)
+            # Through JSON once, so the digest is of exactly what is stored and later read back.
+            document = json.loads(json.dumps(await build_evidence(self._pool, request), default=str))
+            length, head = await chain_head(self._pool, run_id)
+        document["integrity"] = sign_integrity(self._signer, run_id, length, head, document)
         await self._execute(
             """INSERT INTO remediation.evidence (run_id, document) VALUES ($1, $2)
                ON CONFLICT (run_id) DO UPDATE SET document = excluded.document, created_at = now()""",

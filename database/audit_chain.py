@@ -1,0 +1,126 @@
+"""The run's audit chain (migrations/remediation/003_audit_chain.sql): its head, and its verification.
+
+Shared by the worker (the evidence pack records and signs the head) and the client
+(`remediate verify-evidence`), so both read the chain the same way.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+SIGNED_PREFIX = "billing-remediation/evidence/v1"
+
+
+@dataclass(frozen=True)
+class ChainCheck:
+    """The chain as recomputed from the rows it covers."""
+
+    length: int
+    hashes: tuple[str, ...]  # the recomputed hash after each entry (entry n at index n - 1)
+    first_bad: str | None  # names the first row that differs, or None
+
+    def head_at(self, length: int) -> str:
+        """The chain's head after ``length`` entries ('' for none)."""
+        return self.hashes[length - 1] if 0 < length <= len(self.hashes) else ""
+
+
+def document_digest(document: dict[str, Any]) -> str:
+    """sha256 of the evidence document without its integrity block, as canonical JSON."""
+    body = {k: v for k, v in document.items() if k != "integrity"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def signed_message(run_id: str, length: int, head: str, digest: str) -> bytes:
+    """What the worker signs: the run, the chain's length and head, the document's digest."""
+    return "\n".join((SIGNED_PREFIX, run_id, str(length), head, digest)).encode()
+
+
+async def check_chain(conn: asyncpg.Connection | asyncpg.Pool, run_id: str) -> ChainCheck:
+    """Recompute every link from the rows themselves; name the first row that is gone, edited or moved."""
+    rows = await conn.fetch(
+        """SELECT seq, table_name, row_key, row_hash, remediation.audit_row(table_name, row_key) AS doc
+           FROM remediation.audit_chain WHERE run_id = $1 ORDER BY seq""",
+        run_id,
+    )
+    hashes: list[str] = []
+    prev = ""
+    for expected_seq, row in enumerate(rows, start=1):
+        where = f"chain entry {row['seq']} ({row['table_name']} {row['row_key']})"
+        if row["seq"] != expected_seq:
+            return ChainCheck(len(rows), tuple(hashes), f"chain entry {expected_seq} is missing")
+        if row["doc"] is None:
+            return ChainCheck(len(rows), tuple(hashes), f"{where}: the row is gone")
+        digest = hashlib.sha256(f"{prev}|{row['doc']}".encode()).hexdigest()
+        if digest != row["row_hash"]:
+            return ChainCheck(len(rows), tuple(hashes), f"{where}: the row was edited or moved")
+        hashes.append(digest)
+        prev = digest
+    unchained = await conn.fetchval(
+        """SELECT count(*) FROM (
+               SELECT 'timeline' AS t, jsonb_build_object('id', id) AS k FROM remediation.timeline WHERE run_id = $1
+               UNION ALL
+               SELECT 'approvals', jsonb_build_object('id', id) FROM remediation.approvals WHERE run_id = $1
+               UNION ALL
+               SELECT 'applied_actions', jsonb_build_object('plan_id', a.plan_id, 'seq', a.seq)
+               FROM remediation.applied_actions a JOIN remediation.plans p USING (plan_id) WHERE p.run_id = $1
+           ) r WHERE NOT EXISTS (SELECT 1 FROM remediation.audit_chain c
+                                 WHERE c.run_id = $1 AND c.table_name = r.t AND c.row_key = r.k)""",
+        run_id,
+    )
+    if unchained:
+        return ChainCheck(
+            len(rows), tuple(hashes), f"{unchained} audit rows are not in the chain (added afterwards)"
+        )
+    return ChainCheck(len(rows), tuple(hashes), None)
+
+
+async def chain_head(conn: asyncpg.Connection | asyncpg.Pool, run_id: str) -> tuple[int, str]:
+    """The chain's current length and head hash ('' for an empty chain)."""
+    row = await conn.fetchrow(
+        "SELECT seq, row_hash FROM remediation.audit_chain WHERE run_id = $1 ORDER BY seq DESC LIMIT 1",
+        run_id,
+    )
+    return (0, "") if row is None else (int(row["seq"]), str(row["row_hash"]))
+
+
+def sign_integrity(
+    key: Ed25519PrivateKey | None, run_id: str, length: int, head: str, document: dict[str, Any]
+) -> dict[str, Any]:
+    """The evidence pack's integrity block: the chain head it covers and the worker's signature."""
+    digest = document_digest(document)
+    block: dict[str, Any] = {"chain_length": length, "chain_head": head, "document_sha256": digest}
+    if key is None:
+        return block | {"signature": None, "public_key": None}
+    signature = key.sign(signed_message(run_id, length, head, digest))
+    public = key.public_key().public_bytes_raw()
+    return block | {
+        "signature": base64.b64encode(signature).decode(),
+        "public_key": base64.b64encode(public).decode(),
+    }
+
+
+def signature_ok(document: dict[str, Any], run_id: str, trusted_public_key: str) -> bool:
+    """The pack's signature verifies under the trusted key (not the key the pack names)."""
+    block = document.get("integrity") or {}
+    if not block.get("signature"):
+        return False
+    try:
+        key = Ed25519PublicKey.from_public_bytes(base64.b64decode(trusted_public_key))
+        key.verify(
+            base64.b64decode(block["signature"]),
+            signed_message(
+                run_id, int(block["chain_length"]), str(block["chain_head"]), document_digest(document)
+            ),
+        )
+    except (InvalidSignature, ValueError, KeyError):
+        return False
+    return True
