@@ -148,11 +148,13 @@ class LokiActivities:
         )
         by_service: Counter[str] = Counter()
         errors = 0
+        error_times: list[int] = []
         trace_ids: list[str] = []
-        for stream, _, line in entries:
+        for stream, ts, line in entries:
             by_service[str(stream.get("service_name") or stream.get("service") or "unknown")] += 1
             if str(stream.get("level", "")).lower() in ("error", "fatal"):
                 errors += 1
+                error_times.append(ts)
             trace = trace_id_of(stream, line)
             if trace and trace not in trace_ids:
                 trace_ids.append(trace)
@@ -170,6 +172,10 @@ class LokiActivities:
             check="loki_logs",
             status=status,
             headline=headline,
-            counts={"lines": len(entries), "errors": errors, **dict(by_service)},
+            # The first and last failing lines bound the incident's onset in the evidence's timeline.
+            counts={"lines": len(entries), "errors": errors, **dict(by_service)}
+            | (
+                {"first_error_ns": min(error_times), "last_error_ns": max(error_times)} if error_times else {}
+            ),
             trace_ids=trace_ids[:20],
         )

@@ -649,6 +649,14 @@ class VerdictDecision(Frozen):
     comment: str = ""
 
 
+class IncidentMark(Frozen):
+    """A moment of the incident the workflow saw before or beside its own events (logs, alerts)."""
+
+    at: datetime
+    source: str
+    event: str
+
+
 class EvidenceRequest(Frozen):
     """Input of `capture_evidence`."""
 
@@ -658,6 +666,7 @@ class EvidenceRequest(Frozen):
     plan_id: str | None
     verification: VerificationResult | None
     approvers: list[str]
+    marks: list[IncidentMark] = Field(default_factory=list)
 
 
 class FinishRun(Frozen):

@@ -42,6 +42,21 @@ def render_status(workflow_id: str, view: StatusView) -> str:
     return "\n".join(lines)
 
 
+def _span(seconds: int | None) -> str:
+    """``3 d 4 h`` / ``12 min 5 s`` / ``-``."""
+    if seconds is None:
+        return "-"
+    sign, seconds = ("-" if seconds < 0 else ""), abs(seconds)
+    days, rest = divmod(seconds, 86_400)
+    hours, rest = divmod(rest, 3_600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{sign}{days} d {hours} h"
+    if hours:
+        return f"{sign}{hours} h {minutes} min"
+    return f"{sign}{minutes} min {secs} s" if minutes else f"{sign}{secs} s"
+
+
 def _utc(at: str) -> str:
     """An ISO timestamp as ``2026-11-30 12:15:43 UTC`` (seconds: what an auditor compares)."""
     try:
@@ -77,8 +92,21 @@ def render_evidence_markdown(doc: dict[str, Any]) -> str:
         f"{', '.join(i['users']) or '-'}; {i['findings']} findings"
         for i in doc["impacted"]
     ] or ["- none"]
-    out += ["", "## Timeline", "", "| at | phase | actor | event |", "|---|---|---|---|"]
-    out += [f"| {_utc(t['at'])} | {t['phase']} | {t['actor']} | {t['message']} |" for t in doc["timeline"]]
+    durations = doc.get("durations") or {}
+    out += ["", "## Incident timeline", ""]
+    out.append(
+        " · ".join(
+            f"{label}: {_span(durations.get(key))}"
+            for key, label in (
+                ("time_to_detect_s", "time to detect"),
+                ("time_to_approve_s", "to approve"),
+                ("time_to_mitigate_s", "to mitigate"),
+                ("time_to_recover_s", "to recover"),
+            )
+        )
+    )
+    out += ["", "| at (UTC) | source | event |", "|---|---|---|"]
+    out += [f"| {_utc(t['at'])} | {t['source']} | {t['event']} |" for t in doc.get("incident_timeline", [])]
     plan = doc.get("plan")
     if plan:
         out += [

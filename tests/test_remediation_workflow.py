@@ -126,6 +126,15 @@ async def test_worker_crash_remediated_exactly(world: World) -> None:
     assert doc["query_evidence"]["after"]["drift"] == {
         "missing_open_usage": 0, "orphan_open_usage": 0, "payment_drift": 1, "unbilled_closed_usage": 0
     }  # fmt: skip
+    # The incident's timeline starts before the remediation (its failing lines, the drifted records)
+    # and runs to recovery, each entry naming its source; the milestones' durations are fields.
+    timeline = doc["incident_timeline"]
+    started = next(i for i, e in enumerate(timeline) if e["event"].startswith("remediation started"))
+    assert started > 0 and timeline[0]["source"] in ("loki", "billing data")
+    assert {"loki", "billing data", "remediation", "approval", "verification"} <= {e["source"] for e in timeline}
+    assert [e["at"] for e in timeline] == sorted(e["at"] for e in timeline)
+    durations = doc["durations"]
+    assert all(isinstance(v, int) and v >= 0 for v in durations.values()), durations
     # Each customer reads only its own corrections: the amounts are its own ledger's, by independent SQL.
     posted = {
         r["org_id"]: (int(r["credits"]), int(r["debits"]))

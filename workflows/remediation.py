@@ -58,6 +58,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from workflows.criteria import worker_criterion
     from workflows.details import STEPS_MARKDOWN
+    from workflows.incident_marks import incident_marks
     from workflows.launch_guard import LaunchGuardWorkflow
     from workflows.remediation_worker import WorkerSteps
     from workflows.search_attributes import SA_BLAST
@@ -435,6 +436,7 @@ class BillingRemediationWorkflow(WorkerSteps):
                 plan_id=plan.plan_id if plan else None,
                 verification=self._verification,
                 approvers=list(self._approval.approved_by),
+                marks=incident_marks(self._diagnosis, list(self._alerts.values())),
             ),
             "Capture the evidence pack",
         )

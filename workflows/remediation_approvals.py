@@ -89,7 +89,8 @@ class ApprovalSteps(RemediationBase):
         in an activation that issues none; an Update arriving together with it is refused by the
         validator (not yet open) and retried by the client.
         """
-        await self._timeline(message, self._request.requested_by, "")
+        # Recorded under the phase it opens (the phase itself opens once the record is written).
+        await self._timeline(message, self._request.requested_by, "", phase=phase)
         self._phase = phase
         self._refresh_details()
 

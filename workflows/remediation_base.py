@@ -64,7 +64,8 @@ class RemediationBase:
         self._audits: list[tuple[ApprovalDecision, str | None, str]] = []
         self._auditing = False
 
-    async def _timeline(self, message: str, actor: str, comment: str) -> None:
+    async def _timeline(self, message: str, actor: str, comment: str, *, phase: Phase | None = None) -> None:
+        """Record an event under ``phase`` (default: the current one)."""
         ref = self._require_ref()
         self._events += 1
         await self._act(
@@ -72,7 +73,7 @@ class RemediationBase:
             TimelineEvent(
                 run_id=ref.run_id,
                 event_key=f"{ref.run_id}:wf:{self._events}",
-                phase=self._phase.value,
+                phase=(phase or self._phase).value,
                 actor=actor,
                 message=message,
                 detail={"comment": comment},

@@ -11,6 +11,7 @@ from temporalio import activity
 
 from activities.errors import bad_input
 from activities.postgres.base import PostgresActivities, driver_errors
+from activities.postgres.incident_timeline import incident_timeline
 from activities.scope_sql import LEDGER_COLUMNS, USAGE_COLUMNS, scope_predicate
 from contracts import names
 from contracts.models import (
@@ -263,6 +264,7 @@ async def build_evidence(pool: asyncpg.Pool, request: EvidenceRequest) -> dict[s
     ]
     applied_total = sum(int(r["n"]) for r in applied if r["outcome"] == "applied")
     payments = await _payment_outcomes(pool, request.plan_id)
+    merged, durations = await incident_timeline(pool, request, run)
     follow_ups += [
         f"Payment session {p['session_id']} (provider {p['provider_ref']}): {p['reason']};"
         f" webhook {p['webhook']}. Not credited: investigate per the payments runbook."
@@ -318,6 +320,8 @@ async def build_evidence(pool: asyncpg.Pool, request: EvidenceRequest) -> dict[s
             }
             for r in impacted
         ],
+        "incident_timeline": merged,
+        "durations": durations,
         "payments": payments,
         "customer_summary": _customer_summary(request, plan, applied_total, currencies, payments),
         "customer_summaries": await _customer_summaries(pool, request, plan, currencies),
