@@ -131,7 +131,12 @@ async def test_worker_crash_remediated_exactly(world: World) -> None:
     timeline = doc["incident_timeline"]
     started = next(i for i, e in enumerate(timeline) if e["event"].startswith("remediation started"))
     assert started > 0 and timeline[0]["source"] in ("loki", "billing data")
-    assert {"loki", "billing data", "remediation", "approval", "verification"} <= {e["source"] for e in timeline}
+    assert {"loki", "billing data", "remediation", "approval", "verification", "admin API"} <= {
+        e["source"] for e in timeline
+    }
+    events = [e["event"] for e in timeline]
+    assert any(e.startswith("manual adjustments frozen") for e in events)
+    assert any(e.startswith("freeze lifted") for e in events) and events[-1] == "outcome: completed"
     assert [e["at"] for e in timeline] == sorted(e["at"] for e in timeline)
     durations = doc["durations"]
     assert all(isinstance(v, int) and v >= 0 for v in durations.values()), durations

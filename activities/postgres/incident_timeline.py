@@ -66,6 +66,10 @@ async def incident_timeline(
             (verified_at, "verification", f"{c.name} {'passed' if c.passed else 'FAILED'}: {c.detail}")
             for c in request.verification.criteria
         ]
+    entries += await _freeze_entries(pool, f"{request.ref.workflow_id}/{run_id}")
+    entries.append(
+        (await pool.fetchval("SELECT clock_timestamp()"), "remediation", f"outcome: {request.outcome}")
+    )
     entries.sort(key=lambda e: e[0])
 
     loki_first = [m.at for m in request.marks if m.source == "loki" and m.event.startswith("first failing")]
@@ -93,3 +97,20 @@ async def incident_timeline(
     return [
         {"at": at.isoformat(), "source": source, "event": event} for at, source, event in entries
     ], durations
+
+
+async def _freeze_entries(pool: asyncpg.Pool, freeze_id: str) -> list[tuple[datetime, str, str]]:
+    """The run's manual-adjustment freeze and its lifting, as the admin API recorded them."""
+    try:
+        row = await pool.fetchrow(
+            "SELECT frozen_at, frozen_by, lifted_at, lifted_by FROM billing.adjustment_freezes WHERE freeze_id = $1",
+            freeze_id,
+        )
+    except asyncpg.UndefinedTableError:  # the admin API keeps its freezes elsewhere
+        return []
+    if row is None:
+        return []
+    entries = [(row["frozen_at"], "admin API", f"manual adjustments frozen by {row['frozen_by']}")]
+    if row["lifted_at"] is not None:
+        entries.append((row["lifted_at"], "admin API", f"freeze lifted by {row['lifted_by']}"))
+    return entries
