@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
-    from pydantic import BaseModel
-
     from activities.billing_api import BillingApiActivities
     from activities.loki import LokiActivities
     from activities.nats_jetstream import NatsActivities
@@ -62,9 +60,6 @@ with workflow.unsafe.imports_passed_through():
     from workflows.launch_guard import LaunchGuardWorkflow
     from workflows.remediation_worker import WorkerSteps
     from workflows.search_attributes import SA_BLAST
-
-R = TypeVar("R", bound=BaseModel)
-
 
 # Expected failures that retrying cannot fix; everything else retries with backoff up to the limit.
 MAX_PASSES = 3

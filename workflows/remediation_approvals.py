@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
-from typing import TypeVar
 
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from pydantic import BaseModel
-
     from activities.nats_jetstream import NatsActivities
     from activities.postgres.records import RecordsActivities
     from contracts import names
@@ -30,8 +27,6 @@ with workflow.unsafe.imports_passed_through():
     )
     from workflows.remediation_base import RemediationBase
     from workflows.search_attributes import SA_APPROVAL
-
-R = TypeVar("R", bound=BaseModel)
 
 
 class ApprovalSteps(RemediationBase):
