@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -44,6 +46,7 @@ PAYMENT_DRIFT_OUTCOMES = {
     "payment_amount_mismatch": ProviderOutcome.AMOUNT_MISMATCH,
 }
 DRIFT_KINDS = ("missing_open", "orphan_open", "unbilled_closed", *PAYMENT_DRIFT_OUTCOMES)
+SCREENFUL_IDS = 40  # injected ids `platform seed` prints inline; more go to --ids-file
 CLEAN_PROVIDER_PAYMENTS = 10  # clean sessions also given a provider payment (the rest keep a placeholder ref)
 BASE_TIME = datetime(2026, 11, 1, tzinfo=UTC)
 SKUS = (("gpu-h100-x1", 350), ("gpu-a100-x1", 220), ("gpu-l40s-x1", 120), ("compute-vm-small", 9))
@@ -85,6 +88,20 @@ class SeedReport:
     payment_sessions: int
     injected: dict[str, list[str]]
     events_published: int
+
+    def summary(self, ids_file: Path | None = None) -> dict[str, Any]:
+        """What `platform seed` prints: the ids inline only when they fit a screen, else counts, with
+        every id written to ``ids_file`` (atomically) when one is given."""
+        total = sum(len(ids) for ids in self.injected.values())
+        doc = self.as_dict()
+        if ids_file is not None:
+            tmp = ids_file.with_name(ids_file.name + ".tmp")
+            tmp.write_text(json.dumps(self.injected, indent=1))
+            tmp.replace(ids_file)
+            doc["injected_ids"] = f"{total} ids written to {ids_file}"
+        elif total > SCREENFUL_IDS:
+            doc["injected_ids"] = f"{total} ids, not shown; --ids-file PATH writes them"
+        return doc
 
     def as_dict(self, max_ids: int = 1000) -> dict[str, Any]:
         """JSON-ready form (ids capped at ``max_ids`` per kind)."""

@@ -7,7 +7,7 @@ import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -25,6 +25,9 @@ from starters.cli_app import (
     platform,
     run_async,
 )
+
+if TYPE_CHECKING:
+    from local_platform.seeder import SeedReport
 
 # --------------------------------------------------------------------------- dev stack
 
@@ -204,9 +207,15 @@ def platform_seed(
             " payment_unpaid=e,payment_refunded=f,payment_amount_mismatch=g"
         ),
     ] = "",
+    ids_file: Annotated[
+        Path | None, typer.Option("--ids-file", help="write every injected id here (JSON by kind)")
+    ] = None,
 ) -> None:
     """Build a consistent platform and inject exactly the requested drift; prints what it injected."""
     from local_platform.seeder import SeedSpec, parse_inject
+
+    if ids_file is not None and not ids_file.parent.is_dir():
+        fail(f"--ids-file: directory {ids_file.parent} does not exist")
 
     try:
         spec = SeedSpec(
@@ -214,10 +223,10 @@ def platform_seed(
         )
     except ValueError as err:
         fail(str(err))
-    typer.echo(json.dumps(run_async(_seed(cli_settings(), spec))))
+    typer.echo(json.dumps(run_async(_seed(cli_settings(), spec)).summary(ids_file)))
 
 
-async def _seed(settings: Settings, spec: Any) -> dict[str, Any]:
+async def _seed(settings: Settings, spec: Any) -> SeedReport:
     from local_platform.provider_payments import seeder_for
     from local_platform.seeder import seed
     from local_platform.serve import platform_connections
@@ -228,7 +237,7 @@ async def _seed(settings: Settings, spec: Any) -> dict[str, Any]:
             report = await seed(conn, spec, nc, provider)
         except ValueError as err:
             raise OperationError(str(err)) from None
-    return report.as_dict()
+    return report
 
 
 @platform.command("incident")

@@ -3,14 +3,44 @@ the admin API answers as the runbook says."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import httpx
 import pytest
 
-from local_platform.seeder import SeedSpec, parse_inject, seed
+from local_platform.seeder import SeedReport, SeedSpec, parse_inject, seed
 from tests.conftest import World
 from tests.helpers import DRIFT_SQL, drift, incident_in
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def test_a_big_seed_prints_counts_and_writes_its_ids_to_a_file(world: World, tmp_path: Path) -> None:
+    async with world.db.acquire() as conn:
+        report = await seed(
+            conn, SeedSpec(orgs=3, allocations=600, prefix="big", inject={"unbilled_closed": 60})
+        )
+    printed = report.summary()
+    assert printed["injected"] == {
+        "missing_open": 0,
+        "orphan_open": 0,
+        "unbilled_closed": 60,
+        "payment_drift": 0,
+    }
+    assert printed["injected_ids"] == "60 ids, not shown; --ids-file PATH writes them"
+    path = tmp_path / "ids.json"
+    written = report.summary(path)
+    assert written["injected_ids"] == f"60 ids written to {path}"
+    assert json.loads(path.read_text()) == report.injected
+    assert not path.with_name("ids.json.tmp").exists()
+    small = await seed_small(world)
+    assert isinstance(small.summary()["injected_ids"], dict)  # a screenful stays inline
+
+
+async def seed_small(world: World) -> SeedReport:
+    async with world.db.acquire() as conn:
+        return await seed(conn, SeedSpec(orgs=2, allocations=40, prefix="small", inject={"missing_open": 2}))
 
 
 async def test_seed_injects_exactly_what_it_reports(world: World) -> None:

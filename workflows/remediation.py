@@ -131,7 +131,14 @@ class BillingRemediationWorkflow(WorkerSteps):
         options = self._require_options()
         await self._diagnose(request, options)
 
-        if self._blast is BlastRadius.WIDESPREAD:
+        if self._blast is BlastRadius.WIDESPREAD and request.dry_run:
+            # A dry run touches nothing on the platform: it says what a real run would do.
+            await self._timeline(
+                "dry run: a real run would freeze manual adjustments here (widespread drift); nothing frozen",
+                request.requested_by,
+                "",
+            )
+        elif self._blast is BlastRadius.WIDESPREAD:
             self._set_phase(Phase.FREEZING)
             self._frozen_id = f"{ref.workflow_id}/{ref.run_id}"
             await self._act(
