@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from collections.abc import Callable
 
 import asyncpg
 from temporalio import activity
@@ -107,7 +107,7 @@ class PaymentCheckActivities(PostgresActivities):
             for entity, c in checks.items()
         }
 
-    async def _webhook_status(self, refs: set[str]) -> Any:
+    async def _webhook_status(self, refs: set[str]) -> Callable[[str], str]:
         """A function: payment ref -> whether its success event reached the platform's webhook worker."""
         events: dict[str, str] = {}
         events_error: str | None = None

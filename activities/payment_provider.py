@@ -93,16 +93,18 @@ class StripePaymentProvider:
 
     async def payment(self, ref: str) -> ProviderPayment:
         """Retrieve the PaymentIntent ``ref`` with its latest charge."""
+        if not ref.strip():
+            return ProviderPayment(ref=ref, found=False)
         try:
             intent = await self._call(
                 lambda: self._client.v1.payment_intents.retrieve_async(
                     ref, params={"expand": ["latest_charge"]}
                 )
             )
-        except stripe.InvalidRequestError as exc:
-            if exc.http_status == 404:
-                return ProviderPayment(ref=ref, found=False)
-            raise ProviderUnreachable(f"provider refused the lookup of {ref}: {exc.user_message}") from None
+        except stripe.InvalidRequestError:
+            # 404 (unknown) or 400 (not an id it accepts): asking again will not change the answer, so
+            # the session is investigated rather than waited on.
+            return ProviderPayment(ref=ref, found=False)
         data = intent.to_dict()
         latest = data.get("latest_charge")
         if isinstance(latest, str):  # not expanded by this server

@@ -717,3 +717,6 @@ class StatusView(Frozen):
     verification: VerificationResult | None
     frozen: bool
     alerts: list[AlertNotice] = Field(default_factory=list)
+    # The payment provider's verdicts on the payment findings, and what the run waits for from it.
+    payments: dict[str, int] = Field(default_factory=dict)
+    waiting_on_provider: str | None = None

@@ -24,11 +24,11 @@ class ChainCheck:
     """The chain as recomputed from the rows it covers."""
 
     length: int
-    hashes: tuple[str, ...]  # the recomputed hash after each entry (entry n at index n - 1)
+    hashes: tuple[str, ...]  # the recomputed hash after each link (link n at index n - 1)
     first_bad: str | None  # names the first row that differs, or None
 
     def head_at(self, length: int) -> str:
-        """The chain's head after ``length`` entries ('' for none)."""
+        """The chain's head after ``length`` links ('' for none)."""
         return self.hashes[length - 1] if 0 < length <= len(self.hashes) else ""
 
 
@@ -45,23 +45,37 @@ def signed_message(run_id: str, length: int, head: str, digest: str) -> bytes:
 
 
 async def check_chain(conn: asyncpg.Connection | asyncpg.Pool, run_id: str) -> ChainCheck:
-    """Recompute every link from the rows themselves; name the first row that is gone, edited or moved."""
-    rows = await conn.fetch(
-        """SELECT seq, table_name, row_key, row_hash, remediation.audit_row(table_name, row_key) AS doc
-           FROM remediation.audit_chain WHERE run_id = $1 ORDER BY seq""",
+    """Recompute every row's digest and every link from the rows themselves; name the first row that is
+    gone, edited or moved (or a link whose stored digests were rewritten)."""
+    links = await conn.fetch(
+        "SELECT seq, row_digests, row_hash FROM remediation.audit_chain WHERE run_id = $1 ORDER BY seq",
         run_id,
     )
+    rows = await conn.fetch(
+        """SELECT c.seq, e.ord, c.table_name, e.key, remediation.audit_row(c.table_name, e.key) AS doc
+           FROM remediation.audit_chain c CROSS JOIN LATERAL jsonb_array_elements(c.row_keys) WITH ORDINALITY e(key, ord)
+           WHERE c.run_id = $1 ORDER BY c.seq, e.ord""",
+        run_id,
+    )
+    docs: dict[int, list[asyncpg.Record]] = {}
+    for row in rows:
+        docs.setdefault(row["seq"], []).append(row)
     hashes: list[str] = []
     prev = ""
-    for expected_seq, row in enumerate(rows, start=1):
-        where = f"chain entry {row['seq']} ({row['table_name']} {row['row_key']})"
-        if row["seq"] != expected_seq:
-            return ChainCheck(len(rows), tuple(hashes), f"chain entry {expected_seq} is missing")
-        if row["doc"] is None:
-            return ChainCheck(len(rows), tuple(hashes), f"{where}: the row is gone")
-        digest = hashlib.sha256(f"{prev}|{row['doc']}".encode()).hexdigest()
-        if digest != row["row_hash"]:
-            return ChainCheck(len(rows), tuple(hashes), f"{where}: the row was edited or moved")
+    for expected_seq, link in enumerate(links, start=1):
+        if link["seq"] != expected_seq:
+            return ChainCheck(len(links), tuple(hashes), f"chain link {expected_seq} is missing")
+        for row, stored in zip(docs.get(link["seq"], []), link["row_digests"], strict=False):
+            where = f"chain link {link['seq']}, {row['table_name']} {row['key']}"
+            if row["doc"] is None:
+                return ChainCheck(len(links), tuple(hashes), f"{where}: the row is gone")
+            if hashlib.sha256(row["doc"].encode()).hexdigest() != stored:
+                return ChainCheck(len(links), tuple(hashes), f"{where}: the row was edited or moved")
+        digest = hashlib.sha256(f"{prev}|{','.join(link['row_digests'])}".encode()).hexdigest()
+        if digest != link["row_hash"] or len(docs.get(link["seq"], [])) != len(link["row_digests"]):
+            return ChainCheck(
+                len(links), tuple(hashes), f"chain link {link['seq']}: its record was rewritten"
+            )
         hashes.append(digest)
         prev = digest
     unchained = await conn.fetchval(
@@ -73,14 +87,14 @@ async def check_chain(conn: asyncpg.Connection | asyncpg.Pool, run_id: str) -> C
                SELECT 'applied_actions', jsonb_build_object('plan_id', a.plan_id, 'seq', a.seq)
                FROM remediation.applied_actions a JOIN remediation.plans p USING (plan_id) WHERE p.run_id = $1
            ) r WHERE NOT EXISTS (SELECT 1 FROM remediation.audit_chain c
-                                 WHERE c.run_id = $1 AND c.table_name = r.t AND c.row_key = r.k)""",
+                                 WHERE c.run_id = $1 AND c.table_name = r.t AND c.row_keys @> jsonb_build_array(r.k))""",
         run_id,
     )
     if unchained:
         return ChainCheck(
-            len(rows), tuple(hashes), f"{unchained} audit rows are not in the chain (added afterwards)"
+            len(links), tuple(hashes), f"{unchained} audit rows are not in the chain (added afterwards)"
         )
-    return ChainCheck(len(rows), tuple(hashes), None)
+    return ChainCheck(len(links), tuple(hashes), None)
 
 
 async def chain_head(conn: asyncpg.Connection | asyncpg.Pool, run_id: str) -> tuple[int, str]:

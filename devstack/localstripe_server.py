@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import os
 import pickle
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
@@ -46,7 +47,7 @@ def main() -> None:
     # Every write marks the store dirty; one task writes it out.
     resources.Store.dump_to_disk = mark_dirty
 
-    async def persister(app: web.Application) -> object:
+    async def persister(app: web.Application) -> AsyncIterator[None]:
         async def loop() -> None:
             while True:
                 await dirty.wait()

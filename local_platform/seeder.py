@@ -94,13 +94,17 @@ class SeedReport:
         every id written to ``ids_file`` (atomically) when one is given."""
         total = sum(len(ids) for ids in self.injected.values())
         doc = self.as_dict()
+        if ids_file is None and total <= SCREENFUL_IDS:
+            return doc
+        # The same keys either way: a script reads "injected_ids" only when it is there.
+        del doc["injected_ids"]
         if ids_file is not None:
             tmp = ids_file.with_name(ids_file.name + ".tmp")
             tmp.write_text(json.dumps(self.injected, indent=1))
             tmp.replace(ids_file)
-            doc["injected_ids"] = f"{total} ids written to {ids_file}"
-        elif total > SCREENFUL_IDS:
-            doc["injected_ids"] = f"{total} ids, not shown; --ids-file PATH writes them"
+            doc["injected_ids_file"] = str(ids_file)
+        else:
+            doc["injected_ids_omitted"] = f"{total} ids; --ids-file PATH writes them"
         return doc
 
     def as_dict(self, max_ids: int = 1000) -> dict[str, Any]:

@@ -2,37 +2,25 @@
 
 from __future__ import annotations
 
-import json
-
 import asyncpg
 
 from config import Settings
 from config.approver_keys import read_public_key
 from config.settings import EVIDENCE_SIGNER
 from database.audit_chain import check_chain, document_digest, signature_ok
-from remediation_client.errors import OperationError
-from remediation_client.runs import check_workflow_id
+from remediation_client.reads import latest_evidence
 
 
 async def verify_evidence(settings: Settings, workflow_id: str) -> tuple[list[str], list[str]]:
     """(problems, facts) for the latest run of ``workflow_id``; no problems means verified."""
-    check_workflow_id(workflow_id)
     conn = await asyncpg.connect(settings.resolved_database_url())
     try:
-        row = await conn.fetchrow(
-            """SELECT r.run_id, e.document FROM remediation.evidence e JOIN remediation.runs r USING (run_id)
-               WHERE r.workflow_id = $1 ORDER BY r.started_at DESC LIMIT 1""",
-            workflow_id,
-        )
-        if row is None:
-            raise OperationError(f"no evidence for {workflow_id!r} (unknown id, or the run has not finished)")
-        run_id = row["run_id"]
+        run_id, document = await latest_evidence(conn, workflow_id)
         chain = await check_chain(conn, run_id)
     finally:
         await conn.close()
-    document = json.loads(row["document"])
     block = document.get("integrity")
-    facts = [f"run {run_id}: {chain.length} audit rows chained"]
+    facts = [f"run {run_id}: {chain.length} audit-chain links"]
     if not block:
         return ["the evidence pack has no integrity block"], facts
     problems = []
@@ -40,9 +28,9 @@ async def verify_evidence(settings: Settings, workflow_id: str) -> tuple[list[st
         problems.append(chain.first_bad)
     elif chain.head_at(int(block["chain_length"])) != block["chain_head"]:
         problems.append(
-            f"the first {block['chain_length']} audit rows no longer hash to the head the pack recorded"
+            f"the first {block['chain_length']} chain links no longer hash to the head the pack recorded"
         )
-    facts.append(f"the pack covers {block['chain_length']} rows, head {str(block['chain_head'])[:16]}")
+    facts.append(f"the pack covers {block['chain_length']} links, head {str(block['chain_head'])[:16]}")
     if document_digest(document) != block.get("document_sha256"):
         problems.append("the evidence document was changed after it was signed")
     trusted = settings.evidence_public_key or read_public_key(settings.resolved_keys_dir(), EVIDENCE_SIGNER)

@@ -74,20 +74,26 @@ def list_query(*, phase: str | None, org: str | None, correlation_id: str | None
 
 async def evidence(settings: Settings, workflow_id: str) -> dict[str, Any]:
     """The stored evidence document of the latest run of ``workflow_id``."""
-    check_workflow_id(workflow_id)
     conn = await asyncpg.connect(settings.resolved_database_url())
     try:
-        row = await conn.fetchrow(
-            """SELECT e.document FROM remediation.evidence e JOIN remediation.runs r USING (run_id)
-               WHERE r.workflow_id = $1 ORDER BY r.started_at DESC LIMIT 1""",
-            workflow_id,
-        )
+        _, document = await latest_evidence(conn, workflow_id)
     finally:
         await conn.close()
+    return document
+
+
+async def latest_evidence(conn: asyncpg.Connection, workflow_id: str) -> tuple[str, dict[str, Any]]:
+    """(run id, stored evidence document) of the latest run of ``workflow_id``."""
+    check_workflow_id(workflow_id)
+    row = await conn.fetchrow(
+        """SELECT r.run_id, e.document FROM remediation.evidence e JOIN remediation.runs r USING (run_id)
+           WHERE r.workflow_id = $1 ORDER BY r.started_at DESC LIMIT 1""",
+        workflow_id,
+    )
     if row is None:
         raise OperationError(f"no evidence for {workflow_id!r} (unknown id, or the run has not finished)")
     document: dict[str, Any] = json.loads(row["document"])
-    return document
+    return str(row["run_id"]), document
 
 
 async def plan_actions(settings: Settings, plan_id: str, limit: int = 200) -> list[dict[str, Any]]:

@@ -22,6 +22,10 @@ def render_status(workflow_id: str, view: StatusView) -> str:
         lines.append(f"  [{check.status:>11}] {check.check}: {check.headline}")
     if view.drift:
         lines.append("  drift: " + ", ".join(f"{k}={v}" for k, v in sorted(view.drift.items())))
+    if view.payments:
+        lines.append("  payment provider: " + ", ".join(f"{k}={v}" for k, v in sorted(view.payments.items())))
+    if view.waiting_on_provider:
+        lines.append(f"  WAITING on the payment provider: {view.waiting_on_provider}")
     if view.plan:
         p = view.plan
         lines.append(f"  plan {p.plan_id} hash {p.plan_hash}")

@@ -20,6 +20,7 @@ import stripe
 from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.testing import WorkflowEnvironment
 
+import remediation_client as operations
 from activities.nats_jetstream import NatsActivities
 from activities.payment_provider import StripePaymentProvider, judge
 from config import Settings
@@ -37,6 +38,7 @@ from devstack.processes import free_port
 from devstack.stack import PaymentProvider
 from local_platform.events import publish
 from local_platform.provider_payments import ProviderOutcome, seeder_for
+from starters.render import render_status
 from tests.conftest import World, make_world
 from tests.helpers import decision, eventually, incident_in, ledger_state, request_for, start, wait_phase
 from workflows.criteria import worker_criterion
@@ -104,6 +106,9 @@ async def test_the_sdk_reads_each_outcome_from_the_real_provider(world: World) -
         assert (looked_up[3].refunded_minor, looked_up[4].refunded_minor) == (12_345, 12_345 // 2)
         assert looked_up[5].captured_minor == 12_345 - 1_000
         assert not looked_up[6].found
+        # A placeholder or empty ref is investigated, never waited on as if the provider were down.
+        for bad in ("", "cs_t-pay-0000001", "pi_../../v1/charges"):
+            assert not (await provider.payment(bad)).found, bad
         # The success events of the captured payments, from the provider's events API.
         events = await provider.succeeded_events(set(refs))
         assert refs[0] in events and refs[1] not in events and refs[2] not in events
@@ -218,6 +223,15 @@ async def test_a_refund_between_approval_and_apply_pays_nothing_and_is_audited(w
         VerdictDecision(actor="alice", choice="hand_off", comment="refunded: payments team"),
     )
     assert (await handle.result()).outcome is Phase.HANDED_OFF
+    # What people read agrees: the summaries count only the credits really posted, not the skipped one.
+    credited = await world.db.fetchval(
+        "SELECT sum(amount_minor) FROM billing.ledger_entries WHERE actor LIKE 'remediation:%' AND amount_minor > 0"
+    )
+    doc = await operations.evidence(world.settings, handle.id)
+    assert f"Payments totalling {credited / 100:,.2f} USD" in doc["customer_summary"]
+    assert sum(c["credits_minor"] for c in doc["customer_summaries"]) == credited
+    skipped = next(p for p in doc["payments"] if p["session_id"] == victim)
+    assert skipped["outcome"] == "skipped_provider"
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -258,6 +272,10 @@ async def test_provider_down_means_no_credit_and_a_visible_wait(
         metadata = await handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
         assert "Waiting on the payment provider" in metadata.current_details
         assert "7 payment sessions unconfirmed" in metadata.current_details
+        # ... and so does `remediate status`.
+        status = await handle.query(names.QUERY_STATUS, result_type=StatusView)
+        assert status.waiting_on_provider and "7 payment sessions unconfirmed" in status.waiting_on_provider
+        assert "WAITING on the payment provider" in render_status(handle.id, status)
         # It keeps asking, and still nothing is planned or credited.
         await asyncio.sleep(3)
         assert (await handle.query(names.QUERY_STATUS, result_type=StatusView)).plan is None
@@ -286,16 +304,21 @@ async def test_a_stalled_consumer_fails_the_worker_criterion(world: World) -> No
 
     try:
         await world.db.execute("UPDATE billing.worker_control SET mode = 'crashed'")
-        await asyncio.sleep(1.5)  # the worker sees the mode within 0.5 s; then nothing is consumed
         threshold = world.settings.consumer_pending_threshold
-        for i in range(threshold + 50):
+        for i in range(threshold * 2):
             await publish(world.nc, "provisioning.active", "stall", "", allocation_id=f"none-{i}")
         await world.nc.flush()
-        first = await sample()
-        await asyncio.sleep(2)
-        second = await sample()
+
+        async def stalled_window() -> tuple[ConsumerSample, ConsumerSample] | None:
+            # A verification window over which the crashed worker acked nothing (it may finish the
+            # batch it held when the mode changed).
+            start = await sample()
+            await asyncio.sleep(1)
+            end = await sample()
+            return (start, end) if end.ack_floor == start.ack_floor and end.pending > threshold else None
+
+        first, second = await eventually(stalled_window, timeout=30, what="the crashed worker to stop acking")
         stalled = worker_criterion(first, second, threshold)
-        assert second.pending > threshold and second.ack_floor == first.ack_floor
         assert not stalled.passed and "no progress" in stalled.detail, stalled
         assert f"pending {first.pending} -> {second.pending}" in stalled.detail
         # Restarted, it works the backlog off: the ack floor advances and the criterion passes.

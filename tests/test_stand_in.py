@@ -28,10 +28,11 @@ async def test_a_big_seed_prints_counts_and_writes_its_ids_to_a_file(world: Worl
         "unbilled_closed": 60,
         "payment_drift": 0,
     }
-    assert printed["injected_ids"] == "60 ids, not shown; --ids-file PATH writes them"
+    assert "injected_ids" not in printed
+    assert printed["injected_ids_omitted"] == "60 ids; --ids-file PATH writes them"
     path = tmp_path / "ids.json"
     written = report.summary(path)
-    assert written["injected_ids"] == f"60 ids written to {path}"
+    assert written["injected_ids_file"] == str(path) and "injected_ids" not in written
     assert json.loads(path.read_text()) == report.injected
     assert not path.with_name("ids.json.tmp").exists()
     small = await seed_small(world)

@@ -67,6 +67,7 @@ def details_markdown(
         lines.append("")
         lines.append("**Drift** " + " · ".join(f"{k}: {v}" for k, v in sorted(drift.items())))
     if payments:
+        lines.append("")
         lines.append(
             "**Payment provider verdicts** " + " · ".join(f"{k}: {v}" for k, v in sorted(payments.items()))
         )

@@ -482,6 +482,8 @@ class BillingRemediationWorkflow(WorkerSteps):
             verification=self._verification,
             frozen=self._frozen_id is not None,
             alerts=list(self._alerts.values()),
+            payments=self._payments,
+            waiting_on_provider=self._waiting,
         )
 
     @workflow.query(name=names.QUERY_PLAN)

@@ -262,9 +262,9 @@ async def build_evidence(pool: asyncpg.Pool, request: EvidenceRequest) -> dict[s
         for c, d in sorted(diagnoses.items())
         if c in FOLLOW_UPS and d.get("status") in ("critical", "warn")
     ]
-    applied_total = sum(int(r["n"]) for r in applied if r["outcome"] == "applied")
     payments = await _payment_outcomes(pool, request.plan_id)
     merged, durations = await incident_timeline(pool, request, run)
+    figures = await _org_figures(pool, plan)
     follow_ups += [
         f"Payment session {p['session_id']} (provider {p['provider_ref']}): {p['reason']};"
         f" webhook {p['webhook']}. Not credited: investigate per the payments runbook."
@@ -323,8 +323,8 @@ async def build_evidence(pool: asyncpg.Pool, request: EvidenceRequest) -> dict[s
         "incident_timeline": merged,
         "durations": durations,
         "payments": payments,
-        "customer_summary": _customer_summary(request, plan, applied_total, currencies, payments),
-        "customer_summaries": await _customer_summaries(pool, request, plan, currencies),
+        "customer_summary": _customer_summary(request, figures, currencies),
+        "customer_summaries": await _customer_summaries(pool, request, figures, currencies),
         "follow_ups": follow_ups,
     }
 
@@ -361,10 +361,18 @@ async def _payment_outcomes(pool: asyncpg.Pool, plan_id: str | None) -> list[dic
     return out
 
 
-async def _customer_summaries(
-    pool: asyncpg.Pool, request: EvidenceRequest, plan: asyncpg.Record | None, currencies: dict[str, str]
-) -> list[dict[str, Any]]:
-    """One summary per impacted org: only its own corrections and amounts, in its own currency."""
+class _Figures(NamedTuple):
+    """What was applied for a customer (or all of them): counts and minor units."""
+
+    corrected: int
+    credits: int
+    debits: int
+    failed: int
+    reviewed: int
+
+
+async def _org_figures(pool: asyncpg.Pool, plan: asyncpg.Record | None) -> list[tuple[str, int, _Figures]]:
+    """(org, planned actions, what was really applied) per impacted org, from the audit of the apply."""
     if plan is None:
         return []
     rows = await pool.fetch(
@@ -382,22 +390,38 @@ async def _customer_summaries(
            WHERE pa.plan_id = $1 AND pa.org_id <> '*' GROUP BY pa.org_id ORDER BY pa.org_id""",
         plan["plan_id"],
     )
-    out = []
-    for r in rows:
-        currency = currencies.get(r["org_id"]) or await pool.fetchval(
-            "SELECT currency FROM billing.orgs WHERE id = $1", r["org_id"]
+    return [
+        (
+            r["org_id"],
+            int(r["planned"]),
+            _Figures(
+                int(r["corrected"]), int(r["credits"]), int(r["debits"]), int(r["failed"]), int(r["reviewed"])
+            ),
         )
-        figures = _Figures(
-            int(r["corrected"]), int(r["credits"]), int(r["debits"]), int(r["failed"]), int(r["reviewed"])
+        for r in rows
+    ]
+
+
+async def _customer_summaries(
+    pool: asyncpg.Pool,
+    request: EvidenceRequest,
+    figures: list[tuple[str, int, _Figures]],
+    currencies: dict[str, str],
+) -> list[dict[str, Any]]:
+    """One summary per impacted org: only its own corrections and amounts, in its own currency."""
+    out = []
+    for org, planned, own in figures:
+        currency = currencies.get(org) or await pool.fetchval(
+            "SELECT currency FROM billing.orgs WHERE id = $1", org
         )
         out.append(
             {
-                "org_id": r["org_id"],
+                "org_id": org,
                 "currency": currency or "USD",
-                "corrections": figures.corrected,
-                "credits_minor": figures.credits,
-                "debits_minor": figures.debits,
-                "summary": _summary_text(request, int(r["planned"]), figures, currency or "USD"),
+                "corrections": own.corrected,
+                "credits_minor": own.credits,
+                "debits_minor": own.debits,
+                "summary": _summary_text(request, planned, own, currency or "USD"),
             }
         )
     return out
@@ -407,33 +431,13 @@ def _money(minor: int, currency: str) -> str:
     return f"{abs(minor) / 100:,.2f} {currency}"
 
 
-class _Figures(NamedTuple):
-    corrected: int
-    credits: int
-    debits: int
-    failed: int
-    reviewed: int
-
-
 def _customer_summary(
-    request: EvidenceRequest,
-    plan: asyncpg.Record | None,
-    applied: int,
-    currencies: dict[str, str],
-    payments: list[dict[str, Any]],
+    request: EvidenceRequest, figures: list[tuple[str, int, _Figures]], currencies: dict[str, str]
 ) -> str:
-    """The whole run's summary (internal: it adds every org's amounts; customers get their own)."""
+    """The whole run's summary (internal): every org's applied figures added up."""
     currency = next(iter(set(currencies.values())), "USD") if len(set(currencies.values())) <= 1 else "mixed"
-    failed = sum(1 for p in payments if p["action"] == "mark_payment_failed" and p["outcome"] == "applied")
-    reviewed = sum(1 for p in payments if p["action"] == "investigate_payment")
-    figures = _Figures(
-        applied,
-        plan["credit_total_minor"] if plan else 0,
-        plan["debit_total_minor"] if plan else 0,
-        failed,
-        reviewed,
-    )
-    return _summary_text(request, plan["action_count"] if plan else 0, figures, currency)
+    total = _Figures(*(sum(f[i] for _, _, f in figures) for i in range(len(_Figures._fields))))
+    return _summary_text(request, sum(planned for _, planned, _ in figures), total, currency)
 
 
 def _summary_text(request: EvidenceRequest, planned: int, figures: _Figures, currency: str) -> str:
