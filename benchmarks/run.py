@@ -28,6 +28,7 @@ from temporalio.testing import ActivityEnvironment
 from activities.postgres import BillingDatabaseActivities
 from benchmarks.payments import bench_payments
 from benchmarks.report import emit
+from benchmarks.time_to_plan import bench_time_to_plan
 from benchmarks.workflows import bench_memory, bench_workflows, full_stack, percentile
 from config import Settings
 from contracts.models import ApplyRequest, PlanRequest, ReconcileRequest, RunRef, Scope
@@ -320,6 +321,9 @@ async def main(args: argparse.Namespace) -> None:
         if server is not None:
             server.stop()
             server.purge()  # as root its cluster lives outside the temporary directory
+    if args.time_to_plan_sizes:
+        async with full_stack(root / "ttp", provider=True) as stack:
+            await bench_time_to_plan(stack, args.time_to_plan_sizes)
     if args.incidents or args.memory_sizes:
         async with full_stack(root / "stack") as stack:
             if args.incidents:
@@ -354,6 +358,12 @@ def cli() -> None:
     parser.add_argument("--scopes", type=int, default=200)
     parser.add_argument("--naive-sample", type=int, default=500)
     parser.add_argument("--incidents", type=int, default=200, help="0 skips the workflow benchmark")
+    parser.add_argument(
+        "--time-to-plan-sizes",
+        type=sizes,
+        default=[1_000_000, 10_000_000],
+        help="usage rows for start → plan waiting for approval, e.g. 1000000,10000000; empty skips",
+    )
     parser.add_argument(
         "--memory-sizes", type=sizes, default=[1000, 100000], help="plan sizes, e.g. 1000,100000; empty skips"
     )

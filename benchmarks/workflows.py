@@ -47,7 +47,7 @@ from contracts.models import (
     Trigger,
 )
 from devstack.processes import free_port
-from devstack.stack import Nats, Postgres, Temporal, dev_approver_keys
+from devstack.stack import Nats, PaymentProvider, Postgres, Temporal, dev_approver_keys
 from local_platform.seeder import SeedSpec, seed
 from local_platform.serve import running_platform
 from worker.deployment import set_current_version
@@ -64,8 +64,8 @@ class Stack:
 
 
 @asynccontextmanager
-async def full_stack(root: Path) -> AsyncIterator[Stack]:
-    """The embedded stack on free ports with the platform and one worker."""
+async def full_stack(root: Path, *, provider: bool = False) -> AsyncIterator[Stack]:
+    """The embedded stack on free ports with the platform and one worker (and the payment provider)."""
     settings = Settings(
         REMEDIATION_STATE_DIR=root,
         POSTGRES_PORT=free_port(),
@@ -76,10 +76,14 @@ async def full_stack(root: Path) -> AsyncIterator[Stack]:
         VERIFY_WINDOW_SECONDS=1,
         PAYLOAD_ENCRYPTION="off",
         APPLY_BATCH_SIZE=500,
+        PAYMENT_PROVIDER_PORT=free_port(),
+        PAYMENT_PROVIDER_URL="",
     )
     dev_approver_keys(settings)
     postgres = Postgres(settings)
     servers = [postgres, Nats(settings), Temporal(settings)]
+    if provider:
+        servers.append(PaymentProvider(settings))
     for server in servers:
         await asyncio.to_thread(server.start)
     try:

@@ -139,6 +139,10 @@ class Settings(BaseSettings):
     verify_window_seconds: int = Field(default=20, ge=0, alias="VERIFY_WINDOW_SECONDS")
     consumer_pending_threshold: int = Field(default=100, ge=0, alias="CONSUMER_PENDING_THRESHOLD")
     widespread_org_threshold: int = Field(default=3, ge=1, alias="WIDESPREAD_ORG_THRESHOLD")
+    # The platform-wide drift/consistency summary: scoped runs read it instead of scanning the platform.
+    # The worker measures it every REFRESH seconds (0: never; then only platform-wide runs write it).
+    platform_summary_refresh_seconds: int = Field(default=300, ge=0, alias="PLATFORM_SUMMARY_REFRESH_SECONDS")
+    platform_summary_max_age_seconds: int = Field(default=900, ge=1, alias="PLATFORM_SUMMARY_MAX_AGE_SECONDS")
 
     # Where a CLI command's JSON log lines go besides $REMEDIATION_STATE_DIR/logs/cli.log:
     # "auto" = also stderr unless it is a terminal; "stderr" = always; "file" = never.

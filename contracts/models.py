@@ -312,9 +312,12 @@ class BlastRadiusResult(Frozen):
     """The blast radius and the numbers it was judged on."""
 
     radius: BlastRadius
-    drift_in_scope: int
-    orgs_with_drift: int
+    # None: not counted here (a platform-wide run counts its drift in the reconciliation).
+    drift_in_scope: int | None
+    # From the platform summary; None when none is recent enough (a scoped run never scans the platform).
+    orgs_with_drift: int | None
     reasons: list[str]
+    platform_summary_age_s: int | None = None
     # Degradation outside a scoped run's scope (a named finding, not a reason to widen the run's risk).
     platform_degradation: CheckResult | None = None
 

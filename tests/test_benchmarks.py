@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+from benchmarks.time_to_plan import drift_for
+
 
 def test_benchmarks_print_one_json_line_per_measurement() -> None:
     out = subprocess.run(
@@ -27,6 +29,8 @@ def test_benchmarks_print_one_json_line_per_measurement() -> None:
             "30,300",
             "--payment-findings",
             "20",
+            "--time-to-plan-sizes",
+            "2000,4000",
         ],
         capture_output=True,
         text=True,
@@ -37,8 +41,23 @@ def test_benchmarks_print_one_json_line_per_measurement() -> None:
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     lines = {row["benchmark"]: row for row in rows}
     assert set(lines) == {
-        "machine", "seed", "reconcile", "naive", "scoped", "apply", "payment_checks", "workflows", "memory"
+        "machine", "seed", "reconcile", "naive", "scoped", "apply", "payment_checks", "workflows", "memory",
+        "time_to_plan_seed", "time_to_plan",
     }  # fmt: skip
+    # Start → plan awaiting approval, three runs of each incident per size, with where the time went.
+    timed = [row for row in rows if row["benchmark"] == "time_to_plan"]
+    assert [(r["usage_rows"], r["incident"]) for r in timed] == [
+        (size, incident) for size in (2000, 4000) for incident in ("global", "dispute") for _ in range(3)
+    ]
+    drift = sum(drift_for(2000).values())
+    for row in timed:
+        assert row["start_to_plan_s"] > 0
+        assert "billing_db.build_plan" in row["activities_s"]
+        # The platform-wide plan fixes every injected drift; the dispute only its user's share.
+        if row["incident"] == "global":
+            assert row["plan_actions"] == drift
+        else:
+            assert 1 <= row["plan_actions"] < drift
     # Every payment finding got the provider's verdict, in the seeded mix (60/20/10/10 %).
     payments = lines["payment_checks"]
     assert payments["findings"] == 20

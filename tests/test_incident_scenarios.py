@@ -57,6 +57,8 @@ def as_planned(injected: dict[str, set[str]]) -> dict[str, set[str]]:
     for kind, ids in injected.items():
         out.setdefault("payment_investigate" if kind in INVESTIGATED else kind, set()).update(ids)
     return out
+
+
 # Actions that repair a process or a posture rather than one drifted row.
 NON_ROW_ACTIONS = {"restart_billing_worker", "rollback_billing_worker", "clear_financial_restriction"}
 

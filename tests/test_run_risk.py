@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 import remediation_client as operations
+from activities.postgres.platform_summary import refresh_platform_summary
 from contracts.models import (
     ApprovalPolicy,
     ApproverInfo,
@@ -55,6 +56,8 @@ async def test_a_dispute_keeps_its_own_risk_and_names_the_wider_degradation(worl
             world.nc,
         )
     assert await _orgs_with_drift(world) >= world.settings.widespread_org_threshold
+    # What the worker's background refresh measures: a dispute reads it instead of scanning the platform.
+    assert await refresh_platform_summary(world.db)
     # ... and the billing worker is down with a backlog over 1,000: its consumer is critical.
     await world.db.execute("UPDATE billing.worker_control SET mode = 'crashed'")
     for n in range(1_001):

@@ -32,6 +32,7 @@ from config.approver_keys import load_private_key
 from migrations import apply_migrations, remediation_migrations_dir
 from worker.connection import connect_temporal
 from worker.deployment import build_id, deployment_config
+from worker.platform_summary_refresh import refresh_platform_summary_every
 from worker.telemetry import RemediationContext
 from workflows.launch_guard import LaunchGuardWorkflow
 from workflows.remediation import BillingRemediationWorkflow
@@ -114,7 +115,9 @@ def activity_list(
     settings: Settings, res: Resources, temporal: Client | None = None
 ) -> Sequence[Callable[..., Any]]:
     """Every activity, bound to its system's client."""
-    db = BillingDatabaseActivities(res.pool, temporal, res.provider)
+    db = BillingDatabaseActivities(
+        res.pool, temporal, res.provider, settings.platform_summary_max_age_seconds
+    )
     records = RecordsActivities(res.pool, evidence_signer(settings))
     loki = LokiActivities(res.http_loki, settings.loki_tenant)
     payments = PaymentCheckActivities(res.pool, res.provider, loki, settings.payment_provider_concurrency)
@@ -193,5 +196,18 @@ async def run_worker(settings: Settings) -> None:
             if settings.worker_versioning == "on"
             else "unversioned",
         )
-        async with worker:
-            await stop.wait()
+        refresh = (
+            asyncio.create_task(
+                refresh_platform_summary_every(res.pool, settings.platform_summary_refresh_seconds)
+            )
+            if settings.platform_summary_refresh_seconds
+            else None
+        )
+        try:
+            async with worker:
+                await stop.wait()
+        finally:
+            if refresh is not None:
+                refresh.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await refresh

@@ -23,11 +23,16 @@ class BillingDatabaseActivities(DiagnosisActivities, ReconcileActivities, PlanAc
     """Set-based checks and corrective writes on the billing tables (all groups on one pool)."""
 
     def __init__(
-        self, pool: asyncpg.Pool, temporal: Client | None = None, provider: PaymentProvider | None = None
+        self,
+        pool: asyncpg.Pool,
+        temporal: Client | None = None,
+        provider: PaymentProvider | None = None,
+        summary_max_age_s: int = 900,
     ) -> None:
         super().__init__(pool)
         self._temporal = temporal
         self._provider = provider
+        self._summary_max_age_s = summary_max_age_s
 
 
 __all__ = ["BillingDatabaseActivities"]

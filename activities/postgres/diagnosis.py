@@ -8,9 +8,16 @@ from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.postgres.base import TRANSIENT, PostgresActivities
-from activities.postgres.drift_sql import checks
-from activities.scope_sql import ALLOCATION_COLUMNS, LEDGER_COLUMNS, USAGE_COLUMNS, scope_predicate
+from activities.postgres.base import TRANSIENT, PostgresActivities, driver_errors
+from activities.postgres.consistency_sql import (
+    INDEXED,
+    SCANNING,
+    consistency_counts,
+    count_all,
+    drift_by_org,
+)
+from activities.postgres.platform_summary import PlatformSummary, latest_platform_summary
+from activities.scope_sql import LEDGER_COLUMNS, USAGE_COLUMNS, scope_predicate
 from contracts import names
 from contracts.models import (
     BlastRadius,
@@ -20,7 +27,6 @@ from contracts.models import (
     Criterion,
     RemediationRequest,
     RunRef,
-    Scope,
     VerificationRequest,
 )
 
@@ -30,6 +36,8 @@ class DiagnosisActivities(PostgresActivities):
 
     # Set by the worker: asked whether the platform-wide remediation runs (see _platform_degradation).
     _temporal: Client | None = None
+    # How old a platform summary may be and still stand in for a platform scan (PLATFORM_SUMMARY_MAX_AGE_SECONDS).
+    _summary_max_age_s: int = 900
 
     @activity.defn(name=names.CHECK_POSTGRES)
     async def check_postgres(self, ref: RunRef) -> CheckResult:
@@ -82,78 +90,60 @@ class DiagnosisActivities(PostgresActivities):
     @activity.defn(name=names.CHECK_DATA_CONSISTENCY)
     async def check_data_consistency(self, ref: RunRef) -> CheckResult:
         """Usage lifecycle, ledger projection, allocation status boundary and attribution boundary."""
-        usage_pred, params = scope_predicate(ref.scope, USAGE_COLUMNS, 1)
-        alloc_pred, _ = scope_predicate(ref.scope, ALLOCATION_COLUMNS, 1)
-        lifecycle = await self._fetchval(
-            f"""SELECT count(*) FROM billing.usage_records u WHERE {usage_pred}
-                AND (u.end_time < u.start_time OR u.last_billed_at > coalesce(u.end_time, 'infinity')
-                     OR (u.end_time IS NULL AND u.accrued_cost_minor > 0))""",
-            *params,
-        )
-        boundary = await self._fetchval(
-            f"""SELECT count(*) FROM billing.allocations a WHERE {alloc_pred}
-                AND ((a.status = 'released' AND a.released_at IS NULL)
-                     OR (a.status IN ('releasing', 'release_failed') AND a.releasing_at IS NULL))""",
-            *params,
-        )
-        attribution = await self._fetchval(
-            f"""SELECT count(*) FROM billing.usage_records u JOIN billing.allocations a ON a.id = u.allocation_id
-                WHERE {usage_pred} AND (u.app_instance_id IS DISTINCT FROM a.app_instance_id
-                    OR u.usage_source <> a.usage_source OR u.control_plane_component <> a.control_plane_component
-                    OR u.operating_mode <> a.operating_mode OR u.control_plane_scope <> a.control_plane_scope
-                    OR u.runtime_backend <> a.runtime_backend)""",
-            *params,
-        )
-        projection = await self._fetchval(
-            f"""SELECT count(*) FROM (
-                  SELECT u.requested_by_user_id FROM billing.usage_records u
-                  LEFT JOIN billing.ledger_entries l ON l.usage_record_id = u.id AND l.kind = 'usage_debit'
-                  WHERE u.end_time IS NOT NULL AND {usage_pred}
-                  GROUP BY 1 HAVING sum(u.accrued_cost_minor) <> -coalesce(sum(l.amount_minor), 0)) d""",
-            *params,
-        )
-        counts = {
-            "usage_lifecycle": int(lifecycle),
-            "allocation_boundary": int(boundary),
-            "attribution_boundary": int(attribution),
-            "ledger_projection_users": int(projection),
-        }
+        scope = ref.scope
+        summary = None
+        measured: tuple[str, ...] = INDEXED + SCANNING
+        if scope.is_global:
+            # The two full-platform joins come from the background summary when it is recent enough;
+            # the indexed counts are always measured now.
+            summary = await self._summary(with_consistency=True)
+            if summary is not None:
+                measured = INDEXED
+        with driver_errors():
+            counts = await count_all(self._pool, consistency_counts(scope, measured))
+        if summary is not None and summary.consistency is not None:
+            counts.update({name: int(summary.consistency.get(name, 0)) for name in SCANNING})
+        counts = {name: counts[name] for name in INDEXED + SCANNING}
         problems = [f"{k}={v}" for k, v in counts.items() if v]
         status = "warn" if problems else "ok"
-        await self._diagnosis(ref, "data_consistency", status, counts)
-        return CheckResult(
-            check="data_consistency",
-            status=status,
-            headline="consistent" if not problems else "inconsistent: " + ", ".join(problems),
-            counts=counts,
-        )
+        headline = "consistent" if not problems else "inconsistent: " + ", ".join(problems)
+        data: dict[str, object] = dict(counts)
+        if summary is not None:
+            headline += f" ({' and '.join(SCANNING)} from the platform summary of {summary.age_words()} ago)"
+            data["platform_summary_age_s"] = summary.age_s
+        await self._diagnosis(ref, "data_consistency", status, data)
+        return CheckResult(check="data_consistency", status=status, headline=headline, counts=counts)
 
     @activity.defn(name=names.ASSESS_BLAST_RADIUS)
     async def assess_blast_radius(self, request: BlastRadiusRequest) -> BlastRadiusResult:
-        """Single dispute, one org, or widespread: from drift in and around the scope and worker health."""
+        """Single dispute, one org, or widespread: from drift in and around the scope and worker health.
+
+        Drift around the scope is the platform summary's (recent enough, its age stated): a scoped run
+        never scans the platform, and a platform-wide run counts its drift in the reconciliation next.
+        """
         scope = request.ref.scope
-        in_scope = await self._count_drift(scope)
-        # Around the scope: drift anywhere on the platform, counted by org.
-        orgs = await self._fetchval(
-            """SELECT count(DISTINCT org_id) FROM (
-                 SELECT a.org_id FROM billing.allocations a WHERE a.status IN ('active','releasing','release_failed')
-                   AND NOT EXISTS (SELECT 1 FROM billing.usage_records u WHERE u.allocation_id = a.id AND u.end_time IS NULL)
-                 UNION ALL
-                 SELECT u.org_id FROM billing.usage_records u WHERE u.end_time IS NOT NULL AND u.accrued_cost_minor > 0
-                   AND NOT EXISTS (SELECT 1 FROM billing.ledger_entries l WHERE l.usage_record_id = u.id
-                                   AND l.kind = 'usage_debit')
-                 UNION ALL
-                 SELECT p.org_id FROM billing.payment_sessions p WHERE p.status = 'failed_reconcile'
-                   OR (p.status = 'completed' AND p.ledger_entry_id IS NULL)) d"""
-        )
+        in_scope: int | None = None
+        if not scope.is_global:
+            with driver_errors():
+                by_kind, _ = await drift_by_org(self._pool, scope)
+            in_scope = sum(by_kind.values())
+        summary = await self._summary()
+        orgs = None if summary is None else summary.orgs_with_drift
         # Platform-wide signals widen only a platform-wide run. A user's dispute or one org's drift keeps
         # its own risk (freeze and quorum follow its scope and plan); the wider degradation becomes a
         # named finding that points to the remediation handling it, or says none is running.
         wider: list[str] = []
         if request.worker_degraded:
             wider.append("billing worker consumer is critical (global degradation)")
-        if int(orgs) >= request.widespread_org_threshold:
-            wider.append(f"drift in {orgs} orgs (threshold {request.widespread_org_threshold})")
+        if summary is not None and summary.orgs_with_drift >= request.widespread_org_threshold:
+            wider.append(
+                f"drift in {summary.orgs_with_drift} orgs (threshold {request.widespread_org_threshold};"
+                f" platform summary of {summary.age_words()} ago)"
+            )
+        unmeasured = (
+            f"platform-wide drift not measured in the last {self._summary_max_age_s // 60} min"
+            " (a scoped run does not scan the platform; the worker refreshes the summary)"
+        )
         platform: CheckResult | None = None
         if scope.is_global:
             radius = BlastRadius.WIDESPREAD
@@ -163,21 +153,35 @@ class DiagnosisActivities(PostgresActivities):
                 radius, reasons = BlastRadius.ORG, ["confined to one org"]
             else:
                 radius, reasons = BlastRadius.SINGLE, ["confined to a single user/project"]
+            if summary is None:
+                reasons.append(unmeasured)
             if wider:
                 platform = await self._platform_degradation(request.ref, wider)
         await self._diagnosis(
             request.ref,
             "blast_radius",
             radius.value,
-            {"drift_in_scope": in_scope, "orgs_with_drift": int(orgs), "reasons": reasons},
+            {
+                "drift_in_scope": in_scope,
+                "orgs_with_drift": orgs,
+                "platform_summary_age_s": None if summary is None else summary.age_s,
+                "reasons": reasons,
+            },
         )
         return BlastRadiusResult(
             radius=radius,
             drift_in_scope=in_scope,
-            orgs_with_drift=int(orgs),
+            orgs_with_drift=orgs,
+            platform_summary_age_s=None if summary is None else summary.age_s,
             reasons=reasons,
             platform_degradation=platform,
         )
+
+    async def _summary(self, *, with_consistency: bool = False) -> PlatformSummary | None:
+        with driver_errors():
+            return await latest_platform_summary(
+                self._pool, self._summary_max_age_s, with_consistency=with_consistency
+            )
 
     async def _platform_degradation(self, ref: RunRef, wider: list[str]) -> CheckResult:
         """The degradation outside this run's scope, and the platform-wide remediation handling it, if any.
@@ -244,9 +248,3 @@ class DiagnosisActivities(PostgresActivities):
             passed=total == 0,
             detail=f"duplicate debits {debits}, duplicate credits {credits}, double-open usage {open_twice}",
         )
-
-    async def _count_drift(self, scope: Scope) -> int:
-        total = 0
-        for check in checks(scope, 1).values():
-            total += int(await self._fetchval(f"SELECT count(*) FROM ({check.candidates}) q", *check.params))
-        return total

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from temporalio import activity
 
 from activities.heartbeat import heartbeating
-from activities.postgres.base import CUSTOM_PLANS, RECONCILE_WORK_MEM, PostgresActivities
+from activities.postgres.base import CUSTOM_PLANS, RECONCILE_WORK_MEM, PostgresActivities, driver_errors
 from activities.postgres.drift_sql import Check, checks
+from activities.postgres.platform_summary import record_platform_summary
 from contracts import names
 from contracts.models import (
     ActionKind,
@@ -26,11 +28,14 @@ class ReconcileActivities(PostgresActivities):
         """Run the four checks for the scope; findings go to Postgres (idempotent per pass)."""
         ref = request.ref
         counts: dict[str, int] = {}
+        started = time.perf_counter()
         async with heartbeating(lambda: sorted(counts)):
             await self._reconcile_checks(request, counts)
         counts = {kind.value: counts[kind.value] for kind in DriftKind if kind.value in counts}
         total = sum(counts.values())
         follow_ups = await self._follow_ups(request)
+        if ref.scope.is_global:
+            await self._record_platform_drift(request, counts, started)
         await self._timeline(
             ref.run_id,
             f"reconcile:{request.pass_no}",
@@ -39,6 +44,21 @@ class ReconcileActivities(PostgresActivities):
             counts,
         )
         return ReconcileSummary(pass_no=request.pass_no, counts=counts, total=total, follow_ups=follow_ups)
+
+    async def _record_platform_drift(
+        self, request: ReconcileRequest, counts: dict[str, int], started: float
+    ) -> None:
+        """A platform-wide pass measured the whole platform's drift: scoped runs may read it."""
+        orgs = await self._fetchval(
+            "SELECT count(DISTINCT org_id) FROM remediation.findings WHERE run_id = $1 AND pass = $2",
+            request.ref.run_id,
+            request.pass_no,
+        )
+        took = int((time.perf_counter() - started) * 1000)
+        with driver_errors():
+            await record_platform_summary(
+                self._pool, f"reconcile {request.ref.run_id}", counts, int(orgs), None, took
+            )
 
     async def _follow_ups(self, request: ReconcileRequest) -> int:
         """Payment findings of the pass that this run's plans already handed to the payments team."""
