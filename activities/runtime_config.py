@@ -39,6 +39,7 @@ def runtime_options(settings: Settings) -> RuntimeOptions:
         retry_max_interval_seconds=settings.retry_max_interval_seconds,
         provider_wait_seconds=settings.payment_provider_wait_seconds,
         consumer_pending_threshold=settings.consumer_pending_threshold,
+        alert_resolved_wait_seconds=settings.alert_resolved_wait_seconds,
     )
 
 

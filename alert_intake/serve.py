@@ -29,13 +29,16 @@ async def running_intake(
     settings: Settings, *, client: Client | None = None, port: int | None = None
 ) -> AsyncIterator[Intake]:
     """Serve the receiver (and the subscriber unless ALERTS_NATS=off) until the context exits."""
-    if settings.alerts_token is None or not settings.alerts_token.get_secret_value():
-        raise ValueError("ALERTS_TOKEN is not set: the alert receiver never runs without bearer auth")
+    token = settings.resolved_alerts_token()
+    if token is None:
+        raise ValueError(
+            "ALERTS_TOKEN is not set (nor ALERTS_TOKEN_FILE): the alert receiver never runs without bearer auth"
+        )
     mapping = load_mapping(settings.alerts_mapping_file)
     client = client or await connect_temporal(settings)
     pool = await asyncpg.create_pool(settings.resolved_database_url(), min_size=1, max_size=8)
     intake = Intake(client, settings, mapping, pool)
-    app = receiver_app(intake, settings.alerts_token.get_secret_value())
+    app = receiver_app(intake, token)
     server = uvicorn.Server(
         uvicorn.Config(
             app,

@@ -148,6 +148,20 @@ class Settings(BaseSettings):
     # "auto" = also stderr unless it is a terminal; "stderr" = always; "file" = never.
     cli_log: Literal["auto", "stderr", "file"] = Field(default="auto", alias="CLI_LOG")
 
+    # Prometheus and Alertmanager: embedded on loopback unless the URLs point at existing ones.
+    prometheus_url: str | None = Field(default=None, alias="PROMETHEUS_URL")
+    prometheus_port: int = Field(default=9090, alias="PROMETHEUS_PORT")
+    alertmanager_url: str | None = Field(default=None, alias="ALERTMANAGER_URL")
+    alertmanager_port: int = Field(default=9093, alias="ALERTMANAGER_PORT")
+    # After criterion 4 passes, how long verification waits for Alertmanager's "resolved" notification
+    # of the alerts recorded on the run (so it is recorded on the run, not lost after it ends).
+    alert_resolved_wait_seconds: int = Field(default=120, ge=0, alias="ALERT_RESOLVED_WAIT_SECONDS")
+
+    # Prometheus metrics of the worker (its own, and the Temporal SDK's); 0 turns an endpoint off.
+    metrics_host: str = Field(default="127.0.0.1", alias="METRICS_HOST")
+    worker_metrics_port: int = Field(default=8486, ge=0, le=65535, alias="WORKER_METRICS_PORT")
+    temporal_sdk_metrics_port: int = Field(default=8487, ge=0, le=65535, alias="TEMPORAL_SDK_METRICS_PORT")
+
     # OpenTelemetry: spans go to this OTLP/HTTP endpoint when set (standard variable name).
     otlp_endpoint: str | None = Field(default=None, alias="OTEL_EXPORTER_OTLP_ENDPOINT")
 
@@ -180,6 +194,8 @@ class Settings(BaseSettings):
     alerts_host: str = Field(default="127.0.0.1", alias="ALERTS_HOST")
     alerts_port: int = Field(default=9095, alias="ALERTS_PORT")
     alerts_token: SecretStr | None = Field(default=None, alias="ALERTS_TOKEN")
+    # Where the token is read from when ALERTS_TOKEN is not set (`dev up` makes a local one).
+    alerts_token_file: Path | None = Field(default=None, alias="ALERTS_TOKEN_FILE")
     alerts_mapping_file: Path | None = Field(default=None, alias="ALERTS_MAPPING_FILE")
     alerts_nats: Literal["on", "off"] = Field(default="on", alias="ALERTS_NATS")
     alerts_nats_subject: str = Field(default="payments.reconcile_failed", alias="ALERTS_NATS_SUBJECT")
@@ -249,6 +265,25 @@ class Settings(BaseSettings):
     def resolved_payment_provider_url(self) -> str:
         """Base URL of the payment provider's API (the embedded localstripe by default)."""
         return self.payment_provider_url or f"http://127.0.0.1:{self.payment_provider_port}"
+
+    def resolved_alertmanager_url(self) -> str:
+        """Base URL of Alertmanager (the embedded one by default)."""
+        return self.alertmanager_url or f"http://127.0.0.1:{self.alertmanager_port}"
+
+    def resolved_prometheus_url(self) -> str:
+        """Base URL of Prometheus (the embedded one by default)."""
+        return self.prometheus_url or f"http://127.0.0.1:{self.prometheus_port}"
+
+    def resolved_alerts_token_file(self) -> Path:
+        """Where the alert intake's bearer token is read from when ALERTS_TOKEN is not set."""
+        return self.alerts_token_file or self.state_dir / "alerts.token"
+
+    def resolved_alerts_token(self) -> str | None:
+        """The alert intake's bearer token: ALERTS_TOKEN, else the token file's content, else None."""
+        if self.alerts_token is not None and self.alerts_token.get_secret_value():
+            return self.alerts_token.get_secret_value()
+        path = self.resolved_alerts_token_file()
+        return path.read_text().strip() or None if path.exists() else None
 
     def resolved_payload_key_file(self) -> Path:
         """Where the payload keys are read from when PAYLOAD_KEY is not set."""

@@ -262,6 +262,7 @@ class RuntimeOptions(Frozen):
     retry_max_interval_seconds: int = 30
     provider_wait_seconds: int = 30
     consumer_pending_threshold: int = 100
+    alert_resolved_wait_seconds: int = 120
 
 
 # --- activity inputs and results ---------------------------------------------------------------------
@@ -519,6 +520,22 @@ class AlertNotice(Frozen):
     def key(self) -> str:
         """One record per alert and status, however often it repeats."""
         return f"{self.source}:{self.fingerprint}:{self.status}"
+
+
+class AlertCheckRequest(Frozen):
+    """Input of `alertmanager.check_alerts`: the run, and the alerts it recorded firing (by fingerprint)."""
+
+    ref: RunRef
+    recorded_firing: list[str] = Field(default_factory=list)
+
+
+class AlertCheckResult(Frozen):
+    """Recovery criterion 4 from Alertmanager, and which recorded alerts it no longer has active
+    (their "resolved" notification is on its way)."""
+
+    criterion: Criterion
+    firing: list[str] = Field(default_factory=list)
+    resolved_in_alertmanager: list[str] = Field(default_factory=list)
 
 
 class LaunchGuardVerifyRequest(Frozen):

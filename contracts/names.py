@@ -39,6 +39,18 @@ PUBLISH_ESCALATION = "nats.publish_escalation"
 QUERY_CORRELATION_LOGS = "loki.query_correlation_logs"
 SUMMARIZE_TRACE = "tempo.summarize_trace"
 
+# Alertmanager
+CHECK_ALERTS = "alertmanager.check_alerts"
+# The runbook's alerts (alerting/rules/billing-runbook.rules.yml, group billing-runbook): recovery
+# criterion 4 passes only when none of them fires for the run's scope.
+RUNBOOK_ALERTS = (
+    "BillingWorkerDown",
+    "BillingWorkerFailures",
+    "BillingQueueLag",
+    "PaymentsReconcileFailed",
+    "PrepaidBalanceDepleted",
+)
+
 # Admin billing API
 FREEZE_ADJUSTMENTS = "billing_api.freeze_adjustments"
 UNFREEZE_ADJUSTMENTS = "billing_api.unfreeze_adjustments"

@@ -14,6 +14,7 @@ from devstack.processes import (
     port_accepts,
     port_is_free,
     read_pid,
+    spawn,
     stop_pid,
 )
 
@@ -121,3 +122,21 @@ class Component:
 
     def _terminate(self, pid: int) -> None:
         stop_pid(pid)
+
+
+class PythonService(Component):
+    """A long-running `remediate ...` command of this project, run in the background."""
+
+    command: tuple[str, ...] = ()
+
+    def _launch(self) -> None:
+        pid = spawn(
+            [sys.executable, "-m", "starters.cli", *self.command],
+            pid_file=self.pid_file,
+            log_file=self.log_file,
+            env={"REMEDIATION_STATE_DIR": str(self.state_dir)},
+        )
+        self._wait_ready(pid)
+
+    def _wait_ready(self, pid: int) -> None:
+        return None

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from collections.abc import Callable
 
 from config import SEARCH_ATTRIBUTES, Settings
 from config.approver_keys import new_key_pair, read_public_key
 from config.settings import EVIDENCE_SIGNER
-from devstack.component import Component, ComponentStatus, local_bin
+from devstack.alerting import AlertIntake, Alertmanager, Prometheus, dev_alerts_token
+from devstack.component import Component, ComponentStatus, PythonService, local_bin
 from devstack.payment_provider import PaymentProvider
 from devstack.postgres import Postgres
 from devstack.processes import (
@@ -119,24 +119,6 @@ class Temporal(Component):
         )
 
 
-class PythonService(Component):
-    """A long-running `remediate ...` command of this project, run in the background."""
-
-    command: tuple[str, ...] = ()
-
-    def _launch(self) -> None:
-        pid = spawn(
-            [sys.executable, "-m", "starters.cli", *self.command],
-            pid_file=self.pid_file,
-            log_file=self.log_file,
-            env={"REMEDIATION_STATE_DIR": str(self.state_dir)},
-        )
-        self._wait_ready(pid)
-
-    def _wait_ready(self, pid: int) -> None:
-        return None
-
-
 class Platform(PythonService):
     """The billing platform stand-in (admin API, Loki/Tempo endpoints, billing worker, outbox relay)."""
 
@@ -211,8 +193,10 @@ SERVERS: tuple[Callable[[Settings], Component], ...] = (
     Temporal,
     PaymentProvider,
     CodecServer,
+    Alertmanager,
+    Prometheus,
 )
-SERVICES: tuple[Callable[[Settings], Component], ...] = (Platform, RemediationWorker)
+SERVICES: tuple[Callable[[Settings], Component], ...] = (Platform, RemediationWorker, AlertIntake)
 
 
 def components(settings: Settings, *, services: bool) -> list[Component]:
@@ -226,6 +210,7 @@ def up(settings: Settings, *, services: bool = False) -> list[str]:
     return [
         *dev_approver_keys(settings),
         *dev_payload_key(settings),
+        *dev_alerts_token(settings),
         *(c.start() for c in components(settings, services=services)),
     ]
 

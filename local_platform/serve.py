@@ -15,7 +15,7 @@ from nats.errors import Error as NatsError
 from starlette.applications import Starlette
 
 from config import Settings
-from local_platform import admin_api, billing_worker, observability_api, otlp_receiver
+from local_platform import admin_api, billing_worker, metrics, observability_api, otlp_receiver
 from local_platform.db import migrate
 from local_platform.events import ensure_stream, ensure_worker_consumer
 
@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 
 def build_app(pool: asyncpg.Pool, token: str, *, require_tenant: bool = False) -> Starlette:
     """The stand-in's ASGI app over an existing pool."""
-    app = Starlette(routes=[*admin_api.ROUTES, *observability_api.ROUTES, *otlp_receiver.ROUTES])
+    app = Starlette(
+        routes=[*admin_api.ROUTES, *observability_api.ROUTES, *otlp_receiver.ROUTES, *metrics.ROUTES]
+    )
     app.state.pool = pool
     app.state.token = token
     app.state.require_tenant = require_tenant
@@ -69,6 +71,12 @@ async def running_platform(settings: Settings, port: int) -> AsyncIterator[None]
     pool = await asyncpg.create_pool(settings.resolved_database_url(), min_size=1, max_size=8)
     nc = await nats.connect(settings.resolved_nats_url())
     app = build_app(pool, settings.billing_api_token.get_secret_value())
+    # For /metrics: the worker's consumer, read from JetStream at each scrape.
+    app.state.nc, app.state.stream, app.state.consumer = (
+        nc,
+        settings.billing_stream,
+        settings.billing_consumer,
+    )
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
     )

@@ -35,6 +35,7 @@ from temporalio.worker import Worker
 from config import SEARCH_ATTRIBUTES, Settings
 from config.approver_keys import new_key_pair, public_key_b64
 from config.settings import EVIDENCE_SIGNER
+from devstack.alerting import Alertmanager
 from devstack.processes import free_port
 from devstack.stack import Nats, PaymentProvider, Postgres
 from local_platform.db import migrate
@@ -86,6 +87,22 @@ def payment_provider(state_root: Path) -> Iterator[Settings]:
     os.environ["PAYMENT_PROVIDER_URL"] = settings.resolved_payment_provider_url()
     yield settings
     os.environ.pop("PAYMENT_PROVIDER_URL", None)
+    server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def alertmanager(state_root: Path) -> Iterator[Settings]:
+    """One real Alertmanager for the session: every world's verification asks it (criterion 4).
+
+    Nothing sends to it unless a test does, so it answers "no runbook alert firing"; the end-to-end
+    alerting test runs its own Prometheus and Alertmanager. Exported as ALERTMANAGER_URL.
+    """
+    settings = Settings(REMEDIATION_STATE_DIR=state_root / "alertmanager", ALERTMANAGER_PORT=free_port())
+    server = Alertmanager(settings)
+    server.start()
+    os.environ["ALERTMANAGER_URL"] = settings.resolved_alertmanager_url()
+    yield settings
+    os.environ.pop("ALERTMANAGER_URL", None)
     server.stop()
 
 

@@ -5,17 +5,22 @@ from __future__ import annotations
 from temporalio.client import Client
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.runtime import Runtime
 
 from config import Settings
 from worker.payload_codec import payload_keys, with_codec
 
 
-async def connect_temporal(settings: Settings) -> Client:
-    """A Temporal client with the pydantic data converter and, unless turned off, payload encryption."""
+async def connect_temporal(settings: Settings, runtime: Runtime | None = None) -> Client:
+    """A Temporal client with the pydantic data converter and, unless turned off, payload encryption.
+
+    ``runtime``: the worker's, exporting the SDK's metrics; other processes use the default one.
+    """
     return await Client.connect(
         settings.resolved_temporal_address(),
         namespace=settings.temporal_namespace,
         data_converter=with_codec(pydantic_data_converter, payload_keys(settings)),
         # Spans for StartWorkflow/RunWorkflow/StartActivity/RunActivity; no-op unless tracing is configured.
         interceptors=[TracingInterceptor()],
+        runtime=runtime,
     )

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.alertmanager import AlertmanagerActivities
 from activities.billing_api import BillingApiActivities
 from activities.loki import LokiActivities
 from activities.nats_jetstream import NatsActivities
@@ -32,6 +33,7 @@ from config.approver_keys import load_private_key
 from migrations import apply_migrations, remediation_migrations_dir
 from worker.connection import connect_temporal
 from worker.deployment import build_id, deployment_config
+from worker.metrics import sdk_runtime, serving_metrics
 from worker.platform_summary_refresh import refresh_platform_summary_every
 from worker.telemetry import RemediationContext
 from workflows.launch_guard import LaunchGuardWorkflow
@@ -49,6 +51,7 @@ class Resources:
     http_api: httpx.AsyncClient
     http_loki: httpx.AsyncClient
     http_tempo: httpx.AsyncClient
+    http_alertmanager: httpx.AsyncClient
     nats: NatsActivities
     provider: StripePaymentProvider
 
@@ -75,6 +78,7 @@ async def resources(settings: Settings) -> AsyncIterator[Resources]:
     )
     http_loki = httpx.AsyncClient(base_url=settings.resolved_loki_url(), timeout=timeout)
     http_tempo = httpx.AsyncClient(base_url=settings.resolved_tempo_url(), timeout=timeout)
+    http_alertmanager = httpx.AsyncClient(base_url=settings.resolved_alertmanager_url(), timeout=timeout)
     nats_acts = NatsActivities(
         settings.resolved_nats_url(),
         settings.billing_stream,
@@ -83,11 +87,11 @@ async def resources(settings: Settings) -> AsyncIterator[Resources]:
     )
     provider = payment_provider(settings)
     try:
-        yield Resources(pool, http_api, http_loki, http_tempo, nats_acts, provider)
+        yield Resources(pool, http_api, http_loki, http_tempo, http_alertmanager, nats_acts, provider)
     finally:
         await nats_acts.close()
         await provider.aclose()
-        for client in (http_api, http_loki, http_tempo):
+        for client in (http_api, http_loki, http_tempo, http_alertmanager):
             await client.aclose()
         await pool.close()
 
@@ -126,6 +130,7 @@ def activity_list(
         res.http_api, settings.worker_restart_hook_url, settings.worker_rollback_hook_url
     )
     regression = WorkerRegressionActivities(api, loki)
+    alerts = AlertmanagerActivities(res.http_alertmanager)
     cfg = ConfigActivities(settings)
     return [
         cfg.load_runtime_options,
@@ -157,6 +162,7 @@ def activity_list(
         api.rollback_billing_worker,
         api.read_worker_deployments,
         regression.check_worker_regression,
+        alerts.check_alerts,
         api.read_posture,
         api.run_precheck,
         api.probe_submit,
@@ -182,8 +188,8 @@ def build_worker(
 
 async def run_worker(settings: Settings) -> None:
     """Entry point of `remediate worker`: run until SIGINT/SIGTERM, then shut down gracefully."""
-    client = await connect_temporal(settings)
-    async with resources(settings) as res:
+    client = await connect_temporal(settings, sdk_runtime(settings))
+    async with resources(settings) as res, serving_metrics(res.pool, client, settings):
         worker = build_worker(client, settings, res)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

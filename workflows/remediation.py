@@ -7,6 +7,7 @@ stable names, in ``contracts.names``, are what history records).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -30,11 +31,9 @@ with workflow.unsafe.imports_passed_through():
         BlastRadius,
         BlastRadiusRequest,
         CheckResult,
-        Criterion,
         EvidenceRequest,
         FinishRun,
         FreezeRequest,
-        LaunchGuardVerifyRequest,
         Phase,
         PlanRequest,
         PlanSummary,
@@ -46,19 +45,14 @@ with workflow.unsafe.imports_passed_through():
         RuntimeOptions,
         SnapshotRequest,
         StatusView,
-        Trigger,
-        VerificationRequest,
-        VerificationResult,
     )
     from workflows.activity_calls import activity_cause, activity_options
     from workflows.approval import (
         reset_for_plan,
     )
-    from workflows.criteria import worker_criterion
     from workflows.details import STEPS_MARKDOWN
     from workflows.incident_marks import incident_marks
-    from workflows.launch_guard import LaunchGuardWorkflow
-    from workflows.remediation_worker import WorkerSteps
+    from workflows.remediation_verify import VerifySteps
     from workflows.search_attributes import SA_BLAST
 
 # Expected failures that retrying cannot fix; everything else retries with backoff up to the limit.
@@ -67,7 +61,7 @@ MAX_ALERTS = 50  # distinct alerts recorded per run; history stays bounded under
 
 
 @workflow.defn(name=names.WORKFLOW)
-class BillingRemediationWorkflow(WorkerSteps):
+class BillingRemediationWorkflow(VerifySteps):
     """One remediation of one scope, from diagnosis to evidence (state and helpers: ``RemediationBase``)."""
 
     # ---------------------------------------------------------------- run
@@ -169,10 +163,14 @@ class BillingRemediationWorkflow(WorkerSteps):
             )
             self._drift = dict(summary.counts)
             if pass_no == 0:
-                await self._act(
-                    RecordsActivities.snapshot_scope,
-                    SnapshotRequest(ref=ref, label="before"),
-                    "Capture before-remediation query evidence",
+                # Nothing changes before approval: the before-evidence is taken alongside the plan,
+                # off the path to it (a platform-wide snapshot sums every usage and ledger row).
+                self._before = asyncio.create_task(
+                    self._act(
+                        RecordsActivities.snapshot_scope,
+                        SnapshotRequest(ref=ref, label="before"),
+                        "Capture before-remediation query evidence",
+                    )
                 )
             await self._confirm_payments(pass_no, summary.counts)
             plan = await self._act(
@@ -194,11 +192,13 @@ class BillingRemediationWorkflow(WorkerSteps):
             reset_for_plan(self._approval, plan, workflow.now())
             self._refresh_details()
             if request.dry_run:
+                await self._before_taken()
                 return Phase.DRY_RUN_COMPLETE, plan, None
             if not plan.empty:
                 decided = await self._await_approval(plan)
                 if decided is not None:
                     return decided, plan, applied
+                await self._before_taken()
                 try:
                     applied = await self._apply(plan)
                 except ActivityError as err:
@@ -332,85 +332,10 @@ class BillingRemediationWorkflow(WorkerSteps):
         self._refresh_details()
         return applied
 
-    async def _verify(self, request: RemediationRequest, pass_no: int) -> VerificationResult:
-        ref = self._require_ref()
-        options = self._require_options()
-        self._set_phase(Phase.VERIFYING)
-        first = await self._consumer_sample("Sample billing worker consumer lag (1/2)")
-        if options.verify_window_seconds:
-            await workflow.sleep(options.verify_window_seconds, summary="verification window")
-        second = await self._consumer_sample("Sample billing worker consumer lag (2/2)")
-        criteria = [worker_criterion(first, second, options.consumer_pending_threshold)]
-        rollback = await self._rollback_criterion(self._approval.plan)
-        if rollback is not None:
-            criteria.append(rollback)
-        drift = await self._act(
-            BillingDatabaseActivities.reconcile,
-            ReconcileRequest(ref=ref, pass_no=100 + pass_no),
-            f"Re-run reconciliation for {request.scope.describe()} (expect no drift)",
-            timeout=600,
-            heartbeat=True,
-        )
-        self._drift = dict(drift.counts)
-        unexplained = drift.total - drift.follow_ups
-        criteria.append(
-            Criterion(
-                name="no_unresolved_drift",
-                passed=unexplained == 0,
-                detail=", ".join(f"{k}={v}" for k, v in drift.counts.items())
-                + (
-                    f"; {drift.follow_ups} payment sessions handed to the payments team (follow-ups)"
-                    if drift.follow_ups
-                    else ""
-                ),
-            )
-        )
-        criteria.append(
-            await self._act(
-                BillingDatabaseActivities.check_duplicates,
-                VerificationRequest(ref=ref, pass_no=pass_no),
-                "Check for duplicate debits and credits",
-            )
-        )
-        outbox = await self._check(
-            BillingDatabaseActivities.check_outbox, "outbox_relay", ref, "Re-check outbox relay (alerts)"
-        )
-        criteria.append(
-            Criterion(
-                name="alerts_below_threshold", passed=outbox.status in ("ok", "warn"), detail=outbox.headline
-            )
-        )
-        if request.trigger is Trigger.PREPAID_DEPLETED and request.scope.org_id:
-            criteria.append(await self._verify_launch_guard(request, pass_no))
-        self._verification = VerificationResult(passed=all(c.passed for c in criteria), criteria=criteria)
-        await self._act(
-            RecordsActivities.snapshot_scope,
-            SnapshotRequest(ref=ref, label="after", pass_no=100 + pass_no),
-            "Capture after-remediation query evidence",
-        )
-        self._refresh_details()
-        return self._verification
-
-    async def _verify_launch_guard(self, request: RemediationRequest, pass_no: int) -> Criterion:
-        """The launch-restriction verification, as a child workflow visible on its own in the UI."""
-        org = request.scope.org_id or ""
-        report = await workflow.execute_child_workflow(
-            LaunchGuardWorkflow.run,
-            LaunchGuardVerifyRequest(
-                correlation_id=request.correlation_id,
-                org_id=org,
-                project_id=request.scope.project_id,
-                expect="recovered",
-                requested_by=request.requested_by,
-            ),
-            id=f"{workflow.info().workflow_id}-launch-guard-{pass_no}",
-            static_summary=f"Verify launch precheck billing is ok for {org}",
-        )
-        return Criterion(
-            name="launch_guard_recovered",
-            passed=report.passed,
-            detail="; ".join(f"{c.name}: {c.detail}" for c in report.criteria),
-        )
+    async def _before_taken(self) -> None:
+        """The before-evidence is complete (it must be, before anything changes or the evidence is built)."""
+        if self._before is not None:
+            await self._before
 
     async def _cleanup(self, outcome: Phase, plan: PlanSummary | None) -> None:
         ref = self._require_ref()
@@ -428,6 +353,9 @@ class BillingRemediationWorkflow(WorkerSteps):
             )
             self._frozen_id = None
         self._set_phase(Phase.CAPTURING_EVIDENCE)
+        if self._before is not None and not self._before.done():
+            with contextlib.suppress(ActivityError, asyncio.CancelledError):
+                await self._before
         await workflow.wait_condition(lambda: not self._audits and not self._auditing)
         await self._act(
             RecordsActivities.capture_evidence,

@@ -3,6 +3,7 @@ the UI's details. Orchestration lives in ``remediation``, approvals in ``remedia
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -60,6 +61,8 @@ class RemediationBase:
         self._ref: RunRef | None = None
         self._events = 0
         self._alerts: dict[str, AlertNotice] = {}
+        # The "before" query evidence, taken while the plan is built and awaited before anything changes.
+        self._before: asyncio.Task[None] | None = None
         # Approval audits waiting for the auditor coroutine (handlers never await activities).
         self._audits: list[tuple[ApprovalDecision, str | None, str]] = []
         self._auditing = False

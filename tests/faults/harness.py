@@ -47,6 +47,8 @@ def worker_env(settings: Settings, temporal_address: str) -> dict[str, str]:
             "PLATFORM_PORT": str(settings.platform_port),
             "APPROVERS": json.dumps(signed_approvers()),
             "PAYLOAD_ENCRYPTION": "off",
+            "WORKER_METRICS_PORT": "0",
+            "TEMPORAL_SDK_METRICS_PORT": "0",
             "WORKER_VERSIONING": settings.worker_versioning,
             "VERIFY_WINDOW_SECONDS": str(settings.verify_window_seconds),
             "APPLY_BATCH_SIZE": str(settings.apply_batch_size),

@@ -1,0 +1,177 @@
+"""Prometheus and Alertmanager from Debian's packages, and the alert intake, for the local stack.
+
+Prometheus scrapes the stand-in, the worker (its own and the Temporal SDK's metrics) and the intake,
+evaluates the shipped rules (alerting/rules/) and sends to Alertmanager, which routes the runbook's
+alerts to `remediate alerts serve` with its bearer token (alerting/alertmanager.yml, as shipped).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+from pathlib import Path
+
+from config import Settings
+from devstack.component import Component, PythonService
+from devstack.processes import StackError, spawn, wait_for_port
+
+ALERTING = Path(__file__).resolve().parents[1] / "alerting"
+RULES_DIR = ALERTING / "rules"
+ALERTMANAGER_CONFIG = ALERTING / "alertmanager.yml"
+INSTALL_HINT = "apt-get install -y prometheus prometheus-alertmanager (`make install` does it when it can)"
+
+
+def debian_bin(name: str) -> str:
+    """A binary of Debian's prometheus packages, or a one-line StackError saying how to install it."""
+    found = shutil.which(name)
+    if found is None:
+        raise StackError(f"{name}: not installed; {INSTALL_HINT}")
+    return found
+
+
+def alertmanager_config(
+    settings: Settings, token_file: Path, *, timings: dict[str, str] | None = None
+) -> str:
+    """The shipped Alertmanager configuration with the intake's address and token file filled in.
+
+    ``timings`` overrides route timings (group_wait, group_interval, repeat_interval), e.g. for tests.
+    """
+    text = ALERTMANAGER_CONFIG.read_text()
+    text = text.replace("${ALERTS_URL}", f"http://{settings.alerts_host}:{settings.alerts_port}")
+    text = text.replace("${ALERTS_TOKEN_FILE}", str(token_file))
+    for key, value in (timings or {}).items():
+        text, found = re.subn(rf"(?m)^(\s*{key}:) \S+$", rf"\1 {value}", text)
+        if not found:
+            raise ValueError(f"{key}: not in {ALERTMANAGER_CONFIG}")
+    return text
+
+
+def prometheus_config(settings: Settings, rules_dir: Path, *, interval: str = "15s") -> str:
+    """Scrape the stand-in, the worker, the Temporal SDK and the intake; evaluate ``rules_dir``'s rules."""
+    host = settings.metrics_host
+    jobs = {
+        "billing-platform": f"127.0.0.1:{settings.platform_port}",
+        "remediation-worker": f"{host}:{settings.worker_metrics_port}",
+        "temporal-sdk": f"{host}:{settings.temporal_sdk_metrics_port}",
+        "alert-intake": f"{settings.alerts_host}:{settings.alerts_port}",
+    }
+    alertmanager = settings.resolved_alertmanager_url().split("://", 1)[-1].rstrip("/")
+    document = {
+        "global": {"scrape_interval": interval, "evaluation_interval": interval},
+        "rule_files": [str(rules_dir / "*.yml")],
+        "alerting": {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]},
+        "scrape_configs": [
+            {"job_name": job, "static_configs": [{"targets": [target]}]}
+            for job, target in jobs.items()
+            if not target.endswith(":0")
+        ],
+    }
+    return json.dumps(document, indent=2)  # JSON is YAML: no YAML writer needed
+
+
+def dev_alerts_token(settings: Settings) -> list[str]:
+    """Make the local intake token (0600) unless ALERTS_TOKEN or its file is configured."""
+    path = settings.resolved_alerts_token_file()
+    if settings.resolved_alerts_token() is not None:
+        return []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_urlsafe(32))
+    return [f"alert intake token: made {path}"]
+
+
+class Alertmanager(Component):
+    """Alertmanager (Debian's prometheus-alertmanager) on loopback, clustering off."""
+
+    name = "alertmanager"
+    timings: dict[str, str] | None = None
+
+    @property
+    def external(self) -> bool:
+        return self.settings.alertmanager_url is not None
+
+    @property
+    def port(self) -> int:
+        return self.settings.alertmanager_port
+
+    @property
+    def address(self) -> str:
+        return self.settings.resolved_alertmanager_url()
+
+    def _launch(self) -> None:
+        home = self.state_dir / "alertmanager"
+        home.mkdir(parents=True, exist_ok=True)
+        config = home / "alertmanager.yml"
+        config.write_text(
+            alertmanager_config(
+                self.settings, self.settings.resolved_alerts_token_file(), timings=self.timings
+            )
+        )
+        pid = spawn(
+            [
+                debian_bin("prometheus-alertmanager"), f"--config.file={config}", f"--storage.path={home / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}", "--cluster.listen-address=",
+            ],
+            pid_file=self.pid_file,
+            log_file=self.log_file,
+        )  # fmt: skip
+        wait_for_port(self.port, timeout=30, name=self.name, log_file=self.log_file, pid=pid)
+
+
+class Prometheus(Component):
+    """Prometheus (Debian's package) on loopback with the shipped rules."""
+
+    name = "prometheus"
+    rules_dir: Path = RULES_DIR
+    interval = "15s"
+
+    @property
+    def external(self) -> bool:
+        return self.settings.prometheus_url is not None
+
+    @property
+    def port(self) -> int:
+        return self.settings.prometheus_port
+
+    @property
+    def address(self) -> str:
+        return self.settings.resolved_prometheus_url()
+
+    def _launch(self) -> None:
+        home = self.state_dir / "prometheus"
+        home.mkdir(parents=True, exist_ok=True)
+        config = home / "prometheus.yml"
+        config.write_text(prometheus_config(self.settings, self.rules_dir, interval=self.interval))
+        pid = spawn(
+            [
+                debian_bin("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={home / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}", "--web.enable-lifecycle",
+            ],
+            pid_file=self.pid_file,
+            log_file=self.log_file,
+        )  # fmt: skip
+        wait_for_port(self.port, timeout=60, name=self.name, log_file=self.log_file, pid=pid)
+
+
+class AlertIntake(PythonService):
+    """`remediate alerts serve` on loopback: where Alertmanager sends the runbook's alerts."""
+
+    name = "alert-intake"
+
+    @property
+    def command(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("alerts", "serve")
+
+    @property
+    def port(self) -> int:
+        return self.settings.alerts_port
+
+    def _port_env(self) -> str:
+        return "ALERTS_PORT"
+
+    def _wait_ready(self, pid: int) -> None:
+        wait_for_port(self.port, timeout=60, name=self.name, log_file=self.log_file, pid=pid)
