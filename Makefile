@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-soak test lint bench ui-check down status clean
+.PHONY: install alerting-tools demo demo-soak test lint bench ui-check down status clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -12,13 +12,26 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) alerting-tools
+
+# Prometheus and Alertmanager from Debian's packages (the alerting loop, its tests and the demo use the
+# real ones). Installing starts nothing here; on a host with systemd, stop the packaged services or
+# keep PROMETHEUS_PORT / ALERTMANAGER_PORT (8490 / 8493) clear of theirs.
+ALERTING_PACKAGES = prometheus prometheus-alertmanager
+alerting-tools:
+	@if ! command -v promtool >/dev/null || ! command -v prometheus-alertmanager >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  echo "installing $(ALERTING_PACKAGES) (Debian packages)"; \
+	  $$SUDO apt-get install -y -q --no-install-recommends $(ALERTING_PACKAGES) >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q --no-install-recommends $(ALERTING_PACKAGES) >/dev/null; } || \
+	  { echo "could not install $(ALERTING_PACKAGES): install them (apt-get install -y $(ALERTING_PACKAGES)) and re-run" >&2; exit 1; }; \
+	fi
 
 # The demo runs as production does: payloads encrypted (local key made by `dev up`), the UI reading them
 # through the local codec server. The stand-in also plays the OTLP collector, so the remediation's own
 # trace shows next to the incident's.
 DEMO_ENV = OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:$${PLATFORM_PORT:-8480}
-demo: $(STAMP)
+demo: $(STAMP) alerting-tools
 	$(DEMO_ENV) $(BIN)/remediate dev up --services
 	$(DEMO_ENV) VERIFY_WINDOW_SECONDS=5 $(BIN)/remediate demo
 
@@ -38,7 +51,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy .
 
-test: $(STAMP) lint
+test: $(STAMP) alerting-tools lint
 	$(BIN)/pytest -q
 
 # Figures, not assertions: see docs/performance.md. BENCH_ARGS="--usage-rows 10000000" for the big run.

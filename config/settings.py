@@ -150,9 +150,9 @@ class Settings(BaseSettings):
 
     # Prometheus and Alertmanager: embedded on loopback unless the URLs point at existing ones.
     prometheus_url: str | None = Field(default=None, alias="PROMETHEUS_URL")
-    prometheus_port: int = Field(default=9090, alias="PROMETHEUS_PORT")
+    prometheus_port: int = Field(default=8490, alias="PROMETHEUS_PORT")
     alertmanager_url: str | None = Field(default=None, alias="ALERTMANAGER_URL")
-    alertmanager_port: int = Field(default=9093, alias="ALERTMANAGER_PORT")
+    alertmanager_port: int = Field(default=8493, alias="ALERTMANAGER_PORT")
     # After criterion 4 passes, how long verification waits for Alertmanager's "resolved" notification
     # of the alerts recorded on the run (so it is recorded on the run, not lost after it ends).
     alert_resolved_wait_seconds: int = Field(default=120, ge=0, alias="ALERT_RESOLVED_WAIT_SECONDS")
