@@ -19,6 +19,7 @@ from contracts import names
 from contracts.models import AlertCheckRequest, AlertCheckResult, Criterion, Scope
 
 CRITERION = "alerts_below_threshold"
+HANDED_OVER_ALERT = "PaymentsReconcileFailed"
 # Scope field -> the alert label carrying it (alerting/rules and alert_intake/alert_mapping.toml).
 SCOPE_LABELS = {
     "org_id": "org_id",
@@ -67,7 +68,16 @@ class AlertmanagerActivities:
         except (ApplicationError, ValueError) as err:
             detail = f"unknown: Alertmanager at {where} did not answer ({err})"[:500]
             return AlertCheckResult(criterion=Criterion(name=CRITERION, passed=False, detail=detail))
-        firing = sorted(describe(a) for a in alerts)
+        # A failed payment this run handed to the payments team keeps its org's alert firing: named,
+        # not counted against the recovery (as the follow-up is not counted as unresolved drift).
+        handed = [
+            a
+            for a in alerts
+            if a.get("labels", {}).get("alertname") == HANDED_OVER_ALERT
+            and a.get("labels", {}).get("org_id") in request.handed_over_orgs
+        ]
+        firing = sorted(describe(a) for a in alerts if a not in handed)
+        handed_over = sorted(describe(a) for a in handed)
         active = {str(a.get("fingerprint")) for a in alerts}
         resolved = [f for f in request.recorded_firing if f not in active]
         scope = request.ref.scope.describe()
@@ -77,8 +87,13 @@ class AlertmanagerActivities:
                 detail += f"; and {len(firing) - 10} more"
         else:
             detail = f"no runbook alert firing for {scope} (Alertmanager at {where})"
+        if handed_over:
+            detail += "; still firing, handed to the payments team (follow-ups): " + "; ".join(
+                handed_over[:10]
+            )
         return AlertCheckResult(
             criterion=Criterion(name=CRITERION, passed=not firing, detail=detail[:1000]),
             firing=firing,
+            handed_over=handed_over,
             resolved_in_alertmanager=resolved,
         )

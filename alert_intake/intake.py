@@ -24,6 +24,7 @@ from database.scope import ScopeRefused, validate_scope
 
 log = logging.getLogger("billing_remediation.alert_intake")
 Action = Literal["started", "attached", "resolved_recorded", "no_running_remediation", "ignored"]
+GLOBAL_WORKFLOW_ID = RemediationRequest(correlation_id="x", requested_by="x").workflow_id()
 REMEMBERED = 20_000  # recorded (run, alert, status) keys kept to skip repeat signals in a storm
 
 
@@ -130,21 +131,36 @@ class Intake:
     # ------------------------------------------------------------------ effects
 
     async def deliver(self, intended: Intended) -> Outcome:
-        """Start or attach (firing) or record on the running run (resolved)."""
+        """Start or attach (firing) or record on the running run (resolved).
+
+        While the platform-wide remediation runs, it covers every org: a scoped alert is recorded on it
+        instead of starting a second remediation of the same drift beside it.
+        """
         workflow_id = intended.request.workflow_id()
         notice = intended.notice
         # One start per scope at a time, so "started" vs "attached" is reported truthfully in a storm.
         lock = self._locks.setdefault(workflow_id, asyncio.Lock())
         async with lock:
+            run_id = await self._running_run(workflow_id)
+            if run_id is None and not intended.request.scope.is_global:
+                covering = await self._running_run(GLOBAL_WORKFLOW_ID)
+                if covering is not None:
+                    await self._record(GLOBAL_WORKFLOW_ID, covering, notice)
+                    action: Action = "resolved_recorded" if notice.status == "resolved" else "attached"
+                    return Outcome(
+                        notice.fingerprint,
+                        action,
+                        GLOBAL_WORKFLOW_ID,
+                        detail="covered by the running platform-wide remediation",
+                    )
             if notice.status == "resolved":
-                run_id = await self._running_run(workflow_id)
                 if run_id is None:
                     return Outcome(notice.fingerprint, "no_running_remediation", workflow_id)
                 await self._record(workflow_id, run_id, notice)
                 return Outcome(notice.fingerprint, "resolved_recorded", workflow_id)
             started = await operations.start(self._client, self._settings, intended.request)
             await self._record(started.workflow_id, started.run_id, notice)
-        action: Action = "attached" if started.attached else "started"
+        action = "attached" if started.attached else "started"
         if action == "started":
             log.info(
                 "started remediation %s for %s %s",

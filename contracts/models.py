@@ -346,6 +346,8 @@ class ReconcileSummary(Frozen):
     total: int
     # Findings this run already handed to a human (investigate_payment): expected to remain.
     follow_ups: int = 0
+    # The orgs of those follow-ups (their PaymentsReconcileFailed alerts may keep firing, handed over).
+    follow_up_orgs: list[str] = Field(default_factory=list)
 
 
 class PlanRequest(Frozen):
@@ -527,6 +529,8 @@ class AlertCheckRequest(Frozen):
 
     ref: RunRef
     recorded_firing: list[str] = Field(default_factory=list)
+    # Orgs whose failed payments this run handed to the payments team (investigate follow-ups).
+    handed_over_orgs: list[str] = Field(default_factory=list)
 
 
 class AlertCheckResult(Frozen):
@@ -535,6 +539,7 @@ class AlertCheckResult(Frozen):
 
     criterion: Criterion
     firing: list[str] = Field(default_factory=list)
+    handed_over: list[str] = Field(default_factory=list)
     resolved_in_alertmanager: list[str] = Field(default_factory=list)
 
 

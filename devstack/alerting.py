@@ -21,6 +21,12 @@ from devstack.processes import StackError, spawn, wait_for_port
 ALERTING = Path(__file__).resolve().parents[1] / "alerting"
 RULES_DIR = ALERTING / "rules"
 ALERTMANAGER_CONFIG = ALERTING / "alertmanager.yml"
+# The embedded stack is for trying the loop: the shipped rules with `for` in seconds, evaluated every 2 s,
+# and Alertmanager's group timings short, so an incident alerts, remediates and resolves in a minute.
+# Production runs the rules as shipped on its own Prometheus (PROMETHEUS_URL / ALERTMANAGER_URL).
+DEV_FOR = {"2m": "2s", "5m": "3s", "1m": "2s", "15m": "3s"}
+DEV_INTERVAL = "2s"
+DEV_TIMINGS = {"group_wait": "2s", "group_interval": "5s", "repeat_interval": "1m"}
 INSTALL_HINT = "apt-get install -y prometheus prometheus-alertmanager (`make install` does it when it can)"
 
 
@@ -30,6 +36,15 @@ def debian_bin(name: str) -> str:
     if found is None:
         raise StackError(f"{name}: not installed; {INSTALL_HINT}")
     return found
+
+
+def rules_with_short_for(target: Path, durations: dict[str, str] = DEV_FOR) -> Path:
+    """A copy of the shipped rules in ``target`` whose `for:` durations are replaced (expressions unchanged)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for rules in RULES_DIR.glob("*.yml"):
+        text = re.sub(r"(?m)^(\s*for:) (\S+)$", lambda m: f"{m[1]} {durations[m[2]]}", rules.read_text())
+        (target / rules.name).write_text(text)
+    return target
 
 
 def alertmanager_config(
@@ -88,7 +103,7 @@ class Alertmanager(Component):
     """Alertmanager (Debian's prometheus-alertmanager) on loopback, clustering off."""
 
     name = "alertmanager"
-    timings: dict[str, str] | None = None
+    timings: dict[str, str] | None = DEV_TIMINGS
 
     @property
     def external(self) -> bool:
@@ -126,8 +141,8 @@ class Prometheus(Component):
     """Prometheus (Debian's package) on loopback with the shipped rules."""
 
     name = "prometheus"
-    rules_dir: Path = RULES_DIR
-    interval = "15s"
+    rules_dir: Path | None = None  # None: the shipped rules with DEV_FOR
+    interval = DEV_INTERVAL
 
     @property
     def external(self) -> bool:
@@ -145,7 +160,8 @@ class Prometheus(Component):
         home = self.state_dir / "prometheus"
         home.mkdir(parents=True, exist_ok=True)
         config = home / "prometheus.yml"
-        config.write_text(prometheus_config(self.settings, self.rules_dir, interval=self.interval))
+        rules = self.rules_dir or rules_with_short_for(home / "rules")
+        config.write_text(prometheus_config(self.settings, rules, interval=self.interval))
         pid = spawn(
             [
                 debian_bin("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={home / 'data'}",

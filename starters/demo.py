@@ -62,6 +62,46 @@ async def _show_traces(settings: Settings, incident_trace: str, own_trace: str |
             )
 
 
+def _alerting_runs(settings: Settings) -> bool:
+    """True when the alerting loop is up: Prometheus, Alertmanager and the alert intake answer."""
+    from urllib.parse import urlsplit
+
+    from devstack.processes import port_accepts
+
+    urls = (settings.resolved_prometheus_url(), settings.resolved_alertmanager_url())
+    ends = [urlsplit(u) for u in urls]
+    return all(port_accepts(e.port or 80, e.hostname or "127.0.0.1") for e in ends) and port_accepts(
+        settings.alerts_port, settings.alerts_host
+    )
+
+
+async def _show_alerts(client: object, workflow_id: str, status: str, timeout: float = 45) -> None:
+    """Alertmanager's notifications recorded on the run: the alert that attached to it, then its resolution.
+
+    Prometheus evaluates the shipped rules against the stand-in's metrics; Alertmanager posts to the
+    alert intake, which records each alert on the remediation of its scope (bounded wait: the demo
+    goes on, saying so, if the alerting stack is not running).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        view = await operations.status(client, workflow_id)  # type: ignore[arg-type]
+        wanted = "firing" if status == "fired" else status
+        shown = [a for a in view.alerts if a.source == "alertmanager" and a.status == wanted]
+        if shown or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(1)
+    if not shown:
+        _say(
+            f"   (no Alertmanager notification {status} within {timeout:g} s: is `remediate dev status` all healthy?)"
+        )
+        return
+    title = "attached to this remediation" if status == "fired" else "resolved, recorded on the run"
+    _say(f"== Alerts (Prometheus → Alertmanager → alert intake): {title}")
+    for alert in shown:
+        when = alert.ends_at if alert.status == "resolved" else alert.starts_at
+        _say(f"   {alert.name}: {alert.status}{f' at {when:%H:%M:%S}' if when else ''} - {alert.summary}")
+
+
 async def run_demo(settings: Settings) -> int:
     """Run the scenario; returns the process exit code."""
     from worker.connection import connect_temporal
@@ -104,6 +144,12 @@ async def run_demo(settings: Settings) -> int:
         _say(f"unexpected phase {phase.value}")
         return 1
 
+    alerting = _alerting_runs(settings)
+    if alerting:
+        await _show_alerts(client, started.workflow_id, "fired")
+    else:
+        _say("   (Prometheus, Alertmanager or the alert intake is not running: no alerts in this demo)")
+
     _say("== 4. Approvals (widespread plan: quorum of two, the requester may not approve)")
     for approver in [a.name for a in settings.approvers][: view.approvals_needed]:
         answer = await operations.decide_plan(
@@ -142,6 +188,8 @@ async def run_demo(settings: Settings) -> int:
         return 1
     result = await client.get_workflow_handle(started.workflow_id, result_type=RemediationResult).result()
     _say(f"   outcome: {result.outcome.value}")
+    if alerting:
+        await _show_alerts(client, started.workflow_id, "resolved")
     doc = await operations.evidence(settings, started.workflow_id)
     markdown = render_evidence_markdown(doc)
     _say("== 6. Evidence summary (full pack: remediate evidence " + started.workflow_id + ")")

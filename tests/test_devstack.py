@@ -17,7 +17,7 @@ from devstack import StackError, down, status, up
 from devstack.processes import free_port, pid_alive
 from devstack.stack import Postgres
 
-SERVERS = ("postgres", "nats", "temporal", "payment-provider", "codec")
+SERVERS = ("postgres", "nats", "temporal", "payment-provider", "codec", "alertmanager", "prometheus")
 
 
 def test_up_twice_harmless_down_leaves_nothing(tmp_path: Path) -> None:
@@ -30,6 +30,9 @@ def test_up_twice_harmless_down_leaves_nothing(tmp_path: Path) -> None:
         CODEC_PORT=free_port(),
         PAYMENT_PROVIDER_PORT=free_port(),
         PAYMENT_PROVIDER_URL="",  # the session's provider is exported; this stack embeds its own
+        ALERTMANAGER_PORT=free_port(),
+        ALERTMANAGER_URL=None,  # likewise the session's Alertmanager
+        PROMETHEUS_PORT=free_port(),
     )
     try:
         first = up(settings)
@@ -39,12 +42,18 @@ def test_up_twice_harmless_down_leaves_nothing(tmp_path: Path) -> None:
         # ... and a payload-encryption key, since encryption is on by default.
         assert first[1].startswith("payload key: made")
         assert ((tmp_path / "payload.key").stat().st_mode & 0o777) == 0o600
-        assert all("started" in line for line in first[2:])
+        # ... and the alert intake's bearer token, which Alertmanager reads from the same file.
+        assert first[2].startswith("alert intake token: made")
+        assert ((tmp_path / "alerts.token").stat().st_mode & 0o777) == 0o600
+        assert all("started" in line for line in first[3:])
         assert all(row.healthy for row in status(settings) if row.name in SERVERS)
         second = up(settings)
         assert all("already running" in line for line in second)
         pids = [int(p.read_text()) for p in (tmp_path / "pids").glob("*.pid")]
-        assert len(pids) == 5  # postgres, nats, temporal, the payment provider and the UI's codec server
+        # postgres, nats, temporal, the payment provider, the UI's codec server, Alertmanager, Prometheus
+        assert len(pids) == 7
+        config = (tmp_path / "alertmanager" / "alertmanager.yml").read_text()
+        assert f"credentials_file: {tmp_path / 'alerts.token'}" in config
     finally:
         down(settings, purge=True)
     assert not any(pid_alive(pid) for pid in pids)

@@ -46,3 +46,10 @@ def test_compose_file_registers_the_workflows_search_attributes_and_sets_only_kn
     )
     assert worker["WORKER_DEPLOYMENT_NAME"] == deploy["WORKER_DEPLOYMENT_NAME"]
     assert worker["WORKER_BUILD_ID"] == deploy["WORKER_BUILD_ID"]
+
+
+def test_the_alertmanager_snippet_in_operations_is_the_shipped_configuration() -> None:
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    block = doc.split("   ```yaml\n", 1)[1].split("   ```", 1)[0]
+    snippet = "\n".join(line[3:] for line in block.splitlines())
+    assert snippet.strip() == (ROOT / "alerting" / "alertmanager.yml").read_text().strip()

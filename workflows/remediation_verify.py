@@ -72,7 +72,7 @@ class VerifySteps(WorkerSteps):
                 "Check for duplicate debits and credits",
             )
         )
-        criteria.append(await self._alerts_criterion(request))
+        criteria.append(await self._alerts_criterion(request, drift.follow_up_orgs))
         if request.trigger is Trigger.PREPAID_DEPLETED and request.scope.org_id:
             criteria.append(await self._verify_launch_guard(request, pass_no))
         self._verification = VerificationResult(passed=all(c.passed for c in criteria), criteria=criteria)
@@ -84,7 +84,7 @@ class VerifySteps(WorkerSteps):
         self._refresh_details()
         return self._verification
 
-    async def _alerts_criterion(self, request: RemediationRequest) -> Criterion:
+    async def _alerts_criterion(self, request: RemediationRequest, handed_over_orgs: list[str]) -> Criterion:
         """Criterion 4 from Alertmanager; once it passes, the "resolved" notifications of the alerts
         recorded on this run are awaited (bounded) so they are recorded on it before it ends."""
         ref = self._require_ref()
@@ -95,7 +95,7 @@ class VerifySteps(WorkerSteps):
         ]
         checked: AlertCheckResult = await self._act(
             AlertmanagerActivities.check_alerts,
-            AlertCheckRequest(ref=ref, recorded_firing=firing),
+            AlertCheckRequest(ref=ref, recorded_firing=firing, handed_over_orgs=handed_over_orgs),
             f"Check Alertmanager: runbook alerts for {request.scope.describe()} (criterion 4)",
         )
         if not checked.criterion.passed or not firing:
@@ -113,10 +113,15 @@ class VerifySteps(WorkerSteps):
                     timeout=wait,
                     timeout_summary="Alertmanager's resolved notifications",
                 )
-        got = sum(1 for f in firing if received(f))
-        note = f"; resolved notifications recorded for {got} of {len(firing)} alert(s) that fired on this run"
-        if got < len(firing):
-            note += f" (the rest not received within {wait} s)"
+        notified = sum(1 for f in firing if received(f))
+        quiet = sum(1 for f in checked.resolved_in_alertmanager if not received(f))
+        still = len(firing) - notified - quiet
+        parts = [f"{notified} resolved (notification recorded)"]
+        if quiet:
+            parts.append(f"{quiet} resolved in Alertmanager, no notification within {wait} s")
+        if still:
+            parts.append(f"{still} still firing, handed over")
+        note = f"; of the {len(firing)} alert(s) recorded on this run: " + ", ".join(parts)
         return checked.criterion.model_copy(update={"detail": checked.criterion.detail + note})
 
     async def _verify_launch_guard(self, request: RemediationRequest, pass_no: int) -> Criterion:

@@ -33,7 +33,7 @@ class ReconcileActivities(PostgresActivities):
             await self._reconcile_checks(request, counts)
         counts = {kind.value: counts[kind.value] for kind in DriftKind if kind.value in counts}
         total = sum(counts.values())
-        follow_ups = await self._follow_ups(request)
+        follow_ups, follow_up_orgs = await self._follow_ups(request)
         if ref.scope.is_global:
             await self._record_platform_drift(request, counts, started)
         await self._timeline(
@@ -43,7 +43,13 @@ class ReconcileActivities(PostgresActivities):
             f"reconciliation pass {request.pass_no}: {total} findings",
             counts,
         )
-        return ReconcileSummary(pass_no=request.pass_no, counts=counts, total=total, follow_ups=follow_ups)
+        return ReconcileSummary(
+            pass_no=request.pass_no,
+            counts=counts,
+            total=total,
+            follow_ups=follow_ups,
+            follow_up_orgs=follow_up_orgs,
+        )
 
     async def _record_platform_drift(
         self, request: ReconcileRequest, counts: dict[str, int], started: float
@@ -60,26 +66,26 @@ class ReconcileActivities(PostgresActivities):
                 self._pool, f"reconcile {request.ref.run_id}", counts, int(orgs), None, took
             )
 
-    async def _follow_ups(self, request: ReconcileRequest) -> int:
-        """Payment findings of the pass that this run's plans already handed to the payments team."""
+    async def _follow_ups(self, request: ReconcileRequest) -> tuple[int, list[str]]:
+        """Payment findings of the pass that this run's plans already handed to the payments team, and their orgs."""
         # Only once the run has a plan can there be any (and reading plan_actions before then would
         # wait on a plan being written).
         if not await self._fetchval(
             "SELECT EXISTS (SELECT 1 FROM remediation.plans WHERE run_id = $1)", request.ref.run_id
         ):
-            return 0
-        return int(
-            await self._fetchval(
-                f"""SELECT count(*) FROM remediation.findings f
-                    WHERE f.run_id = $1 AND f.pass = $2 AND f.kind = '{DriftKind.PAYMENT_DRIFT.value}'
-                      AND EXISTS (SELECT 1 FROM remediation.plan_actions pa
-                                  JOIN remediation.plans p ON p.plan_id = pa.plan_id
-                                  WHERE p.run_id = $1 AND pa.entity_id = f.entity_id
-                                    AND pa.kind = '{ActionKind.INVESTIGATE_PAYMENT.value}')""",
-                request.ref.run_id,
-                request.pass_no,
-            )
+            return 0, []
+        row = await self._fetchrow(
+            f"""SELECT count(*) AS n, coalesce(array_agg(DISTINCT f.org_id), '{{}}') AS orgs
+                FROM remediation.findings f
+                WHERE f.run_id = $1 AND f.pass = $2 AND f.kind = '{DriftKind.PAYMENT_DRIFT.value}'
+                  AND EXISTS (SELECT 1 FROM remediation.plan_actions pa
+                              JOIN remediation.plans p ON p.plan_id = pa.plan_id
+                              WHERE p.run_id = $1 AND pa.entity_id = f.entity_id
+                                AND pa.kind = '{ActionKind.INVESTIGATE_PAYMENT.value}')""",
+            request.ref.run_id,
+            request.pass_no,
         )
+        return int(row["n"]), sorted(o for o in row["orgs"] if o)
 
     async def _reconcile_checks(self, request: ReconcileRequest, counts: dict[str, int]) -> None:
         """Each check is one set-based INSERT ... SELECT into the findings table; the four run concurrently."""
