@@ -73,7 +73,7 @@ async def _running(client: Client, task_queue: str, pool: asyncpg.Pool) -> list[
                     (now - since).total_seconds(),
                 )
     runs = GaugeMetricFamily("remediation_runs", "Running remediations by phase", labels=["phase"])
-    for phase in Phase:
+    for phase in (p for p in Phase if not p.ended):
         runs.add_metric([phase.value], float(by_phase.get(phase.value, 0)))
     return [runs, waiting]
 
