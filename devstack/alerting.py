@@ -122,8 +122,9 @@ class Alertmanager(Component):
         home.mkdir(parents=True, exist_ok=True)
         config = home / "alertmanager.yml"
         config.write_text(
+            # Absolute: Alertmanager resolves a relative credentials_file against its config's directory.
             alertmanager_config(
-                self.settings, self.settings.resolved_alerts_token_file(), timings=self.timings
+                self.settings, self.settings.resolved_alerts_token_file().resolve(), timings=self.timings
             )
         )
         pid = spawn(

@@ -23,13 +23,17 @@ async def _families(pool: asyncpg.Pool, nc: NATS | None, stream: str, consumer: 
     up = GaugeMetricFamily("billing_worker_up", "1 while the billing worker consumes billing events")
     up.add_metric([], 1.0 if await worker_mode(pool) == "running" else 0.0)
     failures = CounterMetricFamily(
-        "billing_worker_failures", "Billing events the worker failed to apply (error log lines)"
+        "billing_worker_failures", "Billing events the worker failed to apply (its 'failed <subject>' lines)"
     )
+    # Only failed events: a crash report is BillingWorkerDown's, not a failure to apply an event.
     failures.add_metric(
         [],
         float(
             await pool.fetchval(
-                "SELECT count(*) FROM platform_obs.logs WHERE service = $1 AND level = 'error'", SERVICE
+                """SELECT count(*) FROM platform_obs.logs
+                   WHERE service = $1 AND level = 'error' AND line LIKE '{%'
+                     AND (line::jsonb ->> 'msg') LIKE 'failed %'""",
+                SERVICE,
             )
         ),
     )

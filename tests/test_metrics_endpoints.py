@@ -13,6 +13,8 @@ from temporalio.testing import WorkflowEnvironment
 from config import Settings
 from contracts.models import Phase
 from devstack.processes import free_port
+from local_platform import telemetry
+from local_platform.billing_worker import SERVICE
 from tests.conftest import make_world
 from tests.helpers import eventually, start_dispute, wait_phase
 from worker.connection import connect_temporal
@@ -84,7 +86,13 @@ async def test_platform_worker_and_sdk_metrics_while_a_plan_waits(
                 )
                 is not None
             )
+            failures = value(platform, "billing_worker_failures_total")
+            assert failures is not None
+            # A crash report is BillingWorkerDown's business; only events the worker failed count.
+            await telemetry.log(world.db, SERVICE, "error", "billing worker crashed: panic (test)")
+            await telemetry.log(world.db, SERVICE, "error", "failed provisioning.active: boom (test)")
             await world.db.execute("UPDATE billing.worker_control SET mode = 'crashed'")
             platform = (await http.get(f"http://127.0.0.1:{settings.platform_port}/metrics")).text
             assert value(platform, "billing_worker_up") == 0.0
+            assert value(platform, "billing_worker_failures_total") == failures + 1
             await handle.terminate("test done")
