@@ -13,7 +13,14 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.postgres import BillingDatabaseActivities
 from activities.postgres.platform_summary import REFRESH_LOCK, refresh_platform_summary
-from contracts.models import BlastRadius, BlastRadiusRequest, ReconcileRequest, RunRef, Scope
+from contracts.models import (
+    BlastRadius,
+    BlastRadiusRequest,
+    BlastRadiusResult,
+    ReconcileRequest,
+    RunRef,
+    Scope,
+)
 from local_platform.seeder import SeedSpec, seed
 from tests.conftest import World
 from worker.platform_summary_refresh import refresh_platform_summary_every
@@ -144,7 +151,7 @@ async def test_a_scoped_blast_radius_reads_the_platform_summary_and_states_its_a
     )
     acts = BillingDatabaseActivities(world.db, summary_max_age_s=600)
 
-    async def assess(n: int) -> object:
+    async def assess(n: int) -> BlastRadiusResult:
         ref = await register(world, f"br-{n}", Scope(user_id=user))
         return await env.run(
             acts.assess_blast_radius,
@@ -153,7 +160,7 @@ async def test_a_scoped_blast_radius_reads_the_platform_summary_and_states_its_a
 
     # No summary: the dispute keeps its own risk and says the platform was not measured (no scan).
     first = await assess(1)
-    assert first.radius is BlastRadius.SINGLE and first.drift_in_scope >= 1
+    assert first.radius is BlastRadius.SINGLE and (first.drift_in_scope or 0) >= 1
     assert first.orgs_with_drift is None and first.platform_degradation is None
     assert any("platform-wide drift not measured in the last 10 min" in r for r in first.reasons)
 
