@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install alerting-tools demo demo-soak test lint bench ui-check down status clean
+.PHONY: install alerting-tools browser-tools demo demo-soak test lint bench ui-check down status clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -51,7 +51,15 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy .
 
-test: $(STAMP) alerting-tools lint
+# Debian's chromium for the approval page's browser test (Playwright drives it; it never downloads one).
+browser-tools:
+	@command -v chromium >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  echo "installing chromium (Debian package)"; \
+	  $$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; } || \
+	  { echo "could not install chromium: apt-get install -y chromium, then re-run" >&2; exit 1; }; }
+
+test: $(STAMP) alerting-tools browser-tools lint
 	$(BIN)/pytest -q
 
 # Figures, not assertions: see docs/performance.md. BENCH_ARGS="--usage-rows 10000000" for the big run.
@@ -60,7 +68,7 @@ bench: $(STAMP)
 
 # Looks at the demo's finished remediation in the real Temporal UI (installs Debian's chromium if missing).
 ui-check: $(STAMP)
-	@command -v chromium >/dev/null || (apt-get install -y -q chromium || sudo apt-get install -y -q chromium)
+	@$(MAKE) -s browser-tools
 	$(BIN)/remediate ui-check --out docs/ui-remediation.png
 
 status: $(STAMP)

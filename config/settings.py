@@ -148,6 +148,15 @@ class Settings(BaseSettings):
     # "auto" = also stderr unless it is a terminal; "stderr" = always; "file" = never.
     cli_log: Literal["auto", "stderr", "file"] = Field(default="auto", alias="CLI_LOG")
 
+    # The approval page (`remediate approvals serve`): loopback by default. Readers authenticate with
+    # APPROVALS_TOKEN (or its file; `dev up` makes one) or, behind a reverse proxy that authenticates,
+    # with the user name in APPROVALS_USER_HEADER (only ever honoured when set).
+    approvals_host: str = Field(default="127.0.0.1", alias="APPROVALS_HOST")
+    approvals_port: int = Field(default=8484, alias="APPROVALS_PORT")
+    approvals_token: SecretStr | None = Field(default=None, alias="APPROVALS_TOKEN")
+    approvals_token_file: Path | None = Field(default=None, alias="APPROVALS_TOKEN_FILE")
+    approvals_user_header: str | None = Field(default=None, alias="APPROVALS_USER_HEADER")
+
     # Prometheus and Alertmanager: embedded on loopback unless the URLs point at existing ones.
     prometheus_url: str | None = Field(default=None, alias="PROMETHEUS_URL")
     prometheus_port: int = Field(default=8490, alias="PROMETHEUS_PORT")
@@ -284,6 +293,21 @@ class Settings(BaseSettings):
             return self.alerts_token.get_secret_value()
         path = self.resolved_alerts_token_file()
         return path.read_text().strip() or None if path.exists() else None
+
+    def resolved_approvals_token_file(self) -> Path:
+        """Where the approval page's token is read from when APPROVALS_TOKEN is not set."""
+        return self.approvals_token_file or self.state_dir / "approvals.token"
+
+    def resolved_approvals_token(self) -> str | None:
+        """The approval page's access token: APPROVALS_TOKEN, else the token file's content, else None."""
+        if self.approvals_token is not None and self.approvals_token.get_secret_value():
+            return self.approvals_token.get_secret_value()
+        path = self.resolved_approvals_token_file()
+        return path.read_text().strip() or None if path.exists() else None
+
+    def approvals_url(self) -> str:
+        """The approval page's base URL."""
+        return f"http://{self.approvals_host}:{self.approvals_port}"
 
     def resolved_payload_key_file(self) -> Path:
         """Where the payload keys are read from when PAYLOAD_KEY is not set."""

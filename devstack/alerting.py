@@ -87,16 +87,25 @@ def prometheus_config(settings: Settings, rules_dir: Path, *, interval: str = "1
     return json.dumps(document, indent=2)  # JSON is YAML: no YAML writer needed
 
 
-def dev_alerts_token(settings: Settings) -> list[str]:
-    """Make the local intake token (0600) unless ALERTS_TOKEN or its file is configured."""
-    path = settings.resolved_alerts_token_file()
-    if settings.resolved_alerts_token() is not None:
-        return []
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_urlsafe(32))
-    return [f"alert intake token: made {path}"]
+def dev_tokens(settings: Settings) -> list[str]:
+    """Make the local alert-intake and approval-page tokens (0600) unless they are configured."""
+    made = []
+    for what, configured, path in (
+        ("alert intake token", settings.resolved_alerts_token(), settings.resolved_alerts_token_file()),
+        (
+            "approval page token",
+            settings.resolved_approvals_token(),
+            settings.resolved_approvals_token_file(),
+        ),
+    ):
+        if configured is not None:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(32))
+        made.append(f"{what}: made {path}")
+    return made
 
 
 class Alertmanager(Component):
@@ -171,6 +180,30 @@ class Prometheus(Component):
             pid_file=self.pid_file,
             log_file=self.log_file,
         )  # fmt: skip
+        wait_for_port(self.port, timeout=60, name=self.name, log_file=self.log_file, pid=pid)
+
+
+class ApprovalPage(PythonService):
+    """`remediate approvals serve` on loopback: approvers review plans and sign in the browser."""
+
+    name = "approval-page"
+
+    @property
+    def command(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("approvals", "serve")
+
+    @property
+    def port(self) -> int:
+        return self.settings.approvals_port
+
+    @property
+    def address(self) -> str:
+        return self.settings.approvals_url()
+
+    def _port_env(self) -> str:
+        return "APPROVALS_PORT"
+
+    def _wait_ready(self, pid: int) -> None:
         wait_for_port(self.port, timeout=60, name=self.name, log_file=self.log_file, pid=pid)
 
 

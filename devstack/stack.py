@@ -13,7 +13,7 @@ from collections.abc import Callable
 from config import SEARCH_ATTRIBUTES, Settings
 from config.approver_keys import new_key_pair, read_public_key
 from config.settings import EVIDENCE_SIGNER
-from devstack.alerting import AlertIntake, Alertmanager, Prometheus, dev_alerts_token
+from devstack.alerting import AlertIntake, Alertmanager, ApprovalPage, Prometheus, dev_tokens
 from devstack.component import Component, ComponentStatus, PythonService, local_bin
 from devstack.payment_provider import PaymentProvider
 from devstack.postgres import Postgres
@@ -196,7 +196,12 @@ SERVERS: tuple[Callable[[Settings], Component], ...] = (
     Alertmanager,
     Prometheus,
 )
-SERVICES: tuple[Callable[[Settings], Component], ...] = (Platform, RemediationWorker, AlertIntake)
+SERVICES: tuple[Callable[[Settings], Component], ...] = (
+    Platform,
+    RemediationWorker,
+    AlertIntake,
+    ApprovalPage,
+)
 
 
 def components(settings: Settings, *, services: bool) -> list[Component]:
@@ -210,7 +215,7 @@ def up(settings: Settings, *, services: bool = False) -> list[str]:
     return [
         *dev_approver_keys(settings),
         *dev_payload_key(settings),
-        *dev_alerts_token(settings),
+        *dev_tokens(settings),
         *(c.start() for c in components(settings, services=services)),
     ]
 

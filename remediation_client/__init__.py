@@ -11,6 +11,7 @@ from remediation_client.approvals import (
     PlanRefused,
     approve_when_open,
     decide_plan,
+    submit_decision,
     decide_verdict,
     resolve_plan_hash,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "approve_when_open",
     "check_workflow_id",
     "decide_plan",
+    "submit_decision",
     "decide_verdict",
     "evidence",
     "handle_for",

@@ -78,6 +78,25 @@ async def decide_plan(
             body = sign(body, load_private_key(path))
         except ApproverKeyError as err:
             raise OperationError(f"cannot sign as {approver}: {err}") from None
+    return await submit_decision(client, settings, workflow_id, body, view=view)
+
+
+async def submit_decision(
+    client: Client,
+    settings: Settings,
+    workflow_id: str,
+    body: ApprovalDecision,
+    *,
+    view: StatusView | None = None,
+) -> str:
+    """Send a (signed) decision as the validated Update, from the CLI or the approval page alike.
+
+    A refusal (stale plan, not an approver, self-approval, bad signature, ...) is audited in
+    ``remediation.approvals`` and raised as an OperationError carrying the workflow's reason.
+    """
+    view = view or await status(client, workflow_id)
+    handle = handle_for(client, workflow_id)
+    approver, decision, plan_hash = body.approver, body.decision, body.plan_hash
     context = {"workflow_id": workflow_id, "actor": approver, "phase": view.phase.value}
     try:
         answer = await approve_when_open(handle, body, f"{decision}:{plan_hash[:16]}:{approver}")

@@ -25,6 +25,8 @@ app.add_typer(platform, name="platform")
 app.add_typer(keys, name="keys")
 alerts = typer.Typer(help="Alert intake: Alertmanager webhooks and NATS events start remediations.")
 app.add_typer(alerts, name="alerts")
+approvals = typer.Typer(help="The approval page: review a plan and sign the decision in the browser.")
+app.add_typer(approvals, name="approvals")
 deployment = typer.Typer(
     help="Worker Deployment Versioning: which build new runs go to.", no_args_is_help=True
 )

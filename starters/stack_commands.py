@@ -16,6 +16,7 @@ from devstack import StackError
 from starters.cli_app import (
     alerts,
     app,
+    approvals,
     cli_client,
     cli_settings,
     deployment,
@@ -292,6 +293,23 @@ def alerts_serve() -> None:
     try:
         run_async(serve_forever(settings))
     except (MappingError, ValueError) as err:
+        fail(str(err))
+
+
+@approvals.command("serve")
+def approvals_serve() -> None:
+    """Serve the approval page (APPROVALS_HOST:APPROVALS_PORT; prints the link with its access token)."""
+    from approval_page.serve import serve_forever
+    from worker.telemetry import configure_logging
+
+    settings = cli_settings()
+    configure_logging()
+    token = settings.resolved_approvals_token()
+    if token is not None:
+        typer.echo(f"approval page: {settings.approvals_url()}/?token={token}")
+    try:
+        run_async(serve_forever(settings))
+    except ValueError as err:
         fail(str(err))
 
 

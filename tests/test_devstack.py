@@ -44,8 +44,10 @@ def test_up_twice_harmless_down_leaves_nothing(tmp_path: Path) -> None:
         assert ((tmp_path / "payload.key").stat().st_mode & 0o777) == 0o600
         # ... and the alert intake's bearer token, which Alertmanager reads from the same file.
         assert first[2].startswith("alert intake token: made")
-        assert ((tmp_path / "alerts.token").stat().st_mode & 0o777) == 0o600
-        assert all("started" in line for line in first[3:])
+        assert first[3].startswith("approval page token: made")
+        for token in ("alerts.token", "approvals.token"):
+            assert ((tmp_path / token).stat().st_mode & 0o777) == 0o600
+        assert all("started" in line for line in first[4:])
         assert all(row.healthy for row in status(settings) if row.name in SERVERS)
         second = up(settings)
         assert all("already running" in line for line in second)

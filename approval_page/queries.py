@@ -1,0 +1,48 @@
+"""What the approval page reads from Postgres: the customers a plan touches and its actions, by page."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import asyncpg
+
+PAGE_SIZE = 50
+
+
+async def customers(pool: asyncpg.Pool, plan_id: str, limit: int = 100) -> list[dict[str, Any]]:
+    """Orgs the plan touches, the most money first: actions, debits and credits (minor units), currency."""
+    rows = await pool.fetch(
+        """SELECT pa.org_id, coalesce(o.name, pa.org_id) AS name, coalesce(o.currency, '') AS currency,
+                  count(*) AS actions,
+                  coalesce(sum(pa.amount_minor) FILTER (WHERE pa.amount_minor < 0), 0) AS debits,
+                  coalesce(sum(pa.amount_minor) FILTER (WHERE pa.amount_minor > 0), 0) AS credits
+           FROM remediation.plan_actions pa LEFT JOIN billing.orgs o ON o.id = pa.org_id
+           WHERE pa.plan_id = $1 AND pa.org_id <> '*'
+           GROUP BY pa.org_id, o.name, o.currency
+           ORDER BY sum(abs(pa.amount_minor)) DESC, pa.org_id LIMIT $2""",
+        plan_id,
+        limit,
+    )
+    return [dict(r) for r in rows]
+
+
+async def actions_page(
+    pool: asyncpg.Pool, plan_id: str, after: int
+) -> tuple[list[dict[str, Any]], int | None]:
+    """PAGE_SIZE actions after sequence ``after`` (keyset: as fast on a 1,000,000-action plan as on 10),
+    with the provider's evidence for payment rows; and the sequence to continue from, or None."""
+    rows = await pool.fetch(
+        """SELECT seq, kind, entity_type, entity_id, org_id, user_id, amount_minor, params
+           FROM remediation.plan_actions WHERE plan_id = $1 AND seq > $2 ORDER BY seq LIMIT $3""",
+        plan_id,
+        after,
+        PAGE_SIZE + 1,
+    )
+    found = []
+    for row in rows[:PAGE_SIZE]:
+        action = dict(row)
+        params = json.loads(action.pop("params") or "{}")
+        action["provider"] = params.get("provider") if isinstance(params.get("provider"), dict) else None
+        found.append(action)
+    return found, (found[-1]["seq"] if len(rows) > PAGE_SIZE else None)
