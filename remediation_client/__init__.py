@@ -11,9 +11,9 @@ from remediation_client.approvals import (
     PlanRefused,
     approve_when_open,
     decide_plan,
-    submit_decision,
     decide_verdict,
     resolve_plan_hash,
+    submit_decision,
 )
 from remediation_client.errors import OperationError
 from remediation_client.integrity import verify_evidence
@@ -39,7 +39,6 @@ __all__ = [
     "approve_when_open",
     "check_workflow_id",
     "decide_plan",
-    "submit_decision",
     "decide_verdict",
     "evidence",
     "handle_for",
@@ -51,6 +50,7 @@ __all__ = [
     "resolve_plan_hash",
     "start",
     "status",
+    "submit_decision",
     "verify_evidence",
     "verify_launch_guard",
 ]
