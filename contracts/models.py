@@ -332,10 +332,17 @@ class BlastRadiusRequest(Frozen):
 
 
 class ReconcileRequest(Frozen):
-    """Input of `reconcile`: which pass (0 = before, 100+ = verification passes)."""
+    """Input of `reconcile`: which pass (0 = before, 100+ = verification passes), which checks.
+
+    A pass may be split: the payment check first (``completes_pass=False``: its findings only), so the
+    provider is asked while the other checks run; the call with ``completes_pass`` then reports the
+    whole pass (every kind's findings, the timeline entry, follow-ups, the platform summary).
+    """
 
     ref: RunRef
     pass_no: int
+    kinds: list[DriftKind] | None = None  # None: all four
+    completes_pass: bool = True
 
 
 class ReconcileSummary(Frozen):

@@ -37,7 +37,6 @@ with workflow.unsafe.imports_passed_through():
         Phase,
         PlanRequest,
         PlanSummary,
-        ReconcileRequest,
         RegisterRun,
         RemediationRequest,
         RemediationResult,
@@ -153,14 +152,7 @@ class BillingRemediationWorkflow(VerifySteps):
         plan: PlanSummary | None = None
         for pass_no in range(MAX_PASSES):
             self._set_phase(Phase.RECONCILING)
-            summary = await self._act(
-                BillingDatabaseActivities.reconcile,
-                ReconcileRequest(ref=ref, pass_no=pass_no),
-                f"Reconcile the four runbook checks for {request.scope.describe()}",
-                timeout=600,
-                heartbeat=True,
-                attempts=20,
-            )
+            summary = await self._reconcile_and_confirm(pass_no, request.scope.describe())
             self._drift = dict(summary.counts)
             if pass_no == 0:
                 # Nothing changes before approval: the before-evidence is taken alongside the plan,
@@ -172,7 +164,6 @@ class BillingRemediationWorkflow(VerifySteps):
                         "Capture before-remediation query evidence",
                     )
                 )
-            await self._confirm_payments(pass_no, summary.counts)
             plan = await self._act(
                 BillingDatabaseActivities.build_plan,
                 PlanRequest(

@@ -6,15 +6,19 @@ details say how many sessions and why) and asks again with backoff; it never pla
 
 from __future__ import annotations
 
+import asyncio
+
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from activities.payment_checks import PaymentCheckActivities
+    from activities.postgres import BillingDatabaseActivities
     from contracts.models import (
         DriftKind,
         PaymentCheckSummary,
         Phase,
         ReconcileRequest,
+        ReconcileSummary,
     )
     from workflows.remediation_approvals import ApprovalSteps
 
@@ -23,6 +27,34 @@ MAX_PROVIDER_WAIT_SECONDS = 600  # backoff ceiling: history grows by a few event
 
 class PaymentSteps(ApprovalSteps):
     """Provider verdicts for a reconciliation pass's payment findings."""
+
+    async def _reconcile_and_confirm(self, pass_no: int, scope_words: str) -> ReconcileSummary:
+        """One reconciliation pass before a plan: the payment check first (it is the quick one), then the
+        provider is asked about its findings while the other three checks run; the pass's summary."""
+        ref = self._require_ref()
+        payments: ReconcileSummary = await self._act(
+            BillingDatabaseActivities.reconcile,
+            ReconcileRequest(ref=ref, pass_no=pass_no, kinds=[DriftKind.PAYMENT_DRIFT], completes_pass=False),
+            f"Reconcile payment sessions for {scope_words}",
+            timeout=600,
+            heartbeat=True,
+            attempts=20,
+        )
+        rest = asyncio.create_task(
+            self._act(
+                BillingDatabaseActivities.reconcile,
+                ReconcileRequest(
+                    ref=ref, pass_no=pass_no, kinds=[k for k in DriftKind if k is not DriftKind.PAYMENT_DRIFT]
+                ),
+                f"Reconcile usage, allocations and the ledger for {scope_words}",
+                timeout=600,
+                heartbeat=True,
+                attempts=20,
+            )
+        )
+        await self._confirm_payments(pass_no, payments.counts)
+        summary: ReconcileSummary = await rest
+        return summary
 
     async def _confirm_payments(self, pass_no: int, counts: dict[str, int]) -> None:
         """Ask the provider about the pass's payment findings until it has answered for every one."""

@@ -25,13 +25,16 @@ class ReconcileActivities(PostgresActivities):
 
     @activity.defn(name=names.RECONCILE)
     async def reconcile(self, request: ReconcileRequest) -> ReconcileSummary:
-        """Run the four checks for the scope; findings go to Postgres (idempotent per pass)."""
+        """Run the scope's checks (all four, or ``kinds``); findings go to Postgres (idempotent per pass)."""
         ref = request.ref
         counts: dict[str, int] = {}
         started = time.perf_counter()
         async with heartbeating(lambda: sorted(counts)):
             await self._reconcile_checks(request, counts)
-        counts = {kind.value: counts[kind.value] for kind in DriftKind if kind.value in counts}
+        if not request.completes_pass:
+            return ReconcileSummary(pass_no=request.pass_no, counts=counts, total=sum(counts.values()))
+        # The whole pass, including kinds an earlier call of the same pass found.
+        counts = await self._pass_counts(request)
         total = sum(counts.values())
         follow_ups, follow_up_orgs = await self._follow_ups(request)
         if ref.scope.is_global:
@@ -50,6 +53,17 @@ class ReconcileActivities(PostgresActivities):
             follow_ups=follow_ups,
             follow_up_orgs=follow_up_orgs,
         )
+
+    async def _pass_counts(self, request: ReconcileRequest) -> dict[str, int]:
+        """Findings of the pass by kind, every kind listed (zero included), in DriftKind order."""
+        rows = await self._fetch(
+            """SELECT kind, count(*) AS n FROM remediation.findings WHERE run_id = $1 AND pass = $2
+               GROUP BY kind""",
+            request.ref.run_id,
+            request.pass_no,
+        )
+        found = {r["kind"]: int(r["n"]) for r in rows}
+        return {kind.value: found.get(kind.value, 0) for kind in DriftKind}
 
     async def _record_platform_drift(
         self, request: ReconcileRequest, counts: dict[str, int], started: float
@@ -113,4 +127,7 @@ class ReconcileActivities(PostgresActivities):
                     )
                 )
 
-        await asyncio.gather(*(run(kind, check) for kind, check in checks(ref.scope, 3).items()))
+        wanted = request.kinds or list(DriftKind)
+        await asyncio.gather(
+            *(run(kind, check) for kind, check in checks(ref.scope, 3).items() if kind in wanted)
+        )
