@@ -11,16 +11,17 @@ PAGE_SIZE = 50
 
 
 async def customers(pool: asyncpg.Pool, plan_id: str, limit: int = 100) -> list[dict[str, Any]]:
-    """Orgs the plan touches, the most money first: actions, debits and credits (minor units), currency."""
+    """Orgs the plan touches, the most money first: actions, debits and credits (minor units), currency.
+
+    Read from the per-org totals written with the plan (``remediation.plan_customers``), so the cost
+    does not grow with the plan.
+    """
     rows = await pool.fetch(
-        """SELECT pa.org_id, coalesce(o.name, pa.org_id) AS name, coalesce(o.currency, '') AS currency,
-                  count(*) AS actions,
-                  coalesce(sum(pa.amount_minor) FILTER (WHERE pa.amount_minor < 0), 0) AS debits,
-                  coalesce(sum(pa.amount_minor) FILTER (WHERE pa.amount_minor > 0), 0) AS credits
-           FROM remediation.plan_actions pa LEFT JOIN billing.orgs o ON o.id = pa.org_id
-           WHERE pa.plan_id = $1 AND pa.org_id <> '*'
-           GROUP BY pa.org_id, o.name, o.currency
-           ORDER BY sum(abs(pa.amount_minor)) DESC, pa.org_id LIMIT $2""",
+        """SELECT c.org_id, coalesce(o.name, c.org_id) AS name, coalesce(o.currency, '') AS currency,
+                  c.actions, c.debits_minor AS debits, c.credits_minor AS credits
+           FROM remediation.plan_customers c LEFT JOIN billing.orgs o ON o.id = c.org_id
+           WHERE c.plan_id = $1
+           ORDER BY (c.credits_minor - c.debits_minor) DESC, c.org_id LIMIT $2""",
         plan_id,
         limit,
     )

@@ -19,13 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import SecretStr
 from temporalio.api.common.v1 import Payload
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client, WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import ActivityEnvironment
 
+from approval_page.app import approvals_app
 from benchmarks.report import emit
 from config import Settings
 from config.approver_keys import load_private_key, sign
@@ -274,6 +277,7 @@ async def bench_memory(stack: Stack, sizes: list[int]) -> None:
         )
         view = await _wait_plan(handle)
         assert view.plan is not None
+        page_ms = await approval_page_ms(stack, handle.id)
         for who in ("alice", "bob")[: view.approvals_needed]:
             body = ApprovalDecision(
                 plan_hash=view.plan.plan_hash, approver=who, decision="approve", plan_id=view.plan.plan_id
@@ -300,7 +304,25 @@ async def bench_memory(stack: Stack, sizes: list[int]) -> None:
             # The process hosts the worker (and the stand-in); its peak is reset after seeding.
             run_peak_rss_mb=peak_rss_mb(),
             apply_and_verify_s=round(took, 1),
+            approval_page_ms=page_ms,
         )
+
+
+async def approval_page_ms(stack: Stack, workflow_id: str) -> dict[str, float]:
+    """Milliseconds to serve the approval page's plan page (first and a later page of actions), in process."""
+    settings = stack.settings.model_copy(update={"approvals_token": SecretStr("bench")})
+    app = approvals_app(settings, stack.client, stack.db)
+    transport = httpx.ASGITransport(app=app)
+    took = {}
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://bench", headers={"Authorization": "Bearer bench"}
+    ) as http:
+        for label, query in (("first_page", ""), ("page_after_500", "?after=500")):
+            started = time.perf_counter()
+            response = await http.get(f"/runs/{workflow_id}{query}")
+            took[label] = round((time.perf_counter() - started) * 1000, 1)
+            assert response.status_code == 200, response.text[:300]
+    return took
 
 
 def reset_peak_rss() -> None:

@@ -136,6 +136,14 @@ class PlanActivities(PostgresActivities):
                        WHERE p.plan_id = $1""",
                     request.plan_id,
                 )
+                await conn.execute(
+                    """INSERT INTO remediation.plan_customers (plan_id, org_id, actions, debits_minor, credits_minor)
+                       SELECT $1, org_id, count(*),
+                              coalesce(sum(amount_minor) FILTER (WHERE amount_minor < 0), 0),
+                              coalesce(sum(amount_minor) FILTER (WHERE amount_minor > 0), 0)
+                       FROM remediation.plan_actions WHERE plan_id = $1 AND org_id <> '*' GROUP BY org_id""",
+                    request.plan_id,
+                )
             plan = await conn.fetchrow("SELECT * FROM remediation.plans WHERE plan_id = $1", request.plan_id)
             api_rows = await conn.fetch(
                 f"""SELECT seq, kind, org_id, idempotency_key, (params->>'to_revision')::int AS target_revision
