@@ -263,15 +263,13 @@ async def bench_memory(stack: Stack, sizes: list[int]) -> None:
                 ),
             )
         reset_peak_rss()
+        request = RemediationRequest(
+            correlation_id=f"mem-{size}", scope=Scope(), requested_by="ic", trigger=Trigger.WORKER_FAILURE
+        )
         handle: WorkflowHandle[object, RemediationResult] = await stack.client.start_workflow(
             names.WORKFLOW,
-            RemediationRequest(
-                correlation_id=f"mem-{size}",
-                scope=Scope(),
-                requested_by="ic",
-                trigger=Trigger.WORKER_FAILURE,
-            ),
-            id=f"mem-{size}-{uuid.uuid4().hex[:6]}",
+            request,
+            id=request.workflow_id(),  # as `remediate start` names it (the approval page checks the form)
             task_queue=stack.settings.task_queue,
             result_type=RemediationResult,
         )
@@ -321,7 +319,7 @@ async def approval_page_ms(stack: Stack, workflow_id: str) -> dict[str, float]:
             started = time.perf_counter()
             response = await http.get(f"/runs/{workflow_id}{query}")
             took[label] = round((time.perf_counter() - started) * 1000, 1)
-            assert response.status_code == 200, response.text[:300]
+            assert response.status_code == 200, f"{response.status_code}: {response.text[-600:]}"
     return took
 
 
