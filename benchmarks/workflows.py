@@ -25,7 +25,6 @@ from pydantic import SecretStr
 from temporalio.api.common.v1 import Payload
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client, WorkflowHandle
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import ActivityEnvironment
 
 from approval_page.app import approvals_app
@@ -53,6 +52,7 @@ from devstack.processes import free_port
 from devstack.stack import Nats, PaymentProvider, Postgres, Temporal, dev_approver_keys
 from local_platform.seeder import SeedSpec, seed
 from local_platform.serve import running_platform
+from worker.connection import connect_temporal
 from worker.deployment import set_current_version
 from worker.main import activity_list, build_worker, resources
 
@@ -90,9 +90,7 @@ async def full_stack(root: Path, *, provider: bool = False) -> AsyncIterator[Sta
     for server in servers:
         await asyncio.to_thread(server.start)
     try:
-        client = await Client.connect(
-            settings.resolved_temporal_address(), data_converter=pydantic_data_converter
-        )
+        client = await connect_temporal(settings)
         async with running_platform(settings, settings.platform_port), resources(settings) as res:
             db = await asyncpg.create_pool(settings.resolved_database_url(), min_size=1, max_size=4)
             async with build_worker(client, settings, res):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from temporalio.client import Client
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -10,12 +12,26 @@ from temporalio.runtime import Runtime
 from config import Settings
 from worker.payload_codec import payload_keys, with_codec
 
+CONNECT_ATTEMPTS = 20  # 0.5 s apart: rides out a server that is still starting
+
 
 async def connect_temporal(settings: Settings, runtime: Runtime | None = None) -> Client:
     """A Temporal client with the pydantic data converter and, unless turned off, payload encryption.
 
     ``runtime``: the worker's, exporting the SDK's metrics; other processes use the default one.
     """
+    for attempt in range(CONNECT_ATTEMPTS):
+        try:
+            return await _connect(settings, runtime)
+        except RuntimeError as err:
+            # A dev server whose port is open may answer "Frontend is not healthy yet" for a moment.
+            if "not healthy yet" not in str(err) or attempt == CONNECT_ATTEMPTS - 1:
+                raise
+            await asyncio.sleep(0.5)
+    raise AssertionError("unreachable")
+
+
+async def _connect(settings: Settings, runtime: Runtime | None) -> Client:
     return await Client.connect(
         settings.resolved_temporal_address(),
         namespace=settings.temporal_namespace,
