@@ -48,6 +48,7 @@ from contracts.models import (
     StatusView,
     Trigger,
 )
+from devstack.alerting import Alertmanager
 from devstack.processes import free_port
 from devstack.stack import Nats, PaymentProvider, Postgres, Temporal, dev_approver_keys
 from local_platform.seeder import SeedSpec, seed
@@ -81,10 +82,13 @@ async def full_stack(root: Path, *, provider: bool = False) -> AsyncIterator[Sta
         APPLY_BATCH_SIZE=500,
         PAYMENT_PROVIDER_PORT=free_port(),
         PAYMENT_PROVIDER_URL="",
+        # Verification asks Alertmanager (criterion 4): an embedded one, nothing firing.
+        ALERTMANAGER_PORT=free_port(),
+        ALERTMANAGER_URL=None,
     )
     dev_approver_keys(settings)
     postgres = Postgres(settings)
-    servers = [postgres, Nats(settings), Temporal(settings)]
+    servers = [postgres, Nats(settings), Temporal(settings), Alertmanager(settings)]
     if provider:
         servers.append(PaymentProvider(settings))
     for server in servers:
