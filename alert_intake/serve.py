@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -20,6 +19,7 @@ from alert_intake.nats_events import start_subscriber
 from alert_intake.receiver import receiver_app
 from config import Settings
 from worker.connection import connect_temporal
+from worker.serving import stop_event
 
 log = logging.getLogger("billing_remediation.alert_intake")
 
@@ -83,10 +83,7 @@ async def running_intake(
 
 async def serve_forever(settings: Settings) -> None:
     """Run until SIGINT/SIGTERM."""
-    done = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, done.set)
+    done = stop_event()
     async with running_intake(settings):
         log.info(
             "alert intake on http://%s:%s/alertmanager (NATS %s: %s)",

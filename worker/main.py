@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -35,6 +34,7 @@ from worker.connection import connect_temporal
 from worker.deployment import build_id, deployment_config
 from worker.metrics import sdk_runtime, serving_metrics
 from worker.platform_summary_refresh import refresh_platform_summary_every
+from worker.serving import stop_event
 from worker.telemetry import RemediationContext
 from workflows.launch_guard import LaunchGuardWorkflow
 from workflows.remediation import BillingRemediationWorkflow
@@ -191,10 +191,7 @@ async def run_worker(settings: Settings) -> None:
     client = await connect_temporal(settings, sdk_runtime(settings))
     async with resources(settings) as res, serving_metrics(res.pool, client, settings):
         worker = build_worker(client, settings, res)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_event()
         log.info(
             "worker polling task queue %s (%s)",
             settings.task_queue,

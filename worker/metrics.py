@@ -8,7 +8,6 @@ runtime's Prometheus exporter on TEMPORAL_SDK_METRICS_PORT (see ``sdk_runtime``)
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -18,7 +17,6 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import asyncpg
-import uvicorn
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -31,6 +29,7 @@ from config import Settings
 from config.metrics_text import CONTENT_TYPE, render
 from contracts import names
 from contracts.models import Phase
+from worker.serving import serving
 from workflows.search_attributes import SA_CORRELATION, SA_PHASE
 
 log = logging.getLogger(__name__)
@@ -155,13 +154,5 @@ async def serving_metrics(pool: asyncpg.Pool, client: Client, settings: Settings
         )
         yield
         return
-    server = uvicorn.Server(
-        uvicorn.Config(metrics_app(pool, client, settings), log_level="warning", lifespan="off")
-    )
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
+    async with serving(metrics_app(pool, client, settings), "worker metrics", sock=sock):
         yield
-    finally:
-        server.should_exit = True
-        with contextlib.suppress(Exception):
-            await task

@@ -27,14 +27,15 @@ class ReconcileActivities(PostgresActivities):
     async def reconcile(self, request: ReconcileRequest) -> ReconcileSummary:
         """Run the scope's checks (all four, or ``kinds``); findings go to Postgres (idempotent per pass)."""
         ref = request.ref
-        counts: dict[str, int] = {}
+        done: list[str] = []
         started = time.perf_counter()
-        async with heartbeating(lambda: sorted(counts)):
-            await self._reconcile_checks(request, counts)
-        if not request.completes_pass:
-            return ReconcileSummary(pass_no=request.pass_no, counts=counts, total=sum(counts.values()))
-        # The whole pass, including kinds an earlier call of the same pass found.
+        async with heartbeating(lambda: sorted(done)):
+            await self._reconcile_checks(request, done)
+        # Counted once, after the inserts: this call's kinds, or the whole pass (an earlier call's too).
         counts = await self._pass_counts(request)
+        if not request.completes_pass:
+            counts = {kind: counts[kind] for kind in done}
+            return ReconcileSummary(pass_no=request.pass_no, counts=counts, total=sum(counts.values()))
         total = sum(counts.values())
         follow_ups, follow_up_orgs = await self._follow_ups(request)
         if ref.scope.is_global:
@@ -101,7 +102,7 @@ class ReconcileActivities(PostgresActivities):
         )
         return int(row["n"]), sorted(o for o in row["orgs"] if o)
 
-    async def _reconcile_checks(self, request: ReconcileRequest, counts: dict[str, int]) -> None:
+    async def _reconcile_checks(self, request: ReconcileRequest, done: list[str]) -> None:
         """Each check is one set-based INSERT ... SELECT into the findings table; the four run concurrently."""
         ref = request.ref
 
@@ -118,14 +119,7 @@ class ReconcileActivities(PostgresActivities):
                     request.pass_no,
                     *check.params,
                 )
-                counts[kind.value] = int(
-                    await conn.fetchval(
-                        "SELECT count(*) FROM remediation.findings WHERE run_id = $1 AND pass = $2 AND kind = $3",
-                        ref.run_id,
-                        request.pass_no,
-                        kind.value,
-                    )
-                )
+            done.append(kind.value)
 
         wanted = request.kinds or list(DriftKind)
         await asyncio.gather(
