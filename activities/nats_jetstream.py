@@ -92,18 +92,39 @@ class NatsActivities:
             )
         elif pending > 1000 or ack_pending >= 0.8 * max_ack:
             status, problems = "critical", [f"lagging: {pending} pending, {ack_pending} ack-pending"]
-        elif pending > self._threshold or redelivered > 0:
-            status, problems = "warn", [f"{pending} pending, {redelivered} redelivered"]
+        elif pending + ack_pending > self._threshold or redelivered > 0:
+            status, problems = (
+                "warn",
+                [f"{pending} pending, {ack_pending} unacknowledged, {redelivered} redelivered"],
+            )
         counts = {
             "pending": pending,
             "ack_pending": ack_pending,
             "redelivered": redelivered,
             "ack_floor": (info.ack_floor.stream_seq if info.ack_floor else 0) or 0,
+            "backlog_head": await self._backlog_head(js, info.config),
         }
         if since is not None:
             counts["seconds_since_active"] = since
         headline = "; ".join(problems) or f"healthy: {pending} pending, last active {since}s ago"
         return CheckResult(check="nats_consumer", status=status, headline=headline, counts=counts)
+
+    async def _backlog_head(self, js: Any, config: ConsumerConfig) -> int:
+        """Stream sequence of the newest message the consumer must process (0: none).
+
+        Verification asks whether the ack floor passes it: then everything queued when the window
+        opened was acknowledged, not merely delivered (a poison-message loop delivers and never acks).
+        """
+        subjects = [s for s in [config.filter_subject, *(config.filter_subjects or [])] if s] or [">"]
+        head = 0
+        for subject in subjects:
+            try:
+                head = max(head, (await js.get_last_msg(self._stream, subject)).seq or 0)
+            except NotFoundError:
+                continue
+            except (NatsError, TimeoutError) as exc:
+                raise dependency_down(f"NATS last message of {subject} failed: {type(exc).__name__}") from exc
+        return head
 
     @activity.defn(name=names.READ_EVENT_SEQUENCE)
     async def read_event_sequence(self, ref: RunRef) -> CheckResult:

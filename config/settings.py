@@ -78,8 +78,8 @@ class Settings(BaseSettings):
     task_queue: str = Field(default="billing-remediation", alias="REMEDIATION_TASK_QUEUE")
 
     # Embedded-stack ports (loopback only).
-    postgres_port: int = Field(default=54329, alias="POSTGRES_PORT")
-    nats_port: int = Field(default=42229, alias="NATS_PORT")
+    postgres_port: int = Field(default=8491, alias="POSTGRES_PORT")
+    nats_port: int = Field(default=8492, alias="NATS_PORT")
     temporal_port: int = Field(default=7233, alias="TEMPORAL_PORT")
     temporal_ui_port: int = Field(default=8233, alias="TEMPORAL_UI_PORT")
     platform_port: int = Field(default=8480, alias="PLATFORM_PORT")

@@ -502,9 +502,27 @@ class ConsumerSample(Frozen):
     ack_pending: int
     # Stream sequence below which every message is acknowledged: it advances only when work completes.
     ack_floor: int = 0
+    # Stream sequence of the newest message queued for the consumer (0: unknown or none).
+    backlog_head: int = 0
     redelivered: int
     seconds_since_active: int | None
     status: CheckStatus
+
+    @classmethod
+    def of(cls, result: CheckResult) -> ConsumerSample | None:
+        """The sample a `check_consumer` result carries (None when the consumer was not measured)."""
+        if "pending" not in result.counts:
+            return None
+        counts = result.counts
+        return cls(
+            pending=counts.get("pending", 0),
+            ack_pending=counts.get("ack_pending", 0),
+            ack_floor=counts.get("ack_floor", 0),
+            backlog_head=counts.get("backlog_head", 0),
+            redelivered=counts.get("redelivered", 0),
+            seconds_since_active=counts.get("seconds_since_active"),
+            status=result.status,
+        )
 
 
 class VerificationRequest(Frozen):

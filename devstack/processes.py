@@ -68,9 +68,12 @@ def read_pid(pid_file: Path) -> int | None:
 
 def spawn(args: list[str], *, pid_file: Path, log_file: Path, env: dict[str, str] | None = None) -> int:
     """Start ``args`` detached (own session), log to ``log_file``, record its pid."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     pid_file.parent.mkdir(parents=True, exist_ok=True)
-    with log_file.open("ab") as log:
+    # Logs may name local paths and links: readable by their owner only, like the token files.
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "ab") as log:
         proc = subprocess.Popen(
             args,
             stdout=log,

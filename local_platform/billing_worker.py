@@ -1,7 +1,8 @@
 """The stand-in billing worker (a durable JetStream consumer) and its outbox relay.
 
 Provisioning events become usage records and ledger debits; notifications leave through the outbox.
-`billing.worker_control.mode` makes the worker crash (stop consuming) or stall, as in the incidents.
+`billing.worker_control.mode` makes the worker crash (stop consuming), stall, or loop on poison messages
+(fetch, fail, NAK, forever), as in the incidents.
 Both loops run supervised: an error restarts them with backoff, and their health is served on /healthz.
 """
 
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 async def worker_mode(pool: asyncpg.Pool) -> str:
-    """Current control mode: running, crashed or stalled; a faulty current revision crashes whatever the mode."""
+    """Current control mode: running, crashed, stalled or poisoned; a faulty current revision crashes whatever the mode."""
     return str(
         await pool.fetchval(
             """SELECT CASE WHEN d.faulty THEN 'crashed' ELSE c.mode END FROM billing.worker_control c
@@ -163,8 +164,11 @@ async def run_worker(
         while not stop.is_set():
             if await _paused(pool, nc, stop, health):
                 continue
+            poisoned = await worker_mode(pool) == "poisoned"
             for msg in await pull(sub, nc, health):
                 try:
+                    if poisoned:
+                        raise ValueError("cannot decode event: unexpected schema version")
                     event = json.loads(msg.data)
                     async with pool.acquire() as conn:
                         await handle_event(conn, msg.subject, event)
@@ -172,7 +176,7 @@ async def run_worker(
                 except Exception as exc:  # one bad event must not stop the worker
                     log.warning("billing worker failed on %s: %s", msg.subject, exc)
                     await telemetry.log(pool, SERVICE, "error", f"failed {msg.subject}: {exc}")
-                    await msg.nak(delay=5)
+                    await msg.nak(delay=1 if poisoned else 5)
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
@@ -203,7 +207,7 @@ async def run_outbox_relay(pool: asyncpg.Pool, nc: NATS, stop: asyncio.Event, he
 async def _paused(pool: asyncpg.Pool, nc: NATS, stop: asyncio.Event, health: LoopHealth) -> bool:
     """True (after a short wait) while the control mode says crashed or stalled, as in the incidents."""
     require_connected(nc, "NATS")
-    if await worker_mode(pool) == "running":
+    if await worker_mode(pool) in ("running", "poisoned"):
         return False
     health.progress()
     await sleep_or_stop(stop, 0.5)

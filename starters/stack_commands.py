@@ -298,15 +298,19 @@ def alerts_serve() -> None:
 
 @approvals.command("serve")
 def approvals_serve() -> None:
-    """Serve the approval page (APPROVALS_HOST:APPROVALS_PORT; prints the link with its access token)."""
+    """Serve the approval page (APPROVALS_HOST:APPROVALS_PORT; on a terminal, prints the link with its token)."""
     from approval_page.serve import serve_forever
     from worker.telemetry import configure_logging
 
     settings = cli_settings()
     configure_logging()
     token = settings.resolved_approvals_token()
-    if token is not None:
+    if token is not None and sys.stdout.isatty():
         typer.echo(f"approval page: {settings.approvals_url()}/?token={token}")
+    elif token is not None:
+        # Not a terminal (a log file, a pipe): the token stays in its own 0600 file, never in a log.
+        where = "APPROVALS_TOKEN" if settings.approvals_token else settings.resolved_approvals_token_file()
+        typer.echo(f"approval page: {settings.approvals_url()}/?token=<the token in {where}>")
     try:
         run_async(serve_forever(settings))
     except ValueError as err:

@@ -297,10 +297,9 @@ async def test_a_stalled_consumer_fails_the_worker_criterion(world: World) -> No
     ref = RunRef(run_id="r", workflow_id="w", correlation_id="stall")
 
     async def sample() -> ConsumerSample:
-        counts = (await nats_acts.check_consumer(ref)).counts
-        return ConsumerSample(pending=counts["pending"], ack_pending=counts["ack_pending"],
-                              ack_floor=counts["ack_floor"], redelivered=0, seconds_since_active=None,
-                              status="warn")  # fmt: skip
+        taken = ConsumerSample.of(await nats_acts.check_consumer(ref))
+        assert taken is not None
+        return taken
 
     try:
         await world.db.execute("UPDATE billing.worker_control SET mode = 'crashed'")
@@ -320,7 +319,7 @@ async def test_a_stalled_consumer_fails_the_worker_criterion(world: World) -> No
         first, second = await eventually(stalled_window, timeout=30, what="the crashed worker to stop acking")
         stalled = worker_criterion(first, second, threshold)
         assert not stalled.passed and "no progress" in stalled.detail, stalled
-        assert f"pending {first.pending} -> {second.pending}" in stalled.detail
+        assert f"undelivered {first.pending} -> {second.pending}" in stalled.detail
         # Restarted, it works the backlog off: the ack floor advances and the criterion passes.
         await world.db.execute("UPDATE billing.worker_control SET mode = 'running'")
 

@@ -8,19 +8,50 @@ from contracts.models import ConsumerSample, Criterion
 def worker_criterion(
     first: ConsumerSample | None, second: ConsumerSample | None, threshold: int
 ) -> Criterion:
-    """Stable processing means progress: the backlog ends under the threshold (and is not stuck there),
-    or it falls while the ack floor advances. A backlog that stays or grows without acks fails."""
+    """Stable processing, judged on every number the consumer gives (never the undelivered count alone).
+
+    It passes when the ack floor advanced past the backlog queued when the window opened, or when the
+    whole backlog (undelivered + unacknowledged) ends under the threshold without being stuck there.
+    Redeliveries that rise during the window fail it either way: a worker caught in a poison-message
+    loop delivers everything and acknowledges nothing, so "pending" alone falls to 0 while nothing is
+    billed.
+    """
     name = "billing_worker_stable"
     if first is None or second is None:
         return Criterion(name=name, passed=False, detail="unknown: the NATS consumer could not be read")
     acked = second.ack_floor - first.ack_floor
+    redelivered = second.redelivered - first.redelivered
+    backlog = second.pending + second.ack_pending
     numbers = (
-        f"pending {first.pending} -> {second.pending}, ack floor {first.ack_floor} -> {second.ack_floor}"
-        f" (+{acked}), threshold {threshold}, consumer status {second.status}"
+        f"undelivered {first.pending} -> {second.pending}, unacknowledged {first.ack_pending} ->"
+        f" {second.ack_pending}, redelivered {first.redelivered} -> {second.redelivered} (+{redelivered}),"
+        f" ack floor {first.ack_floor} -> {second.ack_floor} (+{acked}), backlog queued at the start"
+        f" ends at stream seq {first.backlog_head}, threshold {threshold}, consumer status {second.status}"
     )
-    stuck = second.pending > 0 and acked <= 0 and second.status == "critical"
-    if second.pending <= threshold and not stuck:
-        return Criterion(name=name, passed=True, detail=f"backlog under the threshold: {numbers}")
-    if second.pending < first.pending and acked > 0:
-        return Criterion(name=name, passed=True, detail=f"backlog falling while acks advance: {numbers}")
+    # NATS counts messages redelivered and still unacknowledged (a gauge): rising, or left over while
+    # the floor stays behind the start's backlog, is a worker failing on the same messages again.
+    drained = acked > 0 and second.ack_floor >= first.backlog_head
+    if redelivered > 0:
+        return Criterion(
+            name=name, passed=False, detail=f"redeliveries rising during the window: {numbers}"
+        )
+    if second.redelivered > 0 and not drained:
+        return Criterion(
+            name=name,
+            passed=False,
+            detail=f"{second.redelivered} messages redelivered and still unacknowledged: {numbers}",
+        )
+    if drained:
+        return Criterion(
+            name=name,
+            passed=True,
+            detail=f"the ack floor passed the backlog queued at the start of the window: {numbers}",
+        )
+    stuck = backlog > 0 and acked <= 0 and second.status == "critical"
+    if backlog <= threshold and not stuck:
+        return Criterion(
+            name=name,
+            passed=True,
+            detail=f"backlog (undelivered + unacknowledged) under the threshold: {numbers}",
+        )
     return Criterion(name=name, passed=False, detail=f"no progress: {numbers}")

@@ -164,16 +164,8 @@ class RemediationBase:
             result = await self._act(NatsActivities.check_consumer, self._require_ref(), summary, attempts=3)
         except ActivityError:
             return None
-        if "pending" not in result.counts:  # the consumer does not exist: nothing measured
-            return None
-        return ConsumerSample(
-            pending=result.counts.get("pending", 0),
-            ack_pending=result.counts.get("ack_pending", 0),
-            ack_floor=result.counts.get("ack_floor", 0),
-            redelivered=result.counts.get("redelivered", 0),
-            seconds_since_active=result.counts.get("seconds_since_active"),
-            status=result.status,
-        )
+        # None when the consumer does not exist: nothing measured.
+        return ConsumerSample.of(result)
 
     def _require_ref(self) -> RunRef:
         if self._ref is None:
