@@ -21,9 +21,12 @@ from contracts.models import (
     RunRef,
     SubmitObservation,
     WorkerDeployments,
+    hook_words,
 )
 
 SYSTEM = "admin billing API"
+RESTART_PATH = "/api/v1/admin/billing-worker/restart"
+ROLLBACK_PATH = "/api/v1/admin/billing-worker/rollback"
 
 
 class BillingApiActivities:
@@ -88,10 +91,10 @@ class BillingApiActivities:
     @activity.defn(name=names.RESTART_BILLING_WORKER)
     async def restart_billing_worker(self, request: ApiActionRequest) -> ApiActionResult:
         """Restart the billing worker through the configured hook."""
-        path = self._restart_hook_url or "/api/v1/admin/billing-worker/restart"
+        self._same_hook(request, self._restart_hook_url, RESTART_PATH)
         body = await self._call(
             "POST",
-            path,
+            self._restart_hook_url or RESTART_PATH,
             json={"actor": f"remediation:{request.actor}", "correlation_id": request.ref.correlation_id},
         )
         return ApiActionResult(outcome="applied", detail=f"worker {body.get('mode', 'restarted')}")
@@ -101,9 +104,10 @@ class BillingApiActivities:
         """Roll the billing worker back to the approved revision through the configured hook."""
         if request.action.target_revision is None:
             raise bad_input(f"plan action {request.action.seq}: a rollback needs its target revision")
+        self._same_hook(request, self._rollback_hook_url, ROLLBACK_PATH)
         body = await self._call(
             "POST",
-            self._rollback_hook_url or "/api/v1/admin/billing-worker/rollback",
+            self._rollback_hook_url or ROLLBACK_PATH,
             json={
                 "to_revision": request.action.target_revision,
                 "actor": f"remediation:{request.actor}",
@@ -114,6 +118,16 @@ class BillingApiActivities:
         current = (body.get("current") or {}).get("version", "?")
         outcome = "already_applied" if body.get("duplicate") else "applied"
         return ApiActionResult(outcome=outcome, detail=f"worker runs {current}")
+
+    @staticmethod
+    def _same_hook(request: ApiActionRequest, configured: str | None, default_path: str) -> None:
+        """Refuse to call a hook other than the one the approvers signed (configuration changed since)."""
+        signed, now = request.action.hook, hook_words(configured, default_path)
+        if signed is not None and signed != now:
+            raise bad_input(
+                f"plan action {request.action.seq}: the approved plan calls {signed}, but this worker is"
+                f" configured with {now}; nothing was called (re-plan to approve the new hook)"
+            )
 
     @activity.defn(name=names.READ_WORKER_DEPLOYMENTS)
     async def read_worker_deployments(self, ref: RunRef) -> WorkerDeployments:

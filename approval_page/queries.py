@@ -7,6 +7,8 @@ from typing import Any
 
 import asyncpg
 
+from contracts.models import action_effect
+
 PAGE_SIZE = 50
 
 
@@ -45,5 +47,6 @@ async def actions_page(
         action = dict(row)
         params = json.loads(action.pop("params") or "{}")
         action["provider"] = params.get("provider") if isinstance(params.get("provider"), dict) else None
+        action["effect"] = action_effect(action["kind"], params)
         found.append(action)
     return found, (found[-1]["seq"] if len(rows) > PAGE_SIZE else None)

@@ -263,6 +263,9 @@ class RuntimeOptions(Frozen):
     provider_wait_seconds: int = 30
     consumer_pending_threshold: int = 100
     alert_resolved_wait_seconds: int = 120
+    # The billing worker's hooks as plans sign them (``hook_words``; no credentials).
+    restart_hook: str = "POST /api/v1/admin/billing-worker/restart"
+    rollback_hook: str = "POST /api/v1/admin/billing-worker/rollback"
 
 
 # --- activity inputs and results ---------------------------------------------------------------------
@@ -366,6 +369,9 @@ class PlanRequest(Frozen):
     restart_worker: bool
     # Set when diagnosis suspects a runtime regression: roll back to this revision instead of restarting.
     rollback_worker_to: int | None = None
+    rollback_worker_from: int | None = None
+    # The hook the worker action will call (``hook_words``): in the plan's hash, so approvers sign it.
+    worker_hook: str | None = None
 
 
 class ApiAction(Frozen):
@@ -381,6 +387,30 @@ class ApiAction(Frozen):
     idempotency_key: str
     # The revision a rollback runs.
     target_revision: int | None = None
+    # Signed with the plan: the revision a rollback replaces and the hook a worker action calls.
+    from_revision: int | None = None
+    hook: str | None = None
+
+
+def hook_words(url: str | None, default_path: str) -> str:
+    """A worker hook as approvers read and sign it: ``POST <url>`` without credentials or query."""
+    target = url or default_path
+    scheme, sep, rest = target.partition("://")
+    if sep:
+        host, slash, path = rest.partition("/")
+        target = f"{scheme}://{host.rpartition('@')[2]}{slash}{path}"
+    return "POST " + target.split("?", 1)[0]
+
+
+def action_effect(kind: str, params: dict[str, object] | None) -> str:
+    """What an admin-API plan action will do, in words (CLI, approval page, evidence)."""
+    params = params or {}
+    hook = f" via {params['hook']}" if params.get("hook") else ""
+    if kind == ActionKind.ROLLBACK_BILLING_WORKER.value:
+        return f"revision {params.get('from_revision', '?')} -> {params.get('to_revision', '?')}{hook}"
+    if kind == ActionKind.RESTART_BILLING_WORKER.value:
+        return f"restart{hook}"
+    return ""
 
 
 class WorkerRevision(Frozen):
@@ -717,6 +747,9 @@ class EvidenceRequest(Frozen):
     verification: VerificationResult | None
     approvers: list[str]
     marks: list[IncidentMark] = Field(default_factory=list)
+    # Every diagnosis check's verdict and headline (NATS, Loki, Tempo, event sequence, worker regression,
+    # ... not only the ones Postgres keeps), as the run last stated them.
+    diagnosis: list[CheckResult] = Field(default_factory=list)
 
 
 class FinishRun(Frozen):
@@ -770,3 +803,5 @@ class StatusView(Frozen):
     # The payment provider's verdicts on the payment findings, and what the run waits for from it.
     payments: dict[str, int] = Field(default_factory=dict)
     waiting_on_provider: str | None = None
+    # Why apply stopped and the run waits for a decision (retry or hand off), when it did.
+    stalled: str | None = None

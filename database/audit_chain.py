@@ -106,6 +106,75 @@ async def chain_head(conn: asyncpg.Connection | asyncpg.Pool, run_id: str) -> tu
     return (0, "") if row is None else (int(row["seq"]), str(row["row_hash"]))
 
 
+SEAL_PREFIX = "billing-remediation/seal/v1"
+
+
+def seal_message(run_id: str, length: int, head: str) -> bytes:
+    """What the worker signs when a run ends: the run and its audit chain's final length and head."""
+    return "\n".join((SEAL_PREFIX, run_id, str(length), head)).encode()
+
+
+async def seal_run(
+    conn: asyncpg.Connection | asyncpg.Pool, run_id: str, key: Ed25519PrivateKey | None
+) -> int:
+    """Sign and store the run's final chain head (re-sealing after a retried close covers the same rows)."""
+    length, head = await chain_head(conn, run_id)
+    signature = public = None
+    if key is not None:
+        signature = base64.b64encode(key.sign(seal_message(run_id, length, head))).decode()
+        public = base64.b64encode(key.public_key().public_bytes_raw()).decode()
+    await conn.execute(
+        """INSERT INTO remediation.run_seals (run_id, chain_length, chain_head, signature, public_key)
+           VALUES ($1, $2, $3, $4, $5)
+           ON CONFLICT (run_id) DO UPDATE SET chain_length = excluded.chain_length,
+               chain_head = excluded.chain_head, signature = excluded.signature,
+               public_key = excluded.public_key, sealed_at = now()""",
+        run_id,
+        length,
+        head,
+        signature,
+        public,
+    )
+    return length
+
+
+def seal_signature_ok(seal: asyncpg.Record, run_id: str, trusted_public_key: str) -> bool:
+    """The seal's signature verifies under the trusted key (not the key the seal names)."""
+    if not seal["signature"]:
+        return False
+    try:
+        key = Ed25519PublicKey.from_public_bytes(base64.b64decode(trusted_public_key))
+        key.verify(
+            base64.b64decode(seal["signature"]),
+            seal_message(run_id, int(seal["chain_length"]), str(seal["chain_head"])),
+        )
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+async def links_after(conn: asyncpg.Connection | asyncpg.Pool, run_id: str, length: int) -> list[str]:
+    """The rows chained after link ``length``, named (table, key and what the row says)."""
+    rows = await conn.fetch(
+        """SELECT c.seq, c.table_name, e.key,
+                  CASE c.table_name
+                    WHEN 'approvals' THEN (SELECT a.approver || ' ' || a.decision || CASE WHEN a.accepted
+                        THEN ' (accepted)' ELSE ' (refused)' END FROM remediation.approvals a
+                        WHERE a.id = (e.key->>'id')::bigint)
+                    WHEN 'applied_actions' THEN (SELECT a.kind || ' ' || a.idempotency_key || ' ' || a.outcome
+                        FROM remediation.applied_actions a
+                        WHERE a.plan_id = e.key->>'plan_id' AND a.seq = (e.key->>'seq')::int)
+                    WHEN 'timeline' THEN (SELECT left(t.message, 80) FROM remediation.timeline t
+                        WHERE t.id = (e.key->>'id')::bigint)
+                  END AS what
+           FROM remediation.audit_chain c CROSS JOIN LATERAL jsonb_array_elements(c.row_keys) e(key)
+           WHERE c.run_id = $1 AND c.seq > $2 ORDER BY c.seq""",
+        run_id,
+        length,
+    )
+    return [f"link {r['seq']}: {r['table_name']} {r['key']} ({r['what'] or 'row gone'})" for r in rows]
+
+
 def sign_integrity(
     key: Ed25519PrivateKey | None, run_id: str, length: int, head: str, document: dict[str, Any]
 ) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import asyncpg
 from config import Settings
 from config.approver_keys import read_public_key
 from config.settings import EVIDENCE_SIGNER
-from database.audit_chain import check_chain, document_digest, signature_ok
+from database.audit_chain import check_chain, document_digest, links_after, seal_signature_ok, signature_ok
 from remediation_client.reads import latest_evidence
 
 
@@ -17,9 +17,13 @@ async def verify_evidence(settings: Settings, workflow_id: str) -> tuple[list[st
     try:
         run_id, document = await latest_evidence(conn, workflow_id)
         chain = await check_chain(conn, run_id)
+        seal = await conn.fetchrow("SELECT * FROM remediation.run_seals WHERE run_id = $1", run_id)
+        block = document.get("integrity") or {}
+        # Rows the run did not write: after its seal, or (unsealed) after the pack's head.
+        covered = int(seal["chain_length"]) if seal is not None else int(block.get("chain_length") or 0)
+        appended = await links_after(conn, run_id, covered) if block else []
     finally:
         await conn.close()
-    block = document.get("integrity")
     facts = [f"run {run_id}: {chain.length} audit-chain links"]
     if not block:
         return ["the evidence pack has no integrity block"], facts
@@ -30,7 +34,17 @@ async def verify_evidence(settings: Settings, workflow_id: str) -> tuple[list[st
         problems.append(
             f"the first {block['chain_length']} chain links no longer hash to the head the pack recorded"
         )
+    elif seal is not None and chain.head_at(int(seal["chain_length"])) != seal["chain_head"]:
+        problems.append(
+            f"the first {seal['chain_length']} chain links no longer hash to the head the run was sealed with"
+        )
+    if appended:
+        after = "the run's seal" if seal is not None else "the evidence pack's head (the run has no seal)"
+        shown = "; ".join(appended[:10]) + (f"; and {len(appended) - 10} more" if len(appended) > 10 else "")
+        problems.append(f"{len(appended)} audit rows were chained after {after}: {shown}")
     facts.append(f"the pack covers {block['chain_length']} links, head {str(block['chain_head'])[:16]}")
+    if seal is not None:
+        facts.append(f"the run was sealed at {seal['chain_length']} links when it ended")
     if document_digest(document) != block.get("document_sha256"):
         problems.append("the evidence document was changed after it was signed")
     trusted = settings.evidence_public_key or read_public_key(settings.resolved_keys_dir(), EVIDENCE_SIGNER)
@@ -42,4 +56,6 @@ async def verify_evidence(settings: Settings, workflow_id: str) -> tuple[list[st
         problems.append("the pack is unsigned (the worker had no EVIDENCE_SIGNING_KEY_FILE)")
     elif not signature_ok(document, run_id, trusted):
         problems.append("the signature does not verify under the trusted key")
+    if trusted is not None and seal is not None and not seal_signature_ok(seal, run_id, trusted):
+        problems.append("the run's seal does not verify under the trusted key")
     return problems, facts

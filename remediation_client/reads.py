@@ -17,6 +17,7 @@ from contracts import names
 from contracts.models import (
     PlanSummary,
     StatusView,
+    action_effect,
 )
 from remediation_client.errors import OperationError
 from remediation_client.runs import check_workflow_id, handle_for
@@ -103,11 +104,17 @@ async def plan_actions(settings: Settings, plan_id: str, limit: int = 200) -> li
         if await conn.fetchval("SELECT 1 FROM remediation.plans WHERE plan_id = $1", plan_id) is None:
             raise OperationError(f"plan {plan_id!r} does not exist")
         rows = await conn.fetch(
-            """SELECT seq, kind, entity_type, entity_id, org_id, amount_minor, idempotency_key
+            """SELECT seq, kind, entity_type, entity_id, org_id, amount_minor, idempotency_key, params
                FROM remediation.plan_actions WHERE plan_id = $1 ORDER BY seq LIMIT $2""",
             plan_id,
             limit,
         )
     finally:
         await conn.close()
-    return [dict(r) for r in rows]
+    actions = []
+    for row in rows:
+        action = dict(row)
+        params = json.loads(action.pop("params") or "{}")
+        action["effect"] = action_effect(action["kind"], params if isinstance(params, dict) else {})
+        actions.append(action)
+    return actions

@@ -169,7 +169,7 @@ def plan(workflow_id: str, limit: int = 50) -> None:
         ]
         lines += [
             f"  {a['seq']:>5} {a['kind']:<28} {a['entity_type']}:{a['entity_id']:<24} {a['amount_minor']:>10}"
-            f"  {a['idempotency_key']}"
+            f"  {a['idempotency_key']}" + (f"  {a['effect']}" if a["effect"] else "")
             for a in actions
         ]
         return "\n".join(lines)

@@ -26,6 +26,8 @@ def render_status(workflow_id: str, view: StatusView) -> str:
         lines.append("  payment provider: " + ", ".join(f"{k}={v}" for k, v in sorted(view.payments.items())))
     if view.waiting_on_provider:
         lines.append(f"  WAITING on the payment provider: {view.waiting_on_provider}")
+    if view.stalled:
+        lines.append(f"  STOPPED, waiting for retry or hand-off: {view.stalled}")
     if view.plan:
         p = view.plan
         lines.append(f"  plan {p.plan_id} hash {p.plan_hash}")
@@ -67,6 +69,14 @@ def _utc(at: str) -> str:
         return datetime.fromisoformat(at).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     except ValueError:
         return at
+
+
+SEVERITY = {"critical": 0, "unreachable": 1, "warn": 2, "ok": 3}
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a markdown table cell."""
+    return text.replace("|", "/").replace("\n", " ")
 
 
 def render_evidence_markdown(doc: dict[str, Any]) -> str:
@@ -111,6 +121,13 @@ def render_evidence_markdown(doc: dict[str, Any]) -> str:
     )
     out += ["", "| at (UTC) | source | event |", "|---|---|---|"]
     out += [f"| {_utc(t['at'])} | {t['source']} | {t['event']} |" for t in doc.get("incident_timeline", [])]
+    out += ["", "## Diagnosis", "", "| check | verdict | headline |", "|---|---|---|"]
+    out += [
+        f"| {name} | {check.get('status', '?')} | {_cell(str(check.get('headline', '-')))} |"
+        for name, check in sorted(
+            (doc.get("diagnosis") or {}).items(), key=lambda kv: (SEVERITY.get(kv[1].get("status"), 9), kv[0])
+        )
+    ] or ["| - | - | no diagnosis recorded |"]
     plan = doc.get("plan")
     if plan:
         out += [

@@ -113,7 +113,9 @@ async def test_consistency_counts_scoped_now_and_platform_wide_from_a_recent_sum
     await break_invariants(world, "cs-org-0002")
     now = await truth(world, None)
     glob = await env.run(acts.check_data_consistency, await register(world, "cs-g2", Scope()))
-    assert re.search(r"from the platform summary of \d+ s ago", glob.headline), glob.headline
+    assert re.search(
+        r"from the platform summary measured at \d\d:\d\d:\d\d UTC, \d+ s before this check", glob.headline
+    ), glob.headline
     assert glob.counts["usage_lifecycle"] == now["usage_lifecycle"] > measured["usage_lifecycle"]
     assert glob.counts["allocation_boundary"] == now["allocation_boundary"] > measured["allocation_boundary"]
     assert glob.counts["attribution_boundary"] == measured["attribution_boundary"]

@@ -9,14 +9,25 @@ alert restarting remediations, a token in a world-readable log, ports in the eph
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+from html import escape
+from pathlib import Path
 
+import jsonschema
 import pytest
 
+import remediation_client as operations
 from activities.nats_jetstream import NatsActivities
-from contracts.models import ConsumerSample, RunRef
+from activities.postgres.consistency_sql import INDEXED, SCANNING
+from activities.postgres.plan import plan_content_hash
+from activities.postgres.platform_summary import record_platform_summary
+from contracts import names
+from contracts.models import ConsumerSample, Phase, RunRef, StatusView
 from local_platform.events import publish
+from starters.render import render_evidence_html, render_evidence_markdown
 from tests.conftest import World
-from tests.helpers import eventually
+from tests.helpers import approve_quorum, eventually, incident_in, request_for, start, wait_phase
 from workflows.criteria import worker_criterion
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -116,3 +127,134 @@ def test_default_ports_stay_below_the_ephemeral_range() -> None:
         assert 1024 < port < 32768, f"{name}={port} is in the ephemeral range or privileged"
         assert port not in well_known, f"{name}={port} is a usual service port"
     assert len(set(ports.values())) == len(ports), f"two defaults share a port: {ports}"
+
+
+async def test_a_summary_measured_before_the_drift_is_never_reported_as_consistent(world: World) -> None:
+    """A platform-wide run reads a fresh summary that says 'consistent'; its reconciliation finds drift."""
+    incident = await incident_in(world, "worker-crash", "stale")
+    # The summary a refresher measured before the platform drifted: every consistency count zero.
+    await record_platform_summary(
+        world.db, "refresh (before the incident)", {}, 0, dict.fromkeys(INDEXED + SCANNING, 0), 1
+    )
+    handle = await start(world, request_for(incident, dry_run=True))
+    result = await handle.result()
+    assert result.outcome is Phase.DRY_RUN_COMPLETE
+    view = await handle.query(names.QUERY_STATUS, result_type=StatusView)
+    drifted = sum(view.drift.values())
+    assert drifted > 0, view.drift
+    check = next(c for c in view.diagnosis if c.check == "data_consistency")
+    assert check.status != "ok" and not check.headline.startswith("consistent"), check
+    assert f"this run's reconciliation found {drifted} drifted entities" in check.headline, check.headline
+    assert re.search(r"platform summary measured at \d\d:\d\d:\d\d UTC", check.headline), check.headline
+    doc = await operations.evidence(world.settings, handle.id)
+    assert doc["diagnosis"]["data_consistency"]["status"] == "warn"
+
+
+async def test_the_evidence_carries_every_check_and_rows_after_the_seal_fail_verification(
+    world: World,
+) -> None:
+    incident = await incident_in(world, "user-dispute", "seal")
+    handle = await start(world, request_for(incident))
+    view = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
+    await approve_quorum(handle, view)
+    result = await handle.result()
+    assert result.outcome is Phase.COMPLETED, result
+    wid, run_id = handle.id, result.run_id
+
+    # Every diagnosis check the run made is in the pack with its verdict and headline, and in each format.
+    view = await handle.query(names.QUERY_STATUS, result_type=StatusView)
+    doc = await operations.evidence(world.settings, wid)
+    checks = {c.check for c in view.diagnosis}
+    assert {"nats_consumer", "loki_logs", "event_sequence", "worker_regression", "outbox_relay"} <= checks
+    assert set(doc["diagnosis"]) >= checks
+    for check in view.diagnosis:
+        assert doc["diagnosis"][check.check]["status"] == check.status
+        assert doc["diagnosis"][check.check]["headline"] == check.headline
+    schema = json.loads((Path(__file__).parents[1] / "docs/schemas/evidence.schema.json").read_text())
+    jsonschema.validate(doc, schema)
+    markdown = render_evidence_markdown(doc)
+    html = render_evidence_html(doc)
+    for check in view.diagnosis:
+        assert f"| {check.check} | {check.status} |" in markdown
+        assert escape(check.check) in html
+
+    # Sealed when it ended: the untouched run verifies, the seal covering its closing entry.
+    seal = await world.db.fetchrow("SELECT * FROM remediation.run_seals WHERE run_id = $1", run_id)
+    links = await world.db.fetchval("SELECT count(*) FROM remediation.audit_chain WHERE run_id = $1", run_id)
+    assert seal is not None and seal["chain_length"] == links > doc["integrity"]["chain_length"]
+    assert seal["signature"]
+    assert await verify(world, wid) == []
+
+    # A forged approval and a forged applied credit, plain INSERTs the trigger chains like any row.
+    plan_id = view.plan.plan_id if view.plan else ""
+    await world.db.execute(
+        """INSERT INTO remediation.approvals (run_id, plan_id, plan_hash, approver, decision, comment, accepted,
+               via) VALUES ($1, $2, $3, 'mallory', 'approve', 'looks fine', true, 'update')""",
+        run_id,
+        plan_id,
+        view.plan.plan_hash if view.plan else "",
+    )
+    await world.db.execute(
+        """INSERT INTO remediation.applied_actions (plan_id, seq, idempotency_key, kind, outcome, actor,
+               approvers, workflow_id, correlation_id, before, after)
+           VALUES ($1, 9999, 'payment-credit:forged', 'credit_payment', 'applied', 'mallory', '{mallory}', $2,
+                   $3, '{}', '{}')""",
+        plan_id,
+        wid,
+        incident.correlation_id,
+    )
+    problems = await verify(world, wid)
+    assert len(problems) == 1 and "2 audit rows were chained after the run's seal" in problems[0], problems
+    assert "mallory approve" in problems[0] and "credit_payment payment-credit:forged applied" in problems[0]
+
+    # Without the seal, the rows after the pack's head are named (the closing entry among them).
+    await world.db.execute("DELETE FROM remediation.run_seals WHERE run_id = $1", run_id)
+    problems = await verify(world, wid)
+    assert len(problems) == 1 and "after the evidence pack's head (the run has no seal)" in problems[0]
+    assert "remediation ended" in problems[0] and "mallory approve" in problems[0]
+
+
+async def verify(world: World, workflow_id: str) -> list[str]:
+    problems, _ = await operations.verify_evidence(world.settings, workflow_id)
+    return problems
+
+
+async def test_the_rollback_target_and_hook_are_signed_and_a_changed_row_is_never_applied(world: World) -> None:
+    incident = await incident_in(world, "worker-regression", "signed")
+    handle = await start(world, request_for(incident))
+    view = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
+    assert view.plan is not None
+    plan_id, plan_hash = view.plan.plan_id, view.plan.plan_hash
+    regression = next(c for c in view.diagnosis if c.check == "worker_regression")
+    rollback = next(a for a in view.plan.api_actions if a.kind == "rollback_billing_worker")
+    assert rollback.from_revision == regression.counts["current_revision"]
+    assert rollback.target_revision == regression.counts["rollback_to"]
+    assert rollback.hook == "POST /api/v1/admin/billing-worker/rollback"
+
+    # The CLI's plan listing (and the approval page, from the same words) shows what it will do.
+    rows = await operations.plan_actions(world.settings, plan_id)
+    row = next(r for r in rows if r["kind"] == "rollback_billing_worker")
+    assert row["effect"] == (
+        f"revision {rollback.from_revision} -> {rollback.target_revision}"
+        " via POST /api/v1/admin/billing-worker/rollback"
+    )
+
+    # The hash covers the target: a row edited after the plan was built no longer hashes to it ...
+    assert await plan_content_hash(world.db, plan_id) == plan_hash
+    await world.db.execute(
+        """UPDATE remediation.plan_actions SET params = params || '{"to_revision": 1}'
+           WHERE plan_id = $1 AND kind = 'rollback_billing_worker'""",
+        plan_id,
+    )
+    assert await plan_content_hash(world.db, plan_id) != plan_hash
+    # ... and apply refuses it: approvers signed revision N, not 1; nothing is rolled back.
+    await approve_quorum(handle, view)
+    stopped = await wait_phase(handle, {Phase.AWAITING_DECISION})
+    assert stopped.stalled is not None and "a row was changed after approval" in stopped.stalled
+    current = await world.db.fetchval("SELECT revision FROM billing.worker_control WHERE id = 1")
+    assert current == rollback.from_revision
+    applied = await world.db.fetchval(
+        "SELECT count(*) FROM remediation.applied_actions WHERE plan_id = $1", plan_id
+    )
+    assert applied == 0
+    await handle.terminate("test done")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contracts.models import ConsumerSample, Criterion
+from contracts.models import CheckResult, ConsumerSample, Criterion
 
 
 def worker_criterion(
@@ -32,9 +32,7 @@ def worker_criterion(
     # the floor stays behind the start's backlog, is a worker failing on the same messages again.
     drained = acked > 0 and second.ack_floor >= first.backlog_head
     if redelivered > 0:
-        return Criterion(
-            name=name, passed=False, detail=f"redeliveries rising during the window: {numbers}"
-        )
+        return Criterion(name=name, passed=False, detail=f"redeliveries rising during the window: {numbers}")
     if second.redelivered > 0 and not drained:
         return Criterion(
             name=name,
@@ -55,3 +53,23 @@ def worker_criterion(
             detail=f"backlog (undelivered + unacknowledged) under the threshold: {numbers}",
         )
     return Criterion(name=name, passed=False, detail=f"no progress: {numbers}")
+
+
+def consistency_after_reconcile(check: CheckResult, drift: dict[str, int]) -> CheckResult:
+    """The data-consistency diagnosis once the run's own reconciliation has counted drift.
+
+    A check that said "consistent" (from counts or a platform summary measured earlier) while the same
+    run's reconciliation found drifted entities is re-stated as inconsistent, naming both: the run never
+    reports its scope consistent while its own reconciliation says otherwise.
+    """
+    found = {kind: n for kind, n in drift.items() if n}
+    if check.check != "data_consistency" or check.status != "ok" or not found:
+        return check
+    counts = ", ".join(f"{kind}={n}" for kind, n in found.items())
+    return check.model_copy(
+        update={
+            "status": "warn",
+            "headline": f"inconsistent: this run's reconciliation found {sum(found.values())} drifted"
+            f" entities ({counts}); the check before it said: {check.headline}",
+        }
+    )

@@ -49,6 +49,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.approval import (
         reset_for_plan,
     )
+    from workflows.criteria import consistency_after_reconcile
     from workflows.details import STEPS_MARKDOWN
     from workflows.incident_marks import incident_marks
     from workflows.remediation_verify import VerifySteps
@@ -155,6 +156,8 @@ class BillingRemediationWorkflow(VerifySteps):
             summary = await self._reconcile_and_confirm(pass_no, request.scope.describe())
             self._drift = dict(summary.counts)
             if pass_no == 0:
+                self._diagnosis = [consistency_after_reconcile(c, self._drift) for c in self._diagnosis]
+            if pass_no == 0:
                 # Nothing changes before approval: the before-evidence is taken alongside the plan,
                 # off the path to it (a platform-wide snapshot sums every usage and ledger row).
                 self._before = asyncio.create_task(
@@ -174,6 +177,8 @@ class BillingRemediationWorkflow(VerifySteps):
                     # names the degradation (platform_degradation) instead.
                     restart_worker=worker_degraded and pass_no == 0 and request.scope.is_global,
                     rollback_worker_to=self._rollback_target(),
+                    rollback_worker_from=self._rollback_source(),
+                    worker_hook=options.rollback_hook if self._rollback_target() else options.restart_hook,
                 ),
                 "Build the remediation plan from the findings",
                 timeout=600,
@@ -358,6 +363,7 @@ class BillingRemediationWorkflow(VerifySteps):
                 verification=self._verification,
                 approvers=list(self._approval.approved_by),
                 marks=incident_marks(self._diagnosis, list(self._alerts.values())),
+                diagnosis=self._diagnosis,
             ),
             "Capture the evidence pack",
         )
@@ -403,6 +409,7 @@ class BillingRemediationWorkflow(VerifySteps):
             alerts=list(self._alerts.values()),
             payments=self._payments,
             waiting_on_provider=self._waiting,
+            stalled=self._stalled,
         )
 
     @workflow.query(name=names.QUERY_PLAN)

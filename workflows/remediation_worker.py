@@ -40,8 +40,11 @@ def _words(action: ApiAction) -> str:
     if action.kind is ActionKind.CLEAR_FINANCIAL_RESTRICTION:
         return "Clear the prepaid financial restriction of " + action.org_id
     if action.kind is ActionKind.ROLLBACK_BILLING_WORKER:
-        return f"Roll the billing worker back to revision {action.target_revision} (hook)"
-    return "Restart the billing worker (hook)"
+        return (
+            f"Roll the billing worker back from revision {action.from_revision} to {action.target_revision}"
+            f" ({action.hook or 'hook'})"
+        )
+    return f"Restart the billing worker ({action.hook or 'hook'})"
 
 
 class WorkerSteps(PaymentSteps):
@@ -55,6 +58,15 @@ class WorkerSteps(PaymentSteps):
                 for c in self._diagnosis
                 if c.check == "worker_regression" and c.status == "critical"
             ),
+            None,
+        )
+
+    def _rollback_source(self) -> int | None:
+        """The revision a rollback replaces (the one diagnosis blamed), else None."""
+        if self._rollback_target() is None:
+            return None
+        return next(
+            (c.counts.get("current_revision") for c in self._diagnosis if c.check == "worker_regression"),
             None,
         )
 

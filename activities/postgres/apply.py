@@ -13,8 +13,9 @@ from temporalio import activity
 from activities.errors import bad_input, dependency_down, not_found
 from activities.heartbeat import heartbeating
 from activities.payment_provider import PaymentProvider, ProviderUnreachable, judge
-from activities.postgres.base import CUSTOM_PLANS, PostgresActivities
+from activities.postgres.base import CUSTOM_PLANS, PostgresActivities, driver_errors
 from activities.postgres.drift_sql import CLOSE_AT, CLOSE_COST, OPEN_STATUSES
+from activities.postgres.plan import plan_content_hash
 from contracts import names
 from contracts.models import (
     API_ACTION_KINDS,
@@ -71,6 +72,15 @@ class ApplyActivities(PostgresActivities):
         if plan["plan_hash"] != request.plan_hash:
             raise bad_input(
                 f"plan {request.plan_id!r} changed since approval (hash mismatch); re-approval needed"
+            )
+        with driver_errors():
+            rows_hash = await plan_content_hash(self._pool, request.plan_id)
+        if rows_hash != request.plan_hash:
+            # A row edited after approval (an amount, a revision, a hook): what would run is not what
+            # was signed.
+            raise bad_input(
+                f"plan {request.plan_id!r}: its actions no longer hash to the approved {request.plan_hash[:12]}…"
+                f" (now {rows_hash[:12]}…); a row was changed after approval, nothing applied"
             )
         await self._execute(
             "UPDATE remediation.plans SET status = 'applying' WHERE plan_id = $1", request.plan_id

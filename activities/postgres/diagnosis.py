@@ -109,7 +109,12 @@ class DiagnosisActivities(PostgresActivities):
         headline = "consistent" if not problems else "inconsistent: " + ", ".join(problems)
         data: dict[str, object] = dict(counts)
         if summary is not None:
-            headline += f" ({' and '.join(SCANNING)} from the platform summary of {summary.age_words()} ago)"
+            # Say what the summary measured and when: it predates this run, and the platform may have
+            # drifted since (the workflow re-states this check if its reconciliation finds drift).
+            headline += (
+                f" ({' and '.join(SCANNING)} from the platform summary measured at {summary.measured_at} UTC,"
+                f" {summary.age_words()} before this check; the other counts measured now)"
+            )
             data["platform_summary_age_s"] = summary.age_s
         await self._diagnosis(ref, "data_consistency", status, data)
         return CheckResult(check="data_consistency", status=status, headline=headline, counts=counts)

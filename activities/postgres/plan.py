@@ -34,6 +34,26 @@ PAYMENT_ACTION = f"""CASE
     ELSE '{ActionKind.INVESTIGATE_PAYMENT.value}' END"""
 
 
+# The text a plan's hash is taken over, one line per action: everything the action will do (its kind,
+# entity, amount, idempotency key, the provider's evidence for payments, and for admin-API actions their
+# parameters: revision from and to, the hook they call). Approvers sign this hash; apply recomputes it.
+PLAN_CANON = f"""string_agg(seq || '|' || kind || '|' || entity_id || '|' || amount_minor || '|' || idempotency_key
+    || coalesce('|' || (params->'provider')::text, '')
+    || CASE WHEN kind IN {sql_list(API_ACTION_KINDS)} THEN coalesce('|' || params::text, '') ELSE '' END,
+    E'\\n' ORDER BY seq)"""
+
+
+async def plan_content_hash(conn: asyncpg.Connection | asyncpg.Pool, plan_id: str) -> str:
+    """The hash of the plan's rows as they are now (equal to the stored hash unless a row changed)."""
+    return str(
+        await conn.fetchval(
+            f"""SELECT encode(sha256(convert_to(coalesce({PLAN_CANON}, ''), 'UTF8')), 'hex')
+                FROM remediation.plan_actions WHERE plan_id = $1""",
+            plan_id,
+        )
+    )
+
+
 class PlanActivities(PostgresActivities):
     """Plans."""
 
@@ -104,29 +124,31 @@ class PlanActivities(PostgresActivities):
                         f"""INSERT INTO remediation.plan_actions (plan_id, seq, kind, entity_type, entity_id, org_id,
                                amount_minor, idempotency_key, params) VALUES ($1, $2,
                                '{ActionKind.ROLLBACK_BILLING_WORKER.value}', 'worker', 'billing-worker', '*', 0, $3,
-                               jsonb_build_object('to_revision', $4::int))""",
+                               jsonb_strip_nulls(jsonb_build_object('to_revision', $4::int, 'from_revision', $5::int,
+                                                                    'hook', $6::text)))""",
                         request.plan_id,
                         next_seq,
                         f"worker-rollback:{ref.run_id}",
                         request.rollback_worker_to,
+                        request.rollback_worker_from,
+                        request.worker_hook,
                     )
                 elif request.restart_worker:
                     await conn.execute(
                         f"""INSERT INTO remediation.plan_actions (plan_id, seq, kind, entity_type, entity_id, org_id,
-                               amount_minor, idempotency_key) VALUES ($1, $2, '{ActionKind.RESTART_BILLING_WORKER.value}', 'worker',
-                               'billing-worker', '*', 0, $3)""",
+                               amount_minor, idempotency_key, params) VALUES ($1, $2, '{ActionKind.RESTART_BILLING_WORKER.value}', 'worker',
+                               'billing-worker', '*', 0, $3, jsonb_strip_nulls(jsonb_build_object('hook', $4::text)))""",
                         request.plan_id,
                         next_seq,
                         f"worker-restart:{ref.run_id}",
+                        request.worker_hook,
                     )
                 await conn.execute(
-                    """UPDATE remediation.plans p SET
+                    f"""UPDATE remediation.plans p SET
                          plan_hash = encode(sha256(convert_to(coalesce(s.canon, ''), 'UTF8')), 'hex'),
                          action_count = coalesce(s.n, 0), debit_total_minor = coalesce(s.debits, 0),
-                         credit_total_minor = coalesce(s.credits, 0), counts_by_kind = coalesce(s.kinds, '{}')
-                       FROM (SELECT string_agg(seq || '|' || kind || '|' || entity_id || '|' || amount_minor || '|'
-                                               || idempotency_key || coalesce('|' || (params->'provider')::text, ''),
-                                               E'\\n' ORDER BY seq) AS canon,
+                         credit_total_minor = coalesce(s.credits, 0), counts_by_kind = coalesce(s.kinds, '{{}}')
+                       FROM (SELECT {PLAN_CANON} AS canon,
                                     count(*) AS n,
                                     sum(amount_minor) FILTER (WHERE amount_minor < 0) AS debits,
                                     sum(amount_minor) FILTER (WHERE amount_minor > 0) AS credits,
@@ -146,7 +168,8 @@ class PlanActivities(PostgresActivities):
                 )
             plan = await conn.fetchrow("SELECT * FROM remediation.plans WHERE plan_id = $1", request.plan_id)
             api_rows = await conn.fetch(
-                f"""SELECT seq, kind, org_id, idempotency_key, (params->>'to_revision')::int AS target_revision
+                f"""SELECT seq, kind, org_id, idempotency_key, (params->>'to_revision')::int AS target_revision,
+                          (params->>'from_revision')::int AS from_revision, params->>'hook' AS hook
                    FROM remediation.plan_actions WHERE plan_id = $1
                    AND kind IN {sql_list(API_ACTION_KINDS)} ORDER BY seq""",
                 request.plan_id,
@@ -165,6 +188,8 @@ class PlanActivities(PostgresActivities):
                     org_id=r["org_id"],
                     idempotency_key=r["idempotency_key"],
                     target_revision=r["target_revision"],
+                    from_revision=r["from_revision"],
+                    hook=r["hook"],
                 )
                 for r in api_rows
             ],

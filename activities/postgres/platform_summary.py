@@ -31,6 +31,7 @@ class PlatformSummary:
     consistency: dict[str, int] | None
     age_s: int
     source: str
+    measured_at: str = ""  # UTC, HH:MM:SS
 
     def age_words(self) -> str:
         """'42 s' / '3 min' / '2 h': how old the figures are, for headlines."""
@@ -73,7 +74,8 @@ async def latest_platform_summary(
     """The newest summary at most ``max_age_s`` old (one that measured consistency, if asked), else None."""
     row = await pool.fetchrow(
         f"""SELECT drift_by_kind, orgs_with_drift, consistency, source,
-                   floor(extract(epoch FROM now() - measured_at))::int AS age_s
+                   floor(extract(epoch FROM now() - measured_at))::int AS age_s,
+                   to_char(measured_at AT TIME ZONE 'UTC', 'HH24:MI:SS') AS measured_at
             FROM remediation.platform_summaries
             WHERE measured_at >= now() - make_interval(secs => $1)
               {"AND consistency IS NOT NULL" if with_consistency else ""}
@@ -88,6 +90,7 @@ async def latest_platform_summary(
         consistency=None if row["consistency"] is None else json.loads(row["consistency"]),
         age_s=max(0, int(row["age_s"])),
         source=str(row["source"]),
+        measured_at=str(row["measured_at"]),
     )
 
 

@@ -25,7 +25,7 @@ from contracts.models import (
     TimelineEvent,
 )
 from database.approvals import record_approval_row
-from database.audit_chain import chain_head, sign_integrity
+from database.audit_chain import chain_head, seal_run, sign_integrity
 from database.scope import ScopeRefused, validate_scope
 from database.timeline import insert_timeline
 
@@ -199,6 +199,9 @@ class RecordsActivities(PostgresActivities):
         await self._timeline(
             request.ref.run_id, "finish", request.phase, f"remediation ended: {request.outcome}", {}
         )
+        # The closing entry is the run's last legitimate row: the seal covers it and nothing after.
+        with driver_errors():
+            await seal_run(self._pool, request.ref.run_id, self._signer)
 
 
 async def build_evidence(pool: asyncpg.Pool, request: EvidenceRequest) -> dict[str, Any]:
@@ -215,12 +218,24 @@ async def build_evidence(pool: asyncpg.Pool, request: EvidenceRequest) -> dict[s
             "SELECT label, data FROM remediation.snapshots WHERE run_id = $1", ref.run_id
         )
     }
-    diagnoses = {
-        r["check_name"]: {"status": r["status"], **json.loads(r["data"])}
-        for r in await pool.fetch(
-            "SELECT check_name, status, data FROM remediation.diagnoses WHERE run_id = $1", ref.run_id
-        )
-    }
+    diagnoses = {}
+    for r in await pool.fetch(
+        "SELECT check_name, status, data FROM remediation.diagnoses WHERE run_id = $1", ref.run_id
+    ):
+        data = json.loads(r["data"])
+        # The blast radius keeps its reasons, not a headline: they are its headline.
+        reasons = data.get("reasons") if isinstance(data.get("reasons"), list) else None
+        headline = "; ".join(map(str, reasons)) if reasons else "-"
+        diagnoses[r["check_name"]] = {"status": r["status"], "headline": headline, **data}
+    for check in request.diagnosis:
+        # The run's own statement of each check wins (its status may have been re-stated after the
+        # reconciliation); the figures Postgres kept for it stay beside the headline.
+        diagnoses[check.check] = {
+            **diagnoses.get(check.check, {}),
+            **check.counts,
+            "status": check.status,
+            "headline": check.headline,
+        } | ({"trace_ids": check.trace_ids} if check.trace_ids else {})
     approvals = [
         dict(r)
         for r in await pool.fetch(
