@@ -200,7 +200,9 @@ async def decide(request: Request) -> Response:
     workflow_id = request.path_params["workflow_id"]
     try:
         operations.check_workflow_id(workflow_id)
-        body = ApprovalDecision.model_validate(json.loads(await request.body()))
+        body = ApprovalDecision.model_validate(json.loads(await request.body())).model_copy(
+            update={"client": "approval_page"}
+        )
     except operations.OperationError as err:
         return _secure(JSONResponse({"error": str(err)}, status_code=400))
     except ValidationError as err:

@@ -679,6 +679,8 @@ class ApprovalDecision(Frozen):
     plan_id: Annotated[str, StringConstraints(max_length=200)] | None = None
     signed_at: Annotated[str, StringConstraints(max_length=64)] | None = None
     signature: Annotated[str, StringConstraints(max_length=200)] | None = None
+    # Where the decision was made (set by the client that forwards it; not part of what is signed).
+    client: Literal["cli", "approval_page"] | None = None
 
 
 class ApprovalRecord(Frozen):

@@ -58,9 +58,12 @@ async def decide_plan(
     try:
         plan_hash = resolve_plan_hash(plan_hash, view)
     except PlanRefused as refused:
-        raise await _refused(
-            settings, handle, view, plan_hash, approver, decision, comment, str(refused)
-        ) from None
+        # Not validated: the refusal is audited with what was given, whatever it was.
+        body = ApprovalDecision.model_construct(
+            plan_hash=plan_hash.strip()[:64], approver=approver, decision=decision,  # type: ignore[arg-type]
+            comment=comment, plan_id=None, client="cli",
+        )  # fmt: skip
+        raise await _refused(settings, handle, body, str(refused)) from None
     try:
         body = ApprovalDecision(
             plan_hash=plan_hash,
@@ -68,6 +71,7 @@ async def decide_plan(
             decision=decision,
             comment=comment,
             plan_id=view.plan.plan_id if view.plan else None,
+            client="cli",
         )
     except ValidationError as err:
         raise OperationError(f"invalid approval: {explain(err)}") from None
@@ -103,9 +107,7 @@ async def submit_decision(
     except WorkflowUpdateFailedError as err:
         reason = update_refusal(err)
         log.warning("%s of plan %s refused: %s", decision, plan_hash[:12], reason, extra=context)
-        raise await _refused(
-            settings, handle, view, plan_hash, approver, decision, body.comment, reason
-        ) from None
+        raise await _refused(settings, handle, body, reason) from None
     except RPCError as err:
         raise OperationError(f"remediation {workflow_id!r}: {err.message}") from None
     log.info("%s of plan %s accepted: %s", decision, plan_hash[:12], answer, extra=context)
@@ -126,31 +128,37 @@ async def approve_when_open(handle: WorkflowHandle[Any, Any], body: ApprovalDeci
 
 
 async def _refused(
-    settings: Settings,
-    handle: WorkflowHandle[Any, Any],
-    view: StatusView,
-    plan_hash: str,
-    approver: str,
-    decision: str,
-    comment: str,
-    reason: str,
+    settings: Settings, handle: WorkflowHandle[Any, Any], body: ApprovalDecision, reason: str
 ) -> OperationError:
-    """Audit a refused decision (Temporal keeps no record of a refused Update) and say why."""
+    """Audit a refused decision (Temporal keeps no record of a refused Update) and say why.
+
+    The row names what the approver signed or gave (plan id and hash), never the plan now awaiting
+    approval: a refused stale approval of plan p0 must not read as a decision about p1.
+    """
     run_id = (await handle.describe()).run_id
-    record = ApprovalRecord(
-        run_id=run_id,
-        event_key=f"{run_id}:refused:{uuid.uuid4()}",
-        plan_id=view.plan.plan_id if view.plan else None,
-        plan_hash=plan_hash.strip()[:64] or None,
-        approver=approver[:128],
-        decision=decision,
-        comment=comment[:2000],
-        accepted=False,
-        refusal_reason=reason,
-        via="update",
-    )
+    plan_hash = body.plan_hash.strip()[:64]
     conn = await asyncpg.connect(settings.resolved_database_url())
     try:
+        plan_id = body.plan_id
+        if plan_id is None and re.fullmatch(r"[0-9a-f]{8,64}", plan_hash):
+            # The CLI took a hash (or prefix) only: the plan of this run it names, if any.
+            plan_id = await conn.fetchval(
+                "SELECT plan_id FROM remediation.plans WHERE run_id = $1 AND plan_hash LIKE $2 || '%' LIMIT 1",
+                run_id,
+                plan_hash,
+            )
+        record = ApprovalRecord(
+            run_id=run_id,
+            event_key=f"{run_id}:refused:{uuid.uuid4()}",
+            plan_id=plan_id,
+            plan_hash=plan_hash or None,
+            approver=body.approver[:128],
+            decision=body.decision,
+            comment=body.comment[:2000],
+            accepted=False,
+            refusal_reason=reason,
+            via=f"update from {body.client.replace('_', ' ')}" if body.client else "update",
+        )
         await record_approval_row(conn, record)
     finally:
         await conn.close()

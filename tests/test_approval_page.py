@@ -109,10 +109,13 @@ async def test_approve_in_the_browser_refusals_and_rejection(
                 status = page.locator("#decision-status")
                 await status.filter(has_text="Not accepted").wait_for()
                 assert "stale plan" in await status.inner_text()
-                refused = await world.db.fetchval(
-                    "SELECT refusal_reason FROM remediation.approvals WHERE approver = 'erin' AND NOT accepted"
+                refused = await world.db.fetchrow(
+                    "SELECT refusal_reason, via, plan_hash FROM remediation.approvals"
+                    " WHERE approver = 'erin' AND NOT accepted"
                 )
-                assert refused is not None and "stale plan" in refused
+                assert refused is not None and "stale plan" in refused["refusal_reason"]
+                # Audited with what the page signed and where it came from.
+                assert refused["plan_hash"] == "0" * 64 and refused["via"] == "update from approval page"
 
                 # Signed in the browser, verified by the workflow's validator (the CLI's code path).
                 await page.reload()

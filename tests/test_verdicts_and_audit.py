@@ -22,12 +22,23 @@ from activities.nats_jetstream import NatsActivities
 from activities.postgres.consistency_sql import INDEXED, SCANNING
 from activities.postgres.plan import plan_content_hash
 from activities.postgres.platform_summary import record_platform_summary
+from config.approver_keys import sign
 from contracts import names
-from contracts.models import ConsumerSample, Phase, RunRef, StatusView
+from contracts.models import ActionKind, ApprovalDecision, ConsumerSample, Phase, RunRef, StatusView
 from local_platform.events import publish
 from starters.render import render_evidence_html, render_evidence_markdown
-from tests.conftest import World
-from tests.helpers import approve_quorum, eventually, incident_in, request_for, start, wait_phase
+from tests.conftest import APPROVER_KEYS, World
+from tests.helpers import (
+    approve,
+    approve_quorum,
+    decision,
+    eventually,
+    incident_in,
+    request_for,
+    start,
+    start_dispute,
+    wait_phase,
+)
 from workflows.criteria import worker_criterion
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -219,14 +230,16 @@ async def verify(world: World, workflow_id: str) -> list[str]:
     return problems
 
 
-async def test_the_rollback_target_and_hook_are_signed_and_a_changed_row_is_never_applied(world: World) -> None:
+async def test_the_rollback_target_and_hook_are_signed_and_a_changed_row_is_never_applied(
+    world: World,
+) -> None:
     incident = await incident_in(world, "worker-regression", "signed")
     handle = await start(world, request_for(incident))
     view = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
     assert view.plan is not None
     plan_id, plan_hash = view.plan.plan_id, view.plan.plan_hash
     regression = next(c for c in view.diagnosis if c.check == "worker_regression")
-    rollback = next(a for a in view.plan.api_actions if a.kind == "rollback_billing_worker")
+    rollback = next(a for a in view.plan.api_actions if a.kind is ActionKind.ROLLBACK_BILLING_WORKER)
     assert rollback.from_revision == regression.counts["current_revision"]
     assert rollback.target_revision == regression.counts["rollback_to"]
     assert rollback.hook == "POST /api/v1/admin/billing-worker/rollback"
@@ -257,4 +270,54 @@ async def test_the_rollback_target_and_hook_are_signed_and_a_changed_row_is_neve
         "SELECT count(*) FROM remediation.applied_actions WHERE plan_id = $1", plan_id
     )
     assert applied == 0
+    await handle.terminate("test done")
+
+
+async def test_a_refused_stale_approval_is_audited_with_what_was_signed_and_where(world: World) -> None:
+    _, handle = await start_dispute(world, "pair")
+    view = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
+    assert view.plan is not None
+    run_id = (await handle.describe()).run_id
+    # Alice signed an earlier plan of this run (its id and hash), sent from the CLI.
+    earlier = ApprovalDecision(
+        plan_hash="ab" * 32,
+        approver="alice",
+        decision="approve",
+        comment="old page",
+        plan_id="earlier-plan-p0",
+    )
+    signed = sign(earlier, APPROVER_KEYS["alice"]).model_copy(update={"client": "cli"})
+    with pytest.raises(operations.OperationError, match="refused"):
+        await operations.submit_decision(world.client, world.settings, handle.id, signed)
+    row = await world.db.fetchrow(
+        "SELECT plan_id, plan_hash, via, accepted FROM remediation.approvals WHERE run_id = $1 AND approver = 'alice'",
+        run_id,
+    )
+    assert dict(row) == {
+        "plan_id": "earlier-plan-p0",
+        "plan_hash": "ab" * 32,
+        "via": "update from cli",
+        "accepted": False,
+    }
+    # `remediate approve --plan <prefix>` naming no plan of this run: the row names none, not the current one.
+    with pytest.raises(operations.OperationError, match="stale plan"):
+        await operations.decide_plan(
+            world.client, world.settings, handle.id, plan_hash="deadbeef", approver="bob",
+            decision="approve", comment="",
+        )  # fmt: skip
+    row = await world.db.fetchrow(
+        "SELECT plan_id, plan_hash, via FROM remediation.approvals WHERE run_id = $1 AND approver = 'bob'",
+        run_id,
+    )
+    assert dict(row) == {"plan_id": None, "plan_hash": "deadbeef", "via": "update from cli"}
+    # An accepted decision from the CLI says so too.
+    await approve(handle, decision(view, "alice").model_copy(update={"client": "cli"}), "approve-alice")
+
+    async def accepted() -> str | None:
+        via: str | None = await world.db.fetchval(
+            "SELECT via FROM remediation.approvals WHERE run_id = $1 AND accepted", run_id
+        )
+        return via
+
+    assert await eventually(accepted, what="the accepted approval's audit") == "update from cli"
     await handle.terminate("test done")

@@ -123,7 +123,7 @@ class ApprovalSteps(RemediationBase):
     @workflow.update(name=names.UPDATE_APPROVE)
     async def approve(self, decision: ApprovalDecision) -> str:
         """Approve or reject the plan awaiting approval (validated first; refusals are immediate)."""
-        return await self._accept(decision, via="update")
+        return await self._accept(decision, via=_via(decision, "update"))
 
     @approve.validator
     def _validate_approve(self, decision: ApprovalDecision) -> None:
@@ -136,9 +136,9 @@ class ApprovalSteps(RemediationBase):
         """Signal path for approvals; a refused signal is audited since it cannot answer."""
         reason = self._refusal(decision)
         if reason is None:
-            await self._accept(decision, via="signal")
+            await self._accept(decision, via=_via(decision, "signal"))
             return
-        self._audit(decision, reason=reason, via="signal")
+        self._audit(decision, reason=reason, via=_via(decision, "signal"))
 
     @workflow.update(name=names.UPDATE_DECIDE)
     async def decide(self, decision: VerdictDecision) -> str:
@@ -214,7 +214,8 @@ class ApprovalSteps(RemediationBase):
                 decision,
                 run_id=ref.run_id,
                 event_key=f"{ref.run_id}:approval:{self._events}",
-                plan_id=plan.plan_id if plan else None,
+                # The plan the approver signed (a refused stale decision names its own, not the current).
+                plan_id=decision.plan_id or (plan.plan_id if plan else None),
                 refusal_reason=reason,
                 via=via,
             ),
@@ -222,3 +223,8 @@ class ApprovalSteps(RemediationBase):
             + ("" if reason is None else f" (refused: {reason})"),
         )
         self._refresh_details()
+
+
+def _via(decision: ApprovalDecision, path: str) -> str:
+    """Where a decision came from, as audited: the path (update/signal) and the client that sent it."""
+    return f"{path} from {decision.client.replace('_', ' ')}" if decision.client else path
