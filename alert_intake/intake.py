@@ -23,7 +23,9 @@ from contracts.models import AlertNotice, RemediationRequest, Trigger
 from database.scope import ScopeRefused, validate_scope
 
 log = logging.getLogger("billing_remediation.alert_intake")
-Action = Literal["started", "attached", "resolved_recorded", "no_running_remediation", "ignored"]
+Action = Literal[
+    "started", "attached", "resolved_recorded", "no_running_remediation", "ignored", "handed_over"
+]
 GLOBAL_WORKFLOW_ID = RemediationRequest(correlation_id="x", requested_by="x").workflow_id()
 REMEMBERED = 20_000  # recorded (run, alert, status) keys kept to skip repeat signals in a storm
 
@@ -158,6 +160,9 @@ class Intake:
                     return Outcome(notice.fingerprint, "no_running_remediation", workflow_id)
                 await self._record(workflow_id, run_id, notice)
                 return Outcome(notice.fingerprint, "resolved_recorded", workflow_id)
+            handed = await self._handed_over(intended)
+            if handed is not None:
+                return handed
             started = await operations.start(self._client, self._settings, intended.request)
             await self._record(started.workflow_id, started.run_id, notice)
         action = "attached" if started.attached else "started"
@@ -170,6 +175,51 @@ class Intake:
                 extra={"correlation_id": intended.request.correlation_id, "workflow_id": workflow_id},
             )
         return Outcome(notice.fingerprint, action, workflow_id, started.ui_link)
+
+    async def _handed_over(self, intended: Intended) -> Outcome | None:
+        """A payment alert whose every failed session a finished run already handed to the payments team.
+
+        Restarting would plan the same follow-ups again (each repeat of the alert one more run and one more
+        evidence pack), so the alert is answered with the run that handed it over, until the follow-up is
+        closed (the session leaves failed_reconcile) or the alert changes (a session not handed over fails).
+        """
+        request, notice = intended.request, intended.notice
+        org = request.scope.org_id
+        if request.trigger is not Trigger.RECONCILE_FAILED or org is None:
+            return None
+        sessions = [notice.fingerprint.partition(":")[2]] if notice.source == "nats" else None
+        row = await self._db.fetchrow(
+            """WITH failed AS (
+                   SELECT s.id FROM billing.payment_sessions s
+                   WHERE s.org_id = $1 AND s.status = 'failed_reconcile'
+                     AND ($2::text[] IS NULL OR s.id = ANY($2::text[]))),
+               handed AS (
+                   SELECT f.id, r.workflow_id, r.run_id, r.ended_at FROM failed f
+                   JOIN remediation.applied_actions a
+                     ON a.idempotency_key = 'payment-investigate:' || f.id AND a.outcome = 'follow_up'
+                   JOIN remediation.plans p ON p.plan_id = a.plan_id
+                   JOIN remediation.runs r ON r.run_id = p.run_id AND r.ended_at IS NOT NULL)
+               SELECT (SELECT count(*) FROM failed) AS failed,
+                      (SELECT count(DISTINCT id) FROM handed) AS handed,
+                      (SELECT workflow_id || ' (run ' || run_id || ')' FROM handed ORDER BY ended_at DESC LIMIT 1)
+                          AS by_run,
+                      (SELECT string_agg(DISTINCT id, ', ') FROM handed) AS ids""",
+            org,
+            sessions,
+        )
+        if row is None or not row["failed"] or row["handed"] < row["failed"]:
+            return None
+        detail = (
+            f"payment sessions {row['ids']} were handed to the payments team by {row['by_run']}; not"
+            " restarted until the follow-up is closed or another session fails"
+        )
+        log.info(
+            "%s for %s: handed over, not restarted",
+            notice.name,
+            org,
+            extra={"correlation_id": request.correlation_id, "workflow_id": request.workflow_id()},
+        )
+        return Outcome(notice.fingerprint, "handed_over", request.workflow_id(), detail=detail)
 
     async def _running_run(self, workflow_id: str) -> str | None:
         try:

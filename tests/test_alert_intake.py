@@ -19,9 +19,9 @@ from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 import remediation_client as operations
 from alert_intake.mapping import MappingError, load_mapping
 from alert_intake.serve import running_intake
-from contracts.models import RemediationRequest, Scope, StatusView
+from contracts.models import Phase, RemediationRequest, Scope, StatusView
 from devstack.processes import free_port
-from tests.helpers import eventually, incident_in
+from tests.helpers import approve_quorum, eventually, incident_in, wait_phase
 from workflows.search_attributes import SA_ORG, SA_TRIGGER
 
 from .conftest import World
@@ -263,3 +263,59 @@ async def test_reconcile_failed_events_on_nats_start_one_remediation_per_org(rec
     for workflow_id in expected:
         total += len((await status_of(world, workflow_id)).alerts)
     assert total == sum(len(ids) for kind, ids in incident.injected.items() if kind.startswith("payment_"))
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_handed_over_payment_alert_does_not_restart_a_remediation(receiver: Receiver) -> None:
+    """After a run hands a refunded payment to the payments team, repeats of the alert that keeps firing
+    (correctly) answer with that run instead of starting another; a newly failed session starts one."""
+    world = receiver.world
+    incident = await incident_in(world, "payments-reconcile", "ho")
+    refunded = incident.injected["payment_refunded"][0]
+    org = await world.db.fetchval("SELECT org_id FROM billing.payment_sessions WHERE id = $1", refunded)
+    labels = {"org_id": org, "correlation_id": incident.correlation_id}
+    body = notification(alert("PaymentsReconcileFailed", labels, fingerprint="prf-1"))
+    first = (await receiver.http.post("/alertmanager", json=body)).json()["results"][0]
+    assert first["action"] == "started", first
+    handle = world.client.get_workflow_handle(first["workflow_id"])
+    view = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
+    await approve_quorum(handle, view)
+    # Recorded on the run so verification does not wait ALERT_RESOLVED_WAIT_SECONDS for it (this test's
+    # Alertmanager is the receiver's caller only; the repeats below are what a firing alert sends).
+    resolved = notification(alert("PaymentsReconcileFailed", labels, status="resolved", fingerprint="prf-1"))
+    assert (await receiver.http.post("/alertmanager", json=resolved)).status_code == 200
+    await handle.result()
+    followed = await world.db.fetchval(
+        """SELECT count(*) FROM remediation.applied_actions
+           WHERE idempotency_key = $1 AND outcome = 'follow_up'""",
+        f"payment-investigate:{refunded}",
+    )
+    assert followed == 1
+    still_failed = await world.db.fetch(
+        "SELECT id FROM billing.payment_sessions WHERE org_id = $1 AND status = 'failed_reconcile'", org
+    )
+    assert refunded in {r["id"] for r in still_failed}  # the alert keeps firing, correctly
+
+    # Alertmanager's repeats: answered with the run that handed it over, no new run, no new pack.
+    for _ in range(3):
+        repeat = (await receiver.http.post("/alertmanager", json=body)).json()["results"][0]
+        assert repeat["action"] == "handed_over", repeat
+        assert refunded in repeat["detail"] and first["workflow_id"] in repeat["detail"]
+    assert len(await runs_of(world, first["workflow_id"])) == 1
+    packs = await world.db.fetchval(
+        "SELECT count(*) FROM remediation.evidence e JOIN remediation.runs r USING (run_id) WHERE r.workflow_id = $1",
+        first["workflow_id"],
+    )
+    assert packs == 1
+
+    # Another session of the org fails: the alert means something new, and a remediation starts.
+    await world.db.execute(
+        """INSERT INTO billing.payment_sessions (id, org_id, user_id, amount_minor, status, provider_ref)
+           SELECT 'ho-new-failed', org_id, user_id, 500, 'failed_reconcile', provider_ref
+           FROM billing.payment_sessions WHERE id = $1""",
+        refunded,
+    )
+    again = (await receiver.http.post("/alertmanager", json=body)).json()["results"][0]
+    assert again["action"] == "started", again
+    assert len(await runs_of(world, first["workflow_id"])) == 2
+    await operations.abort(world.client, first["workflow_id"])
