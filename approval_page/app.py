@@ -84,6 +84,13 @@ class Gate:
         return bool(self._token) and hmac.compare_digest(given.encode(), (self._token or "").encode())
 
 
+def money(minor: int, currency: str | None = None) -> str:
+    """Minor units as an amount with two decimals and its currency: ``-380.62 USD``, ``0.00 USD``."""
+    sign = "-" if minor < 0 else ""
+    whole, cents = divmod(abs(int(minor)), 100)
+    return f"{sign}{whole:,}.{cents:02d}" + (f" {currency}" if currency else "")
+
+
 def _secure(response: Response) -> Response:
     response.headers.update(SECURITY_HEADERS)
     return response
@@ -159,6 +166,8 @@ async def plan_page(request: Request) -> Response:
     start = int(after) if after.isdigit() else 0
     plan = view.plan
     actions, more = await actions_page(pool, plan.plan_id, start) if plan else ([], None)
+    touched = await customers(pool, plan.plan_id) if plan else []
+    currencies = {str(c["currency"]) for c in touched}
     context = {
         "workflow_id": workflow_id,
         "view": view,
@@ -170,7 +179,10 @@ async def plan_page(request: Request) -> Response:
             for c in view.diagnosis
             if c.status == severity
         ][:4],
-        "customers": await customers(pool, plan.plan_id) if plan else [],
+        "customers": touched,
+        # Totals in one currency only when every customer shares it (minor units of two currencies
+        # do not add up to an amount in either).
+        "currency": currencies.pop() if len(currencies) == 1 else None,
         "actions": actions,
         "next_after": more,
         "after": start,
@@ -242,4 +254,5 @@ def approvals_app(settings: Settings, client: Client, pool: asyncpg.Pool) -> Sta
     app.state.pool = pool
     app.state.gate = Gate(settings.resolved_approvals_token(), settings.approvals_user_header)
     app.state.templates = Jinja2Templates(directory=HERE / "templates")  # autoescape on for .html
+    app.state.templates.env.filters["money"] = money
     return app

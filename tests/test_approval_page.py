@@ -14,6 +14,7 @@ import pytest
 from playwright.async_api import Page, async_playwright
 from temporalio.testing import WorkflowEnvironment
 
+from approval_page.app import money
 from approval_page.serve import running_approvals
 from config import Settings
 from config.settings import Approver
@@ -88,11 +89,33 @@ async def test_approve_in_the_browser_refusals_and_rejection(
                 view = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
                 assert view.plan is not None and view.approvals_needed == 2
 
+                # A customer with a long name: the name wraps, its amounts stay in view at desktop width.
+                long_org = await world.db.fetchval(
+                    "SELECT org_id FROM remediation.plan_customers WHERE plan_id = $1 ORDER BY org_id LIMIT 1",
+                    view.plan.plan_id,
+                )
+                await world.db.execute(
+                    "UPDATE billing.orgs SET name = $2 WHERE id = $1",
+                    long_org,
+                    "Extremely Long Organisation Name Holdings International GPU Research Cooperative Limited",
+                )
                 await page.goto(f"{base}/")
                 await page.click(f"text={handle.id}")
                 await page.wait_for_selector("#decision-form")
                 text = await page.locator("main").inner_text()
                 assert view.plan.plan_hash in text and "Customers affected" in text
+                # Totals carry their currency and two decimals; drift shows even when no check warns of it.
+                currency = await world.db.fetchval(
+                    "SELECT currency FROM billing.orgs WHERE id = $1", long_org
+                )
+                totals = await page.locator("#plan dl").inner_text()
+                assert money(view.plan.debit_total_minor, currency) in totals, totals
+                assert money(view.plan.credit_total_minor, currency) in totals, totals
+                assert " 0.0 " not in totals and await page.locator("#drift").count() == 1
+                row = page.locator("tr", has_text="Extremely Long Organisation")
+                for cell in await row.locator("td.amount").all():
+                    box = await cell.bounding_box()
+                    assert box is not None and box["x"] + box["width"] <= 1280, box
                 assert "0 of 2 needed" in text
                 assert (
                     "captured" in await page.locator("table.actions").inner_text()

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import stat
+import subprocess
+import sys
 from html import escape
 from pathlib import Path
 
 import jsonschema
 import pytest
+from temporalio.testing import WorkflowEnvironment
 
 import remediation_client as operations
 from activities.nats_jetstream import NatsActivities
@@ -25,6 +30,7 @@ from activities.postgres.platform_summary import record_platform_summary
 from config.approver_keys import sign
 from contracts import names
 from contracts.models import ActionKind, ApprovalDecision, ConsumerSample, Phase, RunRef, StatusView
+from devstack.processes import free_port, spawn, wait_for_port
 from local_platform.events import publish
 from starters.render import render_evidence_html, render_evidence_markdown
 from tests.conftest import APPROVER_KEYS, World
@@ -40,8 +46,6 @@ from tests.helpers import (
     wait_phase,
 )
 from workflows.criteria import worker_criterion
-
-pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 def _nats_activities(world: World) -> NatsActivities:
@@ -321,3 +325,48 @@ async def test_a_refused_stale_approval_is_audited_with_what_was_signed_and_wher
 
     assert await eventually(accepted, what="the accepted approval's audit") == "update from cli"
     await handle.terminate("test done")
+
+
+def test_service_logs_are_private(tmp_path: Path) -> None:
+    """Logs the stack writes (they name links and paths) are 0600 in a 0700 directory, like the tokens."""
+    log_file = tmp_path / "logs" / "svc.log"
+    pid = spawn(["sh", "-c", "echo started"], pid_file=tmp_path / "svc.pid", log_file=log_file)
+    os.waitpid(pid, 0)
+    assert stat.S_IMODE(log_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(log_file.parent.stat().st_mode) == 0o700
+    assert log_file.read_text() == "started\n"
+
+
+async def test_the_approval_page_token_never_reaches_its_log(
+    world: World, temporal_env: WorkflowEnvironment, tmp_path: Path
+) -> None:
+    """`approvals serve` under `dev up` writes to a log file: the link there names the token file, not the token."""
+    token_file = tmp_path / "approvals.token"
+    token_file.write_text("secret-approvals-token-value")
+    token_file.chmod(0o600)
+    port = free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": world.settings.resolved_database_url(),
+        "TEMPORAL_ADDRESS": temporal_env.client.service_client.config.target_host,
+        "APPROVALS_PORT": str(port),
+        "APPROVALS_TOKEN_FILE": str(token_file),
+        "REMEDIATION_STATE_DIR": str(tmp_path / "state"),
+        "PAYLOAD_ENCRYPTION": "off",
+    }
+    log_file = tmp_path / "approval-page.log"
+    with log_file.open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "remediate"), "approvals", "serve",
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    try:
+        await asyncio.to_thread(
+            wait_for_port, port, timeout=60, name="approval page", log_file=log_file, pid=proc.pid
+        )
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), timeout=30)
+    text = log_file.read_text()
+    assert "secret-approvals-token-value" not in text, text
+    assert f"?token=<the token in {token_file}>" in text, text
