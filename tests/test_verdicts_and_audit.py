@@ -9,7 +9,9 @@ alert restarting remediations, a token in a world-readable log, ports in the eph
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import os
 import re
 import stat
@@ -45,6 +47,7 @@ from tests.helpers import (
     start_dispute,
     wait_phase,
 )
+from worker.telemetry import configure_command_logging
 from workflows.criteria import worker_criterion
 
 
@@ -331,10 +334,24 @@ def test_service_logs_are_private(tmp_path: Path) -> None:
     """Logs the stack writes (they name links and paths) are 0600 in a 0700 directory, like the tokens."""
     log_file = tmp_path / "logs" / "svc.log"
     pid = spawn(["sh", "-c", "echo started"], pid_file=tmp_path / "svc.pid", log_file=log_file)
-    os.waitpid(pid, 0)
+    # Another test's event loop may reap the child first (its child watcher): then it has exited too.
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
     assert stat.S_IMODE(log_file.stat().st_mode) == 0o600
     assert stat.S_IMODE(log_file.parent.stat().st_mode) == 0o700
     assert log_file.read_text() == "started\n"
+    # The CLI's own JSON log too.
+    cli_log = tmp_path / "cli" / "cli.log"
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    try:
+        configure_command_logging(cli_log, "file")
+        assert stat.S_IMODE(cli_log.stat().st_mode) == 0o600
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:] = saved
+        root.setLevel(level)
 
 
 async def test_the_approval_page_token_never_reaches_its_log(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from datetime import UTC, datetime
@@ -76,7 +77,10 @@ def configure_command_logging(
     """
     handlers: list[logging.Handler] = []
     try:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
+        log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Private like the stack's other logs (they name runs, actors and paths).
+        os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+        os.chmod(log_file, 0o600)
         handlers.append(logging.FileHandler(log_file))
     except OSError:
         mode = "stderr"  # nowhere to keep them: better on stderr than lost
