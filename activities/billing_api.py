@@ -12,6 +12,8 @@ from activities.errors import bad_input, dependency_down
 from activities.http_errors import json_object, raise_for, send
 from contracts import names
 from contracts.models import (
+    RESTART_HOOK_PATH,
+    ROLLBACK_HOOK_PATH,
     ApiActionRequest,
     ApiActionResult,
     FreezeRequest,
@@ -25,8 +27,6 @@ from contracts.models import (
 )
 
 SYSTEM = "admin billing API"
-RESTART_PATH = "/api/v1/admin/billing-worker/restart"
-ROLLBACK_PATH = "/api/v1/admin/billing-worker/rollback"
 
 
 class BillingApiActivities:
@@ -91,10 +91,10 @@ class BillingApiActivities:
     @activity.defn(name=names.RESTART_BILLING_WORKER)
     async def restart_billing_worker(self, request: ApiActionRequest) -> ApiActionResult:
         """Restart the billing worker through the configured hook."""
-        self._same_hook(request, self._restart_hook_url, RESTART_PATH)
+        self._same_hook(request, self._restart_hook_url, RESTART_HOOK_PATH)
         body = await self._call(
             "POST",
-            self._restart_hook_url or RESTART_PATH,
+            self._restart_hook_url or RESTART_HOOK_PATH,
             json={"actor": f"remediation:{request.actor}", "correlation_id": request.ref.correlation_id},
         )
         return ApiActionResult(outcome="applied", detail=f"worker {body.get('mode', 'restarted')}")
@@ -104,10 +104,10 @@ class BillingApiActivities:
         """Roll the billing worker back to the approved revision through the configured hook."""
         if request.action.target_revision is None:
             raise bad_input(f"plan action {request.action.seq}: a rollback needs its target revision")
-        self._same_hook(request, self._rollback_hook_url, ROLLBACK_PATH)
+        self._same_hook(request, self._rollback_hook_url, ROLLBACK_HOOK_PATH)
         body = await self._call(
             "POST",
-            self._rollback_hook_url or ROLLBACK_PATH,
+            self._rollback_hook_url or ROLLBACK_HOOK_PATH,
             json={
                 "to_revision": request.action.target_revision,
                 "actor": f"remediation:{request.actor}",

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from temporalio import activity
 
-from activities.billing_api import RESTART_PATH, ROLLBACK_PATH
 from config import Settings
 from config.approver_keys import read_public_key
 from contracts import names
-from contracts.models import ApprovalPolicy, ApproverInfo, RuntimeOptions, hook_words
+from contracts.models import (
+    RESTART_HOOK_PATH,
+    ROLLBACK_HOOK_PATH,
+    ApprovalPolicy,
+    ApproverInfo,
+    RuntimeOptions,
+    hook_words,
+)
 
 
 def runtime_options(settings: Settings) -> RuntimeOptions:
@@ -41,8 +47,8 @@ def runtime_options(settings: Settings) -> RuntimeOptions:
         provider_wait_seconds=settings.payment_provider_wait_seconds,
         consumer_pending_threshold=settings.consumer_pending_threshold,
         alert_resolved_wait_seconds=settings.alert_resolved_wait_seconds,
-        restart_hook=hook_words(settings.worker_restart_hook_url, RESTART_PATH),
-        rollback_hook=hook_words(settings.worker_rollback_hook_url, ROLLBACK_PATH),
+        restart_hook=hook_words(settings.worker_restart_hook_url, RESTART_HOOK_PATH),
+        rollback_hook=hook_words(settings.worker_rollback_hook_url, ROLLBACK_HOOK_PATH),
     )
 
 

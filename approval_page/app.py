@@ -31,7 +31,7 @@ import remediation_client as operations
 from approval_page.queries import actions_page, customers
 from config import Settings
 from contracts import names
-from contracts.models import ApprovalDecision, Phase
+from contracts.models import ApprovalDecision, Phase, format_money
 from contracts.signatures import CONTEXT
 from workflows.input_errors import explain
 from workflows.search_attributes import SA_CORRELATION, SA_PHASE
@@ -82,13 +82,6 @@ class Gate:
 
     def link_token_ok(self, given: str) -> bool:
         return bool(self._token) and hmac.compare_digest(given.encode(), (self._token or "").encode())
-
-
-def money(minor: int, currency: str | None = None) -> str:
-    """Minor units as an amount with two decimals and its currency: ``-380.62 USD``, ``0.00 USD``."""
-    sign = "-" if minor < 0 else ""
-    whole, cents = divmod(abs(int(minor)), 100)
-    return f"{sign}{whole:,}.{cents:02d}" + (f" {currency}" if currency else "")
 
 
 def _secure(response: Response) -> Response:
@@ -167,7 +160,7 @@ async def plan_page(request: Request) -> Response:
     plan = view.plan
     actions, more = await actions_page(pool, plan.plan_id, start) if plan else ([], None)
     touched = await customers(pool, plan.plan_id) if plan else []
-    currencies = {str(c["currency"]) for c in touched}
+    currencies = {str(c["currency"]) for c in touched if c["currency"]}
     context = {
         "workflow_id": workflow_id,
         "view": view,
@@ -182,7 +175,8 @@ async def plan_page(request: Request) -> Response:
         "customers": touched,
         # Totals in one currency only when every customer shares it (minor units of two currencies
         # do not add up to an amount in either).
-        "currency": currencies.pop() if len(currencies) == 1 else None,
+        "currency": next(iter(currencies)) if len(currencies) == 1 else None,
+        "several_currencies": len(currencies) > 1,
         "actions": actions,
         "next_after": more,
         "after": start,
@@ -254,5 +248,5 @@ def approvals_app(settings: Settings, client: Client, pool: asyncpg.Pool) -> Sta
     app.state.pool = pool
     app.state.gate = Gate(settings.resolved_approvals_token(), settings.approvals_user_header)
     app.state.templates = Jinja2Templates(directory=HERE / "templates")  # autoescape on for .html
-    app.state.templates.env.filters["money"] = money
+    app.state.templates.env.filters["money"] = format_money
     return app

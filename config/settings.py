@@ -309,6 +309,17 @@ class Settings(BaseSettings):
         """The approval page's base URL."""
         return f"http://{self.approvals_host}:{self.approvals_port}"
 
+    def approvals_link(self, *, to_terminal: bool) -> str | None:
+        """The sign-in link: with the token on a terminal; elsewhere (a log, a pipe) naming where it is,
+        so the token never lands in a file wider than its own 0600 one. None without a token."""
+        token = self.resolved_approvals_token()
+        if token is None:
+            return None
+        if to_terminal:
+            return f"{self.approvals_url()}/?token={token}"
+        where = "APPROVALS_TOKEN" if self.approvals_token else self.resolved_approvals_token_file()
+        return f"{self.approvals_url()}/?token=<the token in {where}>"
+
     def resolved_payload_key_file(self) -> Path:
         """Where the payload keys are read from when PAYLOAD_KEY is not set."""
         return self.payload_key_file or self.state_dir / "payload.key"

@@ -264,8 +264,8 @@ class RuntimeOptions(Frozen):
     consumer_pending_threshold: int = 100
     alert_resolved_wait_seconds: int = 120
     # The billing worker's hooks as plans sign them (``hook_words``; no credentials).
-    restart_hook: str = "POST /api/v1/admin/billing-worker/restart"
-    rollback_hook: str = "POST /api/v1/admin/billing-worker/rollback"
+    restart_hook: str = ""
+    rollback_hook: str = ""
 
 
 # --- activity inputs and results ---------------------------------------------------------------------
@@ -390,6 +390,18 @@ class ApiAction(Frozen):
     # Signed with the plan: the revision a rollback replaces and the hook a worker action calls.
     from_revision: int | None = None
     hook: str | None = None
+
+
+def format_money(minor: int, currency: str | None = None) -> str:
+    """Integer minor units as an amount with two decimals (no float) and its currency: ``-380.62 USD``."""
+    sign = "-" if minor < 0 else ""
+    whole, cents = divmod(abs(int(minor)), 100)
+    return f"{sign}{whole:,}.{cents:02d}" + (f" {currency}" if currency else "")
+
+
+# The stand-in's (and the platform's) worker hooks when none is configured.
+RESTART_HOOK_PATH = "/api/v1/admin/billing-worker/restart"
+ROLLBACK_HOOK_PATH = "/api/v1/admin/billing-worker/rollback"
 
 
 def hook_words(url: str | None, default_path: str) -> str:

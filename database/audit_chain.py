@@ -116,7 +116,7 @@ def seal_message(run_id: str, length: int, head: str) -> bytes:
 
 async def seal_run(
     conn: asyncpg.Connection | asyncpg.Pool, run_id: str, key: Ed25519PrivateKey | None
-) -> int:
+) -> None:
     """Sign and store the run's final chain head (re-sealing after a retried close covers the same rows)."""
     length, head = await chain_head(conn, run_id)
     signature = public = None
@@ -135,22 +135,24 @@ async def seal_run(
         signature,
         public,
     )
-    return length
+
+
+def _verifies(trusted_public_key: str, signature: str | None, message: bytes) -> bool:
+    """``signature`` (base64 Ed25519) is the trusted key's over ``message``."""
+    if not signature:
+        return False
+    try:
+        key = Ed25519PublicKey.from_public_bytes(base64.b64decode(trusted_public_key))
+        key.verify(base64.b64decode(signature), message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
 
 
 def seal_signature_ok(seal: asyncpg.Record, run_id: str, trusted_public_key: str) -> bool:
     """The seal's signature verifies under the trusted key (not the key the seal names)."""
-    if not seal["signature"]:
-        return False
-    try:
-        key = Ed25519PublicKey.from_public_bytes(base64.b64decode(trusted_public_key))
-        key.verify(
-            base64.b64decode(seal["signature"]),
-            seal_message(run_id, int(seal["chain_length"]), str(seal["chain_head"])),
-        )
-    except (InvalidSignature, ValueError):
-        return False
-    return True
+    message = seal_message(run_id, int(seal["chain_length"]), str(seal["chain_head"]))
+    return _verifies(trusted_public_key, seal["signature"], message)
 
 
 async def links_after(conn: asyncpg.Connection | asyncpg.Pool, run_id: str, length: int) -> list[str]:
@@ -194,16 +196,10 @@ def sign_integrity(
 def signature_ok(document: dict[str, Any], run_id: str, trusted_public_key: str) -> bool:
     """The pack's signature verifies under the trusted key (not the key the pack names)."""
     block = document.get("integrity") or {}
-    if not block.get("signature"):
-        return False
     try:
-        key = Ed25519PublicKey.from_public_bytes(base64.b64decode(trusted_public_key))
-        key.verify(
-            base64.b64decode(block["signature"]),
-            signed_message(
-                run_id, int(block["chain_length"]), str(block["chain_head"]), document_digest(document)
-            ),
+        message = signed_message(
+            run_id, int(block["chain_length"]), str(block["chain_head"]), document_digest(document)
         )
-    except (InvalidSignature, ValueError, KeyError):
+    except (KeyError, ValueError):
         return False
-    return True
+    return _verifies(trusted_public_key, block.get("signature"), message)

@@ -162,9 +162,10 @@ async def run_worker(
     sub = await js.pull_subscribe_bind(durable, stream=stream)
     try:
         while not stop.is_set():
-            if await _paused(pool, nc, stop, health):
+            mode = await _active_mode(pool, nc, stop, health)
+            if mode is None:
                 continue
-            poisoned = await worker_mode(pool) == "poisoned"
+            poisoned = mode == "poisoned"
             for msg in await pull(sub, nc, health):
                 try:
                     if poisoned:
@@ -186,7 +187,7 @@ async def run_outbox_relay(pool: asyncpg.Pool, nc: NATS, stop: asyncio.Event, he
     """Publish unpublished outbox rows to NATS and mark them published."""
     js = nc.jetstream()
     while not stop.is_set():
-        if await _paused(pool, nc, stop, health):
+        if await _active_mode(pool, nc, stop, health) is None:
             continue
         async with pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
@@ -204,14 +205,16 @@ async def run_outbox_relay(pool: asyncpg.Pool, nc: NATS, stop: asyncio.Event, he
             await sleep_or_stop(stop, 0.5)
 
 
-async def _paused(pool: asyncpg.Pool, nc: NATS, stop: asyncio.Event, health: LoopHealth) -> bool:
-    """True (after a short wait) while the control mode says crashed or stalled, as in the incidents."""
+async def _active_mode(pool: asyncpg.Pool, nc: NATS, stop: asyncio.Event, health: LoopHealth) -> str | None:
+    """The control mode while the loops run (running, poisoned); None, after a short wait, while it says
+    crashed or stalled, as in the incidents."""
     require_connected(nc, "NATS")
-    if await worker_mode(pool) in ("running", "poisoned"):
-        return False
+    mode = await worker_mode(pool)
+    if mode in ("running", "poisoned"):
+        return mode
     health.progress()
     await sleep_or_stop(stop, 0.5)
-    return True
+    return None
 
 
 LOOPS = ("billing_worker", "outbox_relay")

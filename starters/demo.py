@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 
 import remediation_client as operations
@@ -203,9 +204,10 @@ async def run_demo(settings: Settings) -> int:
         _say(f"   ... and {len(customers) - 3} more customer summaries")
     await _show_traces(settings, incident.trace_id, started.trace_id)
     _say(f"\nTemporal UI: {started.ui_link}")
-    token = settings.resolved_approvals_token()
-    if token is not None:
-        _say(f"Approval page: {settings.approvals_url()}/?token={token}  (plans waiting for a decision)")
+    # `make demo-soak` keeps the output in files: the token only reaches a terminal.
+    link = settings.approvals_link(to_terminal=sys.stdout.isatty())
+    if link is not None:
+        _say(f"Approval page: {link}  (plans waiting for a decision)")
     _say("The stack is still running. Explore the UI, then stop everything with: make down")
     return 0 if result.outcome is Phase.COMPLETED else 1
 

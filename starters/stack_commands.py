@@ -304,13 +304,9 @@ def approvals_serve() -> None:
 
     settings = cli_settings()
     configure_logging()
-    token = settings.resolved_approvals_token()
-    if token is not None and sys.stdout.isatty():
-        typer.echo(f"approval page: {settings.approvals_url()}/?token={token}")
-    elif token is not None:
-        # Not a terminal (a log file, a pipe): the token stays in its own 0600 file, never in a log.
-        where = "APPROVALS_TOKEN" if settings.approvals_token else settings.resolved_approvals_token_file()
-        typer.echo(f"approval page: {settings.approvals_url()}/?token=<the token in {where}>")
+    link = settings.approvals_link(to_terminal=sys.stdout.isatty())
+    if link is not None:
+        typer.echo(f"approval page: {link}")
     try:
         run_async(serve_forever(settings))
     except ValueError as err:

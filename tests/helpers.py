@@ -13,14 +13,17 @@ from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 
 import remediation_client as operations
+from activities.nats_jetstream import NatsActivities
 from config.approver_keys import sign
 from contracts import names
 from contracts.models import (
     ApprovalDecision,
+    ConsumerSample,
     Phase,
     PlanSummary,
     RemediationRequest,
     RemediationResult,
+    RunRef,
     Scope,
     StatusView,
     Trigger,
@@ -181,3 +184,33 @@ def decision(
     )
     key = APPROVER_KEYS.get(approver)
     return sign(body, key, at=at) if key else body
+
+
+class ConsumerSampler:
+    """Samples the billing worker's consumer through the product's own activity (as verification does)."""
+
+    def __init__(self, world: World) -> None:
+        settings = world.settings
+        self._acts = NatsActivities(
+            settings.resolved_nats_url(),
+            settings.billing_stream,
+            settings.billing_consumer,
+            settings.consumer_pending_threshold,
+        )
+        self._ref = RunRef(run_id="r", workflow_id="w", correlation_id="consumer-sample")
+
+    async def sample(self) -> ConsumerSample:
+        """One reading (the consumer exists in every test world)."""
+        taken = ConsumerSample.of(await self._acts.check_consumer(self._ref))
+        assert taken is not None
+        return taken
+
+    async def close(self) -> None:
+        """Close the NATS connection."""
+        await self._acts.close()
+
+
+async def verify_evidence(world: World, workflow_id: str) -> list[str]:
+    """`remediate verify-evidence`'s problems for the latest run of ``workflow_id`` ([] means verified)."""
+    problems, _ = await operations.verify_evidence(world.settings, workflow_id)
+    return problems

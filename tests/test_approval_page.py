@@ -14,11 +14,10 @@ import pytest
 from playwright.async_api import Page, async_playwright
 from temporalio.testing import WorkflowEnvironment
 
-from approval_page.app import money
 from approval_page.serve import running_approvals
 from config import Settings
 from config.settings import Approver
-from contracts.models import Phase, RemediationResult
+from contracts.models import Phase, RemediationResult, format_money
 from devstack.processes import free_port
 from tests.conftest import make_world
 from tests.helpers import approve, decision, incident_in, ledger_state, request_for, start, wait_phase
@@ -109,8 +108,8 @@ async def test_approve_in_the_browser_refusals_and_rejection(
                     "SELECT currency FROM billing.orgs WHERE id = $1", long_org
                 )
                 totals = await page.locator("#plan dl").inner_text()
-                assert money(view.plan.debit_total_minor, currency) in totals, totals
-                assert money(view.plan.credit_total_minor, currency) in totals, totals
+                assert format_money(view.plan.debit_total_minor, currency) in totals, totals
+                assert format_money(view.plan.credit_total_minor, currency) in totals, totals
                 assert " 0.0 " not in totals and await page.locator("#drift").count() == 1
                 row = page.locator("tr", has_text="Extremely Long Organisation")
                 for cell in await row.locator("td.amount").all():

@@ -12,14 +12,9 @@ import pytest
 import remediation_client as operations
 from contracts.models import Phase
 from tests.conftest import World
-from tests.helpers import approve_quorum, incident_in, request_for, start, wait_phase
+from tests.helpers import approve_quorum, incident_in, request_for, start, verify_evidence, wait_phase
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-async def verify(world: World, workflow_id: str) -> list[str]:
-    problems, _ = await operations.verify_evidence(world.settings, workflow_id)
-    return problems
 
 
 async def test_edits_deletions_and_reordering_are_named_and_an_untouched_run_verifies(world: World) -> None:
@@ -30,7 +25,7 @@ async def test_edits_deletions_and_reordering_are_named_and_an_untouched_run_ver
     result = await handle.result()
     assert result.outcome is Phase.COMPLETED, result
     wid, run_id = handle.id, result.run_id
-    assert await verify(world, wid) == []
+    assert await verify_evidence(world, wid) == []
     doc = await operations.evidence(world.settings, wid)
     chained = await world.db.fetchval(
         "SELECT count(*) FROM remediation.audit_chain WHERE run_id = $1", run_id
@@ -47,7 +42,7 @@ async def test_edits_deletions_and_reordering_are_named_and_an_untouched_run_ver
         action["plan_id"],
         action["seq"],
     )
-    problems = await verify(world, wid)
+    problems = await verify_evidence(world, wid)
     assert len(problems) == 1 and "applied_actions" in problems[0] and "edited or moved" in problems[0]
     assert f'"seq": {action["seq"]}' in problems[0]
     await world.db.execute(
@@ -56,7 +51,7 @@ async def test_edits_deletions_and_reordering_are_named_and_an_untouched_run_ver
         action["seq"],
         action["outcome"],
     )
-    assert await verify(world, wid) == []
+    assert await verify_evidence(world, wid) == []
 
     # A timeline row deleted, then restored exactly (triggers off, so the chain is not extended).
     timeline = await world.db.fetch(
@@ -64,7 +59,7 @@ async def test_edits_deletions_and_reordering_are_named_and_an_untouched_run_ver
     )
     gone = timeline[1]
     await world.db.execute("DELETE FROM remediation.timeline WHERE id = $1", gone["id"])
-    problems = await verify(world, wid)
+    problems = await verify_evidence(world, wid)
     assert len(problems) == 1 and f'"id": {gone["id"]}' in problems[0] and "gone" in problems[0]
     async with world.db.acquire() as conn, conn.transaction():
         await conn.execute("SET LOCAL session_replication_role = replica")
@@ -73,7 +68,7 @@ async def test_edits_deletions_and_reordering_are_named_and_an_untouched_run_ver
                OVERRIDING SYSTEM VALUE VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
             *(gone[c] for c in ("id", "run_id", "at", "phase", "actor", "message", "detail", "event_key")),
         )
-    assert await verify(world, wid) == []
+    assert await verify_evidence(world, wid) == []
 
     # Two timeline rows reordered (their times swapped), then swapped back.
     first, second = timeline[0], timeline[2]
@@ -89,21 +84,21 @@ async def test_edits_deletions_and_reordering_are_named_and_an_untouched_run_ver
         )
 
     await swap(second["at"], first["at"])
-    problems = await verify(world, wid)
+    problems = await verify_evidence(world, wid)
     assert len(problems) == 1 and f'"id": {first["id"]}' in problems[0]
     await swap(first["at"], second["at"])
-    assert await verify(world, wid) == []
+    assert await verify_evidence(world, wid) == []
 
     # The stored pack itself edited: its digest no longer matches what was signed.
     edited = doc | {"customer_summary": "Nothing happened."}
     await world.db.execute(
         "UPDATE remediation.evidence SET document = $2 WHERE run_id = $1", run_id, json.dumps(edited)
     )
-    assert await verify(world, wid) == [
+    assert await verify_evidence(world, wid) == [
         "the evidence document was changed after it was signed",
         "the signature does not verify under the trusted key",
     ]
     await world.db.execute(
         "UPDATE remediation.evidence SET document = $2 WHERE run_id = $1", run_id, json.dumps(doc)
     )
-    assert await verify(world, wid) == []
+    assert await verify_evidence(world, wid) == []

@@ -21,7 +21,6 @@ from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.testing import WorkflowEnvironment
 
 import remediation_client as operations
-from activities.nats_jetstream import NatsActivities
 from activities.payment_provider import StripePaymentProvider, judge
 from config import Settings
 from contracts import names
@@ -30,7 +29,6 @@ from contracts.models import (
     PaymentVerdict,
     Phase,
     ProviderPayment,
-    RunRef,
     StatusView,
     VerdictDecision,
 )
@@ -40,7 +38,16 @@ from local_platform.events import publish
 from local_platform.provider_payments import ProviderOutcome, seeder_for
 from starters.render import render_status
 from tests.conftest import World, make_world
-from tests.helpers import decision, eventually, incident_in, ledger_state, request_for, start, wait_phase
+from tests.helpers import (
+    ConsumerSampler,
+    decision,
+    eventually,
+    incident_in,
+    ledger_state,
+    request_for,
+    start,
+    wait_phase,
+)
 from workflows.criteria import worker_criterion
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -288,19 +295,8 @@ async def test_provider_down_means_no_credit_and_a_visible_wait(
 
 
 async def test_a_stalled_consumer_fails_the_worker_criterion(world: World) -> None:
-    nats_acts = NatsActivities(
-        world.settings.resolved_nats_url(),
-        world.settings.billing_stream,
-        world.settings.billing_consumer,
-        world.settings.consumer_pending_threshold,
-    )
-    ref = RunRef(run_id="r", workflow_id="w", correlation_id="stall")
-
-    async def sample() -> ConsumerSample:
-        taken = ConsumerSample.of(await nats_acts.check_consumer(ref))
-        assert taken is not None
-        return taken
-
+    sampler = ConsumerSampler(world)
+    sample = sampler.sample
     try:
         await world.db.execute("UPDATE billing.worker_control SET mode = 'crashed'")
         threshold = world.settings.consumer_pending_threshold
@@ -330,4 +326,4 @@ async def test_a_stalled_consumer_fails_the_worker_criterion(world: World) -> No
         assert not worker_criterion(None, second, threshold).passed  # unreachable is unknown, never a pass
     finally:
         await world.db.execute("UPDATE billing.worker_control SET mode = 'running'")
-        await nats_acts.close()
+        await sampler.close()

@@ -25,18 +25,18 @@ import pytest
 from temporalio.testing import WorkflowEnvironment
 
 import remediation_client as operations
-from activities.nats_jetstream import NatsActivities
 from activities.postgres.consistency_sql import INDEXED, SCANNING
 from activities.postgres.plan import plan_content_hash
 from activities.postgres.platform_summary import record_platform_summary
 from config.approver_keys import sign
 from contracts import names
-from contracts.models import ActionKind, ApprovalDecision, ConsumerSample, Phase, RunRef, StatusView
+from contracts.models import ActionKind, ApprovalDecision, ConsumerSample, Phase, StatusView
 from devstack.processes import free_port, spawn, wait_for_port
 from local_platform.events import publish
 from starters.render import render_evidence_html, render_evidence_markdown
 from tests.conftest import APPROVER_KEYS, World
 from tests.helpers import (
+    ConsumerSampler,
     approve,
     approve_quorum,
     decision,
@@ -45,32 +45,18 @@ from tests.helpers import (
     request_for,
     start,
     start_dispute,
+    verify_evidence,
     wait_phase,
 )
 from worker.telemetry import configure_command_logging
 from workflows.criteria import worker_criterion
 
 
-def _nats_activities(world: World) -> NatsActivities:
-    return NatsActivities(
-        world.settings.resolved_nats_url(),
-        world.settings.billing_stream,
-        world.settings.billing_consumer,
-        world.settings.consumer_pending_threshold,
-    )
-
-
 async def test_a_poison_message_loop_is_not_stable_processing(world: World) -> None:
     """The worker delivers every event and acknowledges none: 'pending' falls to 0, the verdict fails."""
-    nats_acts = _nats_activities(world)
-    ref = RunRef(run_id="r", workflow_id="w", correlation_id="poison")
+    sampler = ConsumerSampler(world)
+    sample = sampler.sample
     threshold = world.settings.consumer_pending_threshold
-
-    async def sample() -> ConsumerSample:
-        taken = ConsumerSample.of(await nats_acts.check_consumer(ref))
-        assert taken is not None
-        return taken
-
     try:
         await world.db.execute("UPDATE billing.worker_control SET mode = 'poisoned'")
         for i in range(threshold * 2):
@@ -112,7 +98,7 @@ async def test_a_poison_message_loop_is_not_stable_processing(world: World) -> N
         assert "redelivered" in detail and "unacknowledged" in detail
     finally:
         await world.db.execute("UPDATE billing.worker_control SET mode = 'running'")
-        await nats_acts.close()
+        await sampler.close()
 
 
 def test_a_backlog_under_the_threshold_still_fails_while_redeliveries_rise() -> None:
@@ -201,7 +187,7 @@ async def test_the_evidence_carries_every_check_and_rows_after_the_seal_fail_ver
     links = await world.db.fetchval("SELECT count(*) FROM remediation.audit_chain WHERE run_id = $1", run_id)
     assert seal is not None and seal["chain_length"] == links > doc["integrity"]["chain_length"]
     assert seal["signature"]
-    assert await verify(world, wid) == []
+    assert await verify_evidence(world, wid) == []
 
     # A forged approval and a forged applied credit, plain INSERTs the trigger chains like any row.
     plan_id = view.plan.plan_id if view.plan else ""
@@ -221,20 +207,15 @@ async def test_the_evidence_carries_every_check_and_rows_after_the_seal_fail_ver
         wid,
         incident.correlation_id,
     )
-    problems = await verify(world, wid)
+    problems = await verify_evidence(world, wid)
     assert len(problems) == 1 and "2 audit rows were chained after the run's seal" in problems[0], problems
     assert "mallory approve" in problems[0] and "credit_payment payment-credit:forged applied" in problems[0]
 
     # Without the seal, the rows after the pack's head are named (the closing entry among them).
     await world.db.execute("DELETE FROM remediation.run_seals WHERE run_id = $1", run_id)
-    problems = await verify(world, wid)
+    problems = await verify_evidence(world, wid)
     assert len(problems) == 1 and "after the evidence pack's head (the run has no seal)" in problems[0]
     assert "remediation ended" in problems[0] and "mallory approve" in problems[0]
-
-
-async def verify(world: World, workflow_id: str) -> list[str]:
-    problems, _ = await operations.verify_evidence(world.settings, workflow_id)
-    return problems
 
 
 async def test_the_rollback_target_and_hook_are_signed_and_a_changed_row_is_never_applied(

@@ -167,6 +167,7 @@ class BillingRemediationWorkflow(VerifySteps):
                         "Capture before-remediation query evidence",
                     )
                 )
+            rollback_to = self._rollback_target()
             plan = await self._act(
                 BillingDatabaseActivities.build_plan,
                 PlanRequest(
@@ -176,9 +177,11 @@ class BillingRemediationWorkflow(VerifySteps):
                     # The worker is platform-wide: only a platform-wide run restarts it; a scoped run
                     # names the degradation (platform_degradation) instead.
                     restart_worker=worker_degraded and pass_no == 0 and request.scope.is_global,
-                    rollback_worker_to=self._rollback_target(),
-                    rollback_worker_from=self._rollback_source(),
-                    worker_hook=options.rollback_hook if self._rollback_target() else options.restart_hook,
+                    rollback_worker_to=rollback_to,
+                    rollback_worker_from=self._rollback_source() if rollback_to is not None else None,
+                    # Empty on runs whose options predate signed hooks: the plan then names none.
+                    worker_hook=(options.restart_hook if rollback_to is None else options.rollback_hook)
+                    or None,
                 ),
                 "Build the remediation plan from the findings",
                 timeout=600,

@@ -62,9 +62,7 @@ class WorkerSteps(PaymentSteps):
         )
 
     def _rollback_source(self) -> int | None:
-        """The revision a rollback replaces (the one diagnosis blamed), else None."""
-        if self._rollback_target() is None:
-            return None
+        """The revision diagnosis blamed (the one a rollback replaces), else None."""
         return next(
             (c.counts.get("current_revision") for c in self._diagnosis if c.check == "worker_regression"),
             None,

@@ -23,6 +23,7 @@ from contracts.models import (
     RegisterRun,
     SnapshotRequest,
     TimelineEvent,
+    format_money,
 )
 from database.approvals import record_approval_row
 from database.audit_chain import chain_head, seal_run, sign_integrity
@@ -443,7 +444,7 @@ async def _customer_summaries(
 
 
 def _money(minor: int, currency: str) -> str:
-    return f"{abs(minor) / 100:,.2f} {currency}"
+    return format_money(abs(minor), currency)
 
 
 def _customer_summary(
