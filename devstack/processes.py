@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -35,11 +36,21 @@ def port_accepts(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bo
         return False
 
 
+# Below the kernel's ephemeral range (32768+): a port the OS hands out for bind(0) can be taken by
+# any outgoing connection before the server that was meant to listen on it starts.
+_TEST_PORTS = range(20000, 32000)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A currently free loopback port (for tests)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A currently free loopback port below the ephemeral range, never the same twice per process."""
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(1000):
+        port = rng.choice(_TEST_PORTS)
+        if port not in _handed_out and port_is_free(port):
+            _handed_out.add(port)
+            return port
+    raise StackError(f"no free loopback port in {_TEST_PORTS.start}-{_TEST_PORTS.stop - 1}")
 
 
 def pid_alive(pid: int) -> bool:
