@@ -178,6 +178,7 @@ async def plan_page(request: Request) -> Response:
         "currency": next(iter(currencies)) if len(currencies) == 1 else None,
         "several_currencies": len(currencies) > 1,
         "actions": actions,
+        "applied": any(a["outcome"] for a in actions),
         "next_after": more,
         "after": start,
         "open": view.phase is Phase.AWAITING_APPROVAL and plan is not None,

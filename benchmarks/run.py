@@ -249,7 +249,8 @@ async def bench_apply(keep: Settings, actions: int) -> None:
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         ledger = await pool.fetchval("SELECT count(*) FROM billing.ledger_entries")
-        # Same fixes again, as a new plan from the same findings: every action re-checks and skips.
+        # Same fixes again, as a new plan from the same findings: every action re-checks and is audited
+        # as already done (by the first plan's debit).
         again = await env.run(
             acts.build_plan, PlanRequest(ref=ref, pass_no=1, plan_id="ap-p1", restart_worker=False)
         )
@@ -265,7 +266,8 @@ async def bench_apply(keep: Settings, actions: int) -> None:
             seconds=round(took, 2),
             actions_per_s=round(summary.applied / took),
             second_apply_changed_rows=changed,
-            second_apply_skipped=second.skipped_stale,
+            second_apply_already_applied=second.already_applied,
+            second_apply_stale=second.skipped_stale,
             python_heap_peak_mb=round(peak / 2**20, 1),
             plan_summary_bytes=len(plan.model_dump_json()),
             apply_result_bytes=len(summary.model_dump_json()),

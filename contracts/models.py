@@ -6,6 +6,7 @@ No field defaults to a clock or a random value: models are built inside the work
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal
@@ -150,9 +151,9 @@ class PaymentCheckSummary(Frozen):
         return self.verdicts.get(PaymentVerdict.UNREACHABLE.value, 0)
 
 
-def sql_list(kinds: tuple[ActionKind, ...]) -> str:
-    """``('a', 'b')`` for an SQL ``IN`` (the values are this module's constants, never input)."""
-    return "(" + ", ".join(f"'{k.value}'" for k in kinds) + ")"
+def sql_list(values: Iterable[str]) -> str:
+    """``('a', 'b')`` for an SQL ``IN`` (the values are the code's constants, never input)."""
+    return "(" + ", ".join(f"'{v}'" for v in values) + ")"
 
 
 class BlastRadius(StrEnum):
@@ -334,6 +335,34 @@ class BlastRadiusRequest(Frozen):
     widespread_org_threshold: int
 
 
+class LeftEntity(Frozen):
+    """A record verification still found drifted, and what the run's plan did about it."""
+
+    kind: str  # the drift kind (DriftKind)
+    entity_type: str
+    entity_id: str
+    org_id: str
+    amount_minor: int = 0
+    currency: str | None = None
+    plan_id: str | None = None  # the plan action meant to fix it (None: not in any plan of the run)
+    seq: int | None = None
+    action: str | None = None
+    outcome: str | None = None  # its audited outcome (None: not applied)
+    reason: str | None = None  # why it was not applied, as audited
+
+    def describe(self) -> str:
+        """One line: the record, then the plan action and its skip reason."""
+        what = f"{self.kind} {self.entity_type} {self.entity_id} (org {self.org_id}"
+        what += f", {format_money(self.amount_minor, self.currency)})" if self.amount_minor else ")"
+        if self.seq is None:
+            return f"{what}: in no plan of this run (appeared after planning)"
+        done = f"{self.outcome}: {self.reason}" if self.reason else (self.outcome or "not applied")
+        return f"{what}: plan {self.plan_id} action #{self.seq} {self.action} {done}"
+
+
+LEFT_NAMED = 20  # entities a failed criterion names; beyond that, counts
+
+
 class ReconcileRequest(Frozen):
     """Input of `reconcile`: which pass (0 = before, 100+ = verification passes), which checks.
 
@@ -346,6 +375,8 @@ class ReconcileRequest(Frozen):
     pass_no: int
     kinds: list[DriftKind] | None = None  # None: all four
     completes_pass: bool = True
+    # Verification passes: name up to this many findings left, each with the run's plan action for it.
+    name_left: int = 0
 
 
 class ReconcileSummary(Frozen):
@@ -358,6 +389,8 @@ class ReconcileSummary(Frozen):
     follow_ups: int = 0
     # The orgs of those follow-ups (their PaymentsReconcileFailed alerts may keep firing, handed over).
     follow_up_orgs: list[str] = Field(default_factory=list)
+    # With ``name_left``: the findings left (follow-ups excluded), each with its plan action and outcome.
+    left: list[LeftEntity] = Field(default_factory=list)
 
 
 class PlanRequest(Frozen):
@@ -474,6 +507,18 @@ class ApplyRequest(Frozen):
     batch_size: int
 
 
+class ApplyOutcome(StrEnum):
+    """An approved action's audited outcome (``remediation.applied_actions.outcome``)."""
+
+    APPLIED = "applied"
+    # Not written, with the reason in the audit row's ``after.skipped``:
+    ALREADY_APPLIED = "already_applied"  # the platform did it first (which entry or state, who wrote it)
+    SKIPPED_STALE = "skipped_stale"  # changed since planning (planned -> now)
+    SKIPPED_GONE = "skipped_gone"  # the entity no longer exists
+    SKIPPED_PROVIDER = "skipped_provider"  # the provider's answer changed since approval
+    FOLLOW_UP = "follow_up"  # handed to the payments team, never applied
+
+
 class ApplySummary(Frozen):
     """What applying a plan did."""
 
@@ -485,6 +530,15 @@ class ApplySummary(Frozen):
     skipped_provider: int = 0
     # investigate_payment actions: handed to the payments team, never applied.
     follow_ups: int = 0
+    skipped_gone: int = 0
+
+    def describe(self) -> str:
+        """The apply in one line, every outcome counted (what the timeline and the CLI say)."""
+        return (
+            f"applied {self.applied} actions; {self.already_applied} already done by the platform, "
+            f"{self.skipped_stale} changed since planning, {self.skipped_gone} gone, "
+            f"{self.skipped_provider} refused by the provider's answer, {self.follow_ups} follow-ups"
+        )
 
 
 class ApiActionRequest(Frozen):
@@ -535,6 +589,8 @@ class Criterion(Frozen):
     name: str
     passed: bool
     detail: str
+    # When it failed on records still drifted: the first LEFT_NAMED of them, each tied to its plan action.
+    left: list[LeftEntity] = Field(default_factory=list)
 
 
 class ConsumerSample(Frozen):

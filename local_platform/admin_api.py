@@ -14,6 +14,7 @@ from starlette.routing import Route
 
 from local_platform import telemetry
 from local_platform.billing_worker import worker_mode
+from local_platform.payment_webhooks import payment_webhook
 from worker.supervised_loop import health_report
 
 SERVICE = "gpuaas-api"
@@ -414,4 +415,5 @@ ROUTES = [
     Route("/api/v1/admin/billing-worker/restart", restart_worker, methods=["POST"]),
     Route("/api/v1/admin/billing-worker/deployments", worker_deployments),
     Route("/api/v1/admin/billing-worker/rollback", rollback_worker, methods=["POST"]),
+    Route("/webhooks/payment-provider", payment_webhook, methods=["POST"]),
 ]

@@ -48,6 +48,24 @@ def _ts(value: Any) -> datetime:
     return value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
 
 
+async def _debit_closed_unbilled(conn: asyncpg.Connection, alloc: asyncpg.Record, corr: str | None) -> None:
+    """Debit the allocation's closed usage records that have no debit yet (the platform's own key)."""
+    await conn.execute(
+        """INSERT INTO billing.ledger_entries (org_id, requested_by_user_id, kind, amount_minor,
+               usage_record_id, idempotency_key, actor, correlation_id)
+           SELECT u.org_id, u.requested_by_user_id, 'usage_debit', -u.accrued_cost_minor, u.id,
+                  'usage-debit:' || u.id, $2, $3
+           FROM billing.usage_records u
+           WHERE u.allocation_id = $1 AND u.end_time IS NOT NULL AND u.accrued_cost_minor > 0
+             AND NOT EXISTS (SELECT 1 FROM billing.ledger_entries l
+                             WHERE l.usage_record_id = u.id AND l.kind = 'usage_debit')
+           ON CONFLICT DO NOTHING""",
+        alloc["id"],
+        SERVICE,
+        corr,
+    )
+
+
 async def handle_event(conn: asyncpg.Connection, subject: str, event: dict[str, Any]) -> None:
     """Apply one provisioning event idempotently (safe to redeliver)."""
     if event.get("replayed"):
@@ -93,7 +111,11 @@ async def handle_event(conn: asyncpg.Connection, subject: str, event: dict[str, 
                 "SELECT * FROM billing.usage_records WHERE allocation_id = $1 AND end_time IS NULL FOR UPDATE",
                 alloc_id,
             )
-            if alloc is None or usage is None:
+            if alloc is None:
+                return
+            if usage is None:
+                # A redelivered release whose usage was closed but never debited: finish the billing.
+                await _debit_closed_unbilled(conn, alloc, corr)
                 return
             seconds = int((released_at - usage["start_time"]).total_seconds())
             cost = usage_cost_minor(seconds, alloc["hourly_rate_minor"])

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from html import escape
 from typing import Any
 
-from contracts.models import StatusView
+from contracts.models import LeftEntity, StatusView
 
 
 def render_status(workflow_id: str, view: StatusView) -> str:
@@ -42,9 +42,9 @@ def render_status(workflow_id: str, view: StatusView) -> str:
         )
     if view.verification:
         lines.append(f"  verification: {'PASSED' if view.verification.passed else 'FAILED'}")
-        lines += [
-            f"    {'ok  ' if c.passed else 'FAIL'} {c.name}: {c.detail}" for c in view.verification.criteria
-        ]
+        for c in view.verification.criteria:
+            lines.append(f"    {'ok  ' if c.passed else 'FAIL'} {c.name}: {c.detail}")
+            lines += [f"         left: {e.describe()}" for e in c.left]
     return "\n".join(lines)
 
 
@@ -166,8 +166,16 @@ def render_evidence_markdown(doc: dict[str, Any]) -> str:
     verification = doc.get("verification")
     if verification:
         out += ["", f"## Verification: {'PASSED' if verification['passed'] else 'FAILED'}", ""]
+        for c in verification["criteria"]:
+            out.append(f"- {'✅' if c['passed'] else '❌'} {c['name']}: {c['detail']}")
+            out += [f"  - left: {LeftEntity(**e).describe()}" for e in c.get("left", [])]
+    skipped = doc.get("skipped") or []
+    if skipped:
+        out += ["", "## Actions not applied, and why", ""]
         out += [
-            f"- {'✅' if c['passed'] else '❌'} {c['name']}: {c['detail']}" for c in verification["criteria"]
+            f"- #{s['seq']} {s['kind']} {s['entity_type']} {s['entity_id']} (org {s['org_id']}):"
+            f" {s['outcome']}: {s['reason']}"
+            for s in skipped
         ]
     out += ["", "## Follow-up tasks", ""] + ([f"- [ ] {f}" for f in doc["follow_ups"]] or ["- none"])
     return "\n".join(out) + "\n"

@@ -68,7 +68,8 @@ def test_benchmarks_print_one_json_line_per_measurement() -> None:
     assert lines["apply"]["applied"] == lines["apply"]["actions"] == 300
     # Applying the same fixes again changes nothing.
     assert lines["apply"]["second_apply_changed_rows"] == 0
-    assert lines["apply"]["second_apply_skipped"] == 300
+    assert lines["apply"]["second_apply_already_applied"] == 300
+    assert lines["apply"]["second_apply_stale"] == 0
     # The workflow's history does not grow with the plan: ids pass through it, never the actions.
     small, large = [row for row in rows if row["benchmark"] == "memory"]
     assert small["outcome"] == large["outcome"] == "completed"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from contracts.models import CheckResult, ConsumerSample, Criterion
+from contracts.models import CheckResult, ConsumerSample, Criterion, ReconcileSummary
+
+NAMED_IN_DETAIL = 3  # left records named in the criterion's one-line detail (all named ones are in ``left``)
 
 
 def worker_criterion(
@@ -73,3 +75,17 @@ def consistency_after_reconcile(check: CheckResult, drift: dict[str, int]) -> Ch
             f" entities ({counts}); the check before it said: {check.headline}",
         }
     )
+
+
+def drift_criterion(drift: ReconcileSummary) -> Criterion:
+    """No drift left but what was handed to a human; when some is, the records left, each tied to the
+    plan action meant to fix it and the reason that action was not applied."""
+    unexplained = drift.total - drift.follow_ups
+    detail = ", ".join(f"{k}={v}" for k, v in drift.counts.items())
+    if drift.follow_ups:
+        detail += f"; {drift.follow_ups} payment sessions handed to the payments team (follow-ups)"
+    if unexplained and drift.left:
+        named = "; ".join(e.describe() for e in drift.left[:NAMED_IN_DETAIL])
+        more = unexplained - min(len(drift.left), NAMED_IN_DETAIL)
+        detail += f". Left: {named}" + (f"; and {more} more" if more > 0 else "")
+    return Criterion(name="no_unresolved_drift", passed=unexplained == 0, detail=detail, left=drift.left)

@@ -93,5 +93,7 @@ def details_markdown(
     if verification is not None:
         lines.append("")
         lines.append(f"**Verification: {'PASSED' if verification.passed else 'FAILED'}**")
-        lines += [f"- {'✅' if c.passed else '❌'} {c.name}: {c.detail}" for c in verification.criteria]
+        for c in verification.criteria:
+            lines.append(f"- {'✅' if c.passed else '❌'} {c.name}: {c.detail}")
+            lines += [f"  - left: {e.describe()}" for e in c.left]
     return "\n".join(lines)

@@ -12,6 +12,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.postgres import BillingDatabaseActivities
     from activities.postgres.records import RecordsActivities
     from contracts.models import (
+        LEFT_NAMED,
         AlertCheckRequest,
         AlertCheckResult,
         Criterion,
@@ -24,7 +25,7 @@ with workflow.unsafe.imports_passed_through():
         VerificationRequest,
         VerificationResult,
     )
-    from workflows.criteria import worker_criterion
+    from workflows.criteria import drift_criterion, worker_criterion
     from workflows.launch_guard import LaunchGuardWorkflow
     from workflows.remediation_worker import WorkerSteps
 
@@ -46,25 +47,13 @@ class VerifySteps(WorkerSteps):
             criteria.append(rollback)
         drift = await self._act(
             BillingDatabaseActivities.reconcile,
-            ReconcileRequest(ref=ref, pass_no=100 + pass_no),
+            ReconcileRequest(ref=ref, pass_no=100 + pass_no, name_left=LEFT_NAMED),
             f"Re-run reconciliation for {request.scope.describe()} (expect no drift)",
             timeout=600,
             heartbeat=True,
         )
         self._drift = dict(drift.counts)
-        unexplained = drift.total - drift.follow_ups
-        criteria.append(
-            Criterion(
-                name="no_unresolved_drift",
-                passed=unexplained == 0,
-                detail=", ".join(f"{k}={v}" for k, v in drift.counts.items())
-                + (
-                    f"; {drift.follow_ups} payment sessions handed to the payments team (follow-ups)"
-                    if drift.follow_ups
-                    else ""
-                ),
-            )
-        )
+        criteria.append(drift_criterion(drift))
         criteria.append(
             await self._act(
                 BillingDatabaseActivities.check_duplicates,

@@ -16,11 +16,13 @@ from activities.payment_provider import PaymentProvider, ProviderUnreachable, ju
 from activities.postgres.base import CUSTOM_PLANS, PostgresActivities, driver_errors
 from activities.postgres.drift_sql import CLOSE_AT, CLOSE_COST, OPEN_STATUSES
 from activities.postgres.plan import plan_content_hash
+from activities.postgres.skips import explain_skips
 from contracts import names
 from contracts.models import (
     API_ACTION_KINDS,
     PROVIDER_CHECKED_KINDS,
     ActionKind,
+    ApplyOutcome,
     ApplyRequest,
     ApplySummary,
     PaymentVerdict,
@@ -110,13 +112,13 @@ class ApplyActivities(PostgresActivities):
             last_seq=last_seq,
             skipped_provider=counts.get("skipped_provider", 0),
             follow_ups=counts.get("follow_up", 0),
+            skipped_gone=counts.get("skipped_gone", 0),
         )
         await self._timeline(
             request.ref.run_id,
             f"apply:{request.plan_id}",
             "remediating",
-            f"applied {summary.applied} actions, {summary.skipped_stale} stale skipped, "
-            f"{summary.skipped_provider} refused by the provider's answer, {summary.follow_ups} follow-ups",
+            summary.describe(),
             {"approvers": ",".join(request.approvers)},
         )
         return summary
@@ -142,10 +144,12 @@ class ApplyActivities(PostgresActivities):
                     if action["kind"] == ActionKind.POST_USAGE_DEBIT:
                         continue
                     if action["kind"] == ActionKind.INVESTIGATE_PAYMENT:
-                        await self._audit(conn, request, action, "follow_up", action["params"], _FOLLOW_UP)
+                        await self._audit(
+                            conn, request, action, ApplyOutcome.FOLLOW_UP, action["params"], _FOLLOW_UP
+                        )
                     elif action["seq"] in refused:
                         before, after = refused[action["seq"]]
-                        await self._audit(conn, request, action, "skipped_provider", before, after)
+                        await self._audit(conn, request, action, ApplyOutcome.SKIPPED_PROVIDER, before, after)
                     else:
                         await self._apply_one(conn, request, action)
                 last_seq = actions[-1]["seq"]
@@ -198,23 +202,29 @@ class ApplyActivities(PostgresActivities):
                 refused[action["seq"]] = (session["doc"], json.dumps(after))
         return refused
 
-    @staticmethod
-    async def _apply_debits(conn: asyncpg.Connection, request: ApplyRequest, seqs: list[int]) -> None:
-        """Post a batch of usage debits set-based: same re-checks, keys and audit rows as one at a time."""
-        await conn.execute(
+    async def _apply_debits(self, conn: asyncpg.Connection, request: ApplyRequest, seqs: list[int]) -> None:
+        """Post a batch of usage debits set-based: same re-checks, keys and audit rows as one at a time.
+
+        Posted debits are audited in the same statement; the few the re-check refused are explained
+        (already debited, cost changed, gone) and audited after it, in the same transaction.
+        """
+        refused = await conn.fetch(
             f"""WITH acts AS (
                    SELECT pa.seq, pa.entity_id::bigint AS usage_id, -pa.amount_minor AS cost, pa.idempotency_key AS key
                    FROM remediation.plan_actions pa WHERE pa.plan_id = $1 AND pa.seq = ANY($2::int[])),
                before AS (
                    SELECT a.seq, to_jsonb(u) AS doc FROM acts a JOIN billing.usage_records u ON u.id = a.usage_id),
-               posted AS ({debit_insert("SELECT usage_id, cost, key FROM acts", "$3", "$4")})
-               INSERT INTO remediation.applied_actions (plan_id, seq, idempotency_key, kind, outcome, actor,
-                   approvers, workflow_id, correlation_id, before, after)
-               SELECT $1, a.seq, a.key, '{ActionKind.POST_USAGE_DEBIT.value}',
-                      CASE WHEN p.doc IS NULL THEN 'skipped_stale' ELSE 'applied' END,
-                      $5, $6, $7, $4, coalesce(b.doc, 'null'::jsonb), coalesce(p.doc, 'null'::jsonb)
-               FROM acts a LEFT JOIN before b USING (seq) LEFT JOIN posted p ON p.usage_record_id = a.usage_id
-               ON CONFLICT (plan_id, seq) DO NOTHING""",
+               posted AS ({debit_insert("SELECT usage_id, cost, key FROM acts", "$3", "$4")}),
+               audited AS (
+                   INSERT INTO remediation.applied_actions (plan_id, seq, idempotency_key, kind, outcome, actor,
+                       approvers, workflow_id, correlation_id, before, after)
+                   SELECT $1, a.seq, a.key, '{ActionKind.POST_USAGE_DEBIT.value}', '{ApplyOutcome.APPLIED.value}',
+                          $5, $6, $7, $4, b.doc, p.doc
+                   FROM acts a JOIN before b USING (seq) JOIN posted p ON p.usage_record_id = a.usage_id
+                   ON CONFLICT (plan_id, seq) DO NOTHING RETURNING seq)
+               SELECT a.seq, coalesce(b.doc, 'null'::jsonb)::text AS before
+               FROM acts a LEFT JOIN before b USING (seq)
+               WHERE NOT EXISTS (SELECT 1 FROM posted p WHERE p.usage_record_id = a.usage_id)""",
             request.plan_id,
             seqs,
             f"remediation:{request.actor}",
@@ -222,6 +232,20 @@ class ApplyActivities(PostgresActivities):
             request.actor,
             request.approvers,
             request.ref.workflow_id,
+        )
+        if not refused:
+            return
+        actions = await conn.fetch(
+            "SELECT * FROM remediation.plan_actions WHERE plan_id = $1 AND seq = ANY($2::int[]) ORDER BY seq",
+            request.plan_id,
+            [r["seq"] for r in refused],
+        )
+        skips = await explain_skips(conn, actions)
+        before = {r["seq"]: r["before"] for r in refused}
+        await self._audit_rows(
+            conn,
+            request,
+            [(a, skips[a["seq"]].outcome, before[a["seq"]], skips[a["seq"]].document()) for a in actions],
         )
 
     async def _apply_one(
@@ -242,34 +266,54 @@ class ApplyActivities(PostgresActivities):
             f"remediation:{request.actor}",
             request.ref.correlation_id,
         )
-        outcome = "applied" if after is not None else "skipped_stale"
-        await self._audit(conn, request, action, outcome, before, after)
+        if after is not None:
+            await self._audit(conn, request, action, ApplyOutcome.APPLIED, before, after)
+            return
+        skip = (await explain_skips(conn, [action]))[action["seq"]]
+        await self._audit(conn, request, action, skip.outcome, before, skip.document())
 
-    @staticmethod
     async def _audit(
+        self,
         conn: asyncpg.Connection,
         request: ApplyRequest,
         action: asyncpg.Record,
-        outcome: str,
+        outcome: ApplyOutcome,
         before: Any,
         after: Any,
     ) -> None:
         """The action's audit row, in the transaction of its effect (or of its refusal)."""
+        await self._audit_rows(conn, request, [(action, outcome, before, after)])
+
+    @staticmethod
+    async def _audit_rows(
+        conn: asyncpg.Connection,
+        request: ApplyRequest,
+        rows: list[tuple[asyncpg.Record, ApplyOutcome, Any, Any]],
+    ) -> None:
+        """Audit rows in one statement (one audit-chain link), in the caller's transaction."""
+
+        def doc(value: Any) -> str:
+            return value if isinstance(value, str) else json.dumps(value, default=str)
+
         await conn.execute(
             """INSERT INTO remediation.applied_actions (plan_id, seq, idempotency_key, kind, outcome, actor, approvers,
                    workflow_id, correlation_id, before, after)
-               VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) ON CONFLICT (plan_id, seq) DO NOTHING""",
+               SELECT $1, r.seq, r.key, r.kind, r.outcome, $2, $3, $4, $5, r.before::jsonb, r.after::jsonb
+               FROM unnest($6::int[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[])
+                    AS r(seq, key, kind, outcome, before, after)
+               ORDER BY r.seq
+               ON CONFLICT (plan_id, seq) DO NOTHING""",
             request.plan_id,
-            action["seq"],
-            action["idempotency_key"],
-            action["kind"],
-            outcome,
             request.actor,
             request.approvers,
             request.ref.workflow_id,
             request.ref.correlation_id,
-            before if isinstance(before, str) else json.dumps(before),
-            after if isinstance(after, str) else json.dumps(after),
+            [a["seq"] for a, *_ in rows],
+            [a["idempotency_key"] for a, *_ in rows],
+            [a["kind"] for a, *_ in rows],
+            [o.value for _, o, *_ in rows],
+            [doc(b) for _, _, b, _ in rows],
+            [doc(x) for *_, x in rows],
         )
 
 
@@ -324,9 +368,13 @@ async def _open_usage_record(
 async def _close_orphan_usage(
     conn: asyncpg.Connection, entity: str, amount: int, key: str, actor: str, corr: str
 ) -> Effect:
-    """Close an orphan usage record at its allocation's release, at the planned cost, and debit it."""
+    """Close an orphan usage record at its allocation's release, at the planned cost, and debit it.
+
+    Audits exactly what it wrote: the closed record, and the debit posted or why none was (a zero
+    cost, or a debit someone else already posted on the open record).
+    """
     before = await conn.fetchval("SELECT to_jsonb(u) FROM billing.usage_records u WHERE id = $1", int(entity))
-    after = await conn.fetchval(
+    closed = await conn.fetchval(
         f"""UPDATE billing.usage_records u SET end_time = {CLOSE_AT},
                 last_billed_at = {CLOSE_AT}, accrued_cost_minor = $2
             FROM billing.allocations a
@@ -336,8 +384,25 @@ async def _close_orphan_usage(
         int(entity),
         -amount,
     )
-    if after is not None and amount != 0:
-        await post_debit(conn, int(entity), -amount, key, actor, corr)
+    if closed is None:
+        return before, None
+    debit = await post_debit(conn, int(entity), -amount, key, actor, corr) if amount != 0 else None
+    after: dict[str, Any] = {
+        "usage_record": json.loads(closed),
+        "debit": json.loads(debit) if debit else None,
+    }
+    if amount == 0:
+        after["debit_not_posted"] = "zero cost: nothing to debit"
+    elif debit is None:
+        existing = await conn.fetchrow(
+            "SELECT id, actor FROM billing.ledger_entries WHERE usage_record_id = $1 AND kind = 'usage_debit'",
+            int(entity),
+        )
+        after["debit_not_posted"] = (
+            f"already debited by {existing['actor']}: ledger entry {existing['id']}"
+            if existing
+            else "the debit's re-check refused it"
+        )
     return before, after
 
 

@@ -13,9 +13,11 @@ from activities.scope_sql import (
     scope_predicate,
     scope_prefilter,
 )
-from contracts.models import DriftKind, Scope
+from contracts.models import DriftKind, Scope, sql_list
 
-OPEN_STATUSES = "('active', 'releasing', 'release_failed')"
+# An allocation in these states is still running (its usage record should be open).
+OPEN_STATUS_VALUES = ("active", "releasing", "release_failed")
+OPEN_STATUSES = sql_list(OPEN_STATUS_VALUES)
 # Cost of closing a usage record at the allocation's release: the platform's pricing rule in SQL.
 # When an orphan's release time was never recorded, close it at the last time it was billed: never
 # charge for time nothing proves was used.

@@ -15,9 +15,17 @@ from contracts import names
 from contracts.models import (
     ActionKind,
     DriftKind,
+    LeftEntity,
     ReconcileRequest,
     ReconcileSummary,
 )
+
+# A finding this run's plans handed to the payments team (an investigate_payment action): expected to
+# remain, so neither counted against verification nor named as left.
+_HANDED_OVER = f"""SELECT 1 FROM remediation.plan_actions pa JOIN remediation.plans p ON p.plan_id = pa.plan_id
+                   WHERE p.run_id = {{finding}}.run_id AND pa.entity_id = {{finding}}.entity_id
+                     AND {{finding}}.kind = '{DriftKind.PAYMENT_DRIFT.value}'
+                     AND pa.kind = '{ActionKind.INVESTIGATE_PAYMENT.value}'"""
 
 
 class ReconcileActivities(PostgresActivities):
@@ -47,13 +55,40 @@ class ReconcileActivities(PostgresActivities):
             f"reconciliation pass {request.pass_no}: {total} findings",
             counts,
         )
+        left = await self._left(request) if request.name_left and total > follow_ups else []
         return ReconcileSummary(
             pass_no=request.pass_no,
             counts=counts,
             total=total,
             follow_ups=follow_ups,
             follow_up_orgs=follow_up_orgs,
+            left=left,
         )
+
+    async def _left(self, request: ReconcileRequest) -> list[LeftEntity]:
+        """The first ``name_left`` findings of the pass not handed over, each with the run's latest plan
+        action for the same record and that action's audited outcome and reason."""
+        rows = await self._fetch(
+            f"""WITH f AS (
+                    SELECT f.* FROM remediation.findings f
+                    WHERE f.run_id = $1 AND f.pass = $2
+                      AND NOT EXISTS ({_HANDED_OVER.format(finding="f")})
+                    ORDER BY f.kind, f.entity_id LIMIT $3)
+                SELECT f.kind, f.entity_type, f.entity_id, f.org_id, f.amount_minor, o.currency,
+                       pa.plan_id, pa.seq, pa.kind AS action, aa.outcome, aa.after->>'skipped' AS reason
+                FROM f LEFT JOIN billing.orgs o ON o.id = f.org_id
+                LEFT JOIN LATERAL (
+                    SELECT pa.plan_id, pa.seq, pa.kind FROM remediation.plan_actions pa
+                    JOIN remediation.plans p ON p.plan_id = pa.plan_id
+                    WHERE p.run_id = $1 AND pa.entity_id = f.entity_id AND pa.entity_type = f.entity_type
+                    ORDER BY p.pass DESC, pa.seq LIMIT 1) pa ON true
+                LEFT JOIN remediation.applied_actions aa ON aa.plan_id = pa.plan_id AND aa.seq = pa.seq
+                ORDER BY f.kind, f.entity_id""",
+            request.ref.run_id,
+            request.pass_no,
+            request.name_left,
+        )
+        return [LeftEntity(**dict(r)) for r in rows]
 
     async def _pass_counts(self, request: ReconcileRequest) -> dict[str, int]:
         """Findings of the pass by kind, every kind listed (zero included), in DriftKind order."""
@@ -92,11 +127,7 @@ class ReconcileActivities(PostgresActivities):
         row = await self._fetchrow(
             f"""SELECT count(*) AS n, coalesce(array_agg(DISTINCT f.org_id), '{{}}') AS orgs
                 FROM remediation.findings f
-                WHERE f.run_id = $1 AND f.pass = $2 AND f.kind = '{DriftKind.PAYMENT_DRIFT.value}'
-                  AND EXISTS (SELECT 1 FROM remediation.plan_actions pa
-                              JOIN remediation.plans p ON p.plan_id = pa.plan_id
-                              WHERE p.run_id = $1 AND pa.entity_id = f.entity_id
-                                AND pa.kind = '{ActionKind.INVESTIGATE_PAYMENT.value}')""",
+                WHERE f.run_id = $1 AND f.pass = $2 AND EXISTS ({_HANDED_OVER.format(finding="f")})""",
             request.ref.run_id,
             request.pass_no,
         )

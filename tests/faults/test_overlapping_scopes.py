@@ -96,8 +96,8 @@ async def test_org_and_user_runs_apply_each_fix_once(world: World) -> None:
     )
     for r in outcomes:
         if r["idempotency_key"] in shared:
-            # One run applied it; the other re-checked, found it already fixed, and skipped it.
-            assert r["outcomes"] == ["applied", "skipped_stale"], dict(r)
+            # One run applied it; the other re-checked, found it already done (by whom) and wrote nothing.
+            assert r["outcomes"] == ["already_applied", "applied"], dict(r)
     assert (
         await world.db.fetchval(
             "SELECT count(*) - count(DISTINCT idempotency_key) FROM billing.ledger_entries"
