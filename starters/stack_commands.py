@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from config import Settings
-from devstack import StackError
 from starters.cli_app import (
     alerts,
     app,
@@ -23,6 +22,7 @@ from starters.cli_app import (
     dev,
     fail,
     keys,
+    need_embedded,
     platform,
     run_async,
 )
@@ -38,7 +38,7 @@ def dev_up(
     services: Annotated[bool, typer.Option(help="Also start the platform stand-in and the worker.")] = False,
 ) -> None:
     """Start Postgres, NATS and Temporal (skipping any configured as external)."""
-    from devstack import up
+    from devstack import StackError, up
 
     settings = cli_settings()
     try:
@@ -335,6 +335,7 @@ def keys_new(
 @app.command()
 def demo() -> None:
     """The `make demo` scenario: incident, remediation, approval, verdict, evidence."""
+    need_embedded("demo")
     from starters.demo import run_demo
 
     sys.exit(run_async(run_demo(cli_settings())))

@@ -36,11 +36,21 @@ MAX_LINES = 500
 LARGER_ALLOWED = {"contracts/models.py"}  # the boundary models, one place for every shape
 
 
+# The embedded stack and the stand-in are their own distribution, in embedded/.
+EMBEDDED = ("devstack", "local_platform")
+
+
+def package_root(package: str) -> Path:
+    """The folder holding ``package``."""
+    return ROOT / "embedded" if package in EMBEDDED else ROOT
+
+
 def module_files() -> dict[str, Path]:
     files = {}
     for package in PACKAGES:
-        for path in (ROOT / package).rglob("*.py"):
-            parts = path.relative_to(ROOT).with_suffix("").parts
+        base = package_root(package)
+        for path in (base / package).rglob("*.py"):
+            parts = path.relative_to(base).with_suffix("").parts
             name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
             files[name] = path
     return files
@@ -111,3 +121,16 @@ def test_modules_stay_small() -> None:
         and str(path.relative_to(ROOT)) not in LARGER_ALLOWED
     }
     assert not too_big, f"modules over {MAX_LINES} lines: {too_big}"
+
+
+def test_the_product_loads_the_embedded_stack_only_where_a_command_needs_it() -> None:
+    # The production install has no devstack or local_platform (embedded/ is its own distribution):
+    # only the commands that run the local stack reach for them, after `need_embedded` has checked.
+    edges = graph()
+    importers = {
+        module
+        for module, targets in edges.items()
+        if module.split(".")[0] not in (*EMBEDDED, "benchmarks")
+        and any(t.split(".")[0] in EMBEDDED for t in targets)
+    }
+    assert importers == {"starters.demo", "starters.stack_commands"}

@@ -63,9 +63,20 @@ def worker_env(settings: Settings, temporal_address: str) -> dict[str, str]:
 class WorkerProcess:
     """`remediate worker` in its own process group, killed for real."""
 
-    def __init__(self, settings: Settings, temporal_address: str, log: Path) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        temporal_address: str,
+        log: Path,
+        *,
+        command: list[str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self._env = worker_env(settings, temporal_address)
         self._log = log
+        # Default: this checkout's code; another install's `remediate worker` (run outside the checkout).
+        self._command = command or [sys.executable, "-m", "starters.cli", "worker"]
+        self._cwd = cwd
         self._proc: subprocess.Popen[bytes] | None = None
         self.kills = 0
 
@@ -78,8 +89,9 @@ class WorkerProcess:
         """Start a fresh worker process."""
         with self._log.open("ab") as out:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "starters.cli", "worker"],
+                self._command,
                 env=self._env,
+                cwd=self._cwd,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

@@ -18,7 +18,8 @@ from config import Settings
 from devstack.component import Component, PythonService
 from devstack.processes import StackError, spawn, wait_for_port
 
-ALERTING = Path(__file__).resolve().parents[1] / "alerting"
+# The repository's shipped rules and routes (embedded/devstack/ -> the checkout's alerting/).
+ALERTING = Path(__file__).resolve().parents[2] / "alerting"
 RULES_DIR = ALERTING / "rules"
 ALERTMANAGER_CONFIG = ALERTING / "alertmanager.yml"
 # The embedded stack is for trying the loop: the shipped rules with `for` in seconds, evaluated every 2 s,
