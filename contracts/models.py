@@ -35,6 +35,7 @@ class Trigger(StrEnum):
     CUSTOMER_DISPUTE = "customer_dispute"
     PREPAID_DEPLETED = "prepaid_depleted"
     MANUAL = "manual"
+    DRIFT_DETECTED = "drift_detected"  # the drift watch found it (no alert, no customer yet)
 
 
 class Phase(StrEnum):
@@ -633,7 +634,7 @@ class VerificationRequest(Frozen):
 class AlertNotice(Frozen):
     """An alert (or platform event) about a remediation's scope, recorded on the run."""
 
-    source: Literal["alertmanager", "nats"]
+    source: Literal["alertmanager", "nats", "drift-watch"]
     name: Annotated[str, StringConstraints(max_length=200)]
     status: Literal["firing", "resolved"]
     fingerprint: Annotated[str, StringConstraints(min_length=1, max_length=200)]

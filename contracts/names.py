@@ -4,6 +4,7 @@ from __future__ import annotations
 
 WORKFLOW = "BillingRemediation"
 LAUNCH_GUARD_WORKFLOW = "LaunchGuardVerification"
+DRIFT_WATCH_WORKFLOW = "DriftWatch"
 
 # Configuration
 LOAD_RUNTIME_OPTIONS = "config.load_runtime_options"
@@ -26,6 +27,14 @@ RECONCILE = "billing_db.reconcile"
 BUILD_PLAN = "billing_db.build_plan"
 APPLY_PLAN = "billing_db.apply_plan"
 CHECK_DUPLICATES = "billing_db.check_duplicates"
+
+# The drift watch.
+WATCH_COLLECT_EVENTS = "watch.collect_changed_keys"
+WATCH_PLAN_TICK = "watch.plan_tick"
+WATCH_CHECK_KEYS = "watch.check_changed_keys"
+WATCH_FULL_RECONCILE = "watch.full_reconcile"
+WATCH_ACT = "watch.act_on_drift"
+WATCH_FINISH_TICK = "watch.finish_tick"
 
 # Payment provider (with the findings in Postgres and the webhook worker's lines in Loki)
 CHECK_PAYMENTS = "payments.check_payment_findings"

@@ -22,6 +22,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from config import Settings
 from contracts import names
 from contracts.models import (
+    AlertNotice,
     LaunchGuardReport,
     LaunchGuardVerifyRequest,
     RemediationRequest,
@@ -66,8 +67,14 @@ async def preflight(settings: Settings, request: RemediationRequest) -> None:
         await conn.close()
 
 
-async def start(client: Client, settings: Settings, request: RemediationRequest) -> Started:
-    """Start a remediation, or attach to the one already running for the same scope."""
+async def start(
+    client: Client, settings: Settings, request: RemediationRequest, notice: AlertNotice | None = None
+) -> Started:
+    """Start a remediation, or attach to the one already running for the same scope.
+
+    With ``notice`` (an alert, the drift watch's finding) it is one signal-with-start: the notice is
+    recorded on the run that exists then, started or not, with no window between the two.
+    """
     scope = request.scope
     pairs: list[SearchAttributePair[Any]] = [
         SearchAttributePair(key, value)
@@ -86,16 +93,21 @@ async def start(client: Client, settings: Settings, request: RemediationRequest)
         attributes={"correlation_id": request.correlation_id, "actor": request.requested_by},
     ) as span:
         # By name: a client never loads the workflow module (it imports the activities it calls).
+        together: dict[str, Any] = (
+            {"start_signal": names.SIGNAL_ALERT, "start_signal_args": [notice]}
+            if notice is not None
+            else {"id_conflict_policy": WorkflowIDConflictPolicy.USE_EXISTING}
+        )
         handle = await client.start_workflow(
             names.WORKFLOW,
             request,
             result_type=RemediationResult,
             id=request.workflow_id(),
             task_queue=settings.task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             search_attributes=TypedSearchAttributes(pairs),
             static_summary=summary[:400],
             static_details=STEPS_MARKDOWN,
+            **together,
         )
     run_id = handle.result_run_id or (await handle.describe()).run_id
     context = span.get_span_context()

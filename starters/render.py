@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import UTC, datetime
 from html import escape
@@ -45,6 +46,43 @@ def render_status(workflow_id: str, view: StatusView) -> str:
         for c in view.verification.criteria:
             lines.append(f"    {'ok  ' if c.passed else 'FAIL'} {c.name}: {c.detail}")
             lines += [f"         left: {e.describe()}" for e in c.left]
+    return "\n".join(lines)
+
+
+def render_watch_status(view: Any) -> str:
+    """`remediate watch status`: the schedule, the last tick, the lag, findings and what was started."""
+    config = view.config
+    lines = [
+        f"drift watch {view.watch_id}: {'PAUSED' if view.paused else 'enabled'}"
+        + (f" ({view.note})" if view.note else "")
+    ]
+    if config is not None:
+        lines.append(
+            f"  {config.scope.describe()}: changed keys every {config.every_seconds} s, full pass every"
+            f" {config.full_every_seconds} s, settle {config.settle_seconds} s, acts from {config.act_threshold} finding(s)"
+        )
+    lines.append(
+        "  next ticks: " + (", ".join(t.strftime("%H:%M:%S") for t in view.next_runs) or "none (paused)")
+    )
+    if view.last_success_at is None:
+        lines.append("  last successful tick: never")
+    else:
+        lines.append(
+            f"  last successful tick: {view.last_success_at:%Y-%m-%d %H:%M:%S} UTC, {view.lag_seconds} s ago"
+        )
+    if view.failures_in_a_row:
+        lines.append(
+            f"  FAILING: the last {view.failures_in_a_row} tick(s) failed: {view.last_tick['error']}"
+        )
+    for tick in view.recent[:5]:
+        found = {k: v for k, v in json.loads(tick["findings"] or "{}").items() if v}
+        acted = json.loads(tick["acted"] or "[]")
+        lines.append(
+            f"  {tick['started_at']:%H:%M:%S} {tick['mode']:<11} {tick['outcome'] or 'running':<7}"
+            f" events {tick['events_read']}, keys {tick['keys_checked']} checked / {tick['keys_deferred']} deferred,"
+            f" found {found or 'nothing'}"
+            + "".join(f"; {a['action']} {a.get('workflow_id') or a['scope']}" for a in acted)
+        )
     return "\n".join(lines)
 
 

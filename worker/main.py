@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+import remediation_client as operations
 from activities.alertmanager import AlertmanagerActivities
 from activities.billing_api import BillingApiActivities
 from activities.loki import LokiActivities
@@ -24,11 +25,15 @@ from activities.payment_checks import PaymentCheckActivities
 from activities.payment_provider import StripePaymentProvider
 from activities.postgres import BillingDatabaseActivities
 from activities.postgres.records import RecordsActivities
+from activities.postgres.watch import WatchDatabaseActivities
 from activities.runtime_config import ConfigActivities
 from activities.tempo import TempoActivities
+from activities.watch_events import WatchEventActivities
+from activities.watch_starts import StartOrJoin, WatchStartActivities
 from activities.worker_regression import WorkerRegressionActivities
 from config import Settings
 from config.approver_keys import load_private_key
+from contracts.models import AlertNotice, RemediationRequest
 from migrations import apply_migrations, remediation_migrations_dir
 from worker.connection import connect_temporal
 from worker.deployment import build_id, deployment_config
@@ -36,6 +41,7 @@ from worker.metrics import sdk_runtime, serving_metrics
 from worker.platform_summary_refresh import refresh_platform_summary_every
 from worker.serving import stop_event
 from worker.telemetry import RemediationContext
+from workflows.drift_watch import DriftWatchWorkflow
 from workflows.launch_guard import LaunchGuardWorkflow
 from workflows.remediation import BillingRemediationWorkflow
 from workflows.sandbox import workflow_runner
@@ -54,6 +60,7 @@ class Resources:
     http_alertmanager: httpx.AsyncClient
     nats: NatsActivities
     provider: StripePaymentProvider
+    watch_events: WatchEventActivities
 
 
 async def migrate_remediation_schema(pool: asyncpg.Pool) -> list[str]:
@@ -86,10 +93,16 @@ async def resources(settings: Settings) -> AsyncIterator[Resources]:
         settings.consumer_pending_threshold,
     )
     provider = payment_provider(settings)
+    watch_events = WatchEventActivities(
+        settings.resolved_nats_url(), settings.billing_stream, settings.billing_consumer, pool
+    )
     try:
-        yield Resources(pool, http_api, http_loki, http_tempo, http_alertmanager, nats_acts, provider)
+        yield Resources(
+            pool, http_api, http_loki, http_tempo, http_alertmanager, nats_acts, provider, watch_events
+        )
     finally:
         await nats_acts.close()
+        await watch_events.close()
         await provider.aclose()
         for client in (http_api, http_loki, http_tempo, http_alertmanager):
             await client.aclose()
@@ -132,6 +145,8 @@ def activity_list(
     regression = WorkerRegressionActivities(api, loki)
     alerts = AlertmanagerActivities(res.http_alertmanager)
     cfg = ConfigActivities(settings)
+    watch_db = WatchDatabaseActivities(res.pool)
+    watch_starts = WatchStartActivities(res.pool, starter(temporal, settings))
     return [
         cfg.load_runtime_options,
         records.register_run,
@@ -166,7 +181,26 @@ def activity_list(
         api.read_posture,
         api.run_precheck,
         api.probe_submit,
+        watch_db.plan_tick,
+        watch_db.check_changed_keys,
+        watch_db.full_pass,
+        watch_db.finish_tick,
+        res.watch_events.collect_changed_keys,
+        watch_starts.act_on_drift,
     ]
+
+
+def starter(client: Client | None, settings: Settings) -> StartOrJoin | None:
+    """How the drift watch starts or joins a remediation: the client's own signal-with-start."""
+    if client is None:
+        return None
+    temporal = client
+
+    async def start_or_join(request: RemediationRequest, notice: AlertNotice) -> tuple[str, bool]:
+        started = await operations.start(temporal, settings, request, notice)
+        return started.workflow_id, started.attached
+
+    return start_or_join
 
 
 def build_worker(
@@ -176,7 +210,7 @@ def build_worker(
     return Worker(
         client,
         task_queue=task_queue or settings.task_queue,
-        workflows=[BillingRemediationWorkflow, LaunchGuardWorkflow],
+        workflows=[BillingRemediationWorkflow, LaunchGuardWorkflow, DriftWatchWorkflow],
         workflow_runner=workflow_runner(),
         interceptors=[RemediationContext()],
         activities=activity_list(settings, res, client),

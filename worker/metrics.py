@@ -30,6 +30,7 @@ from config.metrics_text import CONTENT_TYPE, render
 from contracts import names
 from contracts.models import Phase
 from worker.serving import serving
+from worker.watch_metrics import watch_families
 from workflows.search_attributes import SA_CORRELATION, SA_PHASE
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ def metrics_app(pool: asyncpg.Pool, client: Client, settings: Settings) -> Starl
             deadline,
             *await _running(client, settings.task_queue, pool),
             *await _recorded(pool),
+            *await watch_families(pool),
         ]
         return Response(render(families), media_type=CONTENT_TYPE)
 

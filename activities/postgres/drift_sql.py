@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from activities.scope_sql import (
     ALLOCATION_COLUMNS,
@@ -27,6 +27,52 @@ CLOSE_COST = (
 )
 
 
+# The finding rows' columns, in the order every check's details SELECT produces them.
+FINDING_COLUMNS = (
+    "kind", "entity_type", "entity_id", "org_id", "project_id", "user_id", "allocation_id", "amount_minor", "detail",
+)  # fmt: skip
+PAYMENT_DRIFTED = "(p.status = 'failed_reconcile' OR (p.status = 'completed' AND p.ledger_entry_id IS NULL))"
+# Each check's exact test for a candidate key ``k``: no match anywhere in the table.
+EXACT: dict[DriftKind, str] = {
+    DriftKind.MISSING_OPEN_USAGE: (
+        "SELECT 1 FROM billing.usage_records u WHERE u.allocation_id = k.id AND u.end_time IS NULL"
+    ),
+    DriftKind.ORPHAN_OPEN_USAGE: (
+        f"SELECT 1 FROM billing.allocations c WHERE c.id = k.allocation_id AND c.status IN {OPEN_STATUSES}"
+    ),
+    DriftKind.UNBILLED_CLOSED_USAGE: (
+        "SELECT 1 FROM billing.ledger_entries l WHERE l.usage_record_id = k.id AND l.kind = 'usage_debit'"
+    ),
+}
+# Each check's finding rows for the materialised drifted keys (``cand``).
+DETAILS: dict[DriftKind, str] = {
+    DriftKind.MISSING_OPEN_USAGE: """SELECT 'missing_open_usage', 'allocation', a.id, a.org_id, a.project_id,
+                      a.requested_by_user_id, a.id, 0::bigint,
+                      jsonb_build_object('status', a.status, 'activated_at', a.activated_at)
+               FROM cand CROSS JOIN LATERAL (
+                   SELECT * FROM billing.allocations a WHERE a.id = cand.key OFFSET 0) a""",
+    DriftKind.ORPHAN_OPEN_USAGE: f"""SELECT 'orphan_open_usage', 'usage_record', u.id::text, u.org_id, u.project_id,
+                       u.requested_by_user_id, u.allocation_id, {CLOSE_COST},
+                       jsonb_build_object('allocation_status', a.status, 'released_at', a.released_at,
+                                          'start_time', u.start_time)
+                FROM cand
+                CROSS JOIN LATERAL (SELECT * FROM billing.usage_records u
+                                    WHERE u.allocation_id = cand.key AND u.end_time IS NULL OFFSET 0) u
+                CROSS JOIN LATERAL (SELECT * FROM billing.allocations a WHERE a.id = u.allocation_id OFFSET 0) a""",
+    DriftKind.UNBILLED_CLOSED_USAGE: """SELECT 'unbilled_closed_usage', 'usage_record', u.id::text, u.org_id, u.project_id,
+                      u.requested_by_user_id, u.allocation_id, u.accrued_cost_minor,
+                      jsonb_build_object('end_time', u.end_time)
+               FROM cand CROSS JOIN LATERAL (
+                   SELECT * FROM billing.usage_records u WHERE u.id = cand.key OFFSET 0) u""",
+    DriftKind.PAYMENT_DRIFT: """SELECT 'payment_drift', 'payment_session', p.id, p.org_id, NULL, p.user_id, NULL, p.amount_minor,
+                      jsonb_build_object('status', p.status, 'existing_credit_id',
+                          (SELECT l.id FROM billing.ledger_entries l
+                           WHERE l.payment_session_id = p.id AND l.kind = 'payment_credit'))
+               FROM cand CROSS JOIN LATERAL (
+                   SELECT * FROM billing.payment_sessions p WHERE p.id = cand.key OFFSET 0) p""",
+}
+
+
 class Check(NamedTuple):
     """One runbook check in two steps: the drifted keys first (index-only anti-joins over narrow
     indexes), then the finding rows for just those keys (a lookup per key: ``LATERAL ... OFFSET 0``
@@ -34,7 +80,7 @@ class Check(NamedTuple):
 
     candidates: str  # SELECT of one column: the drifted entity's key
     details: str  # SELECT of finding rows FROM cand (the materialised candidates)
-    params: list[str]
+    params: list[Any]  # the scope's values (or the keys' arrays), numbered from the caller's ``first``
 
     def statement(self) -> str:
         """One SELECT producing the finding rows (one snapshot)."""
@@ -79,62 +125,62 @@ def checks(scope: Scope, first: int) -> dict[DriftKind, Check]:
     )
     return {
         DriftKind.MISSING_OPEN_USAGE: Check(
-            candidates(
-                scope,
-                open_allocations,
-                open_usage,
-                "k.id",
-                "SELECT 1 FROM billing.usage_records u WHERE u.allocation_id = k.id AND u.end_time IS NULL",
-            ),
-            """SELECT 'missing_open_usage', 'allocation', a.id, a.org_id, a.project_id, a.requested_by_user_id, a.id,
-                      0::bigint, jsonb_build_object('status', a.status, 'activated_at', a.activated_at)
-               FROM cand CROSS JOIN LATERAL (
-                   SELECT * FROM billing.allocations a WHERE a.id = cand.key OFFSET 0) a""",
+            candidates(scope, open_allocations, open_usage, "k.id", EXACT[DriftKind.MISSING_OPEN_USAGE]),
+            DETAILS[DriftKind.MISSING_OPEN_USAGE],
             params,
         ),
         DriftKind.ORPHAN_OPEN_USAGE: Check(
             candidates(
-                scope,
-                open_usage,
-                open_allocations,
-                "k.allocation_id",
-                f"SELECT 1 FROM billing.allocations c WHERE c.id = k.allocation_id AND c.status IN {OPEN_STATUSES}",
+                scope, open_usage, open_allocations, "k.allocation_id", EXACT[DriftKind.ORPHAN_OPEN_USAGE]
             ),
-            f"""SELECT 'orphan_open_usage', 'usage_record', u.id::text, u.org_id, u.project_id, u.requested_by_user_id,
-                       u.allocation_id, {CLOSE_COST},
-                       jsonb_build_object('allocation_status', a.status, 'released_at', a.released_at,
-                                          'start_time', u.start_time)
-                FROM cand
-                CROSS JOIN LATERAL (SELECT * FROM billing.usage_records u
-                                    WHERE u.allocation_id = cand.key AND u.end_time IS NULL OFFSET 0) u
-                CROSS JOIN LATERAL (SELECT * FROM billing.allocations a WHERE a.id = u.allocation_id OFFSET 0) a""",
+            DETAILS[DriftKind.ORPHAN_OPEN_USAGE],
             params,
         ),
         DriftKind.UNBILLED_CLOSED_USAGE: Check(
-            candidates(
-                scope,
-                billable,
-                debits,
-                "k.id",
-                "SELECT 1 FROM billing.ledger_entries l WHERE l.usage_record_id = k.id AND l.kind = 'usage_debit'",
-            ),
-            """SELECT 'unbilled_closed_usage', 'usage_record', u.id::text, u.org_id, u.project_id,
-                      u.requested_by_user_id, u.allocation_id, u.accrued_cost_minor,
-                      jsonb_build_object('end_time', u.end_time)
-               FROM cand CROSS JOIN LATERAL (
-                   SELECT * FROM billing.usage_records u WHERE u.id = cand.key OFFSET 0) u""",
+            candidates(scope, billable, debits, "k.id", EXACT[DriftKind.UNBILLED_CLOSED_USAGE]),
+            DETAILS[DriftKind.UNBILLED_CLOSED_USAGE],
             params,
         ),
         DriftKind.PAYMENT_DRIFT: Check(
-            f"""SELECT p.id FROM billing.payment_sessions p
-                WHERE (p.status = 'failed_reconcile' OR (p.status = 'completed' AND p.ledger_entry_id IS NULL))
-                  AND {pay_pred}""",
-            """SELECT 'payment_drift', 'payment_session', p.id, p.org_id, NULL, p.user_id, NULL, p.amount_minor,
-                      jsonb_build_object('status', p.status, 'existing_credit_id',
-                          (SELECT l.id FROM billing.ledger_entries l
-                           WHERE l.payment_session_id = p.id AND l.kind = 'payment_credit'))
-               FROM cand CROSS JOIN LATERAL (
-                   SELECT * FROM billing.payment_sessions p WHERE p.id = cand.key OFFSET 0) p""",
+            f"SELECT p.id FROM billing.payment_sessions p WHERE {PAYMENT_DRIFTED} AND {pay_pred}",
+            DETAILS[DriftKind.PAYMENT_DRIFT],
             pay_params,
+        ),
+    }
+
+
+def keyed_checks(first: int, allocation_ids: list[str], session_ids: list[str]) -> dict[DriftKind, Check]:
+    """The four checks for exactly the allocations and payment sessions given: the same semantics as
+    ``checks``, the candidates read by key instead of by scope (each check's one array is ``$first``).
+
+    An allocation's key covers its usage records (the orphan and unbilled checks read them by
+    allocation).
+    """
+    allocations = sessions = f"${first}::text[]"
+    usage = f"FROM billing.usage_records o WHERE o.allocation_id = ANY({allocations})"
+    return {
+        DriftKind.MISSING_OPEN_USAGE: Check(
+            f"""SELECT k.id FROM (SELECT c.id FROM billing.allocations c
+                                  WHERE c.id = ANY({allocations}) AND c.status IN {OPEN_STATUSES}) k
+                WHERE NOT EXISTS ({EXACT[DriftKind.MISSING_OPEN_USAGE]})""",
+            DETAILS[DriftKind.MISSING_OPEN_USAGE],
+            [allocation_ids],
+        ),
+        DriftKind.ORPHAN_OPEN_USAGE: Check(
+            f"""SELECT k.allocation_id FROM (SELECT o.allocation_id {usage} AND o.end_time IS NULL) k
+                WHERE NOT EXISTS ({EXACT[DriftKind.ORPHAN_OPEN_USAGE]})""",
+            DETAILS[DriftKind.ORPHAN_OPEN_USAGE],
+            [allocation_ids],
+        ),
+        DriftKind.UNBILLED_CLOSED_USAGE: Check(
+            f"""SELECT k.id FROM (SELECT o.id {usage} AND o.end_time IS NOT NULL AND o.accrued_cost_minor > 0) k
+                WHERE NOT EXISTS ({EXACT[DriftKind.UNBILLED_CLOSED_USAGE]})""",
+            DETAILS[DriftKind.UNBILLED_CLOSED_USAGE],
+            [allocation_ids],
+        ),
+        DriftKind.PAYMENT_DRIFT: Check(
+            f"SELECT p.id FROM billing.payment_sessions p WHERE p.id = ANY({sessions}) AND {PAYMENT_DRIFTED}",
+            DETAILS[DriftKind.PAYMENT_DRIFT],
+            [session_ids],
         ),
     }
