@@ -26,9 +26,9 @@ from contracts.watch import CollectResult, TickRef, WorkerProgress
 # What changes billing: provisioning (the worker's input), billing's own events, payments.
 WATCH_SUBJECTS = ["provisioning.>", "billing.>", "payments.>"]
 WORKER_SUBJECTS = "provisioning."  # the billing worker consumes these
-BATCH = 1000
+BATCH = 5000
 MAX_EVENTS = 50_000  # per tick; the rest waits for the next (the watermark says where)
-FETCH_WAIT = 0.5
+FETCH_WAIT = 5.0  # only reached when the stream lost what the consumer counted
 
 
 def consumer_name(watch_id: str) -> str:
@@ -71,19 +71,21 @@ class WatchEventActivities(NatsActivities):
         js = (await self._client()).jetstream()
         try:
             try:
-                await js.consumer_info(self._stream, consumer_name(tick.watch_id))
+                info = await js.consumer_info(self._stream, consumer_name(tick.watch_id))
             except NotFoundError:
-                await js.add_consumer(self._stream, watch_consumer_config(tick.watch_id))
+                info = await js.add_consumer(self._stream, watch_consumer_config(tick.watch_id))
             sub = await js.pull_subscribe_bind(consumer_name(tick.watch_id), self._stream)
         except (NatsError, TimeoutError) as exc:
             raise dependency_down(f"NATS: the watch's consumer failed: {type(exc).__name__}") from exc
+        # What is waiting now is this tick's work: read exactly that, never idle on an empty stream.
+        waiting = min(int(info.num_pending or 0), MAX_EVENTS)
         # (kind, key) -> newest stream seq, newest seq the worker consumes, newest event time
         keys: dict[tuple[str, str], tuple[int, int, datetime]] = {}
         read, last = 0, None
         try:
-            while read < MAX_EVENTS:
+            while read < waiting:
                 try:
-                    batch = await sub.fetch(min(BATCH, MAX_EVENTS - read), timeout=FETCH_WAIT)
+                    batch = await sub.fetch(min(BATCH, waiting - read), timeout=FETCH_WAIT)
                 except NatsTimeout:
                     break
                 for msg in batch:

@@ -13,7 +13,7 @@ import asyncpg
 from temporalio import activity
 
 from contracts import names
-from contracts.models import AlertNotice, RemediationRequest, Scope, Trigger
+from contracts.models import ActionKind, AlertNotice, RemediationRequest, Scope, Trigger
 from contracts.watch import Acted, ActRequest
 
 ACTOR = "drift-watch"
@@ -34,22 +34,38 @@ class WatchStartActivities:
         if self._start_or_join is None:
             raise RuntimeError("no Temporal client: the watch cannot start remediations")
         tick, config = request.tick, request.config
+        # A payment a remediation already handed to the payments team (investigate_payment) stays
+        # drift until they close it: counted, never a new remediation on every pass.
         rows = await self._pool.fetch(
-            """SELECT org_id, kind, count(*) AS n FROM remediation.watch_findings WHERE tick_id = $1
-               GROUP BY org_id, kind ORDER BY org_id, kind""",
+            f"""SELECT f.org_id, f.kind, count(*) AS n,
+                       count(*) FILTER (WHERE EXISTS (
+                           SELECT 1 FROM remediation.plan_actions pa WHERE pa.entity_id = f.entity_id
+                             AND pa.entity_type = f.entity_type
+                             AND pa.kind = '{ActionKind.INVESTIGATE_PAYMENT.value}')) AS handed_over
+                FROM remediation.watch_findings f WHERE f.tick_id = $1
+                GROUP BY f.org_id, f.kind ORDER BY f.org_id, f.kind""",
             tick.tick_id,
         )
         by_org: dict[str, dict[str, int]] = {}
+        handed_over = 0
         for r in rows:
-            by_org.setdefault(r["org_id"], {})[r["kind"]] = int(r["n"])
+            handed_over += int(r["handed_over"])
+            if int(r["n"]) > int(r["handed_over"]):
+                by_org.setdefault(r["org_id"], {})[r["kind"]] = int(r["n"]) - int(r["handed_over"])
         groups: list[tuple[Scope, dict[str, int]]]
-        if not config.scope.is_global:
+        if not by_org:
+            groups = []
+        elif not config.scope.is_global:
             groups = [(config.scope, _merge(by_org.values()))]
         elif len(by_org) >= config.widespread_orgs:
             groups = [(Scope(), _merge(by_org.values()))]  # widespread: one platform-wide remediation
         else:
             groups = [(Scope(org_id=org), kinds) for org, kinds in by_org.items()]
-        acted = []
+        acted = (
+            [Acted(scope=config.scope.key(), findings=handed_over, action="handed_over")]
+            if handed_over
+            else []
+        )
         for scope, kinds in groups:
             total = sum(kinds.values())
             if total < config.act_threshold:

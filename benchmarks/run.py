@@ -29,6 +29,7 @@ from activities.postgres import BillingDatabaseActivities
 from benchmarks.payments import bench_payments
 from benchmarks.report import emit
 from benchmarks.time_to_plan import bench_time_to_plan
+from benchmarks.watch import bench_drift_to_approval, bench_watch_tick
 from benchmarks.workflows import bench_memory, bench_workflows, full_stack, percentile
 from config import Settings
 from contracts.models import ApplyRequest, PlanRequest, ReconcileRequest, RunRef, Scope
@@ -188,29 +189,47 @@ async def bench_naive(pool: asyncpg.Pool, sample: int, reconcile_s: float) -> No
 async def bench_scoped(
     pool: asyncpg.Pool, acts: BillingDatabaseActivities, env: ActivityEnvironment, count: int
 ) -> None:
-    """Latency of scoped reconciliations (an org, a user or an allocation) on the same data."""
+    """Latency of scoped reconciliations (an org, a project, a user or an allocation) on the same data,
+    overall and by scope kind (an org's cost follows its rows: its share of the usage is printed)."""
     rng = random.Random(9)
     orgs = [r[0] for r in await pool.fetch("SELECT id FROM billing.orgs")]
+    projects = [r[0] for r in await pool.fetch("SELECT id FROM billing.projects LIMIT 5000")]
     users = [r[0] for r in await pool.fetch("SELECT id FROM billing.users LIMIT 5000")]
     allocs = [r[0] for r in await pool.fetch("SELECT id FROM billing.allocations LIMIT 20000")]
-    latencies = []
+    make = {
+        "org": lambda: Scope(org_id=rng.choice(orgs)),
+        "project": lambda: Scope(project_id=rng.choice(projects)),
+        "user": lambda: Scope(user_id=rng.choice(users)),
+        "allocation": lambda: Scope(allocation_id=rng.choice(allocs)),
+    }
+    latencies: list[float] = []
+    by_kind: dict[str, list[float]] = {kind: [] for kind in make}
     for i in range(count):
-        kind = rng.choice(["org", "user", "allocation"])
-        scope = {
-            "org": lambda: Scope(org_id=rng.choice(orgs)),
-            "user": lambda: Scope(user_id=rng.choice(users)),
-            "allocation": lambda: Scope(allocation_id=rng.choice(allocs)),
-        }[kind]()
-        ref = await register(pool, f"bench-scoped-{i}", scope)
+        kind = list(make)[i % len(make)]
+        ref = await register(pool, f"bench-scoped-{i}", make[kind]())
         took, _ = await timed(partial(reconcile, env, acts, ref, 0))
         latencies.append(took * 1000)
+        by_kind[kind].append(took * 1000)
     latencies.sort()
+    usage = await pool.fetchval("SELECT count(*) FROM billing.usage_records")
     emit(
         "scoped",
         scopes=count,
         p50_ms=round(statistics.median(latencies), 1),
         p99_ms=round(percentile(latencies, 0.99), 1),
         max_ms=round(latencies[-1], 1),
+        by_kind={
+            kind: {
+                "n": len(values),
+                "p50_ms": round(statistics.median(values), 1),
+                "p99_ms": round(percentile(sorted(values), 0.99), 1),
+            }
+            for kind, values in by_kind.items()
+            if values
+        },
+        goal_p99_ms={"project": 50, "user": 50, "allocation": 50},
+        org_share_of_usage=round(1 / max(1, len(orgs)), 4),
+        usage_rows=int(usage),
     )
 
 
@@ -274,7 +293,7 @@ async def bench_apply(keep: Settings, actions: int) -> None:
         )
 
 
-async def bench_database(keep: Settings, args: argparse.Namespace) -> None:
+async def bench_database(keep: Settings, args: argparse.Namespace, root: Path) -> None:
     """seed, reconcile, naive and scoped on one database of ``--usage-rows`` usage records."""
     async with database("bench_main", keep) as pool:
         async with pool.acquire() as conn:
@@ -292,6 +311,8 @@ async def bench_database(keep: Settings, args: argparse.Namespace) -> None:
         reconcile_s = await bench_reconcile(pool, acts, env)
         await bench_naive(pool, args.naive_sample, reconcile_s)
         await bench_scoped(pool, acts, env, args.scopes)
+        if args.watch_changed:
+            await bench_watch_tick(pool, root, args.watch_changed, reconcile_s)
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -313,7 +334,7 @@ async def main(args: argparse.Namespace) -> None:
     )
     try:
         if args.usage_rows:
-            await bench_database(keep, args)
+            await bench_database(keep, args, root)
         if args.apply_actions:
             await bench_apply(keep, args.apply_actions)
         if args.payment_findings:
@@ -326,12 +347,14 @@ async def main(args: argparse.Namespace) -> None:
     if args.time_to_plan_sizes:
         async with full_stack(root / "ttp", provider=True) as stack:
             await bench_time_to_plan(stack, args.time_to_plan_sizes)
-    if args.incidents or args.memory_sizes:
+    if args.incidents or args.memory_sizes or args.watch_interval:
         async with full_stack(root / "stack") as stack:
             if args.incidents:
                 await bench_workflows(stack, args.incidents)
             if args.memory_sizes:
                 await bench_memory(stack, args.memory_sizes)
+            if args.watch_interval:
+                await bench_drift_to_approval(stack, args.watch_interval)
 
 
 def sizes(text: str) -> list[int]:
@@ -358,6 +381,18 @@ def cli() -> None:
         "--payment-findings", type=int, default=1000, help="checked against the provider; 0 skips"
     )
     parser.add_argument("--scopes", type=int, default=200)
+    parser.add_argument(
+        "--watch-changed",
+        type=int,
+        default=10_000,
+        help="allocations changed before one drift watch tick; 0 skips",
+    )
+    parser.add_argument(
+        "--watch-interval",
+        type=int,
+        default=60,
+        help="the drift watch's schedule for drift → approval; 0 skips",
+    )
     parser.add_argument("--naive-sample", type=int, default=500)
     parser.add_argument("--incidents", type=int, default=200, help="0 skips the workflow benchmark")
     parser.add_argument(

@@ -93,11 +93,12 @@ class CheckRequest(Frozen):
 
 
 class Acted(Frozen):
-    """A remediation the tick started or joined, or findings it only recorded (below the threshold)."""
+    """A remediation the tick started or joined; or findings it only recorded (below the threshold), or
+    left with the payments team a remediation handed them to (handed_over)."""
 
     scope: str
     findings: int
-    action: Literal["started", "joined", "recorded"]
+    action: Literal["started", "joined", "recorded", "handed_over"]
     workflow_id: str | None = None
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from datetime import UTC, datetime
+from typing import Any
 
 import remediation_client as operations
 from config import Settings
 from contracts.models import Phase, RemediationRequest, RemediationResult, Scope, StatusView, Trigger
+from contracts.watch import WatchConfig, WatchTickResult
 from local_platform.incidents import run_incident
 from local_platform.provider_payments import seeder_for
 from local_platform.serve import platform_connections
@@ -203,6 +206,8 @@ async def run_demo(settings: Settings) -> int:
     if len(customers) > 3:
         _say(f"   ... and {len(customers) - 3} more customer summaries")
     await _show_traces(settings, incident.trace_id, started.trace_id)
+    if not await _watch_finds_silent_drift(client, settings, prefix):
+        return 1
     _say(f"\nTemporal UI: {started.ui_link}")
     # `make demo-soak` keeps the output in files: the token only reaches a terminal.
     link = settings.approvals_link(to_terminal=sys.stdout.isatty())
@@ -210,6 +215,58 @@ async def run_demo(settings: Settings) -> int:
         _say(f"Approval page: {link}  (plans waiting for a decision)")
     _say("The stack is still running. Explore the UI, then stop everything with: make down")
     return 0 if result.outcome is Phase.COMPLETED else 1
+
+
+async def _watch_finds_silent_drift(client: Any, settings: Settings, prefix: str) -> bool:
+    """The drift watch finds drift no alert reported: a release the billing worker dropped."""
+    from local_platform.events import publish_stored
+    from remediation_client import watch
+
+    _say("== 7. The drift watch: drift that raises no alert, found before a customer disputes it")
+    config = WatchConfig(watch_id="global", every_seconds=60, full_every_seconds=86_400, settle_seconds=0)
+    # Created paused: on this shared dev stack the demo runs its ticks itself (`remediate watch resume`
+    # lets it tick every minute).
+    await watch.enable(client, settings, config, "demo", paused=True)
+    first = await watch.run_now(client, "global")
+    _say(f"   first tick ({first.mode} pass): " + _found_words(first))
+    async with platform_connections(settings) as (conn, nc):
+        row = await conn.fetchrow(
+            """UPDATE billing.allocations SET status = 'released', released_at = now() WHERE id = (
+                   SELECT a.id FROM billing.allocations a JOIN billing.usage_records u ON u.allocation_id = a.id
+                   AND u.end_time IS NULL WHERE a.status = 'active' AND a.id LIKE $1 ORDER BY a.id LIMIT 1)
+               RETURNING id, org_id""",
+            f"{prefix}-alloc-%",
+        )
+        # The release is announced, and the worker drops it (as a redelivery it skips): the usage stays open.
+        await publish_stored(nc, "provisioning.releasing.completed", f"{prefix}-silent", "",
+                             allocation_id=row["id"], at=datetime.now(UTC).isoformat(), replayed=True)  # fmt: skip
+    _say(f"   allocation {row['id']} released; its usage record was never closed (no alert fires for this)")
+    tick = await watch.run_now(client, "global")
+    _say(
+        f"   next tick ({tick.mode}, {tick.events_read} event(s), {tick.keys_checked} key(s) checked): "
+        + _found_words(tick)
+    )
+    started = [a for a in tick.acted if a.workflow_id]
+    if not started or not tick.findings.get("orphan_open_usage"):
+        _say("   the watch did not find the drift: see `remediate watch status`")
+        return False
+    view = await operations.status(client, started[0].workflow_id or "")
+    for _ in range(240):
+        if view.phase is Phase.AWAITING_APPROVAL:
+            break
+        await asyncio.sleep(0.5)
+        view = await operations.status(client, started[0].workflow_id or "")
+    plan = view.plan.counts_by_kind if view.plan else {}
+    _say(f"   {started[0].workflow_id}: {view.phase.value}, plan {plan} (trigger drift_detected)")
+    _say("   (left waiting for approval: approve it on the approval page or with `remediate approve`)")
+    _say("   `remediate watch status` shows the ticks; `remediate watch resume` lets it tick every minute")
+    return view.phase is Phase.AWAITING_APPROVAL
+
+
+def _found_words(tick: WatchTickResult) -> str:
+    found = ", ".join(f"{k}={v}" for k, v in tick.findings.items() if v) or "no drift"
+    acted = "; ".join(f"{a.action} {a.workflow_id or a.scope} ({a.findings})" for a in tick.acted)
+    return found + (f"; {acted}" if acted else "")
 
 
 def decision_help(workflow_id: str, view: StatusView, actor: str) -> str:

@@ -31,6 +31,10 @@ def test_benchmarks_print_one_json_line_per_measurement() -> None:
             "20",
             "--time-to-plan-sizes",
             "2000,4000",
+            "--watch-changed",
+            "500",
+            "--watch-interval",
+            "10",
         ],
         capture_output=True,
         text=True,
@@ -42,8 +46,13 @@ def test_benchmarks_print_one_json_line_per_measurement() -> None:
     lines = {row["benchmark"]: row for row in rows}
     assert set(lines) == {
         "machine", "seed", "reconcile", "naive", "scoped", "apply", "payment_checks", "workflows", "memory",
-        "time_to_plan_seed", "time_to_plan",
+        "time_to_plan_seed", "time_to_plan", "watch_tick", "drift_to_approval",
     }  # fmt: skip
+    # The watch: one tick of the changed keys beside the full reconciliation of the same database.
+    tick = lines["watch_tick"]
+    assert tick["changed_allocations"] == 500 and tick["tick_s"] > 0 and tick["full_reconcile_s"] > 0
+    assert 0 < lines["drift_to_approval"]["seconds"] < 3 * 10 + 120
+    assert set(lines["scoped"]["by_kind"]) == {"org", "project", "user", "allocation"}
     # Start → plan awaiting approval, three runs of each incident per size, with where the time went.
     timed = [row for row in rows if row["benchmark"] == "time_to_plan"]
     assert [(r["usage_rows"], r["incident"]) for r in timed] == [

@@ -13,7 +13,7 @@ from temporalio.client import WorkflowExecutionStatus
 import remediation_client as operations
 from contracts.models import AlertNotice, Phase, RemediationRequest, Scope, StatusView, Trigger
 from contracts.watch import WatchConfig, WatchTickResult
-from local_platform.events import publish
+from local_platform.events import publish_stored
 from local_platform.seeder import SeedSpec, seed
 from remediation_client import watch
 from starters.render import render_watch_status
@@ -49,7 +49,7 @@ async def _orphan(world: World, prefix: str, *, event: bool) -> tuple[str, int]:
         f"{prefix}-alloc-%",
     )
     if event:
-        await publish(world.nc, "provisioning.releasing.completed", f"{prefix}-corr", "", allocation_id=row[0],
+        await publish_stored(world.nc, "provisioning.releasing.completed", f"{prefix}-corr", "", allocation_id=row[0],
                       at=datetime.now(UTC).isoformat(), replayed=True)  # fmt: skip
         await world.nc.flush()
     return row[0], row[1]
@@ -121,7 +121,7 @@ async def test_keys_in_flight_are_not_flagged(world: World) -> None:
     await world.db.execute(
         "UPDATE billing.allocations SET status = 'released', released_at = now() WHERE id = $1", target
     )
-    await publish(world.nc, "provisioning.releasing.completed", "fl-corr", "", allocation_id=target,
+    await publish_stored(world.nc, "provisioning.releasing.completed", "fl-corr", "", allocation_id=target,
                   at=datetime.now(UTC).isoformat())  # fmt: skip
     await world.nc.flush()
     waiting = await _tick(world, "worker")
@@ -248,3 +248,32 @@ async def test_a_failing_tick_shows_in_metrics_and_status(world: World) -> None:
     assert metrics[("remediation_watch_ticks", (("watch", "failing"), ("outcome", "failed")))] == 1
     assert metrics[("remediation_watch_ticks", (("watch", "failing"), ("outcome", "ok")))] == 1
     assert metrics[("remediation_watch_interval_seconds", (("watch", "failing"),))] == 3600
+
+
+async def test_a_payment_handed_to_the_payments_team_starts_no_remediation_on_every_pass(
+    world: World,
+) -> None:
+    await _platform(world, "ho")
+    await _enable(world, "handed")
+    await _tick(world, "handed")
+    session = await world.db.fetchval(
+        """UPDATE billing.payment_sessions SET status = 'failed_reconcile' WHERE id = (
+               SELECT id FROM billing.payment_sessions WHERE status = 'completed' AND id LIKE 'ho-%' ORDER BY id LIMIT 1)
+           RETURNING id"""
+    )
+    # A finished remediation handed it to the payments team (its plan's investigate_payment action).
+    await world.db.execute(
+        """INSERT INTO remediation.runs (run_id, workflow_id, correlation_id, trigger, scope, requested_by, dry_run)
+           VALUES ('ho-run', 'remediation-old', 'ho', 'reconcile_failed', '{}', 'ic', false);
+           INSERT INTO remediation.plans (plan_id, run_id, pass, plan_hash, action_count, debit_total_minor,
+               credit_total_minor, counts_by_kind) VALUES ('ho-plan', 'ho-run', 0, 'h', 1, 0, 0, '{}')"""
+    )
+    await world.db.execute(
+        """INSERT INTO remediation.plan_actions (plan_id, seq, kind, entity_type, entity_id, org_id, amount_minor,
+               idempotency_key) SELECT 'ho-plan', 1, 'investigate_payment', 'payment_session', id, org_id, 0, 'k'
+           FROM billing.payment_sessions WHERE id = $1""",
+        session,
+    )
+    full = await _tick(world, "handed", full=True)
+    assert full.findings["payment_drift"] == 1
+    assert [(a.action, a.findings, a.workflow_id) for a in full.acted] == [("handed_over", 1, None)]

@@ -13,7 +13,7 @@ from activities.postgres.watch import WatchDatabaseActivities
 from activities.watch_events import WatchEventActivities
 from contracts.models import Scope
 from contracts.watch import CheckRequest, PlanTick, WatchConfig, WatchTickRequest
-from local_platform.events import publish
+from local_platform.events import publish_stored
 from local_platform.seeder import SeedSpec, seed
 from tests.conftest import World
 
@@ -140,7 +140,7 @@ async def test_ticks_and_the_full_pass_find_exactly_what_a_full_reconciliation_f
         if key is None or not with_event:
             continue  # nothing to change there, or a change that bypasses events (a hand edit)
         field = "allocation_id" if key_kind == "allocation" else "payment_session_id"
-        await publish(world.nc, subject, "prop", "", **{field: key})
+        await publish_stored(world.nc, subject, "prop", "", **{field: key})
         announced.add(key)
     await world.nc.flush()
     everything = await _full_reconciliation(world)

@@ -59,3 +59,12 @@ async def publish(nc: NATS, subject: str, correlation_id: str, trace_id: str, **
         envelope(correlation_id, trace_id, **data),
         headers={"Nats-Correlation-Id": correlation_id, "Nats-Trace-Id": trace_id},
     )
+
+
+async def publish_stored(nc: NATS, subject: str, correlation_id: str, trace_id: str, **data: Any) -> None:
+    """Publish one event and wait until the stream has stored it (JetStream's publish acknowledgement)."""
+    await nc.jetstream().publish(
+        subject,
+        envelope(correlation_id, trace_id, **data),
+        headers={"Nats-Correlation-Id": correlation_id, "Nats-Trace-Id": trace_id},
+    )
