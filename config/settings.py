@@ -153,6 +153,11 @@ class Settings(BaseSettings):
     # with the user name in APPROVALS_USER_HEADER (only ever honoured when set).
     approvals_host: str = Field(default="127.0.0.1", alias="APPROVALS_HOST")
     approvals_port: int = Field(default=8484, alias="APPROVALS_PORT")
+    # The approval page as approvers' browsers reach it (behind a proxy, a public name); default its bind.
+    approvals_public_url: str | None = Field(default=None, alias="APPROVALS_PUBLIC_URL")
+    # The embedded stack's approver inbox: where its Alertmanager delivers pages (SMTP and a webhook).
+    approver_inbox_smtp_port: int = Field(default=8494, alias="APPROVER_INBOX_SMTP_PORT")
+    approver_inbox_http_port: int = Field(default=8495, alias="APPROVER_INBOX_HTTP_PORT")
     approvals_token: SecretStr | None = Field(default=None, alias="APPROVALS_TOKEN")
     approvals_token_file: Path | None = Field(default=None, alias="APPROVALS_TOKEN_FILE")
     approvals_user_header: str | None = Field(default=None, alias="APPROVALS_USER_HEADER")
@@ -308,6 +313,10 @@ class Settings(BaseSettings):
     def approvals_url(self) -> str:
         """The approval page's base URL."""
         return f"http://{self.approvals_host}:{self.approvals_port}"
+
+    def resolved_approvals_public_url(self) -> str:
+        """The approval page's URL in pages and links (APPROVALS_PUBLIC_URL, else its bind address)."""
+        return (self.approvals_public_url or self.approvals_url()).rstrip("/")
 
     def approvals_link(self, *, to_terminal: bool) -> str | None:
         """The sign-in link: with the token on a terminal; elsewhere (a log, a pipe) naming where it is,

@@ -268,6 +268,8 @@ class RuntimeOptions(Frozen):
     # The billing worker's hooks as plans sign them (``hook_words``; no credentials).
     restart_hook: str = ""
     rollback_hook: str = ""
+    # The approval page as approvers' browsers reach it (pages link to ``<url>/runs/<workflow id>``).
+    approval_page_url: str = ""
 
 
 # --- activity inputs and results ---------------------------------------------------------------------

@@ -50,6 +50,7 @@ SUMMARIZE_TRACE = "tempo.summarize_trace"
 
 # Alertmanager
 CHECK_ALERTS = "alertmanager.check_alerts"
+PAGE_APPROVERS = "alertmanager.page_approvers"
 # The runbook's alerts (alerting/rules/billing-runbook.rules.yml, group billing-runbook): recovery
 # criterion 4 passes only when none of them fires for the run's scope.
 RUNBOOK_ALERTS = (

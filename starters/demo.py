@@ -148,6 +148,7 @@ async def run_demo(settings: Settings) -> int:
         _say(f"unexpected phase {phase.value}")
         return 1
 
+    await _show_page(settings, started.workflow_id)
     alerting = _alerting_runs(settings)
     if alerting:
         await _show_alerts(client, started.workflow_id, "fired")
@@ -215,6 +216,31 @@ async def run_demo(settings: Settings) -> int:
         _say(f"Approval page: {link}  (plans waiting for a decision)")
     _say("The stack is still running. Explore the UI, then stop everything with: make down")
     return 0 if result.outcome is Phase.COMPLETED else 1
+
+
+async def _show_page(settings: Settings, workflow_id: str) -> None:
+    """The page the approvers got for the plan (Alertmanager → email → the embedded approver inbox)."""
+    from devstack.approver_inbox import inbox_folder, read_pages
+
+    folder = inbox_folder(settings)
+    if not folder.exists():
+        _say("   (the approver inbox is not running: no approver pages in this demo)")
+        return
+    for _ in range(60):
+        pages = [
+            p
+            for p in read_pages(folder)
+            if p.link and p.link.endswith(f"/runs/{workflow_id}") and not p.resolved
+        ]
+        if pages:
+            break
+        await asyncio.sleep(0.5)
+    else:
+        _say("   (no approver page arrived within 30 s: is `remediate dev status` all healthy?)")
+        return
+    _say("== Approvers paged (Alertmanager → email to tier 1, kept by the embedded approver inbox)")
+    _say(f"   to {pages[-1].to}: {pages[-1].subject}")
+    _say(f"   link: {pages[-1].link}")
 
 
 async def _watch_finds_silent_drift(client: Any, settings: Settings, prefix: str) -> bool:

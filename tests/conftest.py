@@ -97,7 +97,13 @@ def alertmanager(state_root: Path) -> Iterator[Settings]:
     Nothing sends to it unless a test does, so it answers "no runbook alert firing"; the end-to-end
     alerting test runs its own Prometheus and Alertmanager. Exported as ALERTMANAGER_URL.
     """
-    settings = Settings(REMEDIATION_STATE_DIR=state_root / "alertmanager", ALERTMANAGER_PORT=free_port())
+    settings = Settings(
+        REMEDIATION_STATE_DIR=state_root / "alertmanager",
+        ALERTMANAGER_PORT=free_port(),
+        # Pages go nowhere (never to a developer's own approver inbox on the default ports).
+        APPROVER_INBOX_SMTP_PORT=free_port(),
+        APPROVER_INBOX_HTTP_PORT=free_port(),
+    )
     server = Alertmanager(settings)
     server.start()
     os.environ["ALERTMANAGER_URL"] = settings.resolved_alertmanager_url()

@@ -17,7 +17,9 @@ from devstack import StackError, down, status, up
 from devstack.processes import free_port, pid_alive
 from devstack.stack import Postgres
 
-SERVERS = ("postgres", "nats", "temporal", "payment-provider", "codec", "alertmanager", "prometheus")
+SERVERS = (
+    "postgres", "nats", "temporal", "payment-provider", "codec", "approver-inbox", "alertmanager", "prometheus",
+)  # fmt: skip
 
 
 def test_up_twice_harmless_down_leaves_nothing(tmp_path: Path) -> None:
@@ -33,6 +35,8 @@ def test_up_twice_harmless_down_leaves_nothing(tmp_path: Path) -> None:
         ALERTMANAGER_PORT=free_port(),
         ALERTMANAGER_URL=None,  # likewise the session's Alertmanager
         PROMETHEUS_PORT=free_port(),
+        APPROVER_INBOX_SMTP_PORT=free_port(),
+        APPROVER_INBOX_HTTP_PORT=free_port(),
     )
     try:
         first = up(settings)
@@ -52,10 +56,14 @@ def test_up_twice_harmless_down_leaves_nothing(tmp_path: Path) -> None:
         second = up(settings)
         assert all("already running" in line for line in second)
         pids = [int(p.read_text()) for p in (tmp_path / "pids").glob("*.pid")]
-        # postgres, nats, temporal, the payment provider, the UI's codec server, Alertmanager, Prometheus
-        assert len(pids) == 7
+        # postgres, nats, temporal, the payment provider, the UI's codec server, the approver inbox,
+        # Alertmanager, Prometheus
+        assert len(pids) == 8
         config = (tmp_path / "alertmanager" / "alertmanager.yml").read_text()
         assert f"credentials_file: {tmp_path / 'alerts.token'}" in config
+        # Approver pages go to the embedded inbox, in plain SMTP on loopback.
+        assert f"smtp_smarthost: 127.0.0.1:{settings.approver_inbox_smtp_port}" in config
+        assert "smtp_require_tls: false" in config
     finally:
         down(settings, purge=True)
     assert not any(pid_alive(pid) for pid in pids)

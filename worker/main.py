@@ -18,6 +18,7 @@ from temporalio.worker import Worker
 
 import remediation_client as operations
 from activities.alertmanager import AlertmanagerActivities
+from activities.approver_pages import ApproverPageActivities
 from activities.billing_api import BillingApiActivities
 from activities.loki import LokiActivities
 from activities.nats_jetstream import NatsActivities
@@ -144,6 +145,7 @@ def activity_list(
     )
     regression = WorkerRegressionActivities(api, loki)
     alerts = AlertmanagerActivities(res.http_alertmanager)
+    pages = ApproverPageActivities(res.http_alertmanager)
     cfg = ConfigActivities(settings)
     watch_db = WatchDatabaseActivities(res.pool)
     watch_starts = WatchStartActivities(res.pool, starter(temporal, settings))
@@ -178,6 +180,7 @@ def activity_list(
         api.read_worker_deployments,
         regression.check_worker_regression,
         alerts.check_alerts,
+        pages.page_approvers,
         api.read_posture,
         api.run_precheck,
         api.probe_submit,

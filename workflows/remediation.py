@@ -338,6 +338,8 @@ class BillingRemediationWorkflow(VerifySteps):
 
     async def _cleanup(self, outcome: Phase, plan: PlanSummary | None) -> None:
         ref = self._require_ref()
+        # A run that ended while its plan waited (cancelled, failed): its pages end with it.
+        await self._resolve_pages(self._approval.plan)
         if self._frozen_id is not None:
             await self._act(
                 BillingApiActivities.unfreeze_adjustments,

@@ -4,12 +4,14 @@ audit of every decision (queued for an auditor coroutine; handlers never await a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from activities.approver_pages import ApproverPageActivities
     from activities.nats_jetstream import NatsActivities
     from activities.postgres.records import RecordsActivities
     from contracts import names
@@ -21,6 +23,8 @@ with workflow.unsafe.imports_passed_through():
         PlanSummary,
         VerdictDecision,
     )
+    from contracts.pages import ApproverPage
+    from workflows.activity_calls import activity_cause
     from workflows.approval import (
         apply_decision,
         refusal,
@@ -29,12 +33,18 @@ with workflow.unsafe.imports_passed_through():
     from workflows.search_attributes import SA_APPROVAL
 
 
+# Runs from this version on page approvers through Alertmanager (older histories escalated on NATS).
+PAGES_PATCH = "approver-pages-alertmanager"
+
+
 class ApprovalSteps(RemediationBase):
     """Approval waits with escalation, verdict decisions, and their signal/update handlers."""
 
     async def _await_approval(self, plan: PlanSummary) -> Phase | None:
         """Wait for the plan's approval; None when approved, else the ending phase."""
-        if not await self._wait_for_decision(plan):
+        decided = await self._wait_for_decision(plan)
+        await self._resolve_pages(plan)
+        if not decided:
             self._set_phase(Phase.EXPIRED, approval="expired")
             return Phase.EXPIRED
         if self._approval.rejected_by is not None:
@@ -47,6 +57,9 @@ class ApprovalSteps(RemediationBase):
         """Open the plan for approval, escalating at each deadline; False at the hard limit."""
         policy = self._require_options().policy
         self._announce(Phase.AWAITING_APPROVAL, approval="pending")
+        paging = workflow.patched(PAGES_PATCH)
+        self._paged = []
+        self._page_opened = workflow.now()
         waited = 0
         tier = 1
         while True:
@@ -54,6 +67,9 @@ class ApprovalSteps(RemediationBase):
             deadline = asyncio.create_task(
                 workflow.sleep(timedelta(seconds=timeout), summary=f"approval deadline (tier {tier})")
             )
+            if paging:
+                # Issued with the timer, before the gate opens (see _open_gate); never awaited on the way.
+                self._page(plan, tier)
             try:
                 await self._open_gate(
                     Phase.AWAITING_APPROVAL, f"plan {plan.plan_id} open for approval (tier {tier})"
@@ -70,7 +86,8 @@ class ApprovalSteps(RemediationBase):
             if waited >= policy.hard_limit_seconds:
                 return False
             tier += 1
-            await self._escalate(plan, tier)
+            if not paging:
+                await self._escalate(plan, tier)
 
     async def _open_gate(self, phase: Phase, message: str) -> None:
         """Enter ``phase`` (where Updates are accepted) only after a round trip to the server.
@@ -89,7 +106,59 @@ class ApprovalSteps(RemediationBase):
         self._phase = phase
         self._refresh_details()
 
+    def _page(self, plan: PlanSummary, tier: int) -> None:
+        """Page ``tier`` (and keep paging the tiers before it) through Alertmanager, in the background."""
+        policy = self._require_options().policy
+        label = str(tier) if any(a.tier == tier for a in policy.approvers) else "all"
+        if label not in self._paged:
+            self._paged.append(label)
+        self._page_tasks.append(asyncio.create_task(self._send_page(plan, resolve=False)))
+
+    async def _resolve_pages(self, plan: PlanSummary | None) -> None:
+        """Resolve every tier's page (decided, expired, or the run ended): receivers get "resolved"."""
+        if not self._paged or plan is None:
+            return
+        await self._send_page(plan, resolve=True)
+        self._paged = []
+        for task in self._page_tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._page_tasks = []
+
+    async def _send_page(self, plan: PlanSummary, *, resolve: bool) -> None:
+        """One post to Alertmanager; a pager that is down is noted in the timeline, never blocks approval."""
+        options = self._require_options()
+        ref = self._require_ref()
+        approvers = {
+            label: [a.name for a in options.policy.approvers if label == "all" or str(a.tier) == label]
+            for label in self._paged
+        }
+        page = ApproverPage(
+            ref=ref,
+            plan_id=plan.plan_id,
+            tiers=list(self._paged),
+            approvers=approvers,
+            opened_at=self._page_opened,
+            until=self._page_opened + timedelta(seconds=options.policy.hard_limit_seconds),
+            resolve=resolve,
+            blast_radius=self._blast.value if self._blast else "",
+            action_count=plan.action_count,
+            money_moved_minor=plan.money_moved_minor,
+            approvals=len(self._approval.approved_by),
+            approvals_needed=self._approvals_needed(),
+            requested_by=self._request.requested_by,
+            approval_link=f"{options.approval_page_url}/runs/{ref.workflow_id}"
+            if options.approval_page_url
+            else "",
+        )
+        what = "Resolve the approvers' pages" if resolve else f"Page approvers, tier {self._paged[-1]}"
+        try:
+            await self._act(ApproverPageActivities.page_approvers, page, f"{what} (Alertmanager)", attempts=3)
+        except ActivityError as err:
+            workflow.logger.warning("approver page not delivered: %s", activity_cause(err))
+
     async def _escalate(self, plan: PlanSummary, tier: int) -> None:
+        """Runs started before approver pages: the escalation on NATS (kept so their histories replay)."""
         policy = self._require_options().policy
         next_approvers = [a.name for a in policy.approvers if a.tier == tier] or [
             a.name for a in policy.approvers

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from temporalio import workflow
@@ -65,6 +66,10 @@ class RemediationBase:
         self._before: asyncio.Task[None] | None = None
         # Approval audits waiting for the auditor coroutine (handlers never await activities).
         self._audits: list[tuple[ApprovalDecision, str | None, str]] = []
+        # Approver pages (Alertmanager): tiers paged for the plan now waiting, since when, in flight.
+        self._paged: list[str] = []
+        self._page_opened = datetime.fromtimestamp(0, UTC)
+        self._page_tasks: list[asyncio.Task[None]] = []
         self._auditing = False
 
     async def _timeline(self, message: str, actor: str, comment: str, *, phase: Phase | None = None) -> None:

@@ -58,6 +58,12 @@ def alertmanager_config(
     text = ALERTMANAGER_CONFIG.read_text()
     text = text.replace("${ALERTS_URL}", f"http://{settings.alerts_host}:{settings.alerts_port}")
     text = text.replace("${ALERTS_TOKEN_FILE}", str(token_file))
+    # Pages go to the embedded approver inbox: plain SMTP on loopback, and its webhook endpoint.
+    text = text.replace("${APPROVER_SMTP_SMARTHOST}", f"127.0.0.1:{settings.approver_inbox_smtp_port}")
+    text = text.replace(
+        "${APPROVER_WEBHOOK_URL}", f"http://127.0.0.1:{settings.approver_inbox_http_port}/pages"
+    )
+    text = text.replace("smtp_require_tls: true", "smtp_require_tls: false")
     for key, value in (timings or {}).items():
         text, found = re.subn(rf"(?m)^(\s*{key}:) \S+$", rf"\1 {value}", text)
         if not found:

@@ -14,6 +14,7 @@ from config import SEARCH_ATTRIBUTES, Settings
 from config.approver_keys import new_key_pair, read_public_key
 from config.settings import EVIDENCE_SIGNER
 from devstack.alerting import AlertIntake, Alertmanager, ApprovalPage, Prometheus, dev_tokens
+from devstack.approver_inbox import ApproverInbox
 from devstack.component import Component, ComponentStatus, PythonService, local_bin
 from devstack.payment_provider import PaymentProvider
 from devstack.postgres import Postgres
@@ -193,6 +194,7 @@ SERVERS: tuple[Callable[[Settings], Component], ...] = (
     Temporal,
     PaymentProvider,
     CodecServer,
+    ApproverInbox,
     Alertmanager,
     Prometheus,
 )
