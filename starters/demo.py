@@ -248,7 +248,7 @@ async def _watch_finds_silent_drift(client: Any, settings: Settings, prefix: str
     from local_platform.events import publish_stored
     from remediation_client import watch
 
-    _say("== 7. The drift watch: drift that raises no alert, found before a customer disputes it")
+    _say("== 8. The drift watch: drift that raises no alert, found before a customer disputes it")
     config = WatchConfig(watch_id="global", every_seconds=60, full_every_seconds=86_400, settle_seconds=0)
     # Created paused: on this shared dev stack the demo runs its ticks itself (`remediate watch resume`
     # lets it tick every minute).

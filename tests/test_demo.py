@@ -72,7 +72,7 @@ async def test_demo_completes_and_the_readmes_next_commands_work(
     assert "verification: PASSED" in out
     assert "outcome: completed" in out
     # The drift watch finds drift no alert reported and starts its remediation, waiting for approval.
-    watch_part = out.split("== 7. The drift watch", 1)[1]
+    watch_part = out.split("== 8. The drift watch", 1)[1]
     assert "orphan_open_usage=1; started remediation-org:" in watch_part
     assert ": awaiting_approval, plan {'close_orphan_usage': 1} (trigger drift_detected)" in watch_part
     # The history is encrypted, as in production: a client without the key sees only ciphertext.
