@@ -96,7 +96,11 @@ def candidates(scope: Scope, inside: str, outside: str | None, key: str, exact: 
     """
     if scope.is_global or outside is None:
         return f"SELECT {key} FROM ({inside}) k WHERE NOT EXISTS ({exact})"
-    return f"SELECT {key} FROM (({inside}) EXCEPT ({outside})) k WHERE NOT EXISTS ({exact})"
+    # The few keys left are probed one at a time (``LATERAL ... OFFSET 0``: an index lookup each). Left
+    # to itself the planner, which cannot tell how few survive the EXCEPT, merge-joins them against the
+    # whole table's index (90 ms for a user's six orphans at 200,000 rows).
+    return f"""SELECT {key} FROM (({inside}) EXCEPT ({outside})) k
+               CROSS JOIN LATERAL (SELECT NOT EXISTS ({exact}) AS drifted OFFSET 0) x WHERE x.drifted"""
 
 
 def checks(scope: Scope, first: int) -> dict[DriftKind, Check]:
