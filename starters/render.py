@@ -61,9 +61,8 @@ def render_watch_status(view: Any) -> str:
             f"  {config.scope.describe()}: changed keys every {config.every_seconds} s, full pass every"
             f" {config.full_every_seconds} s, settle {config.settle_seconds} s, acts from {config.act_threshold} finding(s)"
         )
-    lines.append(
-        "  next ticks: " + (", ".join(t.strftime("%H:%M:%S") for t in view.next_runs) or "none (paused)")
-    )
+    upcoming = ", ".join(t.strftime("%H:%M:%S") for t in view.next_runs)
+    lines.append("  next ticks: " + ("none while paused" if view.paused else upcoming or "none"))
     if view.last_success_at is None:
         lines.append("  last successful tick: never")
     else:

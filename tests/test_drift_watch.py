@@ -4,11 +4,14 @@ the billing data in Postgres, remediations started or joined on the real dev ser
 from __future__ import annotations
 
 import asyncio
+import sys
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Literal
 
 import pytest
 from temporalio.client import WorkflowExecutionStatus
+from temporalio.testing import WorkflowEnvironment
 
 import remediation_client as operations
 from contracts.models import AlertNotice, Phase, RemediationRequest, Scope, StatusView, Trigger
@@ -18,6 +21,7 @@ from local_platform.seeder import SeedSpec, seed
 from remediation_client import watch
 from starters.render import render_watch_status
 from tests.conftest import World
+from tests.faults.harness import temporal_address, worker_env
 from tests.helpers import eventually, wait_phase
 from worker.watch_metrics import watch_families
 
@@ -277,3 +281,35 @@ async def test_a_payment_handed_to_the_payments_team_starts_no_remediation_on_ev
     full = await _tick(world, "handed", full=True)
     assert full.findings["payment_drift"] == 1
     assert [(a.action, a.findings, a.workflow_id) for a in full.acted] == [("handed_over", 1, None)]
+
+
+async def test_the_watch_commands_as_a_commander_runs_them(
+    world: World, temporal_env: WorkflowEnvironment
+) -> None:
+    await _platform(world, "cl")
+    env = worker_env(world.settings, temporal_address(temporal_env))
+
+    async def remediate(*args: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "remediate"), *args, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=120)
+        return proc.returncode or 0, out.decode()
+
+    assert await remediate("watch", "enable", "--every", "5x") == (
+        2, "error: --every: '5x' is not a duration like 30s, 1m, 24h or 7d\n"
+    )  # fmt: skip
+    code, out = await remediate("watch", "status", "--watch", "bad id!")
+    assert code == 1 and "malformed watch id 'bad id!'" in out
+    code, out = await remediate(
+        "watch", "enable", "--watch", "cli", "--every", "1h", "--settle", "0s", "--paused"
+    )
+    assert code == 0 and "drift watch cli enabled: schedule drift-watch-cli" in out, out
+    code, out = await remediate("watch", "run-now", "--watch", "cli")
+    assert code == 0 and "**Drift watch tick (full)**" in out, out
+    code, out = await remediate("watch", "status", "--watch", "cli")
+    assert code == 0 and "PAUSED" in out and "next ticks: none while paused" in out and " full " in out, out
+    assert (await remediate("watch", "disable", "--watch", "cli"))[0] == 0
+    code, out = await remediate("watch", "status", "--watch", "cli")
+    assert code == 1 and "no drift watch 'cli'" in out
