@@ -9,8 +9,9 @@ CREATE TABLE IF NOT EXISTS remediation.watch_state (
     full_every_seconds integer NOT NULL,
     settle_seconds  integer NOT NULL,
     act_threshold   integer NOT NULL,
-    -- Stream sequence of the last event whose keys are stored in watch_keys (the watermark).
-    watermark_seq   bigint NOT NULL DEFAULT 0,
+    -- Stream sequence of the last event whose keys are stored in watch_keys (the watermark); NULL until
+    -- the first tick, which starts from the stream's end (its full pass covers what came before).
+    watermark_seq   bigint,
     last_full_at    timestamptz,
     updated_at      timestamptz NOT NULL DEFAULT now()
 );
