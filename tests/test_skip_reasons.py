@@ -93,9 +93,10 @@ async def test_platform_fixes_while_awaiting_approval_are_audited_with_reasons(w
         response = await _provider_says_paid(world, action["entity_id"])
         assert response.status_code == 200, response.text
     # A forged webhook changes nothing.
-    forged = await httpx.AsyncClient(base_url=world.settings.resolved_billing_api_url()).post(
-        "/webhooks/payment-provider", content="{}", headers={"Stripe-Signature": "t=1,v1=00"}
-    )
+    async with httpx.AsyncClient(base_url=world.settings.resolved_billing_api_url()) as http:
+        forged = await http.post(
+            "/webhooks/payment-provider", content="{}", headers={"Stripe-Signature": "t=1,v1=00"}
+        )
     assert forged.status_code == 400
     # Its rating job recomputes one unbilled record's cost; one planned record is deleted outright.
     stale_id = int(debits[2]["entity_id"])
