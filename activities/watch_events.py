@@ -79,14 +79,15 @@ class WatchEventActivities(NatsActivities):
         )
         keys: Keys = {}
         try:
-            last = (await js.stream_info(self._stream)).state.last_seq or 0
-            if watermark is None:
-                # The watch's first read: what came before is its first (full) pass's to check.
-                end, read = last, 0
-            elif last <= watermark:
-                end, read = watermark, 0
+            state = (await js.stream_info(self._stream)).state
+            last = state.last_seq or 0
+            # Events the stream no longer holds (its limits removed them) cannot be read: start after them.
+            first = max((watermark or 0) + 1, state.first_seq or 0)
+            if watermark is None or not state.messages or first > last:
+                # The watch's first read (what came before is its full pass's), or nothing to read.
+                end, read = max(last, watermark or 0), 0
             else:
-                end, read = await self._read(js, watermark + 1, min(last, watermark + MAX_EVENTS), keys)
+                end, read = await self._read(js, first, min(last, first + MAX_EVENTS - 1), keys)
             stored = await self._store(tick, keys, end)
             worker = await self._worker_progress(js)
         except (NatsError, TimeoutError) as exc:

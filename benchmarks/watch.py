@@ -10,6 +10,7 @@ from pathlib import Path
 
 import asyncpg
 import nats
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import ActivityEnvironment
 
 import remediation_client as operations
@@ -111,8 +112,9 @@ async def bench_drift_to_approval(stack: Stack, interval: int) -> None:
                 view = await handle.query(names.QUERY_STATUS, result_type=StatusView)
                 if view.phase is Phase.AWAITING_APPROVAL:
                     break
-            except Exception:  # noqa: S110 - not started yet: the next tick starts it
-                pass
+            except RPCError as err:
+                if err.status != RPCStatusCode.NOT_FOUND:  # not started yet: the next tick starts it
+                    raise
             if time.perf_counter() - injected > interval * 3 + 120:
                 raise RuntimeError(
                     f"no remediation waiting for approval {interval * 3 + 120} s after the drift"

@@ -133,7 +133,7 @@ class WatchTickResult(Frozen):
             f"- Found: {found}",
         ]
         lines += [
-            f"- {a.action} {a.workflow_id or ''} for {a.scope}: {a.findings} findings".replace("  ", " ")
+            f"- {a.action} {a.workflow_id + ' ' if a.workflow_id else ''}for {a.scope}: {a.findings} findings"
             for a in self.acted
         ]
         return "\n".join(lines)

@@ -13,6 +13,8 @@ from temporalio.client import (
     Schedule,
     ScheduleActionStartWorkflow,
     ScheduleAlreadyRunningError,
+    ScheduleDescription,
+    ScheduleHandle,
     ScheduleIntervalSpec,
     ScheduleOverlapPolicy,
     SchedulePolicy,
@@ -68,39 +70,38 @@ async def enable(
     return config.schedule_id()
 
 
-async def _handle(client: Client, watch_id: str) -> Any:
+async def _described(client: Client, watch_id: str) -> tuple[ScheduleHandle, ScheduleDescription]:
+    """The watch's schedule and its description (one call); a clear error when there is none."""
     check_watch_id(watch_id)
     handle = client.get_schedule_handle(WatchConfig(watch_id=watch_id).schedule_id())
     try:
-        await handle.describe()
+        return handle, await handle.describe()
     except RPCError as err:
         if err.status == RPCStatusCode.NOT_FOUND:
             raise OperationError(
                 f"no drift watch {watch_id!r}: `remediate watch enable` creates it"
             ) from None
         raise
-    return handle
 
 
 async def pause(client: Client, watch_id: str, actor: str) -> None:
     """Stop starting ticks (a running one finishes)."""
-    await (await _handle(client, watch_id)).pause(note=f"paused by {actor}")
+    await (await _described(client, watch_id))[0].pause(note=f"paused by {actor}")
 
 
 async def resume(client: Client, watch_id: str, actor: str) -> None:
     """Start ticking again."""
-    await (await _handle(client, watch_id)).unpause(note=f"resumed by {actor}")
+    await (await _described(client, watch_id))[0].unpause(note=f"resumed by {actor}")
 
 
 async def disable(client: Client, watch_id: str) -> None:
     """Delete the schedule (its ticks' records stay in Postgres)."""
-    await (await _handle(client, watch_id)).delete()
+    await (await _described(client, watch_id))[0].delete()
 
 
 async def run_now(client: Client, watch_id: str, *, full: bool = False) -> WatchTickResult:
     """Run one tick now with the schedule's configuration (``full``: a full pass) and wait for it."""
-    handle = await _handle(client, watch_id)
-    action = (await handle.describe()).schedule.action
+    action = _tick_action((await _described(client, watch_id))[1], watch_id)
     config = await _config_of(client, action)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     tick = await client.start_workflow(
@@ -121,7 +122,17 @@ async def run_now(client: Client, watch_id: str, *, full: bool = False) -> Watch
     return result
 
 
-async def _config_of(client: Client, action: Any) -> WatchConfig:
+def _tick_action(description: ScheduleDescription, watch_id: str) -> ScheduleActionStartWorkflow:
+    """The schedule's action, which must start drift watch ticks."""
+    action = description.schedule.action
+    if not isinstance(action, ScheduleActionStartWorkflow) or action.workflow != names.DRIFT_WATCH_WORKFLOW:
+        raise OperationError(
+            f"schedule of drift watch {watch_id!r} does not start {names.DRIFT_WATCH_WORKFLOW} ticks"
+        )
+    return action
+
+
+async def _config_of(client: Client, action: ScheduleActionStartWorkflow) -> WatchConfig:
     """The watch's configuration, as the schedule's action carries it (raw payloads once described)."""
     args = list(action.args)
     if args and isinstance(args[0], WatchTickRequest):
@@ -148,8 +159,8 @@ class WatchStatus:
 
 async def status(client: Client, settings: Settings, watch_id: str) -> WatchStatus:
     """The schedule's state and the watch's recent ticks from Postgres."""
-    desc = await (await _handle(client, watch_id)).describe()
-    config = await _config_of(client, desc.schedule.action)
+    _, desc = await _described(client, watch_id)
+    config = await _config_of(client, _tick_action(desc, watch_id))
     conn = await asyncpg.connect(settings.resolved_database_url())
     try:
         ticks = [

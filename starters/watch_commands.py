@@ -11,13 +11,23 @@ from pydantic import ValidationError
 
 from contracts.models import Scope
 from contracts.watch import WatchConfig, WatchTickResult
-from starters.cli_app import app, cli_client, cli_settings, fail, invalid, run_async
+from starters.cli_app import app, cli_client, cli_settings, fail, run_async
 
 watch = typer.Typer(help="The drift watch: find billing drift on a schedule, before a customer does.")
 app.add_typer(watch, name="watch", no_args_is_help=True)
 
 WatchId = Annotated[str, typer.Option("--watch", help="which watch (one schedule each)")]
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+FLAGS = {
+    "full_every_seconds": "--full-every",
+    "every_seconds": "--every",
+    "settle_seconds": "--settle",
+    "act_threshold": "--act-threshold",
+    "watch_id": "--watch",
+    "org_id": "--org",
+    "project_id": "--project",
+    "user_id": "--user",
+}
 
 
 def seconds(text: str, what: str) -> int:
@@ -57,7 +67,13 @@ def enable(
             act_threshold=act_threshold,
         )
     except ValidationError as err:
-        invalid(err)
+        from workflows.input_errors import explain
+
+        # The rule in the flags' names the commander typed.
+        message = explain(err)
+        for field, flag in FLAGS.items():
+            message = message.replace(field, flag)
+        fail(message)
         raise AssertionError("unreachable") from None
     settings = cli_settings()
 
@@ -92,46 +108,41 @@ def status(watch_id: WatchId = "global", as_json: Annotated[bool, typer.Option("
     raise typer.Exit(1 if view.failures_in_a_row else 0)
 
 
-@watch.command("pause")
-def pause(watch_id: WatchId = "global", actor: Annotated[str, typer.Option("--as")] = "operator") -> None:
-    """Stop starting ticks (a running tick finishes)."""
-    from remediation_client.watch import pause as pause_schedule
+def _change(watch_id: str, actor: str, done: str) -> None:
+    """Pause, resume or disable the watch's schedule; say what was done."""
+    from remediation_client import watch as schedule
 
     settings = cli_settings()
 
     async def go() -> None:
-        await pause_schedule(await cli_client(settings), watch_id, actor)
+        client = await cli_client(settings)
+        if done == "paused":
+            await schedule.pause(client, watch_id, actor)
+        elif done == "resumed":
+            await schedule.resume(client, watch_id, actor)
+        else:
+            await schedule.disable(client, watch_id)
 
     run_async(go())
-    typer.echo(f"drift watch {watch_id} paused")
+    typer.echo(f"drift watch {watch_id} {done}")
+
+
+@watch.command("pause")
+def pause(watch_id: WatchId = "global", actor: Annotated[str, typer.Option("--as")] = "operator") -> None:
+    """Stop starting ticks (a running tick finishes)."""
+    _change(watch_id, actor, "paused")
 
 
 @watch.command("resume")
 def resume(watch_id: WatchId = "global", actor: Annotated[str, typer.Option("--as")] = "operator") -> None:
     """Start ticking again."""
-    from remediation_client.watch import resume as resume_schedule
-
-    settings = cli_settings()
-
-    async def go() -> None:
-        await resume_schedule(await cli_client(settings), watch_id, actor)
-
-    run_async(go())
-    typer.echo(f"drift watch {watch_id} resumed")
+    _change(watch_id, actor, "resumed")
 
 
 @watch.command("disable")
 def disable(watch_id: WatchId = "global") -> None:
     """Delete the schedule (the ticks' records stay)."""
-    from remediation_client.watch import disable as delete_schedule
-
-    settings = cli_settings()
-
-    async def go() -> None:
-        await delete_schedule(await cli_client(settings), watch_id)
-
-    run_async(go())
-    typer.echo(f"drift watch {watch_id} disabled")
+    _change(watch_id, "", "disabled")
 
 
 @watch.command("run-now")

@@ -300,6 +300,9 @@ async def test_the_watch_commands_as_a_commander_runs_them(
     assert await remediate("watch", "enable", "--every", "5x") == (
         2, "error: --every: '5x' is not a duration like 30s, 1m, 24h or 7d\n"
     )  # fmt: skip
+    assert await remediate("watch", "enable", "--every", "5s") == (
+        2, "error: --every: Input should be greater than or equal to 10 (got 5)\n"
+    )  # fmt: skip
     code, out = await remediate("watch", "status", "--watch", "bad id!")
     assert code == 1 and "malformed watch id 'bad id!'" in out
     code, out = await remediate(

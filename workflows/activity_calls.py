@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
+from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 from contracts import names
 from contracts.models import RuntimeOptions
+
+A = TypeVar("A")
+T = TypeVar("T")
 
 
 def activity_cause(err: ActivityError) -> str:
@@ -44,3 +49,21 @@ def activity_options(
         "retry_policy": retry_policy(attempts, options.retry_max_interval_seconds if options else 30),
         "summary": summary[:200],
     }
+
+
+async def run_activity(
+    activity: Callable[[Any, A], Awaitable[T]],
+    arg: A,
+    summary: str,
+    options: RuntimeOptions | None,
+    *,
+    timeout: int | None = None,
+    heartbeat: bool = False,
+    attempts: int = 5,
+) -> T:
+    """Execute an activity method (called by reference: mypy checks its argument and result) with
+    explicit timeouts, a bounded retry policy and a UI summary; history records its stable name."""
+    kwargs = activity_options(
+        options, timeout=timeout, heartbeat=heartbeat, attempts=attempts, summary=summary
+    )
+    return await workflow.execute_activity_method(activity, arg, **kwargs)

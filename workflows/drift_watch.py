@@ -30,7 +30,7 @@ with workflow.unsafe.imports_passed_through():
         WatchTickRequest,
         WatchTickResult,
     )
-    from workflows.activity_calls import activity_cause, activity_options
+    from workflows.activity_calls import activity_cause, run_activity
 
 A = TypeVar("A")
 T = TypeVar("T")
@@ -117,6 +117,5 @@ class DriftWatchWorkflow:
     async def _act(
         self, activity: Callable[[Any, A], Awaitable[T]], arg: A, summary: str, *, timeout: int = 120
     ) -> T:
-        """Execute the activity method with a timeout, a few attempts and a UI summary."""
-        options = activity_options(None, timeout=timeout, heartbeat=False, attempts=ATTEMPTS, summary=summary)
-        return await workflow.execute_activity_method(activity, arg, **options)
+        """A tick's step: a timeout and a few attempts (the next tick retries, not this one forever)."""
+        return await run_activity(activity, arg, summary, None, timeout=timeout, attempts=ATTEMPTS)

@@ -28,7 +28,7 @@ with workflow.unsafe.imports_passed_through():
         VerdictDecision,
         VerificationResult,
     )
-    from workflows.activity_calls import activity_options
+    from workflows.activity_calls import run_activity
     from workflows.approval import (
         ApprovalState,
         approvals_required,
@@ -109,10 +109,9 @@ class RemediationBase:
         Called by reference (``Class.method``): mypy checks the argument and the result at every call,
         and a reader follows the call to its code. History records the method's stable name.
         """
-        options = activity_options(
-            self._options, timeout=timeout, heartbeat=heartbeat, attempts=attempts, summary=summary
+        return await run_activity(
+            activity, arg, summary, self._options, timeout=timeout, heartbeat=heartbeat, attempts=attempts
         )
-        return await workflow.execute_activity_method(activity, arg, **options)
 
     def _set_phase(self, phase: Phase, *, approval: str | None = None) -> None:
         self._phase = phase

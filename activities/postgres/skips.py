@@ -51,6 +51,18 @@ def _changed(field: str, planned: Any, now: Any, reason: str) -> Skip:
     return Skip(ApplyOutcome.SKIPPED_STALE, reason, {"changed": {field: {"planned": planned, "now": now}}})
 
 
+def _money_changed(field: str, what: str, planned: int, row: asyncpg.Record, done: str) -> Skip:
+    """An amount that changed since planning: neither the planned nor the new one is written."""
+    now, money = row[field], row["currency"]
+    return _changed(
+        field,
+        planned,
+        now,
+        f"{what} changed since planning: {format_money(planned, money)} -> {format_money(now, money)};"
+        f" {done} at neither",
+    )
+
+
 _USAGE = f"""SELECT u.id::text AS id, u.end_time, u.accrued_cost_minor, u.allocation_id, a.status AS alloc_status,
                     CASE WHEN u.end_time IS NULL THEN {CLOSE_COST} END AS close_cost, o.currency,
                     (SELECT to_jsonb(l) FROM billing.ledger_entries l
@@ -93,14 +105,7 @@ def _debit(action: asyncpg.Record, row: asyncpg.Record | None) -> Skip:
             {"changed": {"end_time": {"planned": "closed", "now": None}}},
         )
     if row["accrued_cost_minor"] != planned:
-        money = row["currency"]
-        return _changed(
-            "accrued_cost_minor",
-            planned,
-            row["accrued_cost_minor"],
-            f"accrued cost changed since planning: {format_money(planned, money)} -> "
-            f"{format_money(row['accrued_cost_minor'], money)}; debited at neither",
-        )
+        return _money_changed("accrued_cost_minor", "accrued cost", planned, row, "debited")
     return Skip(ApplyOutcome.SKIPPED_STALE, "no longer matches the planned finding", {})
 
 
@@ -131,13 +136,7 @@ def _close(action: asyncpg.Record, row: asyncpg.Record | None) -> Skip:
             "its usage is not an orphan",
         )
     if row["close_cost"] != planned:
-        return _changed(
-            "close_cost_minor",
-            planned,
-            row["close_cost"],
-            f"cost to close changed since planning: {format_money(planned, money)} -> "
-            f"{format_money(row['close_cost'], money)}; closed at neither",
-        )
+        return _money_changed("close_cost", "cost to close", planned, row, "closed")
     return Skip(ApplyOutcome.SKIPPED_STALE, "no longer matches the planned finding", {})
 
 
@@ -185,14 +184,7 @@ def _credit(action: asyncpg.Record, row: asyncpg.Record | None) -> Skip:
             {"satisfied_by": {"ledger_entry_id": row["ledger_entry_id"]}},
         )
     if row["amount_minor"] != action["amount_minor"]:
-        money = row["currency"]
-        return _changed(
-            "amount_minor",
-            action["amount_minor"],
-            row["amount_minor"],
-            f"session amount changed since planning: {format_money(action['amount_minor'], money)} -> "
-            f"{format_money(row['amount_minor'], money)}; credited at neither",
-        )
+        return _money_changed("amount_minor", "session amount", action["amount_minor"], row, "credited")
     return _changed(
         "status", "failed_reconcile", row["status"], f"session status is now {row['status']}: not credited"
     )

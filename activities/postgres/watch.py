@@ -33,6 +33,19 @@ def _scope_args(scope: Scope) -> list[str | None]:
     return [scope.org_id, scope.project_id, scope.user_id, scope.allocation_id]
 
 
+async def _forget(conn: asyncpg.Connection, watch_id: str, keys: list[asyncpg.Record]) -> None:
+    """Remove checked keys, in the transaction storing their findings; a key an event named again
+    since (its last_seq moved) stays for the next tick."""
+    await conn.execute(
+        """DELETE FROM remediation.watch_keys k USING unnest($2::text[], $3::text[], $4::bigint[]) AS s(kind, key, seq)
+           WHERE k.watch_id = $1 AND k.key_kind = s.kind AND k.key = s.key AND k.last_seq = s.seq""",
+        watch_id,
+        [r["key_kind"] for r in keys],
+        [r["key"] for r in keys],
+        [r["last_seq"] for r in keys],
+    )
+
+
 class WatchDatabaseActivities(PostgresActivities):
     """The watch's ticks, keys and findings."""
 
@@ -76,7 +89,7 @@ class WatchDatabaseActivities(PostgresActivities):
         async with self._transaction() as conn:
             await conn.execute(_lock(tick.watch_id))
             settled = await conn.fetch(
-                f"""SELECT k.key_kind, k.key FROM remediation.watch_keys k
+                f"""SELECT k.key_kind, k.key, k.last_seq FROM remediation.watch_keys k
                     WHERE k.watch_id = $1 AND NOT {_IN_FLIGHT} FOR UPDATE""",
                 tick.watch_id,
                 config.settle_seconds,
@@ -88,13 +101,7 @@ class WatchDatabaseActivities(PostgresActivities):
                 await conn.execute(CUSTOM_PLANS)
                 for check in keyed_checks(7, allocations, sessions).values():
                     await self._store(conn, tick, config, check)
-                await conn.execute(
-                    """DELETE FROM remediation.watch_keys k USING unnest($2::text[], $3::text[]) AS s(kind, key)
-                       WHERE k.watch_id = $1 AND k.key_kind = s.kind AND k.key = s.key""",
-                    tick.watch_id,
-                    [r["key_kind"] for r in settled],
-                    [r["key"] for r in settled],
-                )
+                await _forget(conn, tick.watch_id, settled)
             deferred, why = await self._deferred(conn, request)
         return PassResult(
             keys_checked=len(settled),
@@ -165,12 +172,14 @@ class WatchDatabaseActivities(PostgresActivities):
         started = time.perf_counter()
         async with self._transaction() as conn:
             await conn.execute(_lock(tick.watch_id))
-            flight = await conn.fetch(
-                f"SELECT k.key_kind, k.key FROM remediation.watch_keys k WHERE k.watch_id = $1 AND {_IN_FLIGHT}",
+            keys = await conn.fetch(
+                f"""SELECT k.key_kind, k.key, k.last_seq, {_IN_FLIGHT} AS in_flight
+                    FROM remediation.watch_keys k WHERE k.watch_id = $1""",
                 tick.watch_id,
                 config.settle_seconds,
                 request.worker.ack_floor,
             )
+        flight = [r for r in keys if r["in_flight"]]
         allocations = [r["key"] for r in flight if r["key_kind"] == "allocation"]
         sessions = [r["key"] for r in flight if r["key_kind"] == "payment_session"]
         skip = """AND NOT (coalesce(q.allocation_id, '') = ANY($7::text[])
@@ -186,13 +195,8 @@ class WatchDatabaseActivities(PostgresActivities):
             await asyncio.gather(*(run(check) for check in checks(config.scope, 9).values()))
             async with self._transaction() as conn:
                 await conn.execute(_lock(tick.watch_id))
-                # Every settled key was covered by this pass.
-                await conn.execute(
-                    f"DELETE FROM remediation.watch_keys k WHERE k.watch_id = $1 AND NOT {_IN_FLIGHT}",
-                    tick.watch_id,
-                    config.settle_seconds,
-                    request.worker.ack_floor,
-                )
+                # The keys settled when the pass began were covered by it; one changed since is kept.
+                await _forget(conn, tick.watch_id, [r for r in keys if not r["in_flight"]])
                 await conn.execute(
                     "UPDATE remediation.watch_state SET last_full_at = now() WHERE watch_id = $1",
                     tick.watch_id,

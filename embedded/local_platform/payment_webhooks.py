@@ -71,23 +71,22 @@ async def payment_webhook(request: Request) -> Response:
             TOLERANCE_SECONDS,
         )
         event = json.loads(payload)
+        if event.get("type") != SUCCEEDED:
+            return JSONResponse({"ignored": event.get("type")})
         obj = event["data"]["object"]
+        ref, amount = str(obj["id"]), int(obj["amount"])
     except (stripe.SignatureVerificationError, UnicodeDecodeError):
         return JSONResponse({"error": {"code": "bad_signature", "message": "webhook signature invalid"}}, 400)
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         return JSONResponse({"error": {"code": "bad_request", "message": "not a provider event"}}, 400)
-    if event.get("type") != SUCCEEDED:
-        return JSONResponse({"ignored": event.get("type")})
     pool: asyncpg.Pool = request.app.state.pool
     async with pool.acquire() as conn:
         try:
-            session = await apply_succeeded(conn, str(obj["id"]), int(obj["amount"]))
+            session = await apply_succeeded(conn, ref, amount)
         except ValueError as err:
             return JSONResponse({"error": {"code": "amount_mismatch", "message": str(err)}}, 409)
     if session is None:
-        return JSONResponse(
-            {"error": {"code": "unknown_payment", "message": f"no session for {obj['id']}"}}, 404
-        )
+        return JSONResponse({"error": {"code": "unknown_payment", "message": f"no session for {ref}"}}, 404)
     return JSONResponse({"session": session})
 
 
