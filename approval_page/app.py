@@ -28,11 +28,12 @@ from starlette.templating import Jinja2Templates
 from temporalio.client import Client
 
 import remediation_client as operations
-from approval_page.queries import actions_page, customers
+from approval_page.queries import actions_page
 from config import Settings
 from contracts import names
 from contracts.models import ApprovalDecision, Phase, format_money
 from contracts.signatures import CONTEXT
+from database.plan_customers import customers
 from workflows.input_errors import explain
 from workflows.search_attributes import SA_CORRELATION, SA_PHASE
 

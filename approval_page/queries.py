@@ -12,24 +12,6 @@ from contracts.models import action_effect
 PAGE_SIZE = 50
 
 
-async def customers(pool: asyncpg.Pool, plan_id: str, limit: int = 100) -> list[dict[str, Any]]:
-    """Orgs the plan touches, the most money first: actions, debits and credits (minor units), currency.
-
-    Read from the per-org totals written with the plan (``remediation.plan_customers``), so the cost
-    does not grow with the plan.
-    """
-    rows = await pool.fetch(
-        """SELECT c.org_id, coalesce(o.name, c.org_id) AS name, coalesce(o.currency, '') AS currency,
-                  c.actions, c.debits_minor AS debits, c.credits_minor AS credits
-           FROM remediation.plan_customers c LEFT JOIN billing.orgs o ON o.id = c.org_id
-           WHERE c.plan_id = $1
-           ORDER BY (c.credits_minor - c.debits_minor) DESC, c.org_id LIMIT $2""",
-        plan_id,
-        limit,
-    )
-    return [dict(r) for r in rows]
-
-
 async def actions_page(
     pool: asyncpg.Pool, plan_id: str, after: int
 ) -> tuple[list[dict[str, Any]], int | None]:

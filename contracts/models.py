@@ -36,6 +36,7 @@ class Trigger(StrEnum):
     PREPAID_DEPLETED = "prepaid_depleted"
     MANUAL = "manual"
     DRIFT_DETECTED = "drift_detected"  # the drift watch found it (no alert, no customer yet)
+    REVERSAL = "reversal"  # take back what an earlier run applied (``RemediationRequest.reverses``)
 
 
 class Phase(StrEnum):
@@ -96,7 +97,16 @@ class ActionKind(StrEnum):
     RESTART_BILLING_WORKER = "restart_billing_worker"
     # A runtime regression of the current revision: run the previous one (a restart reruns the bad code).
     ROLLBACK_BILLING_WORKER = "rollback_billing_worker"
+    # A reversal's actions: post the exact inverse of a ledger entry; put a row back to its audited
+    # ``before`` (only while it still holds the run's ``after``); name what cannot be taken back.
+    REVERSE_LEDGER_ENTRY = "reverse_ledger_entry"
+    RESTORE_ROW = "restore_row"
+    NOT_REVERSIBLE = "not_reversible"
 
+
+REVERSAL_KINDS = (ActionKind.REVERSE_LEDGER_ENTRY, ActionKind.RESTORE_ROW, ActionKind.NOT_REVERSIBLE)
+# Kinds that change nothing when applied: they hand a case to a human (no approval needed for them alone).
+FOLLOW_UP_KINDS = (ActionKind.INVESTIGATE_PAYMENT, ActionKind.NOT_REVERSIBLE)
 
 API_ACTION_KINDS = (
     ActionKind.CLEAR_FINANCIAL_RESTRICTION,
@@ -202,6 +212,14 @@ class Scope(Frozen):
         )
 
 
+class ReversalTarget(Frozen):
+    """What a reversal takes back: the applied actions of one run (all of them, or the request's scope)."""
+
+    workflow_id: Annotated[str, StringConstraints(pattern=r"^remediation-[A-Za-z0-9._:/\-]{1,200}$")]
+    run_id: EntityId
+    reason: Annotated[str, StringConstraints(min_length=3, max_length=500, strip_whitespace=True)]
+
+
 class RemediationRequest(Frozen):
     """What an incident commander starts."""
 
@@ -211,16 +229,32 @@ class RemediationRequest(Frozen):
     trigger: Trigger = Trigger.MANUAL
     dry_run: bool = False
     requested_by: EntityId
+    reverses: ReversalTarget | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> RemediationRequest:
         if self.trigger is Trigger.PREPAID_DEPLETED and self.scope.org_id is None:
             raise ValueError("scope.org_id: a prepaid_depleted remediation needs the org it concerns")
+        if (self.trigger is Trigger.REVERSAL) != (self.reverses is not None):
+            raise ValueError("reverses: a reversal names the run it reverses, and only a reversal does")
+        if self.reverses is not None and any(
+            getattr(self.scope, field)
+            for field in ("app_instance_id", "usage_source", "control_plane_component")
+        ):
+            raise ValueError("scope: a reversal is scoped by org, project, user or allocation only")
         return self
 
     def workflow_id(self) -> str:
-        """Derived from the scope so that a second start for the same data attaches to the running one."""
-        return "remediation-" + re.sub(r"[^A-Za-z0-9._:/-]", "_", self.scope.key())
+        """Derived from the scope so that a second start for the same data attaches to the running one.
+
+        A reversal's id names the run it reverses (and its scope): one reversal of a run at a time.
+        """
+        key = re.sub(r"[^A-Za-z0-9._:/-]", "_", self.scope.key())
+        if self.reverses is not None:
+            return f"remediation-reversal-{self.reverses.run_id}" + (
+                "" if self.scope.is_global else f"-{key}"
+            )
+        return "remediation-" + key
 
 
 # --- configuration handed to the workflow -------------------------------------------------------------
@@ -410,6 +444,21 @@ class PlanRequest(Frozen):
     worker_hook: str | None = None
 
 
+class ReversalPlanRequest(Frozen):
+    """Input of `build_reversal_plan`: the inverse of what ``target``'s run applied, within ``ref.scope``."""
+
+    ref: RunRef
+    plan_id: str
+    target: ReversalTarget
+
+
+class ReversalVerifyRequest(Frozen):
+    """Input of `verify_reversal`."""
+
+    ref: RunRef
+    plan_id: str
+
+
 class ApiAction(Frozen):
     """A plan action carried out through the admin billing API rather than Postgres."""
 
@@ -487,11 +536,13 @@ class PlanSummary(Frozen):
     credit_total_minor: int
     counts_by_kind: dict[str, int]
     api_actions: list[ApiAction] = Field(default_factory=list)
+    # A reversal's plan names the run it takes back (its requester may never approve it).
+    reverses_run_id: str | None = None
 
     @property
     def empty(self) -> bool:
         """True when there is nothing to change (follow-ups for a human change nothing: no approval)."""
-        return self.action_count == self.counts_by_kind.get(ActionKind.INVESTIGATE_PAYMENT.value, 0)
+        return self.action_count == sum(self.counts_by_kind.get(k.value, 0) for k in FOLLOW_UP_KINDS)
 
     @property
     def money_moved_minor(self) -> int:

@@ -25,6 +25,8 @@ CHECK_DATA_CONSISTENCY = "billing_db.check_data_consistency"
 ASSESS_BLAST_RADIUS = "billing_db.assess_blast_radius"
 RECONCILE = "billing_db.reconcile"
 BUILD_PLAN = "billing_db.build_plan"
+BUILD_REVERSAL_PLAN = "billing_db.build_reversal_plan"
+VERIFY_REVERSAL = "billing_db.verify_reversal"
 APPLY_PLAN = "billing_db.apply_plan"
 CHECK_DUPLICATES = "billing_db.check_duplicates"
 

@@ -17,7 +17,16 @@ from remediation_client.approvals import (
 )
 from remediation_client.errors import OperationError
 from remediation_client.integrity import verify_evidence
-from remediation_client.reads import evidence, list_query, list_runs, plan, plan_actions, status
+from remediation_client.reads import (
+    customer_balances,
+    evidence,
+    list_query,
+    list_runs,
+    plan,
+    plan_actions,
+    status,
+)
+from remediation_client.reversals import reversal_request, reversals_of, reversed_by_words
 from remediation_client.runs import (
     WORKFLOW_ID,
     Started,
@@ -38,6 +47,7 @@ __all__ = [
     "abort",
     "approve_when_open",
     "check_workflow_id",
+    "customer_balances",
     "decide_plan",
     "decide_verdict",
     "evidence",
@@ -48,6 +58,9 @@ __all__ = [
     "plan_actions",
     "preflight",
     "resolve_plan_hash",
+    "reversal_request",
+    "reversals_of",
+    "reversed_by_words",
     "start",
     "status",
     "submit_decision",

@@ -19,6 +19,7 @@ from contracts.models import (
     StatusView,
     action_effect,
 )
+from database.plan_customers import customers
 from remediation_client.errors import OperationError
 from remediation_client.runs import check_workflow_id, handle_for
 from workflows.search_attributes import SA_CORRELATION, SA_ORG, SA_PHASE
@@ -118,3 +119,12 @@ async def plan_actions(settings: Settings, plan_id: str, limit: int = 200) -> li
         action["effect"] = action_effect(action["kind"], params if isinstance(params, dict) else {})
         actions.append(action)
     return actions
+
+
+async def customer_balances(settings: Settings, plan_id: str, limit: int = 20) -> list[dict[str, Any]]:
+    """The customers a plan touches with their balance now and after the plan, the most money first."""
+    conn = await asyncpg.connect(settings.resolved_database_url())
+    try:
+        return await customers(conn, plan_id, limit)
+    finally:
+        await conn.close()

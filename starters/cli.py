@@ -9,10 +9,10 @@ import sys
 import traceback
 
 # Importing the command modules registers their commands on the app.
-from starters import incident_commands, stack_commands, watch_commands
+from starters import incident_commands, reversal_commands, stack_commands, watch_commands
 from starters.cli_app import app
 
-__all__ = ["app", "incident_commands", "main", "stack_commands", "watch_commands"]
+__all__ = ["app", "incident_commands", "main", "reversal_commands", "stack_commands", "watch_commands"]
 
 
 def main() -> None:

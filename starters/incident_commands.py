@@ -145,7 +145,8 @@ def status(workflow_id: str) -> None:
 
     async def go() -> str:
         view = await operations.status(await cli_client(settings), workflow_id)
-        return render_status(workflow_id, view)
+        reversed_by = operations.reversed_by_words(await operations.reversals_of(settings, workflow_id))
+        return "\n".join([render_status(workflow_id, view), *reversed_by])
 
     typer.echo(run_async(go()))
 
@@ -154,6 +155,7 @@ def status(workflow_id: str) -> None:
 def plan(workflow_id: str, limit: int = 50) -> None:
     """The plan awaiting approval and its first actions."""
     import remediation_client as operations
+    from contracts.models import format_money
 
     settings = cli_settings()
 
@@ -167,6 +169,19 @@ def plan(workflow_id: str, limit: int = 50) -> None:
             f"{summary.action_count} actions, debits "
             f"{summary.debit_total_minor}, credits {summary.credit_total_minor} (minor units)",
         ]
+        if summary.reverses_run_id:
+            lines.append(
+                f"reverses run {summary.reverses_run_id} (exact inverses; its requester may not approve)"
+            )
+        balances = await operations.customer_balances(settings, summary.plan_id)
+        if balances:
+            lines.append("customers (balance now -> after the plan):")
+            lines += [
+                f"  {c['org_id']:<24} {format_money(c['balance_before'], c['currency']):>18} ->"
+                f" {format_money(c['balance_after'], c['currency']):>18}"
+                for c in balances
+                if c["balance_before"] is not None
+            ]
         lines += [
             f"  {a['seq']:>5} {a['kind']:<28} {a['entity_type']}:{a['entity_id']:<24} {a['amount_minor']:>10}"
             f"  {a['idempotency_key']}" + (f"  {a['effect']}" if a["effect"] else "")

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from html import escape
 from typing import Any
 
-from contracts.models import LeftEntity, StatusView
+from contracts.models import LeftEntity, StatusView, format_money
 
 
 def render_status(workflow_id: str, view: StatusView) -> str:
@@ -137,6 +137,18 @@ def render_evidence_markdown(doc: dict[str, Any]) -> str:
         out += [f"### {c['org_id']} ({c['currency']})", "", c["summary"], ""]
     if not doc.get("customer_summaries"):
         out += ["- none", ""]
+    if doc.get("reversal"):
+        rev = doc["reversal"]
+        out += ["## Reverses", "", f"- run `{rev['run_id']}` of {rev['workflow_id']}: {rev['reason']}", ""]
+    if doc.get("balances"):
+        out += ["## Balances (predicted when planned, actual after apply)", "",
+                "| org | before | predicted | actual | |", "|---|---|---|---|---|"]  # fmt: skip
+        out += [
+            f"| {b['org_id']} | {format_money(b['before'], b['currency'])} | {format_money(b['predicted'], b['currency'])}"
+            f" | {format_money(b['actual'], b['currency'])} | {b['explained']} |"
+            for b in doc["balances"]
+        ]
+        out.append("")
     out += ["## Impacted scope", ""]
     out += [
         f"- org {i['org_id']} ({i['currency']}): projects {', '.join(i['projects']) or '-'}; users "

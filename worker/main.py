@@ -164,6 +164,8 @@ def activity_list(
         db.assess_blast_radius,
         db.reconcile,
         db.build_plan,
+        db.build_reversal_plan,
+        db.verify_reversal,
         db.apply_plan,
         db.check_duplicates,
         payments.check_payment_findings,

@@ -40,8 +40,8 @@ NOT_OPEN = "not open yet: the plan is being opened for approval; retry in a mome
 
 
 def self_approval_forbidden(policy: ApprovalPolicy, plan: PlanSummary, radius: BlastRadius | None) -> bool:
-    """The requester may not approve their own high-risk plan."""
-    return high_risk(policy, plan, radius)
+    """The requester may not approve their own high-risk plan, nor ever their own reversal."""
+    return plan.reverses_run_id is not None or high_risk(policy, plan, radius)
 
 
 def refusal(
@@ -77,7 +77,8 @@ def refusal(
         and decision.approver == requester
         and self_approval_forbidden(policy, state.plan, radius)
     ):
-        return "self-approval: the requester cannot approve their own widespread or above-threshold plan"
+        what = "reversal" if state.plan.reverses_run_id else "widespread or above-threshold plan"
+        return f"self-approval: the requester cannot approve their own {what}"
     return None
 
 

@@ -26,7 +26,6 @@ with workflow.unsafe.imports_passed_through():
     from contracts import names
     from contracts.models import (
         AlertNotice,
-        ApplyRequest,
         ApplySummary,
         BlastRadius,
         BlastRadiusRequest,
@@ -52,7 +51,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.criteria import consistency_after_reconcile
     from workflows.details import STEPS_MARKDOWN
     from workflows.incident_marks import incident_marks
-    from workflows.remediation_verify import VerifySteps
+    from workflows.remediation_reversal import ReversalSteps
     from workflows.search_attributes import SA_BLAST
 
 # Expected failures that retrying cannot fix; everything else retries with backoff up to the limit.
@@ -61,7 +60,7 @@ MAX_ALERTS = 50  # distinct alerts recorded per run; history stays bounded under
 
 
 @workflow.defn(name=names.WORKFLOW)
-class BillingRemediationWorkflow(VerifySteps):
+class BillingRemediationWorkflow(ReversalSteps):
     """One remediation of one scope, from diagnosis to evidence (state and helpers: ``RemediationBase``)."""
 
     # ---------------------------------------------------------------- run
@@ -121,6 +120,8 @@ class BillingRemediationWorkflow(VerifySteps):
     async def _remediate(
         self, request: RemediationRequest
     ) -> tuple[Phase, PlanSummary | None, ApplySummary | None]:
+        if request.reverses is not None:
+            return await self._reverse(request)
         ref = self._require_ref()
         options = self._require_options()
         await self._diagnose(request, options)
@@ -307,34 +308,6 @@ class BillingRemediationWorkflow(VerifySteps):
             return CheckResult(
                 check=check, status="unreachable", headline=f"{check} unreachable: {activity_cause(err)}"
             )
-
-    async def _apply(self, plan: PlanSummary) -> ApplySummary:
-        ref = self._require_ref()
-        options = self._require_options()
-        approvers = list(self._approval.approved_by)
-        applied: ApplySummary = await self._act(
-            BillingDatabaseActivities.apply_plan,
-            ApplyRequest(
-                ref=ref,
-                plan_id=plan.plan_id,
-                plan_hash=plan.plan_hash,
-                actor=self._request.requested_by,
-                approvers=approvers,
-                batch_size=options.apply_batch_size,
-            ),
-            f"Apply {plan.action_count} approved actions of plan {plan.plan_id} in batches",
-            timeout=3600,
-            heartbeat=True,
-            attempts=50,
-        )
-        await self._api_actions(plan, approvers)
-        self._refresh_details()
-        return applied
-
-    async def _before_taken(self) -> None:
-        """The before-evidence is complete (it must be, before anything changes or the evidence is built)."""
-        if self._before is not None:
-            await self._before
 
     async def _cleanup(self, outcome: Phase, plan: PlanSummary | None) -> None:
         ref = self._require_ref()

@@ -1,7 +1,7 @@
 """Activities on the billing data in Postgres, one module per concern.
 
 ``drift_sql`` the four checks as SQL; ``diagnosis`` health, consistency, blast radius and duplicates;
-``reconcile`` findings; ``plan`` plan actions; ``apply`` the approved plan; ``records`` the remediation's
+``reconcile`` findings; ``plan`` plan actions; ``apply`` the approved plan; ``reversal`` the inverse of a run; ``records`` the remediation's
 own rows (runs, timeline, approvals audit, snapshots, evidence). Every path maps driver failures to the
 retryable DependencyDown through ``base.driver_errors``. Every check is set-based SQL; findings and plan
 actions are written to Postgres, never returned whole.
@@ -17,9 +17,12 @@ from activities.postgres.apply import ApplyActivities
 from activities.postgres.diagnosis import DiagnosisActivities
 from activities.postgres.plan import PlanActivities
 from activities.postgres.reconcile import ReconcileActivities
+from activities.postgres.reversal import ReversalActivities
 
 
-class BillingDatabaseActivities(DiagnosisActivities, ReconcileActivities, PlanActivities, ApplyActivities):
+class BillingDatabaseActivities(
+    DiagnosisActivities, ReconcileActivities, PlanActivities, ApplyActivities, ReversalActivities
+):
     """Set-based checks and corrective writes on the billing tables (all groups on one pool)."""
 
     def __init__(

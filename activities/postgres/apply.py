@@ -13,14 +13,17 @@ from temporalio import activity
 from activities.errors import bad_input, dependency_down, not_found
 from activities.heartbeat import heartbeating
 from activities.payment_provider import PaymentProvider, ProviderUnreachable, judge
+from activities.postgres.audit_rows import write_audit_rows
 from activities.postgres.base import CUSTOM_PLANS, PostgresActivities, driver_errors
 from activities.postgres.drift_sql import CLOSE_AT, CLOSE_COST, OPEN_STATUSES
 from activities.postgres.plan import plan_content_hash
+from activities.postgres.reversal_apply import apply_reversals
 from activities.postgres.skips import explain_skips
 from contracts import names
 from contracts.models import (
     API_ACTION_KINDS,
     PROVIDER_CHECKED_KINDS,
+    REVERSAL_KINDS,
     ActionKind,
     ApplyOutcome,
     ApplyRequest,
@@ -53,7 +56,7 @@ def debit_insert(source: str, actor: str, corr: str) -> str:
                FROM ({source}) d JOIN billing.usage_records u ON u.id = d.usage_id
                WHERE u.end_time IS NOT NULL AND u.accrued_cost_minor = d.cost
                  AND NOT EXISTS (SELECT 1 FROM billing.ledger_entries l
-                                 WHERE l.usage_record_id = u.id AND l.kind = 'usage_debit')
+                                 WHERE l.usage_record_id = u.id AND l.kind = 'usage_debit' AND l.reversed_by_entry_id IS NULL)
                ON CONFLICT DO NOTHING
                RETURNING usage_record_id, to_jsonb(billing.ledger_entries.*) AS doc"""
 
@@ -140,8 +143,10 @@ class ApplyActivities(PostgresActivities):
                 debits = [a["seq"] for a in actions if a["kind"] == ActionKind.POST_USAGE_DEBIT]
                 if debits:
                     await self._apply_debits(conn, request, debits)
+                # A reversal's inverses and restores, set-based too.
+                await apply_reversals(conn, request, [a for a in actions if a["kind"] in REVERSAL_KINDS])
                 for action in actions:
-                    if action["kind"] == ActionKind.POST_USAGE_DEBIT:
+                    if action["kind"] == ActionKind.POST_USAGE_DEBIT or action["kind"] in REVERSAL_KINDS:
                         continue
                     if action["kind"] == ActionKind.INVESTIGATE_PAYMENT:
                         await self._audit(
@@ -242,7 +247,7 @@ class ApplyActivities(PostgresActivities):
         )
         skips = await explain_skips(conn, actions)
         before = {r["seq"]: r["before"] for r in refused}
-        await self._audit_rows(
+        await write_audit_rows(
             conn,
             request,
             [(a, skips[a["seq"]].outcome, before[a["seq"]], skips[a["seq"]].document()) for a in actions],
@@ -282,39 +287,7 @@ class ApplyActivities(PostgresActivities):
         after: Any,
     ) -> None:
         """The action's audit row, in the transaction of its effect (or of its refusal)."""
-        await self._audit_rows(conn, request, [(action, outcome, before, after)])
-
-    @staticmethod
-    async def _audit_rows(
-        conn: asyncpg.Connection,
-        request: ApplyRequest,
-        rows: list[tuple[asyncpg.Record, ApplyOutcome, Any, Any]],
-    ) -> None:
-        """Audit rows in one statement (one audit-chain link), in the caller's transaction."""
-
-        def doc(value: Any) -> str:
-            return value if isinstance(value, str) else json.dumps(value, default=str)
-
-        await conn.execute(
-            """INSERT INTO remediation.applied_actions (plan_id, seq, idempotency_key, kind, outcome, actor, approvers,
-                   workflow_id, correlation_id, before, after)
-               SELECT $1, r.seq, r.key, r.kind, r.outcome, $2, $3, $4, $5, r.before::jsonb, r.after::jsonb
-               FROM unnest($6::int[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[])
-                    AS r(seq, key, kind, outcome, before, after)
-               ORDER BY r.seq
-               ON CONFLICT (plan_id, seq) DO NOTHING""",
-            request.plan_id,
-            request.actor,
-            request.approvers,
-            request.ref.workflow_id,
-            request.ref.correlation_id,
-            [a["seq"] for a, *_ in rows],
-            [a["idempotency_key"] for a, *_ in rows],
-            [a["kind"] for a, *_ in rows],
-            [o.value for _, o, *_ in rows],
-            [doc(b) for _, _, b, _ in rows],
-            [doc(x) for *_, x in rows],
-        )
+        await write_audit_rows(conn, request, [(action, outcome, before, after)])
 
 
 _FOLLOW_UP = json.dumps({"follow_up": "handed to the payments team; never applied by a remediation"})
@@ -395,7 +368,7 @@ async def _close_orphan_usage(
         after["debit_not_posted"] = "zero cost: nothing to debit"
     elif debit is None:
         existing = await conn.fetchrow(
-            "SELECT id, actor FROM billing.ledger_entries WHERE usage_record_id = $1 AND kind = 'usage_debit'",
+            "SELECT id, actor FROM billing.ledger_entries WHERE usage_record_id = $1 AND kind = 'usage_debit' AND reversed_by_entry_id IS NULL",
             int(entity),
         )
         after["debit_not_posted"] = (
@@ -429,7 +402,7 @@ async def _credit_payment(
            WHERE p.id = $1 AND p.amount_minor = $2 AND p.ledger_entry_id IS NULL
              AND p.status IN ('failed_reconcile', 'completed')
              AND NOT EXISTS (SELECT 1 FROM billing.ledger_entries l
-                             WHERE l.payment_session_id = p.id AND l.kind = 'payment_credit')
+                             WHERE l.payment_session_id = p.id AND l.kind = 'payment_credit' AND l.reversed_by_entry_id IS NULL)
            ON CONFLICT DO NOTHING RETURNING id""",
         entity,
         amount,
@@ -457,7 +430,7 @@ async def _link_payment_credit(
                completed_at = coalesce(p.completed_at, now())
            FROM billing.ledger_entries l
            WHERE p.id = $1 AND p.ledger_entry_id IS NULL AND l.payment_session_id = p.id
-             AND l.kind = 'payment_credit' RETURNING to_jsonb(p.*)""",
+             AND l.kind = 'payment_credit' AND l.reversed_by_entry_id IS NULL RETURNING to_jsonb(p.*)""",
         entity,
     )
     return before, after
@@ -472,7 +445,7 @@ async def _mark_payment_failed(
         """UPDATE billing.payment_sessions p SET status = 'failed'
            WHERE p.id = $1 AND p.ledger_entry_id IS NULL AND p.status IN ('failed_reconcile', 'completed')
              AND NOT EXISTS (SELECT 1 FROM billing.ledger_entries l
-                             WHERE l.payment_session_id = p.id AND l.kind = 'payment_credit')
+                             WHERE l.payment_session_id = p.id AND l.kind = 'payment_credit' AND l.reversed_by_entry_id IS NULL)
            RETURNING to_jsonb(p.*)""",
         entity,
     )

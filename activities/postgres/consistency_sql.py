@@ -62,7 +62,7 @@ def consistency_counts(scope: Scope, names: tuple[str, ...] = INDEXED + SCANNING
         "ledger_projection_users": (
             f"""SELECT count(*) FROM (
                   SELECT u.requested_by_user_id FROM billing.usage_records u
-                  LEFT JOIN billing.ledger_entries l ON l.usage_record_id = u.id AND l.kind = 'usage_debit'
+                  LEFT JOIN billing.ledger_entries l ON l.usage_record_id = u.id AND l.kind = 'usage_debit' AND l.reversed_by_entry_id IS NULL
                   WHERE u.end_time IS NOT NULL AND {usage_pred}
                   GROUP BY 1 HAVING sum(u.accrued_cost_minor) <> -coalesce(sum(l.amount_minor), 0)) d""",
             params,

@@ -234,12 +234,12 @@ class DiagnosisActivities(PostgresActivities):
         usage_pred, uparams = scope_predicate(request.ref.scope, USAGE_COLUMNS, 1)
         debits = await self._fetchval(
             f"""SELECT count(*) FROM (SELECT usage_record_id FROM billing.ledger_entries l
-                WHERE kind = 'usage_debit' AND {ledger_pred} GROUP BY 1 HAVING count(*) > 1) d""",
+                WHERE kind = 'usage_debit' AND reversed_by_entry_id IS NULL AND {ledger_pred} GROUP BY 1 HAVING count(*) > 1) d""",
             *params,
         )
         credits = await self._fetchval(
             f"""SELECT count(*) FROM (SELECT payment_session_id FROM billing.ledger_entries l
-                WHERE kind = 'payment_credit' AND {ledger_pred} GROUP BY 1 HAVING count(*) > 1) d""",
+                WHERE kind = 'payment_credit' AND reversed_by_entry_id IS NULL AND {ledger_pred} GROUP BY 1 HAVING count(*) > 1) d""",
             *params,
         )
         open_twice = await self._fetchval(

@@ -31,6 +31,11 @@ CLOSE_COST = (
 FINDING_COLUMNS = (
     "kind", "entity_type", "entity_id", "org_id", "project_id", "user_id", "allocation_id", "amount_minor", "detail",
 )  # fmt: skip
+# A record billed once and reversed is billed again under a new key: its finding names the reversed entry.
+REVERSED_DEBIT = """(SELECT max(r.id) FROM billing.ledger_entries r WHERE r.usage_record_id = u.id
+                       AND r.kind = 'usage_debit' AND r.reversed_by_entry_id IS NOT NULL)"""
+REVERSED_CREDIT = """(SELECT max(r.id) FROM billing.ledger_entries r WHERE r.payment_session_id = p.id
+                        AND r.kind = 'payment_credit' AND r.reversed_by_entry_id IS NOT NULL)"""
 PAYMENT_DRIFTED = "(p.status = 'failed_reconcile' OR (p.status = 'completed' AND p.ledger_entry_id IS NULL))"
 # Each check's exact test for a candidate key ``k``: no match anywhere in the table.
 EXACT: dict[DriftKind, str] = {
@@ -41,7 +46,7 @@ EXACT: dict[DriftKind, str] = {
         f"SELECT 1 FROM billing.allocations c WHERE c.id = k.allocation_id AND c.status IN {OPEN_STATUSES}"
     ),
     DriftKind.UNBILLED_CLOSED_USAGE: (
-        "SELECT 1 FROM billing.ledger_entries l WHERE l.usage_record_id = k.id AND l.kind = 'usage_debit'"
+        "SELECT 1 FROM billing.ledger_entries l WHERE l.usage_record_id = k.id AND l.kind = 'usage_debit' AND l.reversed_by_entry_id IS NULL"
     ),
 }
 # Each check's finding rows for the materialised drifted keys (``cand``).
@@ -53,21 +58,23 @@ DETAILS: dict[DriftKind, str] = {
                    SELECT * FROM billing.allocations a WHERE a.id = cand.key OFFSET 0) a""",
     DriftKind.ORPHAN_OPEN_USAGE: f"""SELECT 'orphan_open_usage', 'usage_record', u.id::text, u.org_id, u.project_id,
                        u.requested_by_user_id, u.allocation_id, {CLOSE_COST},
-                       jsonb_build_object('allocation_status', a.status, 'released_at', a.released_at,
-                                          'start_time', u.start_time)
+                       jsonb_strip_nulls(jsonb_build_object('allocation_status', a.status,
+                           'released_at', a.released_at, 'start_time', u.start_time,
+                           'reversed_debit', {REVERSED_DEBIT}))
                 FROM cand
                 CROSS JOIN LATERAL (SELECT * FROM billing.usage_records u
                                     WHERE u.allocation_id = cand.key AND u.end_time IS NULL OFFSET 0) u
                 CROSS JOIN LATERAL (SELECT * FROM billing.allocations a WHERE a.id = u.allocation_id OFFSET 0) a""",
-    DriftKind.UNBILLED_CLOSED_USAGE: """SELECT 'unbilled_closed_usage', 'usage_record', u.id::text, u.org_id, u.project_id,
+    DriftKind.UNBILLED_CLOSED_USAGE: f"""SELECT 'unbilled_closed_usage', 'usage_record', u.id::text, u.org_id, u.project_id,
                       u.requested_by_user_id, u.allocation_id, u.accrued_cost_minor,
-                      jsonb_build_object('end_time', u.end_time)
+                      jsonb_strip_nulls(jsonb_build_object('end_time', u.end_time, 'reversed_debit', {REVERSED_DEBIT}))
                FROM cand CROSS JOIN LATERAL (
                    SELECT * FROM billing.usage_records u WHERE u.id = cand.key OFFSET 0) u""",
-    DriftKind.PAYMENT_DRIFT: """SELECT 'payment_drift', 'payment_session', p.id, p.org_id, NULL, p.user_id, NULL, p.amount_minor,
-                      jsonb_build_object('status', p.status, 'existing_credit_id',
+    DriftKind.PAYMENT_DRIFT: f"""SELECT 'payment_drift', 'payment_session', p.id, p.org_id, NULL, p.user_id, NULL, p.amount_minor,
+                      jsonb_strip_nulls(jsonb_build_object('status', p.status, 'existing_credit_id',
                           (SELECT l.id FROM billing.ledger_entries l
-                           WHERE l.payment_session_id = p.id AND l.kind = 'payment_credit'))
+                           WHERE l.payment_session_id = p.id AND l.kind = 'payment_credit' AND l.reversed_by_entry_id IS NULL),
+                          'reversed_credit', {REVERSED_CREDIT}))
                FROM cand CROSS JOIN LATERAL (
                    SELECT * FROM billing.payment_sessions p WHERE p.id = cand.key OFFSET 0) p""",
 }
@@ -125,7 +132,7 @@ def checks(scope: Scope, first: int) -> dict[DriftKind, Check]:
     debits = (
         None
         if ledger_pre is None
-        else f"SELECT l.usage_record_id FROM billing.ledger_entries l WHERE l.kind = 'usage_debit' AND {ledger_pre}"
+        else f"SELECT l.usage_record_id FROM billing.ledger_entries l WHERE l.kind = 'usage_debit' AND l.reversed_by_entry_id IS NULL AND {ledger_pre}"
     )
     return {
         DriftKind.MISSING_OPEN_USAGE: Check(

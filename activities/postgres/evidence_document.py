@@ -9,6 +9,7 @@ import asyncpg
 
 from activities.postgres.incident_timeline import incident_timeline
 from contracts.models import ApplyOutcome, EvidenceRequest, format_money, sql_list
+from database.plan_customers import balances_after_apply
 
 FOLLOW_UPS = {
     "nats_consumer": "Alert on billing-worker consumer stalls (pending > 0 with no ack for 5 min) and page on-call.",
@@ -158,7 +159,37 @@ async def build_evidence(pool: asyncpg.Pool, request: EvidenceRequest) -> dict[s
         "customer_summary": _customer_summary(request, figures, currencies),
         "customer_summaries": await _customer_summaries(pool, request, figures, currencies),
         "follow_ups": follow_ups,
+        "reversal": await _reversal(pool, ref.run_id),
+        "balances": await _balances(pool, plan),
     }
+
+
+async def _reversal(pool: asyncpg.Pool, run_id: str) -> dict[str, Any] | None:
+    """The run this run reverses (a reversal's evidence names its original), or None."""
+    row = await pool.fetchrow(
+        """SELECT original_workflow_id AS workflow_id, original_run_id AS run_id, scope::text AS scope, reason
+           FROM remediation.reversals WHERE run_id = $1""",
+        run_id,
+    )
+    if row is None:
+        return None
+    return dict(row) | {"scope": json.loads(row["scope"])}
+
+
+async def _balances(pool: asyncpg.Pool, plan: Any) -> list[dict[str, Any]]:
+    """Per customer of an applied plan: balance before, predicted, actual, and the difference explained."""
+    if plan is None or plan["status"] != "applied":
+        return []
+    return [
+        row
+        | {
+            "explained": "as predicted"
+            if row["difference"] == 0
+            else f"differs by {row['difference']}: {-row['not_applied']} from actions not applied,"
+            f" {row['others']} from entries other writers posted meanwhile"
+        }
+        for row in await balances_after_apply(pool, plan["plan_id"])
+    ]
 
 
 SKIPPED_LISTED = 1000  # skipped actions the evidence lists one by one (the counts cover every one)

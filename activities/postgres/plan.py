@@ -13,6 +13,7 @@ from activities.scope_sql import scope_predicate
 from contracts import names
 from contracts.models import (
     API_ACTION_KINDS,
+    REVERSAL_KINDS,
     ActionKind,
     ApiAction,
     PlanRequest,
@@ -36,10 +37,11 @@ PAYMENT_ACTION = f"""CASE
 
 # The text a plan's hash is taken over, one line per action: everything the action will do (its kind,
 # entity, amount, idempotency key, the provider's evidence for payments, and for admin-API actions their
-# parameters: revision from and to, the hook they call). Approvers sign this hash; apply recomputes it.
+# parameters: revision from and to, the hook they call; for a reversal's rows the entry, the row's
+# before and after they restore). Approvers sign this hash; apply recomputes it.
 PLAN_CANON = f"""string_agg(seq || '|' || kind || '|' || entity_id || '|' || amount_minor || '|' || idempotency_key
     || coalesce('|' || (params->'provider')::text, '')
-    || CASE WHEN kind IN {sql_list(API_ACTION_KINDS)} THEN coalesce('|' || params::text, '') ELSE '' END,
+    || CASE WHEN kind IN {sql_list(API_ACTION_KINDS + REVERSAL_KINDS)} THEN coalesce('|' || params::text, '') ELSE '' END,
     E'\\n' ORDER BY seq)"""
 
 
@@ -51,6 +53,72 @@ async def plan_content_hash(conn: asyncpg.Connection | asyncpg.Pool, plan_id: st
                 FROM remediation.plan_actions WHERE plan_id = $1""",
             plan_id,
         )
+    )
+
+
+async def seal_plan(conn: asyncpg.Connection, plan_id: str) -> None:
+    """Hash the plan's rows, total them, and record each customer's balance now and the money planned."""
+    await conn.execute(
+        f"""UPDATE remediation.plans p SET
+             plan_hash = encode(sha256(convert_to(coalesce(s.canon, ''), 'UTF8')), 'hex'),
+             action_count = coalesce(s.n, 0), debit_total_minor = coalesce(s.debits, 0),
+             credit_total_minor = coalesce(s.credits, 0), counts_by_kind = coalesce(s.kinds, '{{}}')
+           FROM (SELECT {PLAN_CANON} AS canon,
+                        count(*) AS n,
+                        sum(amount_minor) FILTER (WHERE amount_minor < 0) AS debits,
+                        sum(amount_minor) FILTER (WHERE amount_minor > 0) AS credits,
+                        (SELECT jsonb_object_agg(kind, c) FROM (SELECT kind, count(*) c
+                            FROM remediation.plan_actions WHERE plan_id = $1 GROUP BY kind) k) AS kinds
+                 FROM remediation.plan_actions WHERE plan_id = $1) s
+           WHERE p.plan_id = $1""",
+        plan_id,
+    )
+    # The balance is read in the plan's own transaction: predicted = balance now + the plan's money.
+    await conn.execute(
+        """INSERT INTO remediation.plan_customers (plan_id, org_id, actions, debits_minor, credits_minor,
+               balance_before_minor, currency)
+           SELECT $1, c.org_id, c.n, c.debits, c.credits,
+                  (SELECT coalesce(sum(l.amount_minor), 0) FROM billing.ledger_entries l WHERE l.org_id = c.org_id),
+                  o.currency
+           FROM (SELECT org_id, count(*) AS n,
+                        coalesce(sum(amount_minor) FILTER (WHERE amount_minor < 0), 0) AS debits,
+                        coalesce(sum(amount_minor) FILTER (WHERE amount_minor > 0), 0) AS credits
+                 FROM remediation.plan_actions WHERE plan_id = $1 AND org_id <> '*' GROUP BY org_id) c
+           LEFT JOIN billing.orgs o ON o.id = c.org_id""",
+        plan_id,
+    )
+
+
+async def read_plan(conn: asyncpg.Connection, plan_id: str) -> PlanSummary:
+    """The stored plan's summary (its admin-API actions listed; the rest stay in Postgres)."""
+    plan = await conn.fetchrow("SELECT * FROM remediation.plans WHERE plan_id = $1", plan_id)
+    api_rows = await conn.fetch(
+        f"""SELECT seq, kind, org_id, idempotency_key, (params->>'to_revision')::int AS target_revision,
+                  (params->>'from_revision')::int AS from_revision, params->>'hook' AS hook
+           FROM remediation.plan_actions WHERE plan_id = $1
+           AND kind IN {sql_list(API_ACTION_KINDS)} ORDER BY seq""",
+        plan_id,
+    )
+    return PlanSummary(
+        plan_id=plan["plan_id"],
+        plan_hash=plan["plan_hash"],
+        action_count=plan["action_count"],
+        debit_total_minor=plan["debit_total_minor"],
+        credit_total_minor=plan["credit_total_minor"],
+        counts_by_kind=json.loads(plan["counts_by_kind"]),
+        api_actions=[
+            ApiAction(
+                seq=r["seq"],
+                kind=r["kind"],
+                org_id=r["org_id"],
+                idempotency_key=r["idempotency_key"],
+                target_revision=r["target_revision"],
+                from_revision=r["from_revision"],
+                hook=r["hook"],
+            )
+            for r in api_rows
+        ],
+        reverses_run_id=plan["reverses_run_id"],
     )
 
 
@@ -106,7 +174,10 @@ class PlanActivities(PostgresActivities):
                              WHEN '{ActionKind.LINK_PAYMENT_CREDIT.value}' THEN 'payment-link:'
                              WHEN '{ActionKind.MARK_PAYMENT_FAILED.value}' THEN 'payment-failed:'
                              ELSE 'payment-investigate:' END || f.entity_id
-                         END AS key) a
+                         END
+                         -- Billed (or credited) once and reversed: the new entry needs a key of its own.
+                         || coalesce(':after-reversal-of-' || coalesce(f.detail->>'reversed_debit',
+                                                                        f.detail->>'reversed_credit'), '') AS key) a
                        WHERE f.run_id = $2 AND f.pass = $3""",
                     request.plan_id,
                     ref.run_id,
@@ -143,57 +214,8 @@ class PlanActivities(PostgresActivities):
                         f"worker-restart:{ref.run_id}",
                         request.worker_hook,
                     )
-                await conn.execute(
-                    f"""UPDATE remediation.plans p SET
-                         plan_hash = encode(sha256(convert_to(coalesce(s.canon, ''), 'UTF8')), 'hex'),
-                         action_count = coalesce(s.n, 0), debit_total_minor = coalesce(s.debits, 0),
-                         credit_total_minor = coalesce(s.credits, 0), counts_by_kind = coalesce(s.kinds, '{{}}')
-                       FROM (SELECT {PLAN_CANON} AS canon,
-                                    count(*) AS n,
-                                    sum(amount_minor) FILTER (WHERE amount_minor < 0) AS debits,
-                                    sum(amount_minor) FILTER (WHERE amount_minor > 0) AS credits,
-                                    (SELECT jsonb_object_agg(kind, c) FROM (SELECT kind, count(*) c
-                                        FROM remediation.plan_actions WHERE plan_id = $1 GROUP BY kind) k) AS kinds
-                             FROM remediation.plan_actions WHERE plan_id = $1) s
-                       WHERE p.plan_id = $1""",
-                    request.plan_id,
-                )
-                await conn.execute(
-                    """INSERT INTO remediation.plan_customers (plan_id, org_id, actions, debits_minor, credits_minor)
-                       SELECT $1, org_id, count(*),
-                              coalesce(sum(amount_minor) FILTER (WHERE amount_minor < 0), 0),
-                              coalesce(sum(amount_minor) FILTER (WHERE amount_minor > 0), 0)
-                       FROM remediation.plan_actions WHERE plan_id = $1 AND org_id <> '*' GROUP BY org_id""",
-                    request.plan_id,
-                )
-            plan = await conn.fetchrow("SELECT * FROM remediation.plans WHERE plan_id = $1", request.plan_id)
-            api_rows = await conn.fetch(
-                f"""SELECT seq, kind, org_id, idempotency_key, (params->>'to_revision')::int AS target_revision,
-                          (params->>'from_revision')::int AS from_revision, params->>'hook' AS hook
-                   FROM remediation.plan_actions WHERE plan_id = $1
-                   AND kind IN {sql_list(API_ACTION_KINDS)} ORDER BY seq""",
-                request.plan_id,
-            )
-        summary = PlanSummary(
-            plan_id=plan["plan_id"],
-            plan_hash=plan["plan_hash"],
-            action_count=plan["action_count"],
-            debit_total_minor=plan["debit_total_minor"],
-            credit_total_minor=plan["credit_total_minor"],
-            counts_by_kind=json.loads(plan["counts_by_kind"]),
-            api_actions=[
-                ApiAction(
-                    seq=r["seq"],
-                    kind=r["kind"],
-                    org_id=r["org_id"],
-                    idempotency_key=r["idempotency_key"],
-                    target_revision=r["target_revision"],
-                    from_revision=r["from_revision"],
-                    hook=r["hook"],
-                )
-                for r in api_rows
-            ],
-        )
+                await seal_plan(conn, request.plan_id)
+            summary = await read_plan(conn, request.plan_id)
         await self._timeline(
             ref.run_id,
             f"plan:{request.plan_id}",

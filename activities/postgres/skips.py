@@ -66,7 +66,7 @@ def _money_changed(field: str, what: str, planned: int, row: asyncpg.Record, don
 _USAGE = f"""SELECT u.id::text AS id, u.end_time, u.accrued_cost_minor, u.allocation_id, a.status AS alloc_status,
                     CASE WHEN u.end_time IS NULL THEN {CLOSE_COST} END AS close_cost, o.currency,
                     (SELECT to_jsonb(l) FROM billing.ledger_entries l
-                     WHERE l.usage_record_id = u.id AND l.kind = 'usage_debit') AS debit
+                     WHERE l.usage_record_id = u.id AND l.kind = 'usage_debit' AND l.reversed_by_entry_id IS NULL) AS debit
              FROM billing.usage_records u JOIN billing.allocations a ON a.id = u.allocation_id
              JOIN billing.orgs o ON o.id = u.org_id WHERE u.id = ANY($1::bigint[])"""
 
@@ -77,7 +77,7 @@ _ALLOCATION = """SELECT a.id, a.status,
 
 _SESSION = """SELECT p.id, p.status, p.amount_minor, p.ledger_entry_id, o.currency,
                      (SELECT to_jsonb(l) FROM billing.ledger_entries l
-                      WHERE l.payment_session_id = p.id AND l.kind = 'payment_credit') AS credit
+                      WHERE l.payment_session_id = p.id AND l.kind = 'payment_credit' AND l.reversed_by_entry_id IS NULL) AS credit
               FROM billing.payment_sessions p JOIN billing.orgs o ON o.id = p.org_id
               WHERE p.id = ANY($1::text[])"""
 

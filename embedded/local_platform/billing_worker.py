@@ -58,7 +58,7 @@ async def _debit_closed_unbilled(conn: asyncpg.Connection, alloc: asyncpg.Record
            FROM billing.usage_records u
            WHERE u.allocation_id = $1 AND u.end_time IS NOT NULL AND u.accrued_cost_minor > 0
              AND NOT EXISTS (SELECT 1 FROM billing.ledger_entries l
-                             WHERE l.usage_record_id = u.id AND l.kind = 'usage_debit')
+                             WHERE l.usage_record_id = u.id AND l.kind = 'usage_debit' AND l.reversed_by_entry_id IS NULL)
            ON CONFLICT DO NOTHING""",
         alloc["id"],
         SERVICE,

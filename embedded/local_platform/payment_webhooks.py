@@ -47,7 +47,7 @@ async def apply_succeeded(conn: asyncpg.Connection, provider_ref: str, amount: i
             ACTOR,
             f"webhook:{provider_ref}",
         ) or await conn.fetchval(
-            "SELECT id FROM billing.ledger_entries WHERE payment_session_id = $1 AND kind = 'payment_credit'",
+            "SELECT id FROM billing.ledger_entries WHERE payment_session_id = $1 AND kind = 'payment_credit' AND reversed_by_entry_id IS NULL",
             session["id"],
         )
         row = await conn.fetchrow(

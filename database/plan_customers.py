@@ -1,0 +1,59 @@
+"""Each customer a plan touches: its money, its ledger balance when the plan was built and the balance the
+plan will leave (approval page, `remediate plan`, evidence), read from the per-org rows written with it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+
+async def customers(
+    conn: asyncpg.Pool | asyncpg.Connection, plan_id: str, limit: int = 100
+) -> list[dict[str, Any]]:
+    """Orgs the plan touches, the most money first: actions, debits, credits, balance now and predicted.
+
+    Read from ``remediation.plan_customers`` (written with the plan), so the cost does not grow with the
+    plan. ``balance_after`` is the balance when the plan was built plus the plan's money; None for plans
+    built before balances were recorded.
+    """
+    rows = await conn.fetch(
+        """SELECT c.org_id, coalesce(o.name, c.org_id) AS name, coalesce(c.currency, o.currency, '') AS currency,
+                  c.actions, c.debits_minor AS debits, c.credits_minor AS credits,
+                  c.balance_before_minor AS balance_before,
+                  c.balance_before_minor + c.debits_minor + c.credits_minor AS balance_after
+           FROM remediation.plan_customers c LEFT JOIN billing.orgs o ON o.id = c.org_id
+           WHERE c.plan_id = $1
+           ORDER BY (c.credits_minor - c.debits_minor) DESC, c.org_id LIMIT $2""",
+        plan_id,
+        limit,
+    )
+    return [dict(r) for r in rows]
+
+
+async def balances_after_apply(conn: asyncpg.Pool | asyncpg.Connection, plan_id: str) -> list[dict[str, Any]]:
+    """Per customer: the balance predicted when the plan was built and the balance now, and their difference.
+
+    A difference has two possible causes, both named: actions the apply did not carry out (their money,
+    ``not_applied``) and entries other writers posted meanwhile (the rest).
+    """
+    rows = await conn.fetch(
+        """SELECT c.org_id, coalesce(c.currency, o.currency, '') AS currency, c.balance_before_minor AS before,
+                  c.balance_before_minor + c.debits_minor + c.credits_minor AS predicted,
+                  (SELECT coalesce(sum(l.amount_minor), 0) FROM billing.ledger_entries l
+                   WHERE l.org_id = c.org_id)::bigint AS actual,
+                  (SELECT coalesce(sum(pa.amount_minor), 0) FROM remediation.plan_actions pa
+                   LEFT JOIN remediation.applied_actions aa ON aa.plan_id = pa.plan_id AND aa.seq = pa.seq
+                   WHERE pa.plan_id = c.plan_id AND pa.org_id = c.org_id
+                     AND aa.outcome IS DISTINCT FROM 'applied')::bigint AS not_applied
+           FROM remediation.plan_customers c LEFT JOIN billing.orgs o ON o.id = c.org_id
+           WHERE c.plan_id = $1 AND c.balance_before_minor IS NOT NULL ORDER BY c.org_id""",
+        plan_id,
+    )
+    found = []
+    for r in rows:
+        row = dict(r)
+        row["difference"] = row["actual"] - row["predicted"]
+        row["others"] = row["difference"] + row["not_applied"]
+        found.append(row)
+    return found

@@ -1,0 +1,211 @@
+"""Take money back safely: a reversal posts the exact inverse of what a run applied (issue 27).
+
+Each test runs the worker-crash incident to completion on the real servers, then reverses it: in full,
+in part, after the platform changed a row, twice. Independent SQL compares every balance and row with
+the snapshot taken before the original run.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import remediation_client as operations
+from contracts import names
+from contracts.models import Phase, RemediationRequest, Scope, StatusView, Trigger, VerdictDecision
+from starters.render import render_evidence_markdown
+from tests.conftest import World
+from tests.helpers import (
+    approve,
+    approve_quorum,
+    decision,
+    incident_in,
+    refused,
+    start,
+    verify_evidence,
+    wait_phase,
+)
+
+ROWS = """SELECT 'usage:' || id, to_jsonb(u)::text FROM billing.usage_records u
+          UNION ALL SELECT 'payment:' || id, to_jsonb(p)::text FROM billing.payment_sessions p"""
+
+
+async def _balances(world: World) -> dict[str, int]:
+    rows = await world.db.fetch(
+        "SELECT org_id, sum(amount_minor) AS b FROM billing.ledger_entries GROUP BY org_id"
+    )
+    return {r["org_id"]: int(r["b"]) for r in rows}
+
+
+async def _rows(world: World) -> dict[str, str]:
+    return {r[0]: r[1] for r in await world.db.fetch(ROWS)}
+
+
+async def _remediated(world: World, prefix: str) -> tuple[str, dict[str, int], dict[str, str]]:
+    """The worker-crash incident remediated to completion: (workflow id, balances and rows before it)."""
+    incident = await incident_in(world, "worker-crash", prefix)
+    balances, rows = await _balances(world), await _rows(world)
+    handle = await start(
+        world,
+        RemediationRequest(
+            correlation_id=incident.correlation_id,
+            trigger=Trigger.WORKER_FAILURE,
+            requested_by="ic-dana",
+        ),
+    )
+    view = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
+    await approve_quorum(handle, view)
+    result = await handle.result()
+    assert result.outcome is Phase.COMPLETED, result
+    assert result.plan is not None
+    # Predicted balances equal actual ones after apply (the demo's incident).
+    document = await operations.evidence(world.settings, handle.id)
+    assert document["balances"], document["balances"]
+    assert all(b["difference"] == 0 and b["explained"] == "as predicted" for b in document["balances"]), (
+        document["balances"]
+    )
+    return handle.id, balances, rows
+
+
+async def _reverse(world: World, workflow_id: str, *, requested_by: str = "alice", **scope: str) -> Any:
+    request = await operations.reversal_request(
+        world.settings,
+        workflow_id,
+        scope=Scope(**scope) if scope else None,
+        reason="plan priced usage wrongly",
+        requested_by=requested_by,
+    )
+    return await start(world, request)
+
+
+async def _posted_by(world: World, workflow_id: str) -> list[dict[str, Any]]:
+    """The ledger entries the original run posted, each with its reversals."""
+    rows = await world.db.fetch(
+        """SELECT l.id, l.org_id, l.amount_minor, l.reversed_by_entry_id,
+                  (SELECT count(*) FROM billing.ledger_entries r WHERE r.reverses_entry_id = l.id) AS reversals,
+                  (SELECT r.amount_minor FROM billing.ledger_entries r WHERE r.reverses_entry_id = l.id) AS inverse
+           FROM billing.ledger_entries l
+           WHERE l.kind <> 'reversal' AND l.correlation_id = (
+               SELECT correlation_id FROM remediation.runs WHERE workflow_id = $1 AND trigger <> 'reversal'
+               ORDER BY started_at DESC LIMIT 1) AND l.actor LIKE 'remediation:%'""",
+        workflow_id,
+    )
+    return [dict(r) for r in rows]
+
+
+async def test_full_reversal_restores_every_balance_and_row(world: World) -> None:
+    workflow_id, balances, rows = await _remediated(world, "rv")
+    assert await _balances(world) != balances
+    posted = await _posted_by(world, workflow_id)
+    assert len(posted) == 7  # 4 debits, 2 orphan debits, 1 credit
+
+    handle = await _reverse(world, workflow_id, requested_by="alice")
+    view = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
+    assert view.plan is not None and view.plan.reverses_run_id is not None
+    assert view.plan.counts_by_kind == {
+        "reverse_ledger_entry": 7,
+        "restore_row": 3 + 2 + 1 + 1,  # opened, closed orphans, credited and linked sessions
+        "not_reversible": 1,  # the worker restart
+    }
+    assert view.plan.credit_total_minor == -sum(p["amount_minor"] for p in posted if p["amount_minor"] < 0)
+    # Predicted balances: each org's balance now plus the reversal's money is the balance before the run.
+    predicted = {
+        c["org_id"]: c["balance_after"]
+        for c in await operations.customer_balances(world.settings, view.plan.plan_id)
+    }
+    assert predicted and all(predicted[org] == balances[org] for org in predicted), (predicted, balances)
+    # Nothing changes before approval; the requester may not approve a reversal.
+    assert all(p["reversals"] == 0 for p in await _posted_by(world, workflow_id))
+    await refused(
+        handle, decision(view, "alice"), "self-approval: the requester cannot approve their own reversal"
+    )
+    assert view.approvals_needed == 2
+    await approve(handle, decision(view, "bob"), "approve-bob")
+    await approve(handle, decision(view, "carol"), "approve-carol")
+    result = await handle.result()
+    assert result.outcome is Phase.COMPLETED, result
+    assert result.verification is not None and result.verification.passed, result.verification
+
+    # Independent SQL: every balance and every row as before the original run; originals kept, each
+    # linked to exactly one exact inverse.
+    assert await _balances(world) == balances
+    assert await _rows(world) == rows
+    after = await _posted_by(world, workflow_id)
+    assert len(after) == 7
+    assert all(
+        p["reversals"] == 1 and p["inverse"] == -p["amount_minor"] and p["reversed_by_entry_id"]
+        for p in after
+    )
+    # The runbook's checks see the drift again, as before the original run.
+    assert result.applied is not None and result.applied.applied == 14
+
+    # The evidence names the original; the original's status says who reversed it; the chain verifies.
+    document = await operations.evidence(world.settings, handle.id)
+    assert document["reversal"]["workflow_id"] == workflow_id
+    assert all(b["explained"] == "as predicted" for b in document["balances"])
+    assert "## Reverses" in render_evidence_markdown(document)
+    assert await verify_evidence(world, handle.id) == []
+    words = operations.reversed_by_words(await operations.reversals_of(world.settings, workflow_id))
+    assert words and "in full: completed" in words[0] and handle.id in words[0]
+
+    # A second reversal of the same run changes nothing (its plan holds only the note on the restart).
+    ledger = await world.db.fetchval("SELECT count(*) FROM billing.ledger_entries")
+    again = await _reverse(world, workflow_id, requested_by="bob")
+    second = await again.result()
+    assert second.outcome is Phase.COMPLETED, second
+    assert second.plan is not None and second.plan.counts_by_kind == {"not_reversible": 1}
+    assert await world.db.fetchval("SELECT count(*) FROM billing.ledger_entries") == ledger
+    assert await _rows(world) == rows
+
+
+async def test_scoped_reversal_touches_only_its_scope_and_names_changed_rows(world: World) -> None:
+    workflow_id, balances, _ = await _remediated(world, "rs")
+    # The platform changes one row the run created after the run: that row is a follow-up, untouched.
+    changed, org = await world.db.fetchrow(
+        "SELECT id, org_id FROM billing.usage_records WHERE created_by LIKE 'remediation:%' ORDER BY id LIMIT 1"
+    )
+    assert len({o for o in balances}) >= 2
+    await world.db.execute("UPDATE billing.usage_records SET last_billed_at = now() WHERE id = $1", changed)
+    rows_before = await _rows(world)
+    others = {o: b for o, b in (await _balances(world)).items() if o != org}
+
+    handle = await _reverse(world, workflow_id, requested_by="ic-dana", org_id=org)
+    view: StatusView = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
+    assert view.plan is not None
+    planned_orgs = {
+        r["org_id"]
+        for r in await world.db.fetch(
+            "SELECT DISTINCT org_id FROM remediation.plan_actions WHERE plan_id = $1", view.plan.plan_id
+        )
+    }
+    assert planned_orgs == {org}
+    await approve_quorum(handle, view)
+    failed = await wait_phase(handle, {Phase.AWAITING_DECISION})
+    assert failed.verification is not None and not failed.verification.passed
+    assert f"usage_record {changed} (follow_up)" in failed.verification.criteria[0].detail
+    await handle.execute_update(
+        names.UPDATE_DECIDE,
+        VerdictDecision(choice="hand_off", actor="alice", comment="row changed meanwhile"),
+    )
+    result = await handle.result()
+    assert result.outcome is Phase.HANDED_OFF
+
+    # The org's money is back; every other org's balance and every row outside the org is byte-identical.
+    now = await _balances(world)
+    assert now[org] == balances[org]
+    assert {o: b for o, b in now.items() if o != org} == others
+    rows_now = await _rows(world)
+    org_rows = {key for key, doc in rows_before.items() if json.loads(doc).get("org_id") == org}
+    assert {k: v for k, v in rows_now.items() if k not in org_rows} == {
+        k: v for k, v in rows_before.items() if k not in org_rows
+    }
+    # The changed row is exactly as the platform left it, and audited as a follow-up with the reason.
+    assert rows_now[f"usage:{changed}"] == rows_before[f"usage:{changed}"]
+    audit = await world.db.fetchrow(
+        """SELECT outcome, after->>'follow_up' AS why FROM remediation.applied_actions
+           WHERE plan_id = $1 AND kind = 'restore_row' AND outcome = 'follow_up'""",
+        view.plan.plan_id,
+    )
+    assert audit["why"] == f"usage_record {changed}: changed since the remediation; not reverted"
+    words = operations.reversed_by_words(await operations.reversals_of(world.settings, workflow_id))
+    assert f"in part (org id {org})" in words[0]
