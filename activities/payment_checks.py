@@ -18,8 +18,11 @@ from activities.heartbeat import heartbeating
 from activities.loki import LokiActivities, line_field
 from activities.payment_provider import PaymentProvider, ProviderUnreachable, judge
 from activities.postgres.base import PostgresActivities
+from activities.scope_sql import LEDGER_COLUMNS, scope_predicate
 from contracts import names
 from contracts.models import (
+    CREDIT_RECHECK_DAYS,
+    CREDIT_REVOKED,
     DriftKind,
     PaymentCheck,
     PaymentCheckSummary,
@@ -80,6 +83,75 @@ class PaymentCheckActivities(PostgresActivities):
             {"verdicts": summary.verdicts, "unreachable_reason": summary.unreachable_reason},
         )
         return summary
+
+    @activity.defn(name=names.CHECK_REMEDIATION_CREDITS)
+    async def check_remediation_credits(self, request: ReconcileRequest) -> int:
+        """Find credits remediations posted in scope that the provider has since refunded or disputed.
+
+        Each becomes a finding of its own (kind ``credit_revoked_at_provider``: the credit, the session,
+        the provider's answer); returns how many. Unanswered lookups are retried by the activity.
+        """
+        pred, params = scope_predicate(request.ref.scope, LEDGER_COLUMNS, 2)
+        rows = await self._fetch(
+            f"""SELECT l.id, l.amount_minor, l.org_id, l.requested_by_user_id AS user_id, p.id AS session_id,
+                       p.provider_ref, o.currency
+                FROM billing.ledger_entries l
+                JOIN billing.payment_sessions p ON p.id = l.payment_session_id
+                JOIN billing.orgs o ON o.id = l.org_id
+                WHERE l.kind = 'payment_credit' AND l.reversed_by_entry_id IS NULL AND l.actor LIKE 'remediation:%'
+                  AND l.created_at > now() - make_interval(days => $1) AND {pred}
+                ORDER BY l.id""",
+            CREDIT_RECHECK_DAYS,
+            *params,
+        )
+        gate = asyncio.Semaphore(self._concurrency)
+
+        async def one(row: asyncpg.Record) -> PaymentCheck | None:
+            async with gate:
+                try:
+                    payment = await self._provider.payment(row["provider_ref"])
+                except ProviderUnreachable as exc:
+                    raise ApplicationError(
+                        f"payment provider unreachable: {exc}", type="DependencyDown"
+                    ) from None
+            if not (payment.disputed or payment.refunded_minor):
+                return None
+            verdict, reason = judge(row["amount_minor"], row["currency"], payment)
+            return PaymentCheck(
+                verdict=verdict, reason=f"credited by a remediation, then {reason}", payment=payment
+            )
+
+        async with heartbeating(lambda: len(rows)):
+            checks = await asyncio.gather(*(one(r) for r in rows))
+        revoked = [(r, c) for r, c in zip(rows, checks, strict=True) if c is not None]
+        if revoked:
+            await self._execute(
+                """INSERT INTO remediation.findings (run_id, pass, kind, entity_type, entity_id, org_id, user_id,
+                       amount_minor, detail)
+                   SELECT $1, $2, $3, 'ledger_entry', v.entry::text, v.org, v.usr, v.amount,
+                          jsonb_build_object('session_id', v.session, 'provider', v.doc::jsonb)
+                   FROM unnest($4::bigint[], $5::text[], $6::text[], $7::bigint[], $8::text[], $9::text[])
+                        AS v(entry, org, usr, amount, session, doc)
+                   ON CONFLICT DO NOTHING""",
+                request.ref.run_id,
+                request.pass_no,
+                CREDIT_REVOKED,
+                [r["id"] for r, _ in revoked],
+                [r["org_id"] for r, _ in revoked],
+                [r["user_id"] for r, _ in revoked],
+                [r["amount_minor"] for r, _ in revoked],
+                [r["session_id"] for r, _ in revoked],
+                [c.model_dump_json() for _, c in revoked],
+            )
+            await self._timeline(
+                request.ref.run_id,
+                f"revoked-credits:{request.pass_no}",
+                "reconciling",
+                f"{len(revoked)} credits posted by remediations were since refunded or disputed at the provider:"
+                f" each is planned as the reversal of that credit",
+                {"entries": [r["id"] for r, _ in revoked]},
+            )
+        return len(revoked)
 
     async def _judge_all(self, rows: list[asyncpg.Record], done: list[int]) -> dict[str, PaymentCheck]:
         """Look every payment up (at most ``concurrency`` at once), then say where its webhook went."""

@@ -184,6 +184,13 @@ class DriftKind(StrEnum):
     PAYMENT_DRIFT = "payment_drift"
 
 
+# A finding beside the four runbook checks: a payment a remediation credited that the provider has since
+# refunded or disputed. Its plan row is the reversal of that one credit.
+CREDIT_REVOKED = "credit_revoked_at_provider"
+# How far back credits posted by remediations are re-checked at the provider (card disputes: ~120 days).
+CREDIT_RECHECK_DAYS = 180
+
+
 class Scope(Frozen):
     """What the remediation may look at and change; empty means the whole platform."""
 

@@ -40,6 +40,7 @@ WATCH_FINISH_TICK = "watch.finish_tick"
 
 # Payment provider (with the findings in Postgres and the webhook worker's lines in Loki)
 CHECK_PAYMENTS = "payments.check_payment_findings"
+CHECK_REMEDIATION_CREDITS = "payments.check_remediation_credits"
 
 # NATS JetStream
 CHECK_CONSUMER = "nats.check_consumer"

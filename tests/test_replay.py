@@ -24,6 +24,8 @@ EXPECTED = {
     "verification_failed_retry",
     "prepaid_launch_guard",
     "launch_guard_restricted",
+    "reversal_full",
+    "revoked_credit_reversed",
 }
 
 

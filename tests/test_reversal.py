@@ -12,7 +12,16 @@ from typing import Any
 
 import remediation_client as operations
 from contracts import names
-from contracts.models import Phase, RemediationRequest, Scope, StatusView, Trigger, VerdictDecision
+from contracts.models import (
+    CREDIT_REVOKED,
+    Phase,
+    RemediationRequest,
+    Scope,
+    StatusView,
+    Trigger,
+    VerdictDecision,
+)
+from local_platform.provider_payments import seeder_for
 from starters.render import render_evidence_markdown
 from tests.conftest import World
 from tests.helpers import (
@@ -25,6 +34,7 @@ from tests.helpers import (
     verify_evidence,
     wait_phase,
 )
+from tests.histories import keep_history
 
 ROWS = """SELECT 'usage:' || id, to_jsonb(u)::text FROM billing.usage_records u
           UNION ALL SELECT 'payment:' || id, to_jsonb(p)::text FROM billing.payment_sessions p"""
@@ -125,6 +135,7 @@ async def test_full_reversal_restores_every_balance_and_row(world: World) -> Non
     result = await handle.result()
     assert result.outcome is Phase.COMPLETED, result
     assert result.verification is not None and result.verification.passed, result.verification
+    await keep_history(handle, "reversal_full")
 
     # Independent SQL: every balance and every row as before the original run; originals kept, each
     # linked to exactly one exact inverse.
@@ -209,3 +220,43 @@ async def test_scoped_reversal_touches_only_its_scope_and_names_changed_rows(wor
     assert audit["why"] == f"usage_record {changed}: changed since the remediation; not reverted"
     words = operations.reversed_by_words(await operations.reversals_of(world.settings, workflow_id))
     assert f"in part (org id {org})" in words[0]
+
+
+async def test_credit_refunded_at_the_provider_after_the_run_is_found_and_reversed(world: World) -> None:
+    await _remediated(world, "rp")
+    credit = await world.db.fetchrow(
+        """SELECT l.id, l.org_id, l.amount_minor, p.provider_ref FROM billing.ledger_entries l
+           JOIN billing.payment_sessions p ON p.id = l.payment_session_id
+           WHERE l.kind = 'payment_credit' AND l.actor LIKE 'remediation:%'"""
+    )
+    # The customer's bank refunds the payment the remediation credited.
+    async with seeder_for(world.settings) as provider:
+        await provider.refund(credit["provider_ref"])
+    balance = (await _balances(world))[credit["org_id"]]
+
+    handle = await start(
+        world,
+        RemediationRequest(
+            correlation_id="refund-after-credit", trigger=Trigger.RECONCILE_FAILED, requested_by="ic-dana"
+        ),
+    )
+    view = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
+    assert view.plan is not None and view.drift.get(CREDIT_REVOKED) == 1, view.drift
+    action = await world.db.fetchrow(
+        "SELECT entity_id, amount_minor, params FROM remediation.plan_actions WHERE plan_id = $1 AND kind = $2",
+        view.plan.plan_id,
+        "reverse_ledger_entry",
+    )
+    assert action["entity_id"] == str(credit["id"]) and action["amount_minor"] == -credit["amount_minor"]
+    assert "refunded at the provider" in json.loads(action["params"])["provider"]["reason"]
+    # Nothing moves before approval.
+    assert (await _balances(world))[credit["org_id"]] == balance
+    await approve_quorum(handle, view)
+    result = await handle.result()
+    assert result.outcome is Phase.COMPLETED, result
+    reversal = await world.db.fetchrow(
+        "SELECT amount_minor, actor FROM billing.ledger_entries WHERE reverses_entry_id = $1", credit["id"]
+    )
+    assert reversal["amount_minor"] == -credit["amount_minor"] and reversal["actor"] == "remediation:ic-dana"
+    await keep_history(handle, "revoked_credit_reversed")
+    assert (await _balances(world))[credit["org_id"]] == balance - credit["amount_minor"]

@@ -14,6 +14,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.payment_checks import PaymentCheckActivities
     from activities.postgres import BillingDatabaseActivities
     from contracts.models import (
+        CREDIT_REVOKED,
         DriftKind,
         PaymentCheckSummary,
         Phase,
@@ -23,6 +24,9 @@ with workflow.unsafe.imports_passed_through():
     from workflows.remediation_approvals import ApprovalSteps
 
 MAX_PROVIDER_WAIT_SECONDS = 600  # backoff ceiling: history grows by a few events per ask
+# Runs started after reversals existed also re-check the credits remediations posted (older histories
+# replay without that activity).
+REVOKED_CREDITS_PATCH = "reversal-revoked-credits"
 
 
 class PaymentSteps(ApprovalSteps):
@@ -54,6 +58,19 @@ class PaymentSteps(ApprovalSteps):
         )
         await self._confirm_payments(pass_no, payments.counts)
         summary: ReconcileSummary = await rest
+        if workflow.patched(REVOKED_CREDITS_PATCH):
+            revoked = await self._act(
+                PaymentCheckActivities.check_remediation_credits,
+                ReconcileRequest(ref=ref, pass_no=pass_no),
+                f"Ask the payment provider whether credits remediations posted for {scope_words} were since"
+                " refunded or disputed",
+                timeout=600,
+                heartbeat=True,
+                attempts=20,
+            )
+            if revoked:
+                counts = dict(summary.counts) | {CREDIT_REVOKED: revoked}
+                summary = summary.model_copy(update={"counts": counts, "total": summary.total + revoked})
         return summary
 
     async def _confirm_payments(self, pass_no: int, counts: dict[str, int]) -> None:

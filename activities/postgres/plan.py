@@ -13,6 +13,7 @@ from activities.scope_sql import scope_predicate
 from contracts import names
 from contracts.models import (
     API_ACTION_KINDS,
+    CREDIT_REVOKED,
     REVERSAL_KINDS,
     ActionKind,
     ApiAction,
@@ -158,6 +159,7 @@ class PlanActivities(PostgresActivities):
                            WHEN 'orphan_open_usage' THEN '{ActionKind.CLOSE_ORPHAN_USAGE.value}'
                            WHEN 'unbilled_closed_usage' THEN '{ActionKind.POST_USAGE_DEBIT.value}'
                            WHEN 'payment_drift' THEN pk.pay
+                           WHEN '{CREDIT_REVOKED}' THEN '{ActionKind.REVERSE_LEDGER_ENTRY.value}'
                          END AS kind,
                          CASE f.kind
                            WHEN 'missing_open_usage' THEN 0
@@ -174,6 +176,7 @@ class PlanActivities(PostgresActivities):
                              WHEN '{ActionKind.LINK_PAYMENT_CREDIT.value}' THEN 'payment-link:'
                              WHEN '{ActionKind.MARK_PAYMENT_FAILED.value}' THEN 'payment-failed:'
                              ELSE 'payment-investigate:' END || f.entity_id
+                           WHEN '{CREDIT_REVOKED}' THEN 'reversal:' || f.entity_id
                          END
                          -- Billed (or credited) once and reversed: the new entry needs a key of its own.
                          || coalesce(':after-reversal-of-' || coalesce(f.detail->>'reversed_debit',

@@ -90,6 +90,13 @@ class ProviderSeeder:
             )
         return intent.id
 
+    async def refund(self, intent_id: str, amount: int | None = None) -> None:
+        """Refund a captured payment at the provider (in full, or ``amount``), as a customer's bank would see."""
+        params: dict[str, object] = {"payment_intent": intent_id}
+        if amount is not None:
+            params["amount"] = amount
+        await self._client.v1.refunds.create_async(params=params)  # type: ignore[arg-type]
+
 
 @contextlib.asynccontextmanager
 async def provider_seeder(base_url: str, api_key: str) -> AsyncIterator[ProviderSeeder]:

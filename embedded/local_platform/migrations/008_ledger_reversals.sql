@@ -54,3 +54,6 @@ CREATE INDEX ledger_debit_user ON billing.ledger_entries (requested_by_user_id, 
 -- Reversed entries: few, read when a record is billed again.
 CREATE INDEX IF NOT EXISTS ledger_reversed ON billing.ledger_entries (usage_record_id, payment_session_id)
     WHERE reversed_by_entry_id IS NOT NULL;
+-- Live credits remediations posted: re-checked at the provider on every run (refunded or disputed since?).
+CREATE INDEX IF NOT EXISTS ledger_remediation_credits ON billing.ledger_entries (created_at)
+    WHERE kind = 'payment_credit' AND reversed_by_entry_id IS NULL AND actor LIKE 'remediation:%';
