@@ -28,6 +28,7 @@ from temporalio.testing import ActivityEnvironment
 from activities.postgres import BillingDatabaseActivities
 from benchmarks.payments import bench_payments
 from benchmarks.report import emit
+from benchmarks.reversal import bench_reversal
 from benchmarks.time_to_plan import bench_time_to_plan
 from benchmarks.watch import bench_drift_to_approval, bench_watch_tick
 from benchmarks.workflows import bench_memory, bench_workflows, full_stack, percentile
@@ -291,6 +292,7 @@ async def bench_apply(keep: Settings, actions: int) -> None:
             plan_summary_bytes=len(plan.model_dump_json()),
             apply_result_bytes=len(summary.model_dump_json()),
         )
+        await bench_reversal(pool, env, acts, ref, summary.applied / took)
 
 
 async def bench_database(keep: Settings, args: argparse.Namespace, root: Path) -> None:

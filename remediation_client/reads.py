@@ -75,13 +75,20 @@ def list_query(*, phase: str | None, org: str | None, correlation_id: str | None
 
 
 async def evidence(settings: Settings, workflow_id: str) -> dict[str, Any]:
-    """The stored evidence document of the latest run of ``workflow_id``."""
+    """The stored evidence document of the latest run of ``workflow_id``, with the reversals of that run
+    since (``reversed_by``: read now, outside the sealed document)."""
     conn = await asyncpg.connect(settings.resolved_database_url())
     try:
-        _, document = await latest_evidence(conn, workflow_id)
+        run_id, document = await latest_evidence(conn, workflow_id)
+        reversals = await conn.fetch(
+            """SELECT v.workflow_id, v.run_id, v.scope::text AS scope, v.reason, v.requested_by, r.outcome
+               FROM remediation.reversals v JOIN remediation.runs r ON r.run_id = v.run_id
+               WHERE v.original_run_id = $1 AND NOT r.dry_run ORDER BY v.created_at""",
+            run_id,
+        )
     finally:
         await conn.close()
-    return document
+    return document | {"reversed_by": [dict(r) | {"scope": json.loads(r["scope"])} for r in reversals]}
 
 
 async def latest_evidence(conn: asyncpg.Connection, workflow_id: str) -> tuple[str, dict[str, Any]]:

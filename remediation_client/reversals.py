@@ -74,7 +74,7 @@ async def reversals_of(settings: Settings, workflow_id: str) -> list[dict[str, A
             """SELECT v.workflow_id, v.run_id, v.original_run_id, v.scope::text AS scope, v.reason, v.requested_by,
                       r.outcome, v.created_at
                FROM remediation.reversals v JOIN remediation.runs r ON r.run_id = v.run_id
-               WHERE v.original_workflow_id = $1 ORDER BY v.created_at""",
+               WHERE v.original_workflow_id = $1 AND NOT r.dry_run ORDER BY v.created_at""",
             workflow_id,
         )
     finally:

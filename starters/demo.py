@@ -206,6 +206,11 @@ async def run_demo(settings: Settings) -> int:
     _say("\n".join(shown[: customers[3]] if len(customers) > 3 else shown))
     if len(customers) > 3:
         _say(f"   ... and {len(customers) - 3} more customer summaries")
+    differ = [b for b in doc["balances"] if b["difference"]]
+    _say(
+        f"   balances: {len(doc['balances']) - len(differ)} of {len(doc['balances'])} customers exactly as the"
+        " plan predicted" + "".join(f"; {b['org_id']}: {b['explained']}" for b in differ)
+    )
     await _show_traces(settings, incident.trace_id, started.trace_id)
     if not await _watch_finds_silent_drift(client, settings, prefix):
         return 1

@@ -125,6 +125,11 @@ def render_evidence_markdown(doc: dict[str, Any]) -> str:
         f"- Outcome: **{run['outcome']}** · blast radius: {run['blast_radius']} · trigger: {run['trigger']}",
         f"- Correlation id: `{run['correlation_id']}` · trace id: `{run['trace_id']}`",
         f"- Requested by: {run['requested_by']} · run id `{run['run_id']}`",
+        *[
+            f"- **Reversed by** {r['workflow_id']} ({r['outcome'] or 'running'}), requested by {r['requested_by']}:"
+            f" {r['reason']}"
+            for r in doc.get("reversed_by", [])
+        ],
         "",
         "## Summary (internal: all customers together)",
         "",

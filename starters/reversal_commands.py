@@ -8,7 +8,7 @@ import typer
 from pydantic import ValidationError
 
 from contracts.models import Scope
-from starters.cli_app import app, cli_client, cli_settings, invalid, run_async
+from starters.cli_app import app, cli_client, cli_settings, fail, invalid, run_async
 
 
 @app.command()
@@ -26,15 +26,18 @@ def reverse(
     dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
 ) -> None:
     """Reverse a finished remediation (all of it, or the scope given): exact inverse entries, after approval."""
+    import remediation_client as operations
+
     try:
+        operations.check_workflow_id(workflow_id)
         narrowed = Scope(org_id=org, project_id=project, user_id=user, allocation_id=allocation)
+    except operations.OperationError as err:
+        fail(str(err))
     except ValidationError as err:
         invalid(err)
     settings = cli_settings()
 
     async def go() -> Any:
-        import remediation_client as operations
-
         request = await operations.reversal_request(
             settings,
             workflow_id,

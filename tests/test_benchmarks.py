@@ -46,8 +46,12 @@ def test_benchmarks_print_one_json_line_per_measurement() -> None:
     lines = {row["benchmark"]: row for row in rows}
     assert set(lines) == {
         "machine", "seed", "reconcile", "naive", "scoped", "apply", "payment_checks", "workflows", "memory",
-        "time_to_plan_seed", "time_to_plan", "watch_tick", "drift_to_approval",
+        "time_to_plan_seed", "time_to_plan", "watch_tick", "drift_to_approval", "reversal",
     }  # fmt: skip
+    # The apply's run reversed in full, beside its forward apply: every entry it posted has its inverse.
+    reversal = lines["reversal"]
+    assert reversal["actions"] == reversal["applied"] == lines["apply"]["applied"] > 0
+    assert reversal["entries_left_unreversed"] == 0 and reversal["forward_apply_actions_per_s"] > 0
     # The watch: one tick of the changed keys beside the full reconciliation of the same database.
     tick = lines["watch_tick"]
     assert tick["changed_allocations"] == 500 and tick["tick_s"] > 0 and tick["full_reconcile_s"] > 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import re
 import shlex
 import sys
 from collections.abc import AsyncIterator
@@ -71,6 +72,9 @@ async def test_demo_completes_and_the_readmes_next_commands_work(
     assert code == 0, out
     assert "verification: PASSED" in out
     assert "outcome: completed" in out
+    # Predicted balances equal actual ones after apply, for every customer of the demo's incident.
+    predicted = re.search(r"balances: (\d+) of (\d+) customers exactly as the plan predicted\n", out)
+    assert predicted is not None and predicted[1] == predicted[2] != "0", out
     # The drift watch finds drift no alert reported and starts its remediation, waiting for approval.
     watch_part = out.split("== 8. The drift watch", 1)[1]
     assert "orphan_open_usage=1; started remediation-org:" in watch_part

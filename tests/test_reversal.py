@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+from typer.testing import CliRunner
+
 import remediation_client as operations
 from contracts import names
 from contracts.models import (
@@ -22,6 +25,7 @@ from contracts.models import (
     VerdictDecision,
 )
 from local_platform.provider_payments import seeder_for
+from starters.cli import app
 from starters.render import render_evidence_markdown
 from tests.conftest import World
 from tests.helpers import (
@@ -77,13 +81,16 @@ async def _remediated(world: World, prefix: str) -> tuple[str, dict[str, int], d
     return handle.id, balances, rows
 
 
-async def _reverse(world: World, workflow_id: str, *, requested_by: str = "alice", **scope: str) -> Any:
+async def _reverse(
+    world: World, workflow_id: str, *, requested_by: str = "alice", dry_run: bool = False, **scope: str
+) -> Any:
     request = await operations.reversal_request(
         world.settings,
         workflow_id,
         scope=Scope(**scope) if scope else None,
         reason="plan priced usage wrongly",
         requested_by=requested_by,
+        dry_run=dry_run,
     )
     return await start(world, request)
 
@@ -108,6 +115,15 @@ async def test_full_reversal_restores_every_balance_and_row(world: World) -> Non
     assert await _balances(world) != balances
     posted = await _posted_by(world, workflow_id)
     assert len(posted) == 7  # 4 debits, 2 orphan debits, 1 credit
+
+    # A dry run shows the reversal and writes nothing.
+    dry = await _reverse(world, workflow_id, requested_by="alice", dry_run=True)
+    shown = await dry.result()
+    assert shown.outcome is Phase.DRY_RUN_COMPLETE and shown.plan is not None
+    assert shown.plan.counts_by_kind["reverse_ledger_entry"] == 7
+    assert await _balances(world) != balances and all(
+        p["reversals"] == 0 for p in await _posted_by(world, workflow_id)
+    )
 
     handle = await _reverse(world, workflow_id, requested_by="alice")
     view = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
@@ -157,7 +173,12 @@ async def test_full_reversal_restores_every_balance_and_row(world: World) -> Non
     assert "## Reverses" in render_evidence_markdown(document)
     assert await verify_evidence(world, handle.id) == []
     words = operations.reversed_by_words(await operations.reversals_of(world.settings, workflow_id))
-    assert words and "in full: completed" in words[0] and handle.id in words[0]
+    completed = [w for w in words if "in full: completed" in w]
+    assert len(completed) == 1 and handle.id in completed[0], words
+    original = render_evidence_markdown(await operations.evidence(world.settings, workflow_id))
+    assert (
+        f"**Reversed by** {handle.id} (completed), requested by alice: plan priced usage wrongly" in original
+    )
 
     # A second reversal of the same run changes nothing (its plan holds only the note on the restart).
     ledger = await world.db.fetchval("SELECT count(*) FROM billing.ledger_entries")
@@ -167,6 +188,13 @@ async def test_full_reversal_restores_every_balance_and_row(world: World) -> Non
     assert second.plan is not None and second.plan.counts_by_kind == {"not_reversible": 1}
     assert await world.db.fetchval("SELECT count(*) FROM billing.ledger_entries") == ledger
     assert await _rows(world) == rows
+    # A reversal is not reversed; an id nothing ran under has nothing to reverse.
+    with pytest.raises(operations.OperationError, match="is itself a reversal"):
+        await _reverse(world, handle.id)
+    with pytest.raises(
+        operations.OperationError, match="nothing to reverse: no remediation 'remediation-org:nobody'"
+    ):
+        await _reverse(world, "remediation-org:nobody")
 
 
 async def test_scoped_reversal_touches_only_its_scope_and_names_changed_rows(world: World) -> None:
@@ -260,3 +288,17 @@ async def test_credit_refunded_at_the_provider_after_the_run_is_found_and_revers
     assert reversal["amount_minor"] == -credit["amount_minor"] and reversal["actor"] == "remediation:ic-dana"
     await keep_history(handle, "revoked_credit_reversed")
     assert (await _balances(world))[credit["org_id"]] == balance - credit["amount_minor"]
+
+
+def test_reverse_refuses_malformed_input_by_name() -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["reverse", "not-a-remediation", "--reason", "wrong rate", "--as", "dana"])
+    assert result.exit_code == 2 and "malformed remediation id 'not-a-remediation'" in result.output, (
+        result.output
+    )
+    result = runner.invoke(app, ["reverse", "remediation-global", "--as", "dana"])
+    assert result.exit_code == 2 and "--reason" in result.output, result.output
+    result = runner.invoke(
+        app, ["reverse", "remediation-global", "--reason", "wrong rate", "--as", "dana", "--org", "bad id!"]
+    )
+    assert result.exit_code == 2 and "org_id" in result.output, result.output
