@@ -33,7 +33,7 @@ from config import Settings
 from contracts import names
 from contracts.models import ApprovalDecision, Phase, format_money
 from contracts.signatures import CONTEXT
-from database.plan_customers import customers
+from database.plan_customers import customers, users
 from workflows.input_errors import explain
 from workflows.search_attributes import SA_CORRELATION, SA_PHASE
 
@@ -161,6 +161,7 @@ async def plan_page(request: Request) -> Response:
     plan = view.plan
     actions, more = await actions_page(pool, plan.plan_id, start) if plan else ([], None)
     touched = await customers(pool, plan.plan_id) if plan else []
+    touched_users = await users(pool, plan.plan_id) if plan else []
     currencies = {str(c["currency"]) for c in touched if c["currency"]}
     context = {
         "workflow_id": workflow_id,
@@ -174,6 +175,7 @@ async def plan_page(request: Request) -> Response:
             if c.status == severity
         ][:4],
         "customers": touched,
+        "users": touched_users,
         # Totals in one currency only when every customer shares it (minor units of two currencies
         # do not add up to an amount in either).
         "currency": next(iter(currencies)) if len(currencies) == 1 else None,

@@ -32,13 +32,15 @@ async def customers(
 
 
 async def balances_after_apply(conn: asyncpg.Pool | asyncpg.Connection, plan_id: str) -> list[dict[str, Any]]:
-    """Per customer: the balance predicted when the plan was built and the balance now, and their difference.
+    """Per customer (an org, then each of its users): the balance predicted when the plan was built and the
+    balance now, and their difference.
 
     A difference has two possible causes, both named: actions the apply did not carry out (their money,
     ``not_applied``) and entries other writers posted meanwhile (the rest).
     """
     rows = await conn.fetch(
-        """SELECT c.org_id, coalesce(c.currency, o.currency, '') AS currency, c.balance_before_minor AS before,
+        """SELECT c.org_id, NULL AS user_id, coalesce(c.currency, o.currency, '') AS currency,
+                  c.balance_before_minor AS before,
                   c.balance_before_minor + c.debits_minor + c.credits_minor AS predicted,
                   (SELECT coalesce(sum(l.amount_minor), 0) FROM billing.ledger_entries l
                    WHERE l.org_id = c.org_id)::bigint AS actual,
@@ -47,7 +49,19 @@ async def balances_after_apply(conn: asyncpg.Pool | asyncpg.Connection, plan_id:
                    WHERE pa.plan_id = c.plan_id AND pa.org_id = c.org_id
                      AND aa.outcome IS DISTINCT FROM 'applied')::bigint AS not_applied
            FROM remediation.plan_customers c LEFT JOIN billing.orgs o ON o.id = c.org_id
-           WHERE c.plan_id = $1 AND c.balance_before_minor IS NOT NULL ORDER BY c.org_id""",
+           WHERE c.plan_id = $1 AND c.balance_before_minor IS NOT NULL
+           UNION ALL
+           SELECT b.org_id, b.user_id, coalesce(o.currency, ''), b.balance_before_minor,
+                  b.balance_before_minor + b.money_minor,
+                  (SELECT coalesce(sum(l.amount_minor), 0) FROM billing.ledger_entries l
+                   WHERE l.requested_by_user_id = b.user_id AND l.org_id = b.org_id)::bigint,
+                  (SELECT coalesce(sum(pa.amount_minor), 0) FROM remediation.plan_actions pa
+                   LEFT JOIN remediation.applied_actions aa ON aa.plan_id = pa.plan_id AND aa.seq = pa.seq
+                   WHERE pa.plan_id = b.plan_id AND pa.org_id = b.org_id AND pa.user_id = b.user_id
+                     AND aa.outcome IS DISTINCT FROM 'applied')::bigint
+           FROM remediation.plan_user_balances b LEFT JOIN billing.orgs o ON o.id = b.org_id
+           WHERE b.plan_id = $1
+           ORDER BY 1, 2 NULLS FIRST""",
         plan_id,
     )
     found = []
@@ -57,3 +71,18 @@ async def balances_after_apply(conn: asyncpg.Pool | asyncpg.Connection, plan_id:
         row["others"] = row["difference"] + row["not_applied"]
         found.append(row)
     return found
+
+
+async def users(
+    conn: asyncpg.Pool | asyncpg.Connection, plan_id: str, limit: int = 100
+) -> list[dict[str, Any]]:
+    """Users the plan touches, the most money first: their ledger balance now and after the plan."""
+    rows = await conn.fetch(
+        """SELECT b.org_id, b.user_id, coalesce(o.currency, '') AS currency, b.actions, b.money_minor AS money,
+                  b.balance_before_minor AS balance_before, b.balance_before_minor + b.money_minor AS balance_after
+           FROM remediation.plan_user_balances b LEFT JOIN billing.orgs o ON o.id = b.org_id
+           WHERE b.plan_id = $1 ORDER BY abs(b.money_minor) DESC, b.org_id, b.user_id LIMIT $2""",
+        plan_id,
+        limit,
+    )
+    return [dict(r) for r in rows]

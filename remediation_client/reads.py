@@ -19,7 +19,7 @@ from contracts.models import (
     StatusView,
     action_effect,
 )
-from database.plan_customers import customers
+from database.plan_customers import customers, users
 from remediation_client.errors import OperationError
 from remediation_client.runs import check_workflow_id, handle_for
 from workflows.search_attributes import SA_CORRELATION, SA_ORG, SA_PHASE
@@ -74,13 +74,15 @@ def list_query(*, phase: str | None, org: str | None, correlation_id: str | None
     return " AND ".join(clauses)
 
 
-async def evidence(settings: Settings, workflow_id: str) -> dict[str, Any]:
-    """The stored evidence document of the latest run of ``workflow_id``, with the reversals of that run
-    since (``reversed_by``: read now, outside the sealed document)."""
+async def evidence(settings: Settings, workflow_id: str, *, reversals: bool = False) -> dict[str, Any]:
+    """The stored evidence document of the latest run of ``workflow_id``; with ``reversals``, also the
+    reversals of that run since (``reversed_by``: read now, outside the signed document)."""
     conn = await asyncpg.connect(settings.resolved_database_url())
     try:
         run_id, document = await latest_evidence(conn, workflow_id)
-        reversals = await conn.fetch(
+        if not reversals:
+            return document
+        found = await conn.fetch(
             """SELECT v.workflow_id, v.run_id, v.scope::text AS scope, v.reason, v.requested_by, r.outcome
                FROM remediation.reversals v JOIN remediation.runs r ON r.run_id = v.run_id
                WHERE v.original_run_id = $1 AND NOT r.dry_run ORDER BY v.created_at""",
@@ -88,7 +90,7 @@ async def evidence(settings: Settings, workflow_id: str) -> dict[str, Any]:
         )
     finally:
         await conn.close()
-    return document | {"reversed_by": [dict(r) | {"scope": json.loads(r["scope"])} for r in reversals]}
+    return document | {"reversed_by": [dict(r) | {"scope": json.loads(r["scope"])} for r in found]}
 
 
 async def latest_evidence(conn: asyncpg.Connection, workflow_id: str) -> tuple[str, dict[str, Any]]:
@@ -128,10 +130,12 @@ async def plan_actions(settings: Settings, plan_id: str, limit: int = 200) -> li
     return actions
 
 
-async def customer_balances(settings: Settings, plan_id: str, limit: int = 20) -> list[dict[str, Any]]:
-    """The customers a plan touches with their balance now and after the plan, the most money first."""
+async def customer_balances(
+    settings: Settings, plan_id: str, limit: int = 20
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The orgs and the users a plan touches with their balance now and after the plan, the most money first."""
     conn = await asyncpg.connect(settings.resolved_database_url())
     try:
-        return await customers(conn, plan_id, limit)
+        return await customers(conn, plan_id, limit), await users(conn, plan_id, limit)
     finally:
         await conn.close()

@@ -173,14 +173,15 @@ def plan(workflow_id: str, limit: int = 50) -> None:
             lines.append(
                 f"reverses run {summary.reverses_run_id} (exact inverses; its requester may not approve)"
             )
-        balances = await operations.customer_balances(settings, summary.plan_id)
-        if balances:
-            lines.append("customers (balance now -> after the plan):")
+        orgs, users = await operations.customer_balances(settings, summary.plan_id)
+        shown = [(c["org_id"], c) for c in orgs if c["balance_before"] is not None]
+        shown += [(f"{u['org_id']} / {u['user_id']}", u) for u in users]
+        if shown:
+            lines.append("customers and users (balance now -> after the plan):")
             lines += [
-                f"  {c['org_id']:<24} {format_money(c['balance_before'], c['currency']):>18} ->"
+                f"  {who:<36} {format_money(c['balance_before'], c['currency']):>18} ->"
                 f" {format_money(c['balance_after'], c['currency']):>18}"
-                for c in balances
-                if c["balance_before"] is not None
+                for who, c in shown
             ]
         lines += [
             f"  {a['seq']:>5} {a['kind']:<28} {a['entity_type']}:{a['entity_id']:<24} {a['amount_minor']:>10}"
@@ -330,5 +331,5 @@ def evidence(workflow_id: str, format: Annotated[str, typer.Option("--format")] 
     }
     if format not in renderers:
         fail("--format must be markdown, json or html")
-    doc = run_async(operations.evidence(cli_settings(), workflow_id))
+    doc = run_async(operations.evidence(cli_settings(), workflow_id, reversals=True))
     typer.echo(renderers[format](doc))

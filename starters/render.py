@@ -147,9 +147,10 @@ def render_evidence_markdown(doc: dict[str, Any]) -> str:
         out += ["## Reverses", "", f"- run `{rev['run_id']}` of {rev['workflow_id']}: {rev['reason']}", ""]
     if doc.get("balances"):
         out += ["## Balances (predicted when planned, actual after apply)", "",
-                "| org | before | predicted | actual | |", "|---|---|---|---|---|"]  # fmt: skip
+                "| org / user | before | predicted | actual | |", "|---|---|---|---|---|"]  # fmt: skip
         out += [
-            f"| {b['org_id']} | {format_money(b['before'], b['currency'])} | {format_money(b['predicted'], b['currency'])}"
+            f"| {b['org_id']}{' / ' + b['user_id'] if b.get('user_id') else ''} | {format_money(b['before'], b['currency'])}"
+            f" | {format_money(b['predicted'], b['currency'])}"
             f" | {format_money(b['actual'], b['currency'])} | {b['explained']} |"
             for b in doc["balances"]
         ]

@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import httpx
 import pytest
+from pydantic import SecretStr
 from typer.testing import CliRunner
 
 import remediation_client as operations
+from approval_page.app import approvals_app
 from contracts import names
 from contracts.models import (
     CREDIT_REVOKED,
@@ -51,14 +54,24 @@ async def _balances(world: World) -> dict[str, int]:
     return {r["org_id"]: int(r["b"]) for r in rows}
 
 
+async def _user_balances(world: World) -> dict[tuple[str, str], int]:
+    rows = await world.db.fetch(
+        "SELECT org_id, requested_by_user_id AS u, sum(amount_minor) AS b FROM billing.ledger_entries GROUP BY 1, 2"
+    )
+    return {(r["org_id"], r["u"]): int(r["b"]) for r in rows}
+
+
 async def _rows(world: World) -> dict[str, str]:
     return {r[0]: r[1] for r in await world.db.fetch(ROWS)}
 
 
-async def _remediated(world: World, prefix: str) -> tuple[str, dict[str, int], dict[str, str]]:
-    """The worker-crash incident remediated to completion: (workflow id, balances and rows before it)."""
+async def _remediated(
+    world: World, prefix: str
+) -> tuple[str, dict[str, int], dict[tuple[str, str], int], dict[str, str]]:
+    """The worker-crash incident remediated to completion: (workflow id, org and user balances and rows
+    before it)."""
     incident = await incident_in(world, "worker-crash", prefix)
-    balances, rows = await _balances(world), await _rows(world)
+    balances, users, rows = await _balances(world), await _user_balances(world), await _rows(world)
     handle = await start(
         world,
         RemediationRequest(
@@ -78,7 +91,7 @@ async def _remediated(world: World, prefix: str) -> tuple[str, dict[str, int], d
     assert all(b["difference"] == 0 and b["explained"] == "as predicted" for b in document["balances"]), (
         document["balances"]
     )
-    return handle.id, balances, rows
+    return handle.id, balances, users, rows
 
 
 async def _reverse(
@@ -111,7 +124,7 @@ async def _posted_by(world: World, workflow_id: str) -> list[dict[str, Any]]:
 
 
 async def test_full_reversal_restores_every_balance_and_row(world: World) -> None:
-    workflow_id, balances, rows = await _remediated(world, "rv")
+    workflow_id, balances, user_balances, rows = await _remediated(world, "rv")
     assert await _balances(world) != balances
     posted = await _posted_by(world, workflow_id)
     assert len(posted) == 7  # 4 debits, 2 orphan debits, 1 credit
@@ -135,11 +148,27 @@ async def test_full_reversal_restores_every_balance_and_row(world: World) -> Non
     }
     assert view.plan.credit_total_minor == -sum(p["amount_minor"] for p in posted if p["amount_minor"] < 0)
     # Predicted balances: each org's balance now plus the reversal's money is the balance before the run.
-    predicted = {
-        c["org_id"]: c["balance_after"]
-        for c in await operations.customer_balances(world.settings, view.plan.plan_id)
-    }
+    orgs, users = await operations.customer_balances(world.settings, view.plan.plan_id, limit=1000)
+    predicted = {c["org_id"]: c["balance_after"] for c in orgs}
+    # ... and each user's balance, where the ledger projection is per user.
+    per_user = await _user_balances(world)
+    assert users and all(u["balance_after"] == user_balances[(u["org_id"], u["user_id"])] for u in users)
+    assert any(
+        u["balance_before"] == per_user[(u["org_id"], u["user_id"])] != u["balance_after"] for u in users
+    )
     assert predicted and all(predicted[org] == balances[org] for org in predicted), (predicted, balances)
+    # The approval page says what the plan reverses and shows each customer's balance now and after.
+    settings = world.settings.model_copy(update={"approvals_token": SecretStr("page-token")})
+    app = approvals_app(settings, world.client, world.db)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://page") as page:
+        html = (await page.get(f"/runs/{handle.id}", headers={"Authorization": "Bearer page-token"})).text
+    assert (
+        f"run <code>{view.plan.reverses_run_id}</code>: every entry it posted gets its exact inverse" in html
+    )
+    assert (
+        "<th>Balance now</th><th>Balance after</th>" in html
+        and "Users (the ledger projection is per user)" in html
+    )
     # Nothing changes before approval; the requester may not approve a reversal.
     assert all(p["reversals"] == 0 for p in await _posted_by(world, workflow_id))
     await refused(
@@ -175,7 +204,9 @@ async def test_full_reversal_restores_every_balance_and_row(world: World) -> Non
     words = operations.reversed_by_words(await operations.reversals_of(world.settings, workflow_id))
     completed = [w for w in words if "in full: completed" in w]
     assert len(completed) == 1 and handle.id in completed[0], words
-    original = render_evidence_markdown(await operations.evidence(world.settings, workflow_id))
+    original = render_evidence_markdown(
+        await operations.evidence(world.settings, workflow_id, reversals=True)
+    )
     assert (
         f"**Reversed by** {handle.id} (completed), requested by alice: plan priced usage wrongly" in original
     )
@@ -198,7 +229,7 @@ async def test_full_reversal_restores_every_balance_and_row(world: World) -> Non
 
 
 async def test_scoped_reversal_touches_only_its_scope_and_names_changed_rows(world: World) -> None:
-    workflow_id, balances, _ = await _remediated(world, "rs")
+    workflow_id, balances, _, _ = await _remediated(world, "rs")
     # The platform changes one row the run created after the run: that row is a follow-up, untouched.
     changed, org = await world.db.fetchrow(
         "SELECT id, org_id FROM billing.usage_records WHERE created_by LIKE 'remediation:%' ORDER BY id LIMIT 1"

@@ -58,7 +58,8 @@ async def plan_content_hash(conn: asyncpg.Connection | asyncpg.Pool, plan_id: st
 
 
 async def seal_plan(conn: asyncpg.Connection, plan_id: str) -> None:
-    """Hash the plan's rows, total them, and record each customer's balance now and the money planned."""
+    """Hash the plan's rows, total them, and record each customer's (and user's) balance now and the money
+    planned."""
     await conn.execute(
         f"""UPDATE remediation.plans p SET
              plan_hash = encode(sha256(convert_to(coalesce(s.canon, ''), 'UTF8')), 'hex'),
@@ -86,6 +87,17 @@ async def seal_plan(conn: asyncpg.Connection, plan_id: str) -> None:
                         coalesce(sum(amount_minor) FILTER (WHERE amount_minor > 0), 0) AS credits
                  FROM remediation.plan_actions WHERE plan_id = $1 AND org_id <> '*' GROUP BY org_id) c
            LEFT JOIN billing.orgs o ON o.id = c.org_id""",
+        plan_id,
+    )
+    await conn.execute(
+        """INSERT INTO remediation.plan_user_balances (plan_id, org_id, user_id, actions, money_minor,
+               balance_before_minor)
+           SELECT $1, c.org_id, c.user_id, c.n, c.money,
+                  (SELECT coalesce(sum(l.amount_minor), 0) FROM billing.ledger_entries l
+                   WHERE l.requested_by_user_id = c.user_id AND l.org_id = c.org_id)
+           FROM (SELECT org_id, user_id, count(*) AS n, sum(amount_minor) AS money
+                 FROM remediation.plan_actions WHERE plan_id = $1 AND org_id <> '*' AND user_id IS NOT NULL
+                 GROUP BY org_id, user_id) c""",
         plan_id,
     )
 

@@ -17,3 +17,14 @@ ALTER TABLE remediation.plans ADD COLUMN IF NOT EXISTS reverses_run_id text;
 ALTER TABLE remediation.plan_customers
     ADD COLUMN IF NOT EXISTS balance_before_minor bigint,
     ADD COLUMN IF NOT EXISTS currency text;
+
+-- The same per user, where the ledger projection is per user (entries carry requested_by_user_id).
+CREATE TABLE IF NOT EXISTS remediation.plan_user_balances (
+    plan_id              text NOT NULL REFERENCES remediation.plans (plan_id),
+    org_id               text NOT NULL,
+    user_id              text NOT NULL,
+    actions              integer NOT NULL,
+    money_minor          bigint NOT NULL,
+    balance_before_minor bigint NOT NULL,
+    PRIMARY KEY (plan_id, org_id, user_id)
+);

@@ -72,3 +72,5 @@ CREATE INDEX IF NOT EXISTS ledger_remediation_credits ON billing.ledger_entries 
 -- Each customer's balance (a plan records it for every org it touches): an index-only sum per org.
 DROP INDEX IF EXISTS billing.ledger_org;
 CREATE INDEX ledger_org ON billing.ledger_entries (org_id) INCLUDE (amount_minor);
+DROP INDEX IF EXISTS billing.ledger_user;
+CREATE INDEX ledger_user ON billing.ledger_entries (requested_by_user_id) INCLUDE (org_id, amount_minor);
