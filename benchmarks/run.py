@@ -26,6 +26,7 @@ import asyncpg
 from temporalio.testing import ActivityEnvironment
 
 from activities.postgres import BillingDatabaseActivities
+from benchmarks.cli import bench_cli
 from benchmarks.payments import bench_payments
 from benchmarks.report import emit
 from benchmarks.reversal import bench_reversal
@@ -349,8 +350,10 @@ async def main(args: argparse.Namespace) -> None:
     if args.time_to_plan_sizes:
         async with full_stack(root / "ttp", provider=True) as stack:
             await bench_time_to_plan(stack, args.time_to_plan_sizes)
-    if args.incidents or args.memory_sizes or args.watch_interval:
+    if args.incidents or args.memory_sizes or args.watch_interval or args.cli_runs:
         async with full_stack(root / "stack") as stack:
+            if args.cli_runs:
+                await bench_cli(stack, args.cli_runs)
             if args.incidents:
                 await bench_workflows(stack, args.incidents)
             if args.memory_sizes:
@@ -379,6 +382,9 @@ def cli() -> None:
         "--usage-rows", type=int, default=2_000_000, help="0 skips seed/reconcile/naive/scoped"
     )
     parser.add_argument("--apply-actions", type=int, default=100_000, help="0 skips the apply benchmark")
+    parser.add_argument(
+        "--cli-runs", type=int, default=9, help="`remediate --help` and `status` run as processes; 0 skips"
+    )
     parser.add_argument(
         "--payment-findings", type=int, default=1000, help="checked against the provider; 0 skips"
     )

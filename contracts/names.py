@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 WORKFLOW = "BillingRemediation"
+# Every trigger's value (``contracts.models.Trigger``): the CLI's help lists them without loading pydantic.
+TRIGGERS = (
+    "worker_failure", "queue_lag", "reconcile_failed", "customer_dispute", "prepaid_depleted", "manual",
+    "drift_detected", "reversal",
+)  # fmt: skip
 LAUNCH_GUARD_WORKFLOW = "LaunchGuardVerification"
 DRIFT_WATCH_WORKFLOW = "DriftWatch"
 

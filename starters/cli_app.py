@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import sys
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
-from pydantic import ValidationError
 
-from config import Settings, load_settings
+# Loaded by the commands that use them: `remediate --help` imports neither pydantic nor the settings.
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
+    from config import Settings
 
 T = TypeVar("T")
 app = typer.Typer(
@@ -70,28 +74,54 @@ def invalid(err: ValidationError) -> None:
     fail(explain(err))
 
 
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    import asyncpg
-    from nats.errors import Error as NatsError
-    from temporalio.service import RPCError
+# Errors a command's libraries raise, said in one line each; looked up only among the libraries it loaded.
+LIBRARY_ERRORS = {
+    "payload": ("worker.payload_codec", "PayloadKeyError"),
+    "nats": ("nats.errors", "Error"),
+    "postgres": ("asyncpg.exceptions", "PostgresError"),
+    "temporal": ("temporalio.service", "RPCError"),
+}
 
+
+def _loaded_error(module: str, name: str) -> type[BaseException] | None:
+    """An exception class of a library the command loaded (an error of one it never loaded cannot occur)."""
+    loaded = sys.modules.get(module)
+    found = getattr(loaded, name, None) if loaded is not None else None
+    return found if isinstance(found, type) and issubclass(found, BaseException) else None
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
     from remediation_client import OperationError
-    from worker.payload_codec import PayloadKeyError
 
     try:
         return asyncio.run(coro)
-    except (OperationError, PayloadKeyError) as err:
+    except OperationError as err:
         fail(str(err), 1)
-    except (OSError, NatsError) as err:
-        fail(f"cannot reach a dependency ({type(err).__name__}): {err}; is `remediate dev up` running?", 1)
-    except asyncpg.PostgresError as err:
-        fail(f"Postgres refused the request ({type(err).__name__}): {err}", 1)
-    except RPCError as err:
-        fail(f"Temporal refused the request: {err.message}", 1)
+    except Exception as err:
+        kinds = {
+            kind
+            for kind, (module, name) in LIBRARY_ERRORS.items()
+            if (cls := _loaded_error(module, name)) is not None and isinstance(err, cls)
+        }
+        if "payload" in kinds:
+            fail(str(err), 1)
+        if isinstance(err, OSError) or "nats" in kinds:
+            fail(
+                f"cannot reach a dependency ({type(err).__name__}): {err}; is `remediate dev up` running?", 1
+            )
+        if "postgres" in kinds:
+            fail(f"Postgres refused the request ({type(err).__name__}): {err}", 1)
+        if "temporal" in kinds:
+            fail(f"Temporal refused the request: {getattr(err, 'message', err)}", 1)
+        raise
     raise AssertionError("unreachable")
 
 
 def cli_settings() -> Settings:
+    from pydantic import ValidationError
+
+    from config import load_settings
+
     try:
         return load_settings()
     except ValidationError as err:
@@ -110,4 +140,5 @@ async def cli_client(settings: Settings) -> Any:
     # stderr is a terminal); stdout and a terminal's stderr stay for people.
     configure_command_logging(settings.state_dir / "logs" / "cli.log", settings.cli_log)
     configure_tracing("billing-remediation-cli", settings.otlp_endpoint)
-    return await connect_temporal(settings)
+    # The interceptor only matters when spans are exported (it costs 55 ms of imports otherwise).
+    return await connect_temporal(settings, traced=settings.otlp_endpoint is not None)

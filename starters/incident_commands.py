@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from pydantic import ValidationError
 
-from config import Settings
-from contracts.models import RemediationRequest, Scope, Trigger
+from contracts.names import TRIGGERS
 from starters.cli_app import (
     app,
     cli_client,
@@ -20,6 +18,10 @@ from starters.cli_app import (
     invalid,
     run_async,
 )
+
+if TYPE_CHECKING:
+    from config import Settings
+    from contracts.models import RemediationRequest
 
 
 @app.command()
@@ -33,12 +35,16 @@ def start(
     app_instance: Annotated[str | None, typer.Option("--app-instance")] = None,
     usage_source: Annotated[str | None, typer.Option("--usage-source")] = None,
     component: Annotated[str | None, typer.Option("--component")] = None,
-    trigger: Annotated[str, typer.Option("--trigger", help=", ".join(t.value for t in Trigger))] = "manual",
+    trigger: Annotated[str, typer.Option("--trigger", help=", ".join(TRIGGERS))] = "manual",
     dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
     wait: Annotated[bool, typer.Option("--wait")] = False,
     requested_by: Annotated[str, typer.Option("--as", help="who starts it (audited)")] = "incident-commander",
 ) -> None:
     """Start a remediation (or attach to the one running for the same scope)."""
+    from pydantic import ValidationError
+
+    from contracts.models import RemediationRequest, Scope
+
     try:
         request = RemediationRequest(
             correlation_id=correlation_id,
@@ -83,6 +89,8 @@ def verify_launch_guard(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Verify the launch boundary (posture, precheck, submit 402) against the expected state; exit 1 if not."""
+    from pydantic import ValidationError
+
     from contracts.models import LaunchGuardVerifyRequest
 
     try:
@@ -145,7 +153,12 @@ def status(workflow_id: str) -> None:
 
     async def go() -> str:
         view = await operations.status(await cli_client(settings), workflow_id)
-        reversed_by = operations.reversed_by_words(await operations.reversals_of(settings, workflow_id))
+        # Only an ended run can have been reversed (a running one costs no database round trip).
+        reversed_by = (
+            operations.reversed_by_words(await operations.reversals_of(settings, workflow_id))
+            if view.phase.ended
+            else []
+        )
         return "\n".join([render_status(workflow_id, view), *reversed_by])
 
     typer.echo(run_async(go()))

@@ -5,9 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
 
-from contracts.models import Scope
 from starters.cli_app import app, cli_client, cli_settings, fail, invalid, run_async
 
 
@@ -26,7 +24,10 @@ def reverse(
     dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
 ) -> None:
     """Reverse a finished remediation (all of it, or the scope given): exact inverse entries, after approval."""
+    from pydantic import ValidationError
+
     import remediation_client as operations
+    from contracts.models import Scope
 
     try:
         operations.check_workflow_id(workflow_id)

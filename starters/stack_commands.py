@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from config import Settings
 from starters.cli_app import (
     alerts,
     app,
@@ -28,6 +27,7 @@ from starters.cli_app import (
 )
 
 if TYPE_CHECKING:
+    from config import Settings
     from local_platform.seeder import SeedReport
 
 # --------------------------------------------------------------------------- dev stack

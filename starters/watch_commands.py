@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from pydantic import ValidationError
 
-from contracts.models import Scope
-from contracts.watch import WatchConfig, WatchTickResult
 from starters.cli_app import app, cli_client, cli_settings, fail, run_async
+
+if TYPE_CHECKING:
+    from contracts.watch import WatchTickResult
 
 watch = typer.Typer(help="The drift watch: find billing drift on a schedule, before a customer does.")
 app.add_typer(watch, name="watch", no_args_is_help=True)
@@ -55,6 +55,10 @@ def enable(
     ] = False,
 ) -> None:
     """Create (or reconfigure) the watch's Temporal Schedule."""
+    from pydantic import ValidationError
+
+    from contracts.models import Scope
+    from contracts.watch import WatchConfig
     from remediation_client.watch import enable as enable_schedule
 
     try:

@@ -4,6 +4,8 @@ other without cycles, modules stay small. Imports are read with ``ast``, module 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -134,3 +136,23 @@ def test_the_product_loads_the_embedded_stack_only_where_a_command_needs_it() ->
         and any(t.split(".")[0] in EMBEDDED for t in targets)
     }
     assert importers == {"starters.demo", "starters.stack_commands"}
+
+
+def test_the_cli_lists_every_trigger_without_loading_the_models() -> None:
+    from contracts.models import Trigger
+    from contracts.names import TRIGGERS
+
+    assert tuple(t.value for t in Trigger) == TRIGGERS
+
+
+def test_help_loads_neither_the_temporal_sdk_nor_pydantic_nor_the_settings() -> None:
+    # `remediate --help` answers from the command definitions alone (docs/performance.md, "The CLI").
+    probe = (
+        "import sys; sys.argv = ['remediate', '--help']\n"
+        "from starters.cli import app\n"
+        "try:\n    app()\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('temporalio', 'pydantic', 'config.settings', 'asyncpg', 'nats')"
+        " if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-2000:]

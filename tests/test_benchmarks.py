@@ -35,6 +35,8 @@ def test_benchmarks_print_one_json_line_per_measurement() -> None:
             "500",
             "--watch-interval",
             "10",
+            "--cli-runs",
+            "2",
         ],
         capture_output=True,
         text=True,
@@ -46,8 +48,12 @@ def test_benchmarks_print_one_json_line_per_measurement() -> None:
     lines = {row["benchmark"]: row for row in rows}
     assert set(lines) == {
         "machine", "seed", "reconcile", "naive", "scoped", "apply", "payment_checks", "workflows", "memory",
-        "time_to_plan_seed", "time_to_plan", "watch_tick", "drift_to_approval", "reversal",
+        "time_to_plan_seed", "time_to_plan", "watch_tick", "drift_to_approval", "reversal", "cli",
     }  # fmt: skip
+    # The CLI run as processes, beside the interpreter's own start and the Temporal client's import.
+    cli = lines["cli"]
+    assert cli["runs"] == 2 and 0 < cli["python_floor_median_s"] < cli["help_median_s"]
+    assert cli["status_max_s"] >= cli["status_median_s"] > 0
     # The apply's run reversed in full, beside its forward apply: every entry it posted has its inverse.
     reversal = lines["reversal"]
     assert reversal["actions"] == reversal["applied"] == lines["apply"]["applied"] > 0

@@ -36,12 +36,12 @@ from config import Settings
 from config.approver_keys import load_private_key
 from contracts.models import AlertNotice, RemediationRequest
 from migrations import apply_migrations, remediation_migrations_dir
+from worker.activity_context import RemediationContext
 from worker.connection import connect_temporal
 from worker.deployment import build_id, deployment_config
 from worker.metrics import sdk_runtime, serving_metrics
 from worker.platform_summary_refresh import refresh_platform_summary_every
 from worker.serving import stop_event
-from worker.telemetry import RemediationContext
 from workflows.drift_watch import DriftWatchWorkflow
 from workflows.launch_guard import LaunchGuardWorkflow
 from workflows.remediation import BillingRemediationWorkflow
