@@ -29,7 +29,7 @@ from activities.postgres import BillingDatabaseActivities
 from benchmarks.cli import bench_cli
 from benchmarks.payments import bench_payments
 from benchmarks.report import emit
-from benchmarks.reversal import bench_reversal
+from benchmarks.reversal import apply_floor, bench_reversal
 from benchmarks.time_to_plan import bench_time_to_plan
 from benchmarks.watch import bench_drift_to_approval, bench_watch_tick
 from benchmarks.workflows import bench_memory, bench_workflows, full_stack, percentile
@@ -264,8 +264,9 @@ async def bench_apply(keep: Settings, actions: int) -> None:
             plan_hash=plan.plan_hash,
             actor="bench",
             approvers=["a"],
-            batch_size=500,
+            batch_size=int(os.environ.get("BENCH_APPLY_BATCH", "500")),
         )
+        floor = await apply_floor(pool, plan.plan_id)
         took, summary = await timed(lambda: env.run(acts.apply_plan, request))
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
@@ -286,6 +287,8 @@ async def bench_apply(keep: Settings, actions: int) -> None:
             applied=summary.applied,
             seconds=round(took, 2),
             actions_per_s=round(summary.applied / took),
+            floor_actions_per_s=round(plan.action_count / floor),
+            apply_vs_floor=round(took / floor, 2),
             second_apply_changed_rows=changed,
             second_apply_already_applied=second.already_applied,
             second_apply_stale=second.skipped_stale,
