@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from temporalio import workflow
@@ -45,9 +46,6 @@ with workflow.unsafe.imports_passed_through():
         StatusView,
     )
     from workflows.activity_calls import activity_cause, activity_options
-    from workflows.approval import (
-        reset_for_plan,
-    )
     from workflows.criteria import consistency_after_reconcile
     from workflows.details import STEPS_MARKDOWN
     from workflows.incident_marks import incident_marks
@@ -189,31 +187,11 @@ class BillingRemediationWorkflow(ReversalSteps):
                 heartbeat=True,
                 attempts=20,
             )
-            reset_for_plan(self._approval, plan, workflow.now())
-            self._refresh_details()
-            if request.dry_run:
-                await self._before_taken()
-                return Phase.DRY_RUN_COMPLETE, plan, None
-            if not plan.empty:
-                decided = await self._await_approval(plan)
-                if decided is not None:
-                    return decided, plan, applied
-                await self._before_taken()
-                try:
-                    applied = await self._apply(plan)
-                except ActivityError as err:
-                    # Retries exhausted (a dependency down for long): stop and ask a human instead of
-                    # failing half-way. A retry re-reconciles, so committed batches are not redone.
-                    self._stalled = f"apply stopped: {activity_cause(err)}"
-                    if await self._await_verdict_decision() == "hand_off":
-                        return Phase.HANDED_OFF, plan, applied
-                    continue
-            verdict = await self._verify(request, pass_no)
-            if verdict.passed:
-                return Phase.COMPLETED, plan, applied
-            choice = await self._await_verdict_decision()
-            if choice == "hand_off":
-                return Phase.HANDED_OFF, plan, applied
+            ended, applied = await self._approve_apply_verify(
+                request, plan, applied, partial(self._verify, request, pass_no)
+            )
+            if ended is not None:
+                return ended, plan, applied
         return Phase.HANDED_OFF, plan, applied
 
     # ---------------------------------------------------------------- steps

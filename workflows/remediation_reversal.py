@@ -7,6 +7,8 @@ apply, audit chain and crash-safety are the forward plan's own.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from functools import partial
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError
@@ -70,28 +72,11 @@ class ReversalSteps(VerifySteps):
                         "Capture before-reversal query evidence",
                     )
                 )
-            reset_for_plan(self._approval, plan, workflow.now())
-            self._refresh_details()
-            if request.dry_run:
-                await self._before_taken()
-                return Phase.DRY_RUN_COMPLETE, plan, None
-            if not plan.empty:
-                decided = await self._await_approval(plan)
-                if decided is not None:
-                    return decided, plan, applied
-                await self._before_taken()
-                try:
-                    applied = await self._apply(plan)
-                except ActivityError as err:
-                    self._stalled = f"apply stopped: {activity_cause(err)}"
-                    if await self._await_verdict_decision() == "hand_off":
-                        return Phase.HANDED_OFF, plan, applied
-                    continue
-            verdict = await self._verify_reversal(request, plan, pass_no)
-            if verdict.passed:
-                return Phase.COMPLETED, plan, applied
-            if await self._await_verdict_decision() == "hand_off":
-                return Phase.HANDED_OFF, plan, applied
+            ended, applied = await self._approve_apply_verify(
+                request, plan, applied, partial(self._verify_reversal, request, plan, pass_no)
+            )
+            if ended is not None:
+                return ended, plan, applied
         return Phase.HANDED_OFF, plan, applied
 
     async def _verify_reversal(
@@ -129,6 +114,43 @@ class ReversalSteps(VerifySteps):
         )
         self._refresh_details()
         return self._verification
+
+    async def _approve_apply_verify(
+        self,
+        request: RemediationRequest,
+        plan: PlanSummary,
+        applied: ApplySummary | None,
+        verify: Callable[[], Awaitable[VerificationResult]],
+    ) -> tuple[Phase | None, ApplySummary | None]:
+        """A pass after its plan (forward or reversal): approval, apply, verification, a human's decision.
+
+        Returns the phase the run ends in (None: plan again) and the apply's summary.
+        """
+        reset_for_plan(self._approval, plan, workflow.now())
+        self._refresh_details()
+        if request.dry_run:
+            await self._before_taken()
+            return Phase.DRY_RUN_COMPLETE, None
+        if not plan.empty:
+            decided = await self._await_approval(plan)
+            if decided is not None:
+                return decided, applied
+            await self._before_taken()
+            try:
+                applied = await self._apply(plan)
+            except ActivityError as err:
+                # Retries exhausted (a dependency down for long): stop and ask a human instead of
+                # failing half-way. A retry plans again, so committed batches are not redone.
+                self._stalled = f"apply stopped: {activity_cause(err)}"
+                if await self._await_verdict_decision() == "hand_off":
+                    return Phase.HANDED_OFF, applied
+                return None, applied
+        verdict = await verify()
+        if verdict.passed:
+            return Phase.COMPLETED, applied
+        if await self._await_verdict_decision() == "hand_off":
+            return Phase.HANDED_OFF, applied
+        return None, applied
 
     async def _apply(self, plan: PlanSummary) -> ApplySummary:
         ref = self._require_ref()
