@@ -207,9 +207,11 @@ async def run_demo(settings: Settings) -> int:
     if len(customers) > 3:
         _say(f"   ... and {len(customers) - 3} more customer summaries")
     differ = [b for b in doc["balances"] if b["difference"]]
+    users = sum(1 for b in doc["balances"] if b.get("user_id"))
     _say(
-        f"   balances: {len(doc['balances']) - len(differ)} of {len(doc['balances'])} customers exactly as the"
-        " plan predicted" + "".join(f"; {b['org_id']}: {b['explained']}" for b in differ)
+        f"   balances: {len(doc['balances']) - len(differ)} of {len(doc['balances'])} exactly as the plan predicted"
+        f" ({len(doc['balances']) - users} orgs, {users} users)"
+        + "".join(f"; {b['org_id']} {b.get('user_id') or ''}: {b['explained']}" for b in differ)
     )
     await _show_traces(settings, incident.trace_id, started.trace_id)
     if not await _watch_finds_silent_drift(client, settings, prefix):

@@ -20,9 +20,8 @@ from temporalio.testing import WorkflowEnvironment
 from config import Settings
 from config.approver_keys import new_key_pair
 from contracts import names
-from contracts.models import Phase, RemediationRequest, Scope, VerdictDecision
+from contracts.models import Phase, RemediationRequest, RemediationResult, Scope, VerdictDecision
 from starters.demo import run_demo
-from tests.helpers import wait_phase
 from worker.payload_codec import with_codec
 
 from .conftest import APPROVER_TIERS, World, client_with, make_world
@@ -73,8 +72,11 @@ async def test_demo_completes_and_the_readmes_next_commands_work(
     assert "verification: PASSED" in out
     assert "outcome: completed" in out
     # Predicted balances equal actual ones after apply, for every customer of the demo's incident.
-    predicted = re.search(r"balances: (\d+) of (\d+) customers exactly as the plan predicted\n", out)
+    predicted = re.search(
+        r"balances: (\d+) of (\d+) exactly as the plan predicted \((\d+) orgs, (\d+) users\)\n", out
+    )
     assert predicted is not None and predicted[1] == predicted[2] != "0", out
+    assert int(predicted[3]) > 0 and int(predicted[4]) > 0, out
     # The drift watch finds drift no alert reported and starts its remediation, waiting for approval.
     watch_part = out.split("== 8. The drift watch", 1)[1]
     assert "orphan_open_usage=1; started remediation-org:" in watch_part
@@ -138,7 +140,12 @@ async def test_failed_verification_ends_the_demo_with_the_commands_to_decide(
     await world.client.get_workflow_handle(GLOBAL).execute_update(
         names.UPDATE_DECIDE, VerdictDecision(actor="alice", choice="hand_off", comment="test")
     )
-    await wait_phase(world.client.get_workflow_handle(GLOBAL), {Phase.HANDED_OFF}, timeout=20)
+    # Its result, not a query: a query racing the run's last workflow task once failed replay in CI with
+    # the SDK's update-and-query ordering (see the notes on issue 29's stop), which this test is not about.
+    ended = await asyncio.wait_for(
+        world.client.get_workflow_handle(GLOBAL, result_type=RemediationResult).result(), timeout=60
+    )
+    assert ended.outcome is Phase.HANDED_OFF
 
 
 def test_decision_help_says_what_stopped_the_run() -> None:
