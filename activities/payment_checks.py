@@ -14,6 +14,7 @@ import asyncpg
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.errors import dependency_down
 from activities.heartbeat import heartbeating
 from activities.loki import LokiActivities, line_field
 from activities.payment_provider import PaymentProvider, ProviderUnreachable, judge
@@ -111,9 +112,7 @@ class PaymentCheckActivities(PostgresActivities):
                 try:
                     payment = await self._provider.payment(row["provider_ref"])
                 except ProviderUnreachable as exc:
-                    raise ApplicationError(
-                        f"payment provider unreachable: {exc}", type="DependencyDown"
-                    ) from None
+                    raise dependency_down(f"payment provider unreachable: {exc}") from None
             if not (payment.disputed or payment.refunded_minor):
                 return None
             verdict, reason = judge(row["amount_minor"], row["currency"], payment)
@@ -129,9 +128,10 @@ class PaymentCheckActivities(PostgresActivities):
                 """INSERT INTO remediation.findings (run_id, pass, kind, entity_type, entity_id, org_id, user_id,
                        amount_minor, detail)
                    SELECT $1, $2, $3, 'ledger_entry', v.entry::text, v.org, v.usr, v.amount,
-                          jsonb_build_object('session_id', v.session, 'provider', v.doc::jsonb)
-                   FROM unnest($4::bigint[], $5::text[], $6::text[], $7::bigint[], $8::text[], $9::text[])
-                        AS v(entry, org, usr, amount, session, doc)
+                          jsonb_build_object('session_id', v.session, 'provider', v.doc::jsonb,
+                                             'revoked', v.revoked)
+                   FROM unnest($4::bigint[], $5::text[], $6::text[], $7::bigint[], $8::text[], $9::text[],
+                               $10::text[]) AS v(entry, org, usr, amount, session, doc, revoked)
                    ON CONFLICT DO NOTHING""",
                 request.ref.run_id,
                 request.pass_no,
@@ -142,13 +142,15 @@ class PaymentCheckActivities(PostgresActivities):
                 [r["amount_minor"] for r, _ in revoked],
                 [r["session_id"] for r, _ in revoked],
                 [c.model_dump_json() for _, c in revoked],
+                [_revoked(c) for _, c in revoked],
             )
             await self._timeline(
                 request.ref.run_id,
                 f"revoked-credits:{request.pass_no}",
                 "reconciling",
                 f"{len(revoked)} credits posted by remediations were since refunded or disputed at the provider:"
-                f" each is planned as the reversal of that credit",
+                " each disputed or fully refunded one is planned as the reversal of that credit; a partly"
+                " refunded one goes to the payments team (its exact inverse would take back too much)",
                 {"entries": [r["id"] for r, _ in revoked]},
             )
         return len(revoked)
@@ -225,3 +227,11 @@ class PaymentCheckActivities(PostgresActivities):
             verdicts={r["verdict"]: int(r["n"]) for r in rows},
             unreachable_reason=reasons[0] if reasons else None,
         )
+
+
+def _revoked(check: PaymentCheck) -> str:
+    """``full`` (disputed, or refunded in full: the credit's exact inverse is owed) or ``partial``."""
+    payment = check.payment
+    if payment is None or payment.disputed or payment.refunded_minor >= payment.captured_minor:
+        return "full"
+    return "partial"

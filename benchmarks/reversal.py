@@ -69,35 +69,3 @@ async def bench_reversal(
         reversal_vs_forward=round(rate / forward, 2),
         entries_left_unreversed=unreversed,
     )
-
-
-async def apply_floor(pool: asyncpg.Pool, plan_id: str) -> float:
-    """The floor for applying ``plan_id``'s usage debits: the same ledger rows and audit rows written by one bare
-    ``INSERT ... SELECT`` each (no re-check, no batches), in a transaction rolled back; seconds."""
-    async with pool.acquire() as conn:
-        tx = conn.transaction()
-        await tx.start()
-        try:
-            started = time.perf_counter()
-            await conn.execute(
-                """INSERT INTO billing.ledger_entries (org_id, requested_by_user_id, kind, amount_minor,
-                       usage_record_id, idempotency_key, actor, correlation_id)
-                   SELECT u.org_id, u.requested_by_user_id, 'usage_debit', pa.amount_minor, u.id, pa.idempotency_key,
-                          'remediation:floor', 'floor'
-                   FROM remediation.plan_actions pa JOIN billing.usage_records u ON u.id = pa.entity_id::bigint
-                   WHERE pa.plan_id = $1""",
-                plan_id,
-            )
-            await conn.execute(
-                """INSERT INTO remediation.applied_actions (plan_id, seq, idempotency_key, kind, outcome, actor,
-                       approvers, workflow_id, correlation_id, before, after)
-                   SELECT pa.plan_id, pa.seq, pa.idempotency_key, pa.kind, 'applied', 'floor', '{a}', 'floor', 'floor',
-                          to_jsonb(u), to_jsonb(l)
-                   FROM remediation.plan_actions pa JOIN billing.usage_records u ON u.id = pa.entity_id::bigint
-                   JOIN billing.ledger_entries l ON l.idempotency_key = pa.idempotency_key
-                   WHERE pa.plan_id = $1""",
-                plan_id,
-            )
-            return time.perf_counter() - started
-        finally:
-            await tx.rollback()

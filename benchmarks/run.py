@@ -29,7 +29,7 @@ from activities.postgres import BillingDatabaseActivities
 from benchmarks.cli import bench_cli
 from benchmarks.payments import bench_payments
 from benchmarks.report import emit
-from benchmarks.reversal import apply_floor, bench_reversal
+from benchmarks.reversal import bench_reversal
 from benchmarks.time_to_plan import bench_time_to_plan
 from benchmarks.watch import bench_drift_to_approval, bench_watch_tick
 from benchmarks.workflows import bench_memory, bench_workflows, full_stack, percentile
@@ -235,7 +235,39 @@ async def bench_scoped(
     )
 
 
-async def bench_apply(keep: Settings, actions: int) -> None:
+async def apply_floor(pool: asyncpg.Pool, plan_id: str) -> float:
+    """The floor for applying ``plan_id``'s usage debits: the same ledger rows and audit rows written by one bare
+    ``INSERT ... SELECT`` each (no re-check, no batches), in a transaction rolled back; seconds."""
+    async with pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            started = time.perf_counter()
+            await conn.execute(
+                """INSERT INTO billing.ledger_entries (org_id, requested_by_user_id, kind, amount_minor,
+                       usage_record_id, idempotency_key, actor, correlation_id)
+                   SELECT u.org_id, u.requested_by_user_id, 'usage_debit', pa.amount_minor, u.id, pa.idempotency_key,
+                          'remediation:floor', 'floor'
+                   FROM remediation.plan_actions pa JOIN billing.usage_records u ON u.id = pa.entity_id::bigint
+                   WHERE pa.plan_id = $1""",
+                plan_id,
+            )
+            await conn.execute(
+                """INSERT INTO remediation.applied_actions (plan_id, seq, idempotency_key, kind, outcome, actor,
+                       approvers, workflow_id, correlation_id, before, after)
+                   SELECT pa.plan_id, pa.seq, pa.idempotency_key, pa.kind, 'applied', 'floor', '{a}', 'floor', 'floor',
+                          to_jsonb(u), to_jsonb(l)
+                   FROM remediation.plan_actions pa JOIN billing.usage_records u ON u.id = pa.entity_id::bigint
+                   JOIN billing.ledger_entries l ON l.idempotency_key = pa.idempotency_key
+                   WHERE pa.plan_id = $1""",
+                plan_id,
+            )
+            return time.perf_counter() - started
+        finally:
+            await tx.rollback()
+
+
+async def bench_apply(keep: Settings, actions: int, batch: int = 500) -> None:
     """Approved actions applied per second, then the same fixes planned and applied again (0 changes)."""
     async with database("bench_apply", keep) as pool:
         async with pool.acquire() as conn:
@@ -264,7 +296,7 @@ async def bench_apply(keep: Settings, actions: int) -> None:
             plan_hash=plan.plan_hash,
             actor="bench",
             approvers=["a"],
-            batch_size=int(os.environ.get("BENCH_APPLY_BATCH", "500")),
+            batch_size=batch,
         )
         floor = await apply_floor(pool, plan.plan_id)
         took, summary = await timed(lambda: env.run(acts.apply_plan, request))
@@ -342,7 +374,7 @@ async def main(args: argparse.Namespace) -> None:
         if args.usage_rows:
             await bench_database(keep, args, root)
         if args.apply_actions:
-            await bench_apply(keep, args.apply_actions)
+            await bench_apply(keep, args.apply_actions, args.apply_batch)
         if args.payment_findings:
             async with database("bench_payments", keep) as pool:
                 await bench_payments(pool, root, args.payment_findings, register)
@@ -385,6 +417,9 @@ def cli() -> None:
         "--usage-rows", type=int, default=2_000_000, help="0 skips seed/reconcile/naive/scoped"
     )
     parser.add_argument("--apply-actions", type=int, default=100_000, help="0 skips the apply benchmark")
+    parser.add_argument(
+        "--apply-batch", type=int, default=500, help="actions per apply batch (APPLY_BATCH_SIZE)"
+    )
     parser.add_argument(
         "--cli-runs", type=int, default=9, help="`remediate --help` and `status` run as processes; 0 skips"
     )

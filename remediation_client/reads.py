@@ -21,6 +21,7 @@ from contracts.models import (
 )
 from database.plan_customers import customers, users
 from remediation_client.errors import OperationError
+from remediation_client.reversals import fetch_reversals
 from remediation_client.runs import check_workflow_id, handle_for
 from workflows.search_attributes import SA_CORRELATION, SA_ORG, SA_PHASE
 
@@ -82,15 +83,10 @@ async def evidence(settings: Settings, workflow_id: str, *, reversals: bool = Fa
         run_id, document = await latest_evidence(conn, workflow_id)
         if not reversals:
             return document
-        found = await conn.fetch(
-            """SELECT v.workflow_id, v.run_id, v.scope::text AS scope, v.reason, v.requested_by, r.outcome
-               FROM remediation.reversals v JOIN remediation.runs r ON r.run_id = v.run_id
-               WHERE v.original_run_id = $1 AND NOT r.dry_run ORDER BY v.created_at""",
-            run_id,
-        )
+        found = await fetch_reversals(conn, run_id=run_id)
     finally:
         await conn.close()
-    return document | {"reversed_by": [dict(r) | {"scope": json.loads(r["scope"])} for r in found]}
+    return document | {"reversed_by": [{k: v for k, v in r.items() if k != "created_at"} for r in found]}
 
 
 async def latest_evidence(conn: asyncpg.Connection, workflow_id: str) -> tuple[str, dict[str, Any]]:

@@ -66,26 +66,40 @@ async def reversal_request(
         raise OperationError(f"invalid reversal: {problems}") from None
 
 
+# Reversals of a run that took something back, or are still running (an ended one that applied nothing,
+# such as a repeat or a dry run, reversed nothing and is not listed).
+REVERSALS = """SELECT v.workflow_id, v.run_id, v.original_run_id, v.scope::text AS scope, v.reason, v.requested_by,
+                      r.outcome, v.created_at
+               FROM remediation.reversals v JOIN remediation.runs r ON r.run_id = v.run_id
+               WHERE {where} = $1 AND NOT r.dry_run
+                 AND (r.ended_at IS NULL OR EXISTS (
+                      SELECT 1 FROM remediation.plans p JOIN remediation.applied_actions aa ON aa.plan_id = p.plan_id
+                      WHERE p.run_id = v.run_id AND aa.outcome = 'applied'))
+               ORDER BY v.created_at"""
+
+
+async def fetch_reversals(
+    conn: asyncpg.Connection, *, workflow_id: str = "", run_id: str = ""
+) -> list[dict[str, Any]]:
+    """The reversals of a run (``run_id``) or of any run of ``workflow_id``, with their extent in words."""
+    where, value = ("v.original_run_id", run_id) if run_id else ("v.original_workflow_id", workflow_id)
+    found = []
+    for row in await conn.fetch(REVERSALS.format(where=where), value):
+        item = dict(row)
+        scope = Scope.model_validate_json(item["scope"])
+        item["scope"] = scope.model_dump()
+        item["extent"] = "in full" if scope.is_global else f"in part ({scope.describe()})"
+        found.append(item)
+    return found
+
+
 async def reversals_of(settings: Settings, workflow_id: str) -> list[dict[str, Any]]:
     """Every reversal of any run of ``workflow_id``: who, why, in full or in part, and how it ended."""
     conn = await asyncpg.connect(settings.resolved_database_url())
     try:
-        rows = await conn.fetch(
-            """SELECT v.workflow_id, v.run_id, v.original_run_id, v.scope::text AS scope, v.reason, v.requested_by,
-                      r.outcome, v.created_at
-               FROM remediation.reversals v JOIN remediation.runs r ON r.run_id = v.run_id
-               WHERE v.original_workflow_id = $1 AND NOT r.dry_run ORDER BY v.created_at""",
-            workflow_id,
-        )
+        return await fetch_reversals(conn, workflow_id=workflow_id)
     finally:
         await conn.close()
-    found = []
-    for row in rows:
-        item = dict(row)
-        scope = Scope.model_validate_json(item.pop("scope"))
-        item["extent"] = "in full" if scope.is_global else f"in part ({scope.describe()})"
-        found.append(item)
-    return found
 
 
 def reversed_by_words(reversals: list[dict[str, Any]]) -> list[str]:

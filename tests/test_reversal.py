@@ -217,6 +217,8 @@ async def test_full_reversal_restores_every_balance_and_row(world: World) -> Non
     second = await again.result()
     assert second.outcome is Phase.COMPLETED, second
     assert second.plan is not None and second.plan.counts_by_kind == {"not_reversible": 1}
+    # It reversed nothing, so the original still names one reversal.
+    assert len(operations.reversed_by_words(await operations.reversals_of(world.settings, workflow_id))) == 1
     assert await world.db.fetchval("SELECT count(*) FROM billing.ledger_entries") == ledger
     assert await _rows(world) == rows
     # A reversal is not reversed; an id nothing ran under has nothing to reverse.
@@ -333,3 +335,32 @@ def test_reverse_refuses_malformed_input_by_name() -> None:
         app, ["reverse", "remediation-global", "--reason", "wrong rate", "--as", "dana", "--org", "bad id!"]
     )
     assert result.exit_code == 2 and "org_id" in result.output, result.output
+
+
+async def test_a_partly_refunded_credit_goes_to_a_human_not_reversed_in_full(world: World) -> None:
+    await _remediated(world, "rq")
+    credit = await world.db.fetchrow(
+        """SELECT l.id, l.org_id, l.amount_minor, p.provider_ref FROM billing.ledger_entries l
+           JOIN billing.payment_sessions p ON p.id = l.payment_session_id
+           WHERE l.kind = 'payment_credit' AND l.actor LIKE 'remediation:%'"""
+    )
+    async with seeder_for(world.settings) as provider:
+        await provider.refund(credit["provider_ref"], credit["amount_minor"] // 2)
+    ledger = await world.db.fetchval("SELECT count(*) FROM billing.ledger_entries")
+    handle = await start(
+        world,
+        RemediationRequest(
+            correlation_id="partial-refund", trigger=Trigger.RECONCILE_FAILED, requested_by="ic-dana"
+        ),
+    )
+    result = await handle.result()
+    # The exact inverse would take back the half the customer still paid: planned as a follow-up only.
+    assert result.plan is not None and result.plan.counts_by_kind.get("reverse_ledger_entry") is None
+    action = await world.db.fetchrow(
+        "SELECT kind, amount_minor, params FROM remediation.plan_actions WHERE plan_id = $1 AND entity_id = $2",
+        result.plan.plan_id,
+        str(credit["id"]),
+    )
+    assert action["kind"] == "investigate_payment" and action["amount_minor"] == 0
+    assert "partially refunded" in json.loads(action["params"])["provider"]["reason"]
+    assert await world.db.fetchval("SELECT count(*) FROM billing.ledger_entries") == ledger

@@ -171,10 +171,14 @@ class PlanActivities(PostgresActivities):
                            WHEN 'orphan_open_usage' THEN '{ActionKind.CLOSE_ORPHAN_USAGE.value}'
                            WHEN 'unbilled_closed_usage' THEN '{ActionKind.POST_USAGE_DEBIT.value}'
                            WHEN 'payment_drift' THEN pk.pay
-                           WHEN '{CREDIT_REVOKED}' THEN '{ActionKind.REVERSE_LEDGER_ENTRY.value}'
+                           -- A partial refund is not the credit's exact inverse: a human decides.
+                           WHEN '{CREDIT_REVOKED}' THEN CASE WHEN f.detail->>'revoked' = 'partial'
+                             THEN '{ActionKind.INVESTIGATE_PAYMENT.value}' ELSE '{ActionKind.REVERSE_LEDGER_ENTRY.value}' END
                          END AS kind,
                          CASE f.kind
                            WHEN 'missing_open_usage' THEN 0
+                           WHEN '{CREDIT_REVOKED}' THEN CASE WHEN f.detail->>'revoked' = 'partial' THEN 0
+                                                             ELSE -f.amount_minor END
                            WHEN 'payment_drift' THEN CASE WHEN pk.pay = '{ActionKind.CREDIT_PAYMENT.value}'
                                                           THEN f.amount_minor ELSE 0 END
                            ELSE -f.amount_minor
@@ -188,7 +192,8 @@ class PlanActivities(PostgresActivities):
                              WHEN '{ActionKind.LINK_PAYMENT_CREDIT.value}' THEN 'payment-link:'
                              WHEN '{ActionKind.MARK_PAYMENT_FAILED.value}' THEN 'payment-failed:'
                              ELSE 'payment-investigate:' END || f.entity_id
-                           WHEN '{CREDIT_REVOKED}' THEN 'reversal:' || f.entity_id
+                           WHEN '{CREDIT_REVOKED}' THEN CASE WHEN f.detail->>'revoked' = 'partial'
+                             THEN 'payment-investigate:ledger-' ELSE 'reversal:' END || f.entity_id
                          END
                          -- Billed (or credited) once and reversed: the new entry needs a key of its own.
                          || coalesce(':after-reversal-of-' || coalesce(f.detail->>'reversed_debit',

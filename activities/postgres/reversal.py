@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from temporalio import activity
 
 from activities.errors import bad_input, not_found
@@ -50,10 +52,6 @@ RESTORED_OK = sql_list((ApplyOutcome.APPLIED, ApplyOutcome.ALREADY_APPLIED))
 def _reversal_rows_sql(pred: str) -> str:
     """INSERT of a reversal's plan rows: per audited action, its entry's inverse, its row restore, or a note."""
     original = "jsonb_build_object('plan_id', p.plan_id, 'seq', p.seq, 'kind', p.kind)"
-    why = " ".join(
-        f"WHEN '{kind.value}' THEN '{text.replace(chr(39), chr(39) * 2)}'"
-        for kind, text in NOT_REVERSIBLE_WHY.items()
-    )
     return f"""
         WITH orig AS MATERIALIZED (
             SELECT aa.plan_id, aa.seq, aa.kind, aa.before, aa.after, pa.org_id, pa.user_id, pa.entity_id,
@@ -68,9 +66,13 @@ def _reversal_rows_sql(pred: str) -> str:
                         ELSE coalesce(o.doc->>'allocation_id', o.before->>'allocation_id') END AS allocation_id
             FROM orig o),
         p AS MATERIALIZED (SELECT * FROM w WHERE {pred}),
+        -- Rows an earlier reversal of this same run already put back (read by plan id, never scanned).
         restored AS (
-            SELECT aa.idempotency_key FROM remediation.applied_actions aa
-            WHERE aa.idempotency_key LIKE 'restore:%' AND aa.outcome IN {RESTORED_OK}),
+            SELECT aa.idempotency_key FROM remediation.reversals v
+            JOIN remediation.plans rp ON rp.run_id = v.run_id
+            JOIN remediation.applied_actions aa ON aa.plan_id = rp.plan_id
+            WHERE v.original_run_id = $2 AND aa.kind = '{ActionKind.RESTORE_ROW.value}'
+              AND aa.outcome IN {RESTORED_OK}),
         effects AS (
             SELECT p.plan_id AS oplan, p.seq AS oseq, 1 AS step, '{ActionKind.REVERSE_LEDGER_ENTRY.value}' AS kind,
                    'ledger_entry' AS entity_type, l.id::text AS entity_id, l.org_id, l.requested_by_user_id AS user_id,
@@ -96,7 +98,7 @@ def _reversal_rows_sql(pred: str) -> str:
             UNION ALL
             SELECT p.plan_id, p.seq, 3, '{ActionKind.NOT_REVERSIBLE.value}', p.entity_type, p.entity_id, p.org_id,
                    p.user_id, 0, 'not-reversible:' || p.plan_id || ':' || p.seq,
-                   jsonb_build_object('original', {original}, 'why', CASE p.kind {why} END)
+                   jsonb_build_object('original', {original}, 'why', $3::jsonb->>p.kind)
             FROM p WHERE p.kind IN {sql_list(API_ACTION_KINDS)})
         INSERT INTO remediation.plan_actions (plan_id, seq, kind, entity_type, entity_id, org_id, user_id,
             amount_minor, idempotency_key, params)
@@ -153,8 +155,9 @@ class ReversalActivities(PostgresActivities):
                     ref.run_id,
                     target.run_id,
                 )
-                pred, params = scope_predicate(ref.scope, WHERE_COLUMNS, 3)
-                await conn.execute(_reversal_rows_sql(pred), request.plan_id, target.run_id, *params)
+                pred, params = scope_predicate(ref.scope, WHERE_COLUMNS, 4)
+                why = json.dumps({kind.value: text for kind, text in NOT_REVERSIBLE_WHY.items()})
+                await conn.execute(_reversal_rows_sql(pred), request.plan_id, target.run_id, why, *params)
                 await seal_plan(conn, request.plan_id)
             summary = await read_plan(conn, request.plan_id)
         await self._timeline(
