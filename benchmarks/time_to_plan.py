@@ -16,6 +16,7 @@ from typing import Any
 from temporalio.client import WorkflowFailureError, WorkflowHandle
 
 from activities.postgres.platform_summary import refresh_platform_summary
+from benchmarks.bulk_load import indexes_built_after
 from benchmarks.report import emit
 from benchmarks.workflows import Stack
 from contracts import names
@@ -47,7 +48,8 @@ async def bench_time_to_plan(stack: Stack, sizes: list[int], runs: int = 3) -> N
         )
         started = time.perf_counter()
         async with stack.db.acquire() as conn, seeder_for(stack.settings) as provider:
-            report = await seed(conn, spec, provider=provider)
+            async with indexes_built_after(conn):
+                report = await seed(conn, spec, provider=provider)
             await conn.execute("VACUUM (ANALYZE)")
         seed_s = time.perf_counter() - started
         seeded = size

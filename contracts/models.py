@@ -23,7 +23,7 @@ TraceId = Annotated[str, StringConstraints(pattern=TRACE_ID_PATTERN, strip_white
 class Frozen(BaseModel):
     """Base: immutable, unknown fields refused."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
 
 class Trigger(StrEnum):
@@ -915,6 +915,7 @@ class RemediationResult(Frozen):
     applied: ApplySummary | None
     verification: VerificationResult | None
     approvers: list[str]
+    status: StatusView | None = None  # the status query's answer when the run ended (absent before)
 
 
 class StatusView(Frozen):

@@ -15,15 +15,15 @@ _WHERE = {
     "OperationError": "errors",
     "PlanRefused": "approvals",
     "Started": "runs",
-    "WORKFLOW_ID": "runs",
+    "WORKFLOW_ID": "handles",
     "abort": "runs",
     "approve_when_open": "approvals",
-    "check_workflow_id": "runs",
+    "check_workflow_id": "handles",
     "customer_balances": "reads",
     "decide_plan": "approvals",
     "decide_verdict": "approvals",
     "evidence": "reads",
-    "handle_for": "runs",
+    "handle_for": "handles",
     "list_query": "reads",
     "list_runs": "reads",
     "plan": "reads",
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
         submit_decision,
     )
     from remediation_client.errors import OperationError
+    from remediation_client.handles import WORKFLOW_ID, check_workflow_id, handle_for
     from remediation_client.integrity import verify_evidence
     from remediation_client.reads import (
         customer_balances,
@@ -63,11 +64,8 @@ if TYPE_CHECKING:
     )
     from remediation_client.reversals import reversal_request, reversals_of, reversed_by_words
     from remediation_client.runs import (
-        WORKFLOW_ID,
         Started,
         abort,
-        check_workflow_id,
-        handle_for,
         preflight,
         start,
         verify_launch_guard,

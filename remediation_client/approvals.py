@@ -30,8 +30,8 @@ from contracts.models import (
 )
 from database.approvals import record_approval_row
 from remediation_client.errors import OperationError, update_refusal
+from remediation_client.handles import handle_for
 from remediation_client.reads import status
-from remediation_client.runs import handle_for
 from workflows.approval import NOT_OPEN
 from workflows.input_errors import explain, shown
 

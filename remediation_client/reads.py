@@ -7,31 +7,35 @@ import re
 from typing import Any
 
 import asyncpg
-from temporalio.client import (
-    Client,
-)
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError
 
 from config import Settings
 from contracts import names
 from contracts.models import (
     PlanSummary,
+    RemediationResult,
     StatusView,
     action_effect,
 )
 from database.plan_customers import customers, users
 from remediation_client.errors import OperationError
+from remediation_client.handles import check_workflow_id
 from remediation_client.reversals import fetch_reversals
-from remediation_client.runs import check_workflow_id, handle_for
 from workflows.search_attributes import SA_CORRELATION, SA_ORG, SA_PHASE
 
 
 async def status(client: Client, workflow_id: str) -> StatusView:
     """The running (or last) remediation's status view."""
+    handle = client.get_workflow_handle(check_workflow_id(workflow_id), result_type=RemediationResult)
     try:
-        view: StatusView = await handle_for(client, workflow_id).query(
-            names.QUERY_STATUS, result_type=StatusView
-        )
+        described = await handle.describe()
+        if described.status == WorkflowExecutionStatus.COMPLETED:
+            # An ended run's result carries its last status: no query replaying its history.
+            ended: RemediationResult = await handle.result()
+            if ended.status is not None:
+                return ended.status
+        view: StatusView = await handle.query(names.QUERY_STATUS, result_type=StatusView)
         return view
     except RPCError as err:
         raise OperationError(f"remediation {workflow_id!r}: {err.message}") from None

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from config import Settings
 from contracts.models import RemediationRequest, ReversalTarget, Scope, Trigger
 from remediation_client.errors import OperationError
-from remediation_client.runs import check_workflow_id
+from remediation_client.handles import check_workflow_id
 
 
 async def reversal_request(

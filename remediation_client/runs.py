@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +13,6 @@ from temporalio.client import (
     Client,
     WorkflowExecutionStatus,
     WorkflowFailureError,
-    WorkflowHandle,
 )
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
@@ -30,12 +28,12 @@ from contracts.models import (
 )
 from database.scope import ScopeRefused, validate_scope
 from remediation_client.errors import OperationError, root_message
+from remediation_client.handles import handle_for
 from workflows.details import STEPS_MARKDOWN
 from workflows.search_attributes import scope_values
 
 log = logging.getLogger("billing_remediation.cli")
 _tracer = trace.get_tracer("billing_remediation.cli")
-WORKFLOW_ID = re.compile(r"^remediation-[A-Za-z0-9._:/\-]{1,200}$")
 
 
 @dataclass
@@ -47,13 +45,6 @@ class Started:
     attached: bool
     ui_link: str
     trace_id: str | None = None  # the remediation's own trace, when tracing is exported
-
-
-def check_workflow_id(workflow_id: str) -> str:
-    """Refuse malformed remediation ids before any call."""
-    if not WORKFLOW_ID.fullmatch(workflow_id):
-        raise OperationError(f"malformed remediation id {workflow_id!r}: expected 'remediation-<scope>'")
-    return workflow_id
 
 
 async def preflight(settings: Settings, request: RemediationRequest) -> None:
@@ -154,11 +145,6 @@ async def _is_running(client: Client, workflow_id: str) -> bool:
             return False
         raise
     return description.status == WorkflowExecutionStatus.RUNNING
-
-
-def handle_for(client: Client, workflow_id: str) -> WorkflowHandle[Any, Any]:
-    """Handle of a remediation by id (validated)."""
-    return client.get_workflow_handle(check_workflow_id(workflow_id))
 
 
 async def abort(client: Client, workflow_id: str) -> None:

@@ -3,6 +3,8 @@ reject, decide, abort, list, evidence, verify-launch-guard."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -152,14 +154,20 @@ def status(workflow_id: str) -> None:
     settings = cli_settings()
 
     async def go() -> str:
-        view = await operations.status(await cli_client(settings), workflow_id)
-        # Only an ended run can have been reversed (a running one costs no database round trip).
-        reversed_by = (
-            operations.reversed_by_words(await operations.reversals_of(settings, workflow_id))
-            if view.phase.ended
-            else []
-        )
-        return "\n".join([render_status(workflow_id, view), *reversed_by])
+        # Only an ended run can have been reversed; the lookup runs beside Temporal's answer and is
+        # dropped (errors included) when the run is still going.
+        reversals = asyncio.ensure_future(operations.reversals_of(settings, workflow_id))
+        try:
+            view = await operations.status(await cli_client(settings), workflow_id)
+        except BaseException:
+            reversals.cancel()
+            raise
+        if not view.phase.ended:
+            reversals.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reversals
+            return render_status(workflow_id, view)
+        return "\n".join([render_status(workflow_id, view), *operations.reversed_by_words(await reversals)])
 
     typer.echo(run_async(go()))
 

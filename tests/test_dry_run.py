@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from contracts.models import BlastRadius, Phase
+import remediation_client as operations
+from contracts import names
+from contracts.models import BlastRadius, Phase, StatusView
 from tests.conftest import World
 from tests.helpers import incident_in, request_for, start
 
@@ -42,3 +44,8 @@ async def test_a_dry_run_of_a_widespread_incident_leaves_the_platform_unchanged(
         result.run_id,
     )
     assert said == 1
+    # An ended run's status comes with its result (no query replaying the history): the same view.
+    from_query = await handle.query(names.QUERY_STATUS, result_type=StatusView)
+    assert result.status == from_query
+    assert await operations.status(world.client, handle.id) == from_query
+    assert from_query.phase is Phase.DRY_RUN_COMPLETE and from_query.drift
