@@ -9,6 +9,9 @@ import asyncpg
 
 from contracts.models import ApplyOutcome, ApplyRequest
 
+# A batch's plan rows: ``$1`` the plan id, ``$2`` their seqs (one definition for every batch statement).
+PLANNED = "(SELECT p.* FROM remediation.plan_actions p WHERE p.plan_id = $1 AND p.seq = ANY($2::int[]))"
+
 # One audited action: the plan row, its outcome, and its before and after (documents or JSON text).
 AuditRow = tuple[asyncpg.Record, ApplyOutcome, Any, Any]
 

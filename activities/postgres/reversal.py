@@ -9,7 +9,7 @@ from temporalio import activity
 from activities.errors import bad_input, not_found
 from activities.heartbeat import heartbeating
 from activities.postgres.base import PostgresActivities
-from activities.postgres.plan import read_plan, seal_plan
+from activities.postgres.plan import read_plan, refresh_plan_statistics, seal_plan
 from activities.scope_sql import scope_predicate
 from contracts import names
 from contracts.models import (
@@ -160,6 +160,7 @@ class ReversalActivities(PostgresActivities):
                 await conn.execute(_reversal_rows_sql(pred), request.plan_id, target.run_id, why, *params)
                 await seal_plan(conn, request.plan_id)
             summary = await read_plan(conn, request.plan_id)
+            await refresh_plan_statistics(conn, summary.action_count)
         await self._timeline(
             ref.run_id,
             f"plan:{request.plan_id}",

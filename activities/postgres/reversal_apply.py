@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import asyncpg
 
-from activities.postgres.audit_rows import AuditRow, write_audit_rows
+from activities.postgres.audit_rows import PLANNED, AuditRow, write_audit_rows
 from contracts.models import ActionKind, ApplyOutcome, ApplyRequest
 
 
@@ -78,7 +78,7 @@ async def _reverse_entries(
     refused = await conn.fetch(
         f"""WITH acts AS (
                SELECT pa.seq, pa.entity_id::bigint AS entry_id, pa.amount_minor AS amount, pa.idempotency_key AS key
-               FROM remediation.plan_actions pa WHERE pa.plan_id = $1 AND pa.seq = ANY($2::int[])),
+               FROM {PLANNED} pa),
            orig AS (
                SELECT a.seq, to_jsonb(l) AS doc FROM acts a JOIN billing.ledger_entries l ON l.id = a.entry_id),
            posted AS (
@@ -141,7 +141,7 @@ async def _restore_rows(
     done = await conn.fetch(
         f"""WITH acts AS (
                SELECT pa.seq, pa.entity_id{cast} AS id, pa.params->'before' AS before, pa.params->'after' AS after
-               FROM remediation.plan_actions pa WHERE pa.plan_id = $1 AND pa.seq = ANY($2::int[])),
+               FROM {PLANNED} pa),
            restored AS (
                UPDATE {table} t SET ({columns}) = (
                    SELECT {columns} FROM jsonb_populate_record(NULL::{table}, a.before))
@@ -162,7 +162,7 @@ async def _restore_rows(
     if pending:
         rows = await conn.fetch(
             f"""SELECT pa.seq, (SELECT to_jsonb(t)::text FROM {table} t WHERE t.id = pa.entity_id{cast}) AS doc
-                FROM remediation.plan_actions pa WHERE pa.plan_id = $1 AND pa.seq = ANY($2::int[])""",
+                FROM {PLANNED} pa""",
             request.plan_id,
             [a["seq"] for a in pending],
         )
