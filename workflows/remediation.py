@@ -108,12 +108,19 @@ class BillingRemediationWorkflow(ReversalSteps):
                 verification=self._verification,
                 approvers=list(self._approval.approved_by),
             )
-        except asyncio.CancelledError:
-            outcome = Phase.CANCELLED
+        except GeneratorExit:
+            # Not an ending: Python closing this coroutine after the worker dropped the run (garbage
+            # collection), possibly while another run's code executes in this thread. Cleaning up here
+            # issued that run's first cleanup command (an approver page) inside the other one: a
+            # nondeterminism error there. A `finally` cannot tell this apart, hence the clauses below.
             raise
-        finally:
-            # Runs on success, failure and cancellation alike: the freeze is always lifted.
+        except BaseException as err:
+            # Failure and cancellation alike: the freeze is always lifted.
+            if isinstance(err, asyncio.CancelledError):
+                outcome = Phase.CANCELLED
             await self._cleanup(outcome, plan)
+            raise
+        await self._cleanup(outcome, plan)
         # The last status travels with the result: `remediate status` of an ended run reads it instead
         # of a query, which replays the whole history on a worker (about 55 ms a call here).
         return result.model_copy(update={"status": self.status()})
