@@ -31,8 +31,12 @@ async def status(client: Client, workflow_id: str) -> StatusView:
     try:
         described = await handle.describe()
         if described.status == WorkflowExecutionStatus.COMPLETED:
-            # An ended run's result carries its last status: no query replaying its history.
-            ended: RemediationResult = await handle.result()
+            # An ended run's result carries its last status: no query replaying its history. Pinned to
+            # the run described: a new run of the same scope may start in between.
+            run = client.get_workflow_handle(
+                workflow_id, run_id=described.run_id, result_type=RemediationResult
+            )
+            ended: RemediationResult = await run.result(follow_runs=False)
             if ended.status is not None:
                 return ended.status
         view: StatusView = await handle.query(names.QUERY_STATUS, result_type=StatusView)

@@ -40,7 +40,6 @@ PAYMENT_ACTION = f"""CASE
 # entity, amount, idempotency key, the provider's evidence for payments, and for admin-API actions their
 # parameters: revision from and to, the hook they call; for a reversal's rows the entry, the row's
 # before and after they restore). Approvers sign this hash; apply recomputes it.
-ANALYZE_PLANS_FROM = 10_000  # actions: a plan this large refreshes its table's statistics
 PLAN_CANON = f"""string_agg(seq || '|' || kind || '|' || entity_id || '|' || amount_minor || '|' || idempotency_key
     || coalesce('|' || (params->'provider')::text, '')
     || CASE WHEN kind IN {sql_list(API_ACTION_KINDS + REVERSAL_KINDS)} THEN coalesce('|' || params::text, '') ELSE '' END,
@@ -56,6 +55,9 @@ async def plan_content_hash(conn: asyncpg.Connection | asyncpg.Pool, plan_id: st
             plan_id,
         )
     )
+
+
+ANALYZE_PLANS_FROM = 10_000  # actions: a plan this large refreshes its table's statistics
 
 
 async def refresh_plan_statistics(conn: asyncpg.Connection, actions: int) -> None:
