@@ -81,6 +81,19 @@ class WatchEventActivities(NatsActivities):
         try:
             state = (await js.stream_info(self._stream)).state
             last = state.last_seq or 0
+            # A watermark past the stream's end names another stream's events: it was recreated or
+            # restored and its sequences started again. Read all it holds; the next pass is full (what
+            # changed in between may be gone).
+            reset = watermark is not None and watermark > last
+            if reset:
+                activity.logger.warning(
+                    "stream %s ends at %d, before the watch's watermark %d: recreated or restored;"
+                    " reading it from its start, the next pass is full",
+                    self._stream,
+                    last,
+                    watermark,
+                )
+                watermark = 0
             # Events the stream no longer holds (its limits removed them) cannot be read: start after them.
             first = max((watermark or 0) + 1, state.first_seq or 0)
             if watermark is None or not state.messages or first > last:
@@ -88,7 +101,7 @@ class WatchEventActivities(NatsActivities):
                 end, read = max(last, watermark or 0), 0
             else:
                 end, read = await self._read(js, first, min(last, first + MAX_EVENTS - 1), keys)
-            stored = await self._store(tick, keys, end)
+            stored = await self._store(tick, keys, end, reset=reset)
             worker = await self._worker_progress(js)
         except (NatsError, TimeoutError) as exc:
             raise dependency_down(f"NATS: reading the watch's events failed: {type(exc).__name__}") from exc
@@ -121,8 +134,9 @@ class WatchEventActivities(NatsActivities):
             await sub.unsubscribe()
         return seen[0], seen[1]
 
-    async def _store(self, tick: TickRef, keys: Keys, seq: int) -> int:
-        """Store the keys and advance the watermark in one transaction; returns the watermark."""
+    async def _store(self, tick: TickRef, keys: Keys, seq: int, *, reset: bool = False) -> int:
+        """Store the keys and advance the watermark in one transaction (set back to ``seq`` and a full
+        pass due after a ``reset`` stream); returns the watermark."""
         async with self._pool.acquire() as conn, conn.transaction():
             if keys:
                 await conn.execute(
@@ -143,10 +157,13 @@ class WatchEventActivities(NatsActivities):
                 )
             return int(
                 await conn.fetchval(
-                    """UPDATE remediation.watch_state SET watermark_seq = greatest(coalesce(watermark_seq, 0), $2)
+                    """UPDATE remediation.watch_state
+                       SET watermark_seq = CASE WHEN $3 THEN $2 ELSE greatest(coalesce(watermark_seq, 0), $2) END,
+                           last_full_at = CASE WHEN $3 THEN NULL ELSE last_full_at END
                        WHERE watch_id = $1 RETURNING watermark_seq""",
                     tick.watch_id,
                     seq,
+                    reset,
                 )
                 or 0
             )

@@ -140,6 +140,39 @@ async def test_keys_in_flight_are_not_flagged(world: World) -> None:
     ) == 0  # fmt: skip
 
 
+async def test_a_recreated_stream_does_not_blind_the_watch(world: World) -> None:
+    """A stream recreated or restored numbers its events from 1 again: the watch reads it from its start
+    and makes its next pass full, instead of waiting for a sequence the new stream may never reach."""
+    await _platform(world, "rs")
+    await _enable(world, "reset")
+    assert (await _tick(world, "reset")).mode == "full"
+    # The watermark the old stream left is far past the new one's end.
+    await world.db.execute(
+        "UPDATE remediation.watch_state SET watermark_seq = watermark_seq + 1000000 WHERE watch_id = 'reset'"
+    )
+    alloc, _ = await _orphan(world, "rs", event=True)
+    read = await _tick(world, "reset")
+    assert read.mode == "incremental" and read.events_read >= 1  # from the stream's start
+    watermark = await world.db.fetchval(
+        "SELECT watermark_seq FROM remediation.watch_state WHERE watch_id = 'reset'"
+    )
+    assert watermark < 1_000_000
+    full = await _tick(world, "reset")
+    assert full.mode == "full"  # what changed while the old stream's events were lost
+
+    async def orphan_found() -> WatchTickResult | None:
+        result = await _tick(world, "reset")
+        return result if result.findings.get("orphan_open_usage") else None
+
+    found = next((t for t in (read, full) if t.findings.get("orphan_open_usage")), None) or await eventually(
+        orphan_found, timeout=30, what=f"the watch to find {alloc}'s open usage"
+    )
+    assert found is not None
+    for acted in found.acted:
+        if acted.workflow_id:
+            await world.client.get_workflow_handle(acted.workflow_id).terminate("test done")
+
+
 async def test_a_hand_edit_is_found_by_the_full_pass_and_not_by_the_tick(world: World) -> None:
     await _platform(world, "he")
     await _enable(world, "hand", act_threshold=5)
