@@ -423,7 +423,10 @@ def cli() -> None:
     )
     parser.add_argument("--apply-actions", type=int, default=100_000, help="0 skips the apply benchmark")
     parser.add_argument(
-        "--apply-batch", type=int, default=500, help="actions per apply batch (APPLY_BATCH_SIZE)"
+        "--apply-batch",
+        type=lambda text: sizes(text)[0],
+        default=500,
+        help="actions per apply batch (APPLY_BATCH_SIZE, 1-10000)",
     )
     parser.add_argument(
         "--cli-runs", type=int, default=9, help="`remediate --help` and `status` run as processes; 0 skips"

@@ -20,6 +20,10 @@ EntityId = Annotated[str, StringConstraints(pattern=ID_PATTERN, strip_whitespace
 TraceId = Annotated[str, StringConstraints(pattern=TRACE_ID_PATTERN, strip_whitespace=True)]
 
 
+# Actions per apply batch: apply advances by ranges of this size (0 would never advance).
+BatchSize = Annotated[int, Field(ge=1, le=10_000)]
+
+
 class Frozen(BaseModel):
     """Base: immutable, unknown fields refused."""
 
@@ -299,7 +303,7 @@ class RuntimeOptions(Frozen):
     policy: ApprovalPolicy
     verify_window_seconds: int
     widespread_org_threshold: int
-    apply_batch_size: int
+    apply_batch_size: BatchSize
     activity_timeout_seconds: int = 60
     heartbeat_seconds: int = 30
     retry_max_interval_seconds: int = 30
@@ -565,7 +569,7 @@ class ApplyRequest(Frozen):
     plan_hash: str
     actor: str
     approvers: list[str]
-    batch_size: int
+    batch_size: BatchSize
 
 
 class ApplyOutcome(StrEnum):

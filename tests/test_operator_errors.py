@@ -112,3 +112,19 @@ def test_alert_intake_refusals_say_the_rule_in_words() -> None:
         mapping.request(Trigger.RECONCILE_FAILED, {"org_id": "o" * 500}, default_correlation="c-1")
     message = str(err.value)
     assert "must be 1–128 characters" in message and "(500 characters)" in message and len(message) < 300
+
+
+def test_an_apply_batch_of_zero_is_refused_before_apply_starts() -> None:
+    # Apply advances by ranges of the batch size: 0 would never advance, so it is refused by name.
+    from pydantic import ValidationError
+
+    from contracts.models import ApplyRequest, RunRef, Scope
+
+    ref = RunRef(run_id="r1", workflow_id="remediation-global", correlation_id="c1", scope=Scope())
+    for size in (0, -5, 10_001):
+        with pytest.raises(ValidationError, match="batch_size"):
+            ApplyRequest(ref=ref, plan_id="p1", plan_hash="h", actor="a", approvers=[], batch_size=size)
+    assert (
+        ApplyRequest(ref=ref, plan_id="p1", plan_hash="h", actor="a", approvers=[], batch_size=1).batch_size
+        == 1
+    )

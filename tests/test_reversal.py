@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from asyncpg import Record
 from pydantic import SecretStr
 from typer.testing import CliRunner
 
@@ -283,16 +284,24 @@ async def test_scoped_reversal_touches_only_its_scope_and_names_changed_rows(wor
     assert f"in part (org id {org})" in words[0]
 
 
-async def test_credit_refunded_at_the_provider_after_the_run_is_found_and_reversed(world: World) -> None:
-    await _remediated(world, "rp")
+async def _refunded_after_credit(world: World, prefix: str, *, partly: bool = False) -> Record:
+    """A remediated run whose credit the customer's bank then refunds at the provider (in full, or half)."""
+    await _remediated(world, prefix)
     credit = await world.db.fetchrow(
         """SELECT l.id, l.org_id, l.amount_minor, p.provider_ref FROM billing.ledger_entries l
            JOIN billing.payment_sessions p ON p.id = l.payment_session_id
            WHERE l.kind = 'payment_credit' AND l.actor LIKE 'remediation:%'"""
     )
-    # The customer's bank refunds the payment the remediation credited.
     async with seeder_for(world.settings) as provider:
-        await provider.refund(credit["provider_ref"])
+        if partly:
+            await provider.refund(credit["provider_ref"], credit["amount_minor"] // 2)
+        else:
+            await provider.refund(credit["provider_ref"])
+    return credit
+
+
+async def test_credit_refunded_at_the_provider_after_the_run_is_found_and_reversed(world: World) -> None:
+    credit = await _refunded_after_credit(world, "rp")
     balance = (await _balances(world))[credit["org_id"]]
 
     handle = await start(
@@ -338,14 +347,7 @@ def test_reverse_refuses_malformed_input_by_name() -> None:
 
 
 async def test_a_partly_refunded_credit_goes_to_a_human_not_reversed_in_full(world: World) -> None:
-    await _remediated(world, "rq")
-    credit = await world.db.fetchrow(
-        """SELECT l.id, l.org_id, l.amount_minor, p.provider_ref FROM billing.ledger_entries l
-           JOIN billing.payment_sessions p ON p.id = l.payment_session_id
-           WHERE l.kind = 'payment_credit' AND l.actor LIKE 'remediation:%'"""
-    )
-    async with seeder_for(world.settings) as provider:
-        await provider.refund(credit["provider_ref"], credit["amount_minor"] // 2)
+    credit = await _refunded_after_credit(world, "rq", partly=True)
     ledger = await world.db.fetchval("SELECT count(*) FROM billing.ledger_entries")
     handle = await start(
         world,
