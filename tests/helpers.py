@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import pytest
-from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.client import Client, WorkflowExecution, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 
 import remediation_client as operations
@@ -33,6 +33,18 @@ from local_platform.provider_payments import seeder_for
 from tests.conftest import APPROVER_KEYS, World
 
 T = TypeVar("T")
+
+
+async def listed_runs(
+    client: Client, workflow_id: str, *, at_least: int = 1, timeout: float = 30
+) -> list[WorkflowExecution]:
+    """Every run of ``workflow_id`` in the visibility list, once it lists ``at_least`` (lists catch up late)."""
+
+    async def listed() -> list[WorkflowExecution] | None:
+        runs = [wf async for wf in client.list_workflows(f'WorkflowId = "{workflow_id}"')]
+        return runs if len(runs) >= at_least else None
+
+    return await eventually(listed, timeout=timeout, what=f"{at_least} run(s) of {workflow_id} listed")
 
 
 async def eventually(

@@ -21,7 +21,7 @@ from alert_intake.mapping import MappingError, load_mapping
 from alert_intake.serve import running_intake
 from contracts.models import Phase, RemediationRequest, Scope, StatusView
 from devstack.processes import free_port
-from tests.helpers import approve_quorum, eventually, incident_in, wait_phase
+from tests.helpers import approve_quorum, eventually, incident_in, listed_runs, wait_phase
 from workflows.search_attributes import SA_ORG, SA_TRIGGER
 
 from .conftest import World
@@ -169,7 +169,7 @@ async def test_a_burst_of_duplicates_makes_one_workflow_and_resolution_is_record
     assert len(workflow_ids) == 1
     workflow_id = workflow_ids.pop()
     # Independently of what the intake reported: the server holds exactly one run for the scope.
-    runs = await runs_of(world, workflow_id)
+    runs = await listed_runs(world.client, workflow_id)
     assert len(runs) == 1 and runs[0].status == WorkflowExecutionStatus.RUNNING
     view = await status_of(world, workflow_id)
     assert [(a.name, a.status) for a in view.alerts] == [("BillingWorkerDown", "firing")]
@@ -200,7 +200,7 @@ async def test_a_burst_of_duplicates_makes_one_workflow_and_resolution_is_record
     # With nothing running, a late resolution is acknowledged and changes nothing.
     answer = await receiver.http.post("/alertmanager", json=resolved)
     assert answer.json()["results"][0]["action"] == "no_running_remediation"
-    assert len(await runs_of(world, workflow_id)) == 1
+    assert len(await listed_runs(world.client, workflow_id)) == 1
 
 
 @pytest.mark.asyncio(loop_scope="session")
@@ -246,7 +246,7 @@ async def test_reconcile_failed_events_on_nats_start_one_remediation_per_org(rec
         all_started, timeout=60, interval=0.5, what=f"one remediation per org: {sorted(expected)}"
     )
     for workflow_id in expected:
-        runs = await runs_of(world, workflow_id)
+        runs = await listed_runs(world.client, workflow_id)
         assert len(runs) == 1
         view = await status_of(world, workflow_id)
         assert view.alerts and all(
@@ -301,7 +301,7 @@ async def test_a_handed_over_payment_alert_does_not_restart_a_remediation(receiv
         repeat = (await receiver.http.post("/alertmanager", json=body)).json()["results"][0]
         assert repeat["action"] == "handed_over", repeat
         assert refunded in repeat["detail"] and first["workflow_id"] in repeat["detail"]
-    assert len(await runs_of(world, first["workflow_id"])) == 1
+    assert len(await listed_runs(world.client, first["workflow_id"])) == 1
     packs = await world.db.fetchval(
         "SELECT count(*) FROM remediation.evidence e JOIN remediation.runs r USING (run_id) WHERE r.workflow_id = $1",
         first["workflow_id"],
@@ -317,5 +317,5 @@ async def test_a_handed_over_payment_alert_does_not_restart_a_remediation(receiv
     )
     again = (await receiver.http.post("/alertmanager", json=body)).json()["results"][0]
     assert again["action"] == "started", again
-    assert len(await runs_of(world, first["workflow_id"])) == 2
+    assert len(await listed_runs(world.client, first["workflow_id"], at_least=2)) == 2
     await operations.abort(world.client, first["workflow_id"])

@@ -22,7 +22,7 @@ from remediation_client import watch
 from starters.render import render_watch_status
 from tests.conftest import World
 from tests.faults.harness import temporal_address, worker_env
-from tests.helpers import eventually, wait_phase
+from tests.helpers import eventually, listed_runs, wait_phase
 from worker.watch_metrics import watch_families
 
 
@@ -221,13 +221,13 @@ async def test_one_remediation_per_scope_when_an_alert_a_tick_and_a_start_arrive
                          "requested_by": "alertmanager"}), notice("alertmanager", "PaymentsReconcileFailed")),  # an alert
     )  # fmt: skip
     assert len({s.workflow_id for s in started}) == 1 and len({s.run_id for s in started}) == 1
-    runs = [
-        wf
-        async for wf in world.client.list_workflows(f'WorkflowId = "{started[0].workflow_id}"')
-        if wf.status == WorkflowExecutionStatus.RUNNING
-    ]
-    assert len(runs) == 1
     handle = world.client.get_workflow_handle(started[0].workflow_id)
+    # Describe is read from the run itself (visibility lists catch up later): the scope's latest
+    # run is the one all three were answered with, and it is still running.
+    latest = await handle.describe()
+    assert (latest.run_id, latest.status) == (started[0].run_id, WorkflowExecutionStatus.RUNNING)
+    runs = await listed_runs(world.client, started[0].workflow_id)
+    assert [r.run_id for r in runs] == [started[0].run_id]
     view: StatusView = await eventually(
         lambda: _with_alerts(handle, 2), timeout=30, what="both notices recorded"
     )
