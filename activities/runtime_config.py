@@ -50,6 +50,7 @@ def runtime_options(settings: Settings) -> RuntimeOptions:
         restart_hook=hook_words(settings.worker_restart_hook_url, RESTART_HOOK_PATH),
         rollback_hook=hook_words(settings.worker_rollback_hook_url, ROLLBACK_HOOK_PATH),
         approval_page_url=settings.resolved_approvals_public_url(),
+        plan_from_watch=settings.plan_from_watch,
     )
 
 

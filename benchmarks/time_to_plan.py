@@ -13,6 +13,7 @@ import contextlib
 import time
 from typing import Any
 
+import nats
 from temporalio.client import WorkflowFailureError, WorkflowHandle
 
 from activities.postgres.platform_summary import refresh_platform_summary
@@ -21,8 +22,11 @@ from benchmarks.report import emit
 from benchmarks.workflows import Stack
 from contracts import names
 from contracts.models import Phase, RemediationRequest, RemediationResult, Scope, StatusView, Trigger
+from contracts.watch import WatchConfig
+from local_platform.events import publish_stored
 from local_platform.provider_payments import seeder_for
 from local_platform.seeder import SeedSpec, seed
+from remediation_client import watch
 from remediation_client.runs import abort
 
 # An incident's drift does not grow with the platform: the same 1,300 drifted rows at every size from
@@ -85,6 +89,52 @@ async def bench_time_to_plan(stack: Stack, sizes: list[int], runs: int = 3) -> N
                 )
                 await abort(stack.client, handle.id)
                 await _ended(handle)
+        await _with_watch(stack, size, runs)
+
+
+async def _with_watch(stack: Stack, size: int, runs: int, changed: int = 1_000) -> None:
+    """The platform-wide incident again, planned from a drift watch: its full pass, ``changed``
+    allocations announced since and one tick, then the runs (the watch removed afterwards, so the next
+    size's runs reconcile in full)."""
+    config = WatchConfig(watch_id="ttp", every_seconds=3600, settle_seconds=0, act_threshold=10**9)
+    await watch.enable(stack.client, stack.settings, config, "bench", paused=True)
+    try:
+        started = time.perf_counter()
+        await watch.run_now(stack.client, "ttp", full=True)
+        full_s = time.perf_counter() - started
+        nc = await nats.connect(stack.settings.resolved_nats_url())
+        try:
+            ids = await stack.db.fetch(
+                "SELECT id FROM billing.allocations TABLESAMPLE SYSTEM (1) REPEATABLE (29) LIMIT $1", changed
+            )
+            for row in ids:
+                await publish_stored(nc, "billing.allocation_changed", "bench", "", allocation_id=row["id"])
+            await nc.flush()
+        finally:
+            await nc.close()
+        tick = await watch.run_now(stack.client, "ttp")
+        emit("time_to_plan_watch", usage_rows=size, watch_full_pass_s=round(full_s, 2),
+             tick_keys_checked=tick.keys_checked)  # fmt: skip
+        for n in range(runs):
+            request = _request("global", size, n, "").model_copy(
+                update={"correlation_id": f"ttp-watch-{size}-{n}"}
+            )
+            wall, handle, view = await _to_plan(stack, request)
+            emit(
+                "time_to_plan",
+                usage_rows=size,
+                incident="global, planned from the drift watch",
+                run=f"run {n + 1}",
+                start_to_plan_s=round(wall, 2),
+                plan_actions=view.plan.action_count if view.plan else 0,
+                findings_from=view.plan.findings_from if view.plan else "",
+                activities_s=await activity_seconds(handle),
+            )
+            await abort(stack.client, handle.id)
+            await _ended(handle)
+    finally:
+        await watch.disable(stack.client, "ttp")
+        await stack.db.execute("DELETE FROM remediation.watch_state WHERE watch_id = 'ttp'")
 
 
 def drift_for(rows: int) -> dict[str, int]:

@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     payment_provider_retries: int = Field(default=3, ge=0, le=10, alias="PAYMENT_PROVIDER_RETRIES")
     # While the provider does not answer, a run waits this long between asks (it never credits unconfirmed).
     payment_provider_wait_seconds: int = Field(default=30, ge=1, alias="PAYMENT_PROVIDER_WAIT_SECONDS")
+    # A platform-wide plan starts from a drift watch that is keeping up (its last full pass plus the keys
+    # changed since) instead of reading every row; verification still runs the full pass.
+    plan_from_watch: bool = Field(default=True, alias="PLAN_FROM_WATCH")
 
     # NATS: where the billing worker consumes.
     billing_stream: str = Field(default="PLATFORM", alias="BILLING_STREAM")

@@ -315,6 +315,8 @@ class RuntimeOptions(Frozen):
     rollback_hook: str = ""
     # The approval page as approvers' browsers reach it (pages link to ``<url>/runs/<workflow id>``).
     approval_page_url: str = ""
+    # A platform-wide plan may start from the drift watch's state (PLAN_FROM_WATCH).
+    plan_from_watch: bool = False
 
 
 # --- activity inputs and results ---------------------------------------------------------------------
@@ -425,6 +427,9 @@ class ReconcileRequest(Frozen):
     completes_pass: bool = True
     # Verification passes: name up to this many findings left, each with the run's plan action for it.
     name_left: int = 0
+    # A platform-wide pass before the plan may read the drift watch's state instead of every row
+    # (when a watch is keeping up); the pass records which source it used.
+    from_watch: bool = False
 
 
 class ReconcileSummary(Frozen):
@@ -439,6 +444,8 @@ class ReconcileSummary(Frozen):
     follow_up_orgs: list[str] = Field(default_factory=list)
     # With ``name_left``: the findings left (follow-ups excluded), each with its plan action and outcome.
     left: list[LeftEntity] = Field(default_factory=list)
+    # Where the findings came from: a full reconciliation, or the drift watch's state and its age.
+    source: str = ""
 
 
 class PlanRequest(Frozen):
@@ -549,6 +556,8 @@ class PlanSummary(Frozen):
     api_actions: list[ApiAction] = Field(default_factory=list)
     # A reversal's plan names the run it takes back (its requester may never approve it).
     reverses_run_id: str | None = None
+    # Where the plan's findings came from (a full reconciliation, or the drift watch's state and its age).
+    findings_from: str = ""
 
     @property
     def empty(self) -> bool:

@@ -190,6 +190,8 @@ def plan(workflow_id: str, limit: int = 50) -> None:
             f"{summary.action_count} actions, debits "
             f"{summary.debit_total_minor}, credits {summary.credit_total_minor} (minor units)",
         ]
+        if summary.findings_from:
+            lines.append(f"findings from {summary.findings_from}")
         if summary.reverses_run_id:
             lines.append(
                 f"reverses run {summary.reverses_run_id} (exact inverses; its requester may not approve)"

@@ -37,6 +37,8 @@ def render_status(workflow_id: str, view: StatusView) -> str:
             + ", ".join(f"{k}={v}" for k, v in sorted(p.counts_by_kind.items()))
         )
         lines.append(f"    debits {p.debit_total_minor} / credits {p.credit_total_minor} (minor units)")
+        if p.findings_from:
+            lines.append(f"    findings from {p.findings_from}")
         lines.append(
             f"  approvals: {', '.join(view.approvals) or 'none'} ({len(view.approvals)}/{view.approvals_needed})"
             + (f", rejected by {view.rejected_by}" if view.rejected_by else "")

@@ -81,6 +81,8 @@ def details_markdown(
             f"**Plan** `{plan.plan_id}` · hash `{plan.plan_hash[:12]}` · {plan.action_count} actions"
             f" · debits {plan.debit_total_minor} · credits {plan.credit_total_minor} (minor units)"
         )
+        if plan.findings_from:
+            lines.append(f"- Findings from: {plan.findings_from}")
         needed = approvals_needed
         approved = ", ".join(approval.approved_by) or "none"
         lines.append(

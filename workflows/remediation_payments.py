@@ -36,9 +36,17 @@ class PaymentSteps(ApprovalSteps):
         """One reconciliation pass before a plan: the payment check first (it is the quick one), then the
         provider is asked about its findings while the other three checks run; the pass's summary."""
         ref = self._require_ref()
+        # Only the pass before the first plan may start from the drift watch; verification reads every row.
+        from_watch = pass_no == 0 and self._require_options().plan_from_watch
         payments: ReconcileSummary = await self._act(
             BillingDatabaseActivities.reconcile,
-            ReconcileRequest(ref=ref, pass_no=pass_no, kinds=[DriftKind.PAYMENT_DRIFT], completes_pass=False),
+            ReconcileRequest(
+                ref=ref,
+                pass_no=pass_no,
+                kinds=[DriftKind.PAYMENT_DRIFT],
+                completes_pass=False,
+                from_watch=from_watch,
+            ),
             f"Reconcile payment sessions for {scope_words}",
             timeout=600,
             heartbeat=True,
@@ -48,7 +56,10 @@ class PaymentSteps(ApprovalSteps):
             self._act(
                 BillingDatabaseActivities.reconcile,
                 ReconcileRequest(
-                    ref=ref, pass_no=pass_no, kinds=[k for k in DriftKind if k is not DriftKind.PAYMENT_DRIFT]
+                    ref=ref,
+                    pass_no=pass_no,
+                    kinds=[k for k in DriftKind if k is not DriftKind.PAYMENT_DRIFT],
+                    from_watch=from_watch,
                 ),
                 f"Reconcile usage, allocations and the ledger for {scope_words}",
                 timeout=600,

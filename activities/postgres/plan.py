@@ -117,7 +117,12 @@ async def seal_plan(conn: asyncpg.Connection, plan_id: str) -> None:
 
 async def read_plan(conn: asyncpg.Connection, plan_id: str) -> PlanSummary:
     """The stored plan's summary (its admin-API actions listed; the rest stay in Postgres)."""
-    plan = await conn.fetchrow("SELECT * FROM remediation.plans WHERE plan_id = $1", plan_id)
+    plan = await conn.fetchrow(
+        """SELECT p.*, s.description AS findings_from FROM remediation.plans p
+           LEFT JOIN remediation.reconcile_sources s ON s.run_id = p.run_id AND s.pass = p.pass
+           WHERE p.plan_id = $1""",
+        plan_id,
+    )
     api_rows = await conn.fetch(
         f"""SELECT seq, kind, org_id, idempotency_key, (params->>'to_revision')::int AS target_revision,
                   (params->>'from_revision')::int AS from_revision, params->>'hook' AS hook
@@ -145,6 +150,7 @@ async def read_plan(conn: asyncpg.Connection, plan_id: str) -> PlanSummary:
             for r in api_rows
         ],
         reverses_run_id=plan["reverses_run_id"],
+        findings_from=plan["findings_from"] or "",
     )
 
 

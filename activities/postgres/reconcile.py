@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 
+import asyncpg
 from temporalio import activity
 
 from activities.heartbeat import heartbeating
 from activities.postgres.base import CUSTOM_PLANS, RECONCILE_WORK_MEM, PostgresActivities, driver_errors
-from activities.postgres.drift_sql import Check, checks
+from activities.postgres.drift_sql import Check, checks, keyed_checks
 from activities.postgres.platform_summary import record_platform_summary
+from activities.postgres.reconcile_source import WATCH_KEYS, Source, decide
 from contracts import names
 from contracts.models import (
     ActionKind,
@@ -38,12 +40,14 @@ class ReconcileActivities(PostgresActivities):
         done: list[str] = []
         started = time.perf_counter()
         async with heartbeating(lambda: sorted(done)):
-            await self._reconcile_checks(request, done)
+            source = await self._reconcile_checks(request, done)
         # Counted once, after the inserts: this call's kinds, or the whole pass (an earlier call's too).
         counts = await self._pass_counts(request)
         if not request.completes_pass:
             counts = {kind: counts[kind] for kind in done}
-            return ReconcileSummary(pass_no=request.pass_no, counts=counts, total=sum(counts.values()))
+            return ReconcileSummary(
+                pass_no=request.pass_no, counts=counts, total=sum(counts.values()), source=source.description
+            )
         total = sum(counts.values())
         follow_ups, follow_up_orgs = await self._follow_ups(request)
         if ref.scope.is_global:
@@ -52,8 +56,8 @@ class ReconcileActivities(PostgresActivities):
             ref.run_id,
             f"reconcile:{request.pass_no}",
             "reconciling",
-            f"reconciliation pass {request.pass_no}: {total} findings",
-            counts,
+            f"reconciliation pass {request.pass_no}: {total} findings, from {source.description}",
+            counts | {"watch_keys_checked": source.keys} if source.watch_id else counts,
         )
         left = await self._left(request) if request.name_left and total > follow_ups else []
         return ReconcileSummary(
@@ -63,6 +67,7 @@ class ReconcileActivities(PostgresActivities):
             follow_ups=follow_ups,
             follow_up_orgs=follow_up_orgs,
             left=left,
+            source=source.description,
         )
 
     async def _left(self, request: ReconcileRequest) -> list[LeftEntity]:
@@ -133,9 +138,20 @@ class ReconcileActivities(PostgresActivities):
         )
         return int(row["n"]), sorted(o for o in row["orgs"] if o)
 
-    async def _reconcile_checks(self, request: ReconcileRequest, done: list[str]) -> None:
-        """Each check is one set-based INSERT ... SELECT into the findings table; the four run concurrently."""
+    async def _reconcile_checks(self, request: ReconcileRequest, done: list[str]) -> Source:
+        """Each check is one set-based INSERT ... SELECT into the findings table; the four run concurrently,
+        over the scope, or over the keys the drift watch names when the pass's source is the watch."""
         ref = request.ref
+        keys: list[asyncpg.Record] = []
+        async with self._transaction() as conn:
+            source = await decide(conn, request)
+            if source.watch_id is not None:
+                keys = await conn.fetch(WATCH_KEYS, source.watch_id, source.full_started_at)
+        if source.watch_id is None:
+            chosen = checks(ref.scope, 3)
+        else:
+            allocations = [k["key"] for k in keys if k["kind"] == "allocation"]
+            chosen = keyed_checks(3, allocations, [k["key"] for k in keys if k["kind"] == "payment_session"])
 
         async def run(kind: DriftKind, check: Check) -> None:
             async with self._transaction() as conn:
@@ -153,6 +169,5 @@ class ReconcileActivities(PostgresActivities):
             done.append(kind.value)
 
         wanted = request.kinds or list(DriftKind)
-        await asyncio.gather(
-            *(run(kind, check) for kind, check in checks(ref.scope, 3).items() if kind in wanted)
-        )
+        await asyncio.gather(*(run(kind, check) for kind, check in chosen.items() if kind in wanted))
+        return source
