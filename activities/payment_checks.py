@@ -175,7 +175,14 @@ class PaymentCheckActivities(PostgresActivities):
         answered = {c.payment.ref for c in checks.values() if c.payment is not None and c.payment.found}
         if not answered:
             return checks
-        webhook = await self._webhook_status(answered)
+        # Only a succeeded intent has a success event: asking for the others would page through every
+        # event the provider keeps, looking for ones that cannot exist.
+        succeeded = {
+            c.payment.ref
+            for c in checks.values()
+            if c.payment is not None and c.payment.status == "succeeded"
+        }
+        webhook = await self._webhook_status(succeeded & answered)
         return {
             entity: c.model_copy(update={"webhook": webhook(c.payment.ref)}) if c.payment else c
             for entity, c in checks.items()
@@ -185,18 +192,28 @@ class PaymentCheckActivities(PostgresActivities):
         """A function: payment ref -> whether its success event reached the platform's webhook worker."""
         events: dict[str, str] = {}
         events_error: str | None = None
-        try:
-            events = await self._provider.succeeded_events(refs)
-        except ProviderUnreachable as exc:
-            events_error = str(exc)
         received: set[str | None] = set()
         loki_error: str | None = None
-        try:
-            now = time.time_ns()
-            entries, _ = await self._loki.query_range(WEBHOOK_QUERY, now - self._loki.lookback_ns, now)
-            received = {line_field(line, "payment_intent") for _, _, line in entries}
-        except ApplicationError as exc:  # Loki down or answering garbage: the webhook is unknown
-            loki_error = str(exc)
+
+        async def provider_events() -> None:
+            nonlocal events, events_error
+            if not refs:
+                return
+            try:
+                events = await self._provider.succeeded_events(refs)
+            except ProviderUnreachable as exc:
+                events_error = str(exc)
+
+        async def webhook_lines() -> None:
+            nonlocal received, loki_error
+            try:
+                now = time.time_ns()
+                entries, _ = await self._loki.query_range(WEBHOOK_QUERY, now - self._loki.lookback_ns, now)
+                received = {line_field(line, "payment_intent") for _, _, line in entries}
+            except ApplicationError as exc:  # Loki down or answering garbage: the webhook is unknown
+                loki_error = str(exc)
+
+        await asyncio.gather(provider_events(), webhook_lines())
 
         def status(ref: str) -> str:
             if ref in received:

@@ -48,7 +48,8 @@ def test_benchmarks_print_one_json_line_per_measurement() -> None:
     lines = {row["benchmark"]: row for row in rows}
     assert set(lines) == {
         "machine", "seed", "reconcile", "naive", "scoped", "apply", "payment_checks", "workflows", "memory",
-        "time_to_plan_seed", "time_to_plan", "watch_tick", "drift_to_approval", "reversal", "cli",
+        "time_to_plan_seed", "time_to_plan", "time_to_plan_watch", "watch_tick", "drift_to_approval", "reversal",
+        "cli",
     }  # fmt: skip
     # The CLI run as processes, beside the interpreter's own start and the Temporal client's import.
     cli = lines["cli"]
@@ -65,18 +66,25 @@ def test_benchmarks_print_one_json_line_per_measurement() -> None:
     assert set(lines["scoped"]["by_kind"]) == {"org", "project", "user", "allocation"}
     # Start → plan awaiting approval, three runs of each incident per size, with where the time went.
     timed = [row for row in rows if row["benchmark"] == "time_to_plan"]
+    watched = "global, planned from the drift watch"
     assert [(r["usage_rows"], r["incident"]) for r in timed] == [
-        (size, incident) for size in (2000, 4000) for incident in ("global", "dispute") for _ in range(3)
+        (size, incident)
+        for size in (2000, 4000)
+        for incident in ("global", "dispute", watched)
+        for _ in range(3)
     ]
     drift = sum(drift_for(2000).values())
     for row in timed:
         assert row["start_to_plan_s"] > 0
         assert "billing_db.build_plan" in row["activities_s"]
-        # The platform-wide plan fixes every injected drift; the dispute only its user's share.
-        if row["incident"] == "global":
-            assert row["plan_actions"] == drift
-        else:
+        # The platform-wide plan fixes every injected drift (also from the watch's state); the dispute
+        # only its user's share.
+        if row["incident"] == "dispute":
             assert 1 <= row["plan_actions"] < drift
+        else:
+            assert row["plan_actions"] == drift
+        if row["incident"] == watched:
+            assert row["findings_from"].startswith("drift watch 'ttp': its full pass"), row
     # Every payment finding got the provider's verdict, in the seeded mix (60/20/10/10 %).
     payments = lines["payment_checks"]
     assert payments["findings"] == 20
@@ -96,7 +104,9 @@ def test_benchmarks_print_one_json_line_per_measurement() -> None:
     assert large["activities_scheduled"] == small["activities_scheduled"]
     # Total events differ only by how workflow tasks batched (a few), never by the plan's size (10x).
     assert large["history_events"] <= small["history_events"] * 1.1 + 5
-    assert large["largest_payload_bytes"] < 4096
+    # The largest payload (the run's result: its status and plan summary) is the same size for a 10x plan.
+    assert large["largest_payload_bytes"] < 8192
+    assert abs(large["largest_payload_bytes"] - small["largest_payload_bytes"]) < 256
     # The approval page serves both plans (its timings are figures, not assertions).
     assert set(large["approval_page_ms"]) == {"first_page", "page_after_500"}
     assert small["run_peak_rss_mb"] > 0 and large["run_peak_rss_mb"] > 0
