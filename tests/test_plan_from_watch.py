@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import httpx
+from pydantic import SecretStr
+
+from approval_page.app import approvals_app
 from contracts.models import Phase, StatusView
 from contracts.watch import WatchConfig
 from local_platform.events import publish_stored
@@ -91,6 +95,15 @@ async def test_a_platform_wide_plan_from_the_watch_is_exact_and_verification_rea
     source = view.plan.findings_from
     assert source.startswith("drift watch 'platform': its full pass") and "checked now" in source, source
     assert "findings from drift watch 'platform'" in render_status(handle.id, view)
+    # The approvers' page says it too, beside the hash they sign.
+    settings = world.settings.model_copy(update={"approvals_token": SecretStr("page-token")})
+    app = approvals_app(settings, world.client, world.db)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://page") as page:
+        html = (await page.get(f"/runs/{handle.id}", headers={"Authorization": "Bearer page-token"})).text
+    assert (
+        '<dt>Findings from</dt><dd class="findings-from">drift watch &#39;platform&#39;: its full pass'
+        in html
+    )
     run_id = await world.db.fetchval("SELECT run_id FROM remediation.runs WHERE workflow_id = $1", handle.id)
     # Exactly a full reconciliation's findings now, but the hand edit no event named.
     expected = now | {"orphan_open": now["orphan_open"] - {hand_edit}}
