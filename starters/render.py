@@ -194,6 +194,8 @@ def render_evidence_markdown(doc: dict[str, Any]) -> str:
             f"`{plan['plan_id']}` hash `{plan['plan_hash']}`: {plan['action_count']} actions,"
             f" debits {plan['debit_total_minor']}, credits {plan['credit_total_minor']} (minor units)",
         ]
+        if plan.get("findings_from"):
+            out += ["", f"Findings from {plan['findings_from']}."]
     if doc.get("payments"):
         out += ["", "## Payments checked with the provider", ""]
         out += [

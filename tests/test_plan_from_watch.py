@@ -13,14 +13,25 @@ from datetime import UTC, datetime
 import httpx
 from pydantic import SecretStr
 
+import remediation_client as operations
 from approval_page.app import approvals_app
-from contracts.models import Phase, StatusView
+from contracts import names
+from contracts.models import Phase, StatusView, VerdictDecision
 from contracts.watch import WatchConfig
 from local_platform.events import publish_stored
 from remediation_client import watch
-from starters.render import render_status
+from starters.render import render_evidence_markdown, render_status
 from tests.conftest import World
-from tests.helpers import approve_quorum, drift, eventually, incident_in, request_for, start, wait_phase
+from tests.helpers import (
+    approve_quorum,
+    drift,
+    eventually,
+    incident_in,
+    request_for,
+    start,
+    verify_evidence,
+    wait_phase,
+)
 
 # The watch records what it finds and starts nothing: the test starts the run.
 RECORD_ONLY = {"every_seconds": 3600, "settle_seconds": 0, "act_threshold": 1_000_000}
@@ -131,7 +142,15 @@ async def test_a_platform_wide_plan_from_the_watch_is_exact_and_verification_rea
         "SELECT source FROM remediation.reconcile_sources WHERE run_id = $1 AND pass = 100", run_id
     )
     assert verification_source == "full"
-    await handle.terminate("test done")
+    # Handed off: the evidence pack names the plan's source too, and verifies.
+    await handle.execute_update(
+        names.UPDATE_DECIDE, VerdictDecision(actor="bob", choice="hand_off", comment="hand edit: ops owns it")
+    )
+    assert (await handle.result()).outcome is Phase.HANDED_OFF
+    doc = await operations.evidence(world.settings, handle.id)
+    assert doc["plan"]["findings_from"] == source
+    assert f"Findings from {source}." in render_evidence_markdown(doc)
+    assert await verify_evidence(world, handle.id) == []
 
 
 async def test_a_watch_that_stopped_ticking_is_not_used_and_the_plan_says_why(world: World) -> None:

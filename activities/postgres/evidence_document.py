@@ -62,7 +62,12 @@ async def build_evidence(pool: asyncpg.Pool, request: EvidenceRequest) -> dict[s
         )
     ]
     plan = (
-        await pool.fetchrow("SELECT * FROM remediation.plans WHERE plan_id = $1", request.plan_id)
+        await pool.fetchrow(
+            """SELECT p.*, s.description AS findings_from FROM remediation.plans p
+               LEFT JOIN remediation.reconcile_sources s ON s.run_id = p.run_id AND s.pass = p.pass
+               WHERE p.plan_id = $1""",
+            request.plan_id,
+        )
         if request.plan_id
         else None
     )
@@ -138,7 +143,8 @@ async def build_evidence(pool: asyncpg.Pool, request: EvidenceRequest) -> dict[s
             "debit_total_minor": plan["debit_total_minor"],
             "credit_total_minor": plan["credit_total_minor"],
             "counts_by_kind": json.loads(plan["counts_by_kind"]),
-        },
+        }
+        | ({"findings_from": plan["findings_from"]} if plan["findings_from"] else {}),
         "approvals": approvals,
         "applied": [{"kind": r["kind"], "outcome": r["outcome"], "count": int(r["n"])} for r in applied],
         "skipped": await _skipped(pool, ref.run_id),
