@@ -26,6 +26,10 @@ EXPECTED = {
     "launch_guard_restricted",
     "reversal_full",
     "revoked_credit_reversed",
+    # Recorded after the start's steps and the credits' re-check overlapped (patches overlapped-*).
+    "approved_quorum_overlapped",
+    "revoked_credit_reversed_overlapped",
+    "verification_failed_retry_overlapped",
 }
 
 

@@ -30,6 +30,8 @@ def suspended_run(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[str], asyn
         return None
 
     monkeypatch.setattr(workflow, "execute_activity_method", no_activity)
+    # The start's steps in turn (the patched overlap gathers them, which needs the workflow's loop).
+    monkeypatch.setattr(workflow, "patched", lambda _: False)
     request = RemediationRequest(correlation_id="gc", scope=Scope(org_id="o1"), requested_by="ic")
     wf = BillingRemediationWorkflow(request)
     cleaned: list[str] = []

@@ -54,6 +54,8 @@ with workflow.unsafe.imports_passed_through():
 
 # Expected failures that retrying cannot fix; everything else retries with backoff up to the limit.
 MAX_PASSES = 3
+# Runs started after this loaded their options and registered at once (older histories replay in turn).
+OVERLAPPED_START_PATCH = "overlapped-start"
 MAX_ALERTS = 50  # distinct alerts recorded per run; history stays bounded under alert storms
 
 
@@ -77,7 +79,7 @@ class BillingRemediationWorkflow(ReversalSteps):
         self._upsert_scope_attributes()
         # Issues no command until an audit is queued.
         self._auditor = asyncio.create_task(self._audit_approvals())
-        self._options = await workflow.execute_activity_method(
+        load = workflow.execute_activity_method(
             ConfigActivities.load_runtime_options,
             **activity_options(
                 None,
@@ -87,12 +89,18 @@ class BillingRemediationWorkflow(ReversalSteps):
                 summary="Load the approval policy and thresholds",
             ),
         )
-        await self._act(
+        register = self._act(
             RecordsActivities.register_run,
             RegisterRun(ref=self._ref, request=request),
             f"Register remediation of {request.scope.describe()} by {request.requested_by}",
             attempts=3,
         )
+        if workflow.patched(OVERLAPPED_START_PATCH):
+            # Registering needs no option: both at once, one round trip fewer before the diagnosis.
+            self._options, _ = await asyncio.gather(load, register)
+        else:
+            self._options = await load
+            await register
         outcome = Phase.FAILED
         plan: PlanSummary | None = None
         applied: ApplySummary | None = None

@@ -7,6 +7,8 @@ details say how many sessions and why) and asks again with backoff; it never pla
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
+from typing import Any
 
 from temporalio import workflow
 
@@ -27,6 +29,8 @@ MAX_PROVIDER_WAIT_SECONDS = 600  # backoff ceiling: history grows by a few event
 # Runs started after reversals existed also re-check the credits remediations posted (older histories
 # replay without that activity).
 REVOKED_CREDITS_PATCH = "reversal-revoked-credits"
+# Runs started after this re-check those credits beside the reconciliation, not after it.
+OVERLAPPED_CREDITS_PATCH = "overlapped-credits-check"
 
 
 class PaymentSteps(ApprovalSteps):
@@ -67,10 +71,9 @@ class PaymentSteps(ApprovalSteps):
                 attempts=20,
             )
         )
-        await self._confirm_payments(pass_no, payments.counts)
-        summary: ReconcileSummary = await rest
-        if workflow.patched(REVOKED_CREDITS_PATCH):
-            revoked = await self._act(
+
+        def credits() -> Coroutine[Any, Any, int]:
+            return self._act(
                 PaymentCheckActivities.check_remediation_credits,
                 ReconcileRequest(ref=ref, pass_no=pass_no),
                 f"Ask the payment provider whether credits remediations posted for {scope_words} were since"
@@ -79,6 +82,13 @@ class PaymentSteps(ApprovalSteps):
                 heartbeat=True,
                 attempts=20,
             )
+
+        # The credits' re-check reads no finding of the pass: it runs beside the other checks.
+        beside = asyncio.create_task(credits()) if workflow.patched(OVERLAPPED_CREDITS_PATCH) else None
+        await self._confirm_payments(pass_no, payments.counts)
+        summary: ReconcileSummary = await rest
+        if beside is not None or workflow.patched(REVOKED_CREDITS_PATCH):
+            revoked = await (beside if beside is not None else credits())
             if revoked:
                 counts = dict(summary.counts) | {CREDIT_REVOKED: revoked}
                 summary = summary.model_copy(update={"counts": counts, "total": summary.total + revoked})
