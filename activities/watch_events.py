@@ -10,14 +10,12 @@ billing worker's consumer says which keys it has not processed yet (still in fli
 
 from __future__ import annotations
 
-import asyncio
 import json
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 from nats.errors import Error as NatsError
-from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from temporalio import activity
 
@@ -109,30 +107,14 @@ class WatchEventActivities(NatsActivities):
 
     async def _read(self, js: Any, first: int, last: int, keys: Keys) -> tuple[int, int]:
         """Stream sequences ``first``..``last`` into ``keys``; returns the last sequence read and the count."""
-        done = asyncio.Event()
-        seen = [first - 1, 0]
 
-        async def on_msg(msg: Any) -> None:
-            meta = msg.metadata
-            seq = meta.sequence.stream
-            if seq > last or done.is_set():
-                done.set()
-                return
-            note(keys, msg.subject, msg.data, seq, meta.timestamp)
-            seen[0], seen[1] = seq, seen[1] + 1
-            if seq >= last or not meta.num_pending:
-                done.set()
-            elif seen[1] % 5000 == 0:
-                activity.heartbeat(seen[1])
+        def on_event(subject: str, data: bytes, seq: int, at: datetime) -> None:
+            note(keys, subject, data, seq, at)
 
-        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=first)
-        sub = await js.subscribe(">", stream=self._stream, ordered_consumer=True, config=config, cb=on_msg,
-                                 pending_msgs_limit=MAX_EVENTS * 2)  # fmt: skip
-        try:
-            await asyncio.wait_for(done.wait(), READ_TIMEOUT)
-        finally:
-            await sub.unsubscribe()
-        return seen[0], seen[1]
+        end, read, complete = await self.read_range(js, first, last, on_event, timeout=READ_TIMEOUT)
+        if not complete:
+            raise TimeoutError(f"{read} events in {READ_TIMEOUT:g} s")
+        return end, read
 
     async def _store(self, tick: TickRef, keys: Keys, seq: int, *, reset: bool = False) -> int:
         """Store the keys and advance the watermark in one transaction (set back to ``seq`` and a full
