@@ -22,7 +22,8 @@ from temporalio import activity
 from activities.errors import dependency_down
 from activities.nats_jetstream import NatsActivities
 from contracts import names
-from contracts.watch import CollectResult, TickRef, WorkerProgress
+from contracts.models import RunRef
+from contracts.watch import CatchUp, CollectResult, TickRef, WorkerProgress
 
 # What changes billing: provisioning (the worker's input), billing's own events, payments.
 WATCH_SUBJECTS = ("provisioning.", "billing.", "payments.")
@@ -104,6 +105,22 @@ class WatchEventActivities(NatsActivities):
         except (NatsError, TimeoutError) as exc:
             raise dependency_down(f"NATS: reading the watch's events failed: {type(exc).__name__}") from exc
         return CollectResult(events_read=read, keys_stored=len(keys), watermark_seq=stored, worker=worker)
+
+    @activity.defn(name=names.WATCH_CATCH_UP)
+    async def catch_up(self, ref: RunRef) -> CatchUp:
+        """Bring every platform-wide watch up to the stream's end (a remediation about to plan from it):
+        the keys of events since its watermark are stored, as its next tick would."""
+        watches = [
+            r["watch_id"]
+            for r in await self._pool.fetch(
+                "SELECT watch_id FROM remediation.watch_state WHERE scope = '{}'::jsonb ORDER BY watch_id"
+            )
+        ]
+        read = 0
+        for watch_id in watches:
+            tick = TickRef(tick_id=f"{ref.run_id}-catch-up", watch_id=watch_id, mode="incremental")
+            read += (await self.collect_changed_keys(tick)).events_read
+        return CatchUp(watches=watches, events_read=read)
 
     async def _read(self, js: Any, first: int, last: int, keys: Keys) -> tuple[int, int]:
         """Stream sequences ``first``..``last`` into ``keys``; returns the last sequence read and the count."""

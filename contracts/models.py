@@ -430,6 +430,8 @@ class ReconcileRequest(Frozen):
     # A platform-wide pass before the plan may read the drift watch's state instead of every row
     # (when a watch is keeping up); the pass records which source it used.
     from_watch: bool = False
+    # Why the workflow did not let it (the outbox relay behind, the watch unable to catch up), for the plan.
+    from_watch_refused: str = ""
 
 
 class ReconcileSummary(Frozen):

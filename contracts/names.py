@@ -37,6 +37,7 @@ CHECK_DUPLICATES = "billing_db.check_duplicates"
 
 # The drift watch.
 WATCH_COLLECT_EVENTS = "watch.collect_changed_keys"
+WATCH_CATCH_UP = "watch.catch_up"
 WATCH_PLAN_TICK = "watch.plan_tick"
 WATCH_CHECK_KEYS = "watch.check_changed_keys"
 WATCH_FULL_RECONCILE = "watch.full_reconcile"

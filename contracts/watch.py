@@ -70,6 +70,13 @@ class CollectResult(Frozen):
     worker: WorkerProgress = Field(default_factory=WorkerProgress)
 
 
+class CatchUp(Frozen):
+    """The platform-wide watches a remediation brought up to the stream's end before planning from them."""
+
+    watches: list[str] = Field(default_factory=list)
+    events_read: int = 0
+
+
 class PassResult(Frozen):
     """One pass's outcome: keys checked, keys deferred (and why), findings by kind."""
 

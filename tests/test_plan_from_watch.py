@@ -16,9 +16,11 @@ from pydantic import SecretStr
 import remediation_client as operations
 from approval_page.app import approvals_app
 from contracts import names
-from contracts.models import Phase, StatusView, VerdictDecision
+from contracts.models import Phase, RemediationRequest, Scope, StatusView, Trigger, VerdictDecision
 from contracts.watch import WatchConfig
 from local_platform.events import publish_stored
+from local_platform.provider_payments import seeder_for
+from local_platform.seeder import SeedSpec, seed
 from remediation_client import watch
 from starters.render import render_evidence_markdown, render_status
 from tests.conftest import World
@@ -43,6 +45,20 @@ async def _watch(world: World) -> None:
     await watch.enable(world.client, world.settings, config, "test", paused=True)
     full = await watch.run_now(world.client, "platform", full=True)
     assert full.mode == "full" and sum(full.findings.values()) > 0
+
+
+async def _drifted(world: World, prefix: str) -> None:
+    """A platform with drift of every kind, its payments real at the provider, its outbox relay healthy."""
+    spec = SeedSpec(orgs=4, allocations=80, prefix=prefix, seed=12,
+                    inject={"missing_open": 3, "orphan_open": 2, "unbilled_closed": 4, "payment_drift": 2})  # fmt: skip
+    async with world.db.acquire() as conn, seeder_for(world.settings) as provider:
+        await seed(conn, spec, world.nc, provider)
+
+
+def _platform_wide(prefix: str) -> RemediationRequest:
+    return RemediationRequest(
+        correlation_id=f"{prefix}-corr", requested_by="ic-dana", trigger=Trigger.WORKER_FAILURE, scope=Scope()
+    )
 
 
 async def _release(world: World, prefix: str, *, event: bool) -> tuple[str, int]:
@@ -83,12 +99,12 @@ async def _planned(world: World, run_id: str) -> dict[str, set[str]]:
 async def test_a_platform_wide_plan_from_the_watch_is_exact_and_verification_reads_every_row(
     world: World,
 ) -> None:
-    incident = await incident_in(world, "worker-crash", "pw")
-    assert incident.scope == {}
+    await _drifted(world, "pw")
     await _watch(world)
     watched = await drift(world)
-    # Since the full pass: one of its findings is fixed by hand, an allocation is released with its
-    # event (the tick stores the key; the crashed worker leaves it in flight), one without any event.
+    # Since the full pass: one of its findings is fixed by hand; an allocation is released with its
+    # event before the watch's last tick (it stores the key), another one after it, seconds before the
+    # run starts (the run brings the watch up to the stream's end); one is released with no event.
     fixed = sorted(watched["missing_open"])[0]
     await world.db.execute(
         "UPDATE billing.allocations SET status = 'released', released_at = now() WHERE id = $1", fixed
@@ -96,11 +112,12 @@ async def test_a_platform_wide_plan_from_the_watch_is_exact_and_verification_rea
     evented, _ = await _release(world, "pw", event=True)
     tick = await watch.run_now(world.client, "platform")
     assert tick.mode == "incremental" and tick.events_read >= 1
+    late, _ = await _release(world, "pw", event=True)
     hand_edit, hand_edit_usage = await _release(world, "pw", event=False)
     now = await drift(world)
-    assert fixed not in now["missing_open"] and {evented, hand_edit} <= now["orphan_open"]
+    assert fixed not in now["missing_open"] and {evented, late, hand_edit} <= now["orphan_open"]
 
-    handle = await start(world, request_for(incident))
+    handle = await start(world, _platform_wide("pw"))
     view = await wait_phase(handle, {Phase.AWAITING_APPROVAL}, timeout=120)
     assert view.plan is not None
     source = view.plan.findings_from
@@ -154,7 +171,7 @@ async def test_a_platform_wide_plan_from_the_watch_is_exact_and_verification_rea
 
 
 async def test_a_watch_that_stopped_ticking_is_not_used_and_the_plan_says_why(world: World) -> None:
-    incident = await incident_in(world, "worker-crash", "ps")
+    await _drifted(world, "ps")
     await _watch(world)
     # Four hours without a tick: more than three intervals of one hour.
     await world.db.execute(
@@ -164,13 +181,28 @@ async def test_a_watch_that_stopped_ticking_is_not_used_and_the_plan_says_why(wo
     await world.db.execute(
         "UPDATE remediation.watch_state SET last_full_at = last_full_at - interval '4 hours'"
     )
-    handle = await start(world, request_for(incident))
+    handle = await start(world, _platform_wide("ps"))
     view = await wait_phase(handle, {Phase.AWAITING_APPROVAL}, timeout=120)
     assert view.plan is not None
     assert view.plan.findings_from == (
         "a full reconciliation of all orgs (drift watch 'platform' has not ticked successfully for 3"
         " intervals of 3600 s)"
     )
+    run_id = await world.db.fetchval("SELECT run_id FROM remediation.runs WHERE workflow_id = $1", handle.id)
+    assert await _planned(world, run_id) == await drift(world)
+    await handle.terminate("test done")
+
+
+async def test_with_the_outbox_relay_behind_the_plan_reads_every_row(world: World) -> None:
+    # The worker-crash incident leaves 120 outbox rows unpublished: changes the watch never saw.
+    incident = await incident_in(world, "worker-crash", "ob")
+    await _watch(world)
+    handle = await start(world, request_for(incident))
+    view = await wait_phase(handle, {Phase.AWAITING_APPROVAL}, timeout=120)
+    assert view.plan is not None
+    assert view.plan.findings_from.startswith(
+        "a full reconciliation of all orgs (not from the drift watch: outbox relay critical: 120 unpublished"
+    ), view.plan.findings_from
     run_id = await world.db.fetchval("SELECT run_id FROM remediation.runs WHERE workflow_id = $1", handle.id)
     assert await _planned(world, run_id) == await drift(world)
     await handle.terminate("test done")

@@ -192,6 +192,7 @@ def activity_list(
         watch_db.full_pass,
         watch_db.finish_tick,
         res.watch_events.collect_changed_keys,
+        res.watch_events.catch_up,
         watch_starts.act_on_drift,
     ]
 

@@ -11,10 +11,12 @@ from collections.abc import Coroutine
 from typing import Any
 
 from temporalio import workflow
+from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from activities.payment_checks import PaymentCheckActivities
     from activities.postgres import BillingDatabaseActivities
+    from activities.watch_events import WatchEventActivities
     from contracts.models import (
         CREDIT_REVOKED,
         DriftKind,
@@ -23,6 +25,7 @@ with workflow.unsafe.imports_passed_through():
         ReconcileRequest,
         ReconcileSummary,
     )
+    from workflows.activity_calls import activity_cause
     from workflows.remediation_approvals import ApprovalSteps
 
 MAX_PROVIDER_WAIT_SECONDS = 600  # backoff ceiling: history grows by a few events per ask
@@ -31,6 +34,8 @@ MAX_PROVIDER_WAIT_SECONDS = 600  # backoff ceiling: history grows by a few event
 REVOKED_CREDITS_PATCH = "reversal-revoked-credits"
 # Runs started after this re-check those credits beside the reconciliation, not after it.
 OVERLAPPED_CREDITS_PATCH = "overlapped-credits-check"
+# Runs started after this bring the drift watch up to the stream's end before planning from it.
+WATCH_CATCH_UP_PATCH = "watch-catch-up"
 
 
 class PaymentSteps(ApprovalSteps):
@@ -40,8 +45,7 @@ class PaymentSteps(ApprovalSteps):
         """One reconciliation pass before a plan: the payment check first (it is the quick one), then the
         provider is asked about its findings while the other three checks run; the pass's summary."""
         ref = self._require_ref()
-        # Only the pass before the first plan may start from the drift watch; verification reads every row.
-        from_watch = pass_no == 0 and self._require_options().plan_from_watch
+        from_watch, refused = await self._watch_source(pass_no)
         payments: ReconcileSummary = await self._act(
             BillingDatabaseActivities.reconcile,
             ReconcileRequest(
@@ -50,6 +54,7 @@ class PaymentSteps(ApprovalSteps):
                 kinds=[DriftKind.PAYMENT_DRIFT],
                 completes_pass=False,
                 from_watch=from_watch,
+                from_watch_refused=refused,
             ),
             f"Reconcile payment sessions for {scope_words}",
             timeout=600,
@@ -64,6 +69,7 @@ class PaymentSteps(ApprovalSteps):
                     pass_no=pass_no,
                     kinds=[k for k in DriftKind if k is not DriftKind.PAYMENT_DRIFT],
                     from_watch=from_watch,
+                    from_watch_refused=refused,
                 ),
                 f"Reconcile usage, allocations and the ledger for {scope_words}",
                 timeout=600,
@@ -93,6 +99,37 @@ class PaymentSteps(ApprovalSteps):
                 counts = dict(summary.counts) | {CREDIT_REVOKED: revoked}
                 summary = summary.model_copy(update={"counts": counts, "total": summary.total + revoked})
         return summary
+
+    async def _watch_source(self, pass_no: int) -> tuple[bool, str]:
+        """Whether this pass may plan from the drift watch's state, and if not, why (shown in the plan).
+
+        Only the platform-wide pass before the first plan (verification reads every row), only while the
+        outbox relay is healthy (a change it has not published never reached the stream the watch reads),
+        and only once the watch has read the stream up to now (an incident's events are seconds old).
+        """
+        ref = self._require_ref()
+        if pass_no != 0 or not ref.scope.is_global or not self._require_options().plan_from_watch:
+            return False, ""
+        relay = next((c for c in self._diagnosis if c.check == "outbox_relay"), None)
+        if relay is not None and relay.status != "ok":
+            return (
+                False,
+                f"outbox relay {relay.status}: {relay.headline}; changes may not have reached the stream",
+            )
+        if not workflow.patched(WATCH_CATCH_UP_PATCH):
+            return True, ""
+        try:
+            await self._act(
+                WatchEventActivities.catch_up,
+                ref,
+                "Bring the drift watch up to the stream's end before planning from it",
+                timeout=120,
+                heartbeat=True,
+                attempts=3,
+            )
+        except ActivityError as err:
+            return False, f"the drift watch could not read the stream up to now: {activity_cause(err)}"
+        return True, ""
 
     async def _confirm_payments(self, pass_no: int, counts: dict[str, int]) -> None:
         """Ask the provider about the pass's payment findings until it has answered for every one."""

@@ -119,6 +119,8 @@ async def decide(conn: asyncpg.Connection, request: ReconcileRequest) -> Source:
 
 async def _choose(conn: asyncpg.Connection, request: ReconcileRequest) -> Source:
     full = f"a full reconciliation of {request.ref.scope.describe()}"
+    if request.from_watch_refused:
+        return Source(f"{full} (not from the drift watch: {request.from_watch_refused})")
     if not (request.from_watch and request.ref.scope.is_global):
         return Source(full)
     row = await conn.fetchrow(_WATCH)
