@@ -30,6 +30,7 @@ WATCH_SUBJECTS = ("provisioning.", "billing.", "payments.")
 WORKER_SUBJECTS = "provisioning."  # the billing worker consumes these
 MAX_EVENTS = 50_000  # per tick; the rest waits for the next (the watermark says where)
 READ_TIMEOUT = 60.0  # seconds for one tick's events to arrive
+CATCH_UP_CALLS = 10  # a remediation brings a watch at most this many reads behind up to now
 
 # (kind, key) -> newest stream seq naming it, newest of those the worker consumes, newest event time
 Keys = dict[tuple[str, str], tuple[int, int, datetime]]
@@ -116,10 +117,25 @@ class WatchEventActivities(NatsActivities):
                 "SELECT watch_id FROM remediation.watch_state WHERE scope = '{}'::jsonb ORDER BY watch_id"
             )
         ]
+        if not watches:
+            return CatchUp()
+        try:
+            end = (await (await self._client()).jetstream().stream_info(self._stream)).state.last_seq or 0
+        except (NatsError, TimeoutError) as exc:
+            raise dependency_down(f"NATS: the stream's end is unknown: {type(exc).__name__}") from exc
         read = 0
         for watch_id in watches:
             tick = TickRef(tick_id=f"{ref.run_id}-catch-up", watch_id=watch_id, mode="incremental")
-            read += (await self.collect_changed_keys(tick)).events_read
+            # One call reads at most MAX_EVENTS: read until the stream's end as it was when asked.
+            for _ in range(CATCH_UP_CALLS):
+                collected = await self.collect_changed_keys(tick)
+                read += collected.events_read
+                if collected.watermark_seq >= end or not collected.events_read:
+                    break
+            else:
+                raise dependency_down(
+                    f"the watch {watch_id} is more than {CATCH_UP_CALLS * MAX_EVENTS} events behind the stream"
+                )
         return CatchUp(watches=watches, events_read=read)
 
     async def _read(self, js: Any, first: int, last: int, keys: Keys) -> tuple[int, int]:
