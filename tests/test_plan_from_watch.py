@@ -206,3 +206,22 @@ async def test_with_the_outbox_relay_behind_the_plan_reads_every_row(world: Worl
     run_id = await world.db.fetchval("SELECT run_id FROM remediation.runs WHERE workflow_id = $1", handle.id)
     assert await _planned(world, run_id) == await drift(world)
     await handle.terminate("test done")
+
+
+async def test_with_nats_down_the_watch_cannot_catch_up_and_the_plan_reads_every_row(world: World) -> None:
+    await _drifted(world, "nd")
+    await _watch(world)
+    world.nats_server.stop()
+    try:
+        handle = await start(world, _platform_wide("nd"))
+        view = await wait_phase(handle, {Phase.AWAITING_APPROVAL}, timeout=120)
+    finally:
+        world.nats_server.start()  # same port and store
+    assert view.plan is not None
+    assert view.plan.findings_from.startswith(
+        "a full reconciliation of all orgs (not from the drift watch: the drift watch could not read the"
+        " stream up to now: NATS"
+    ), view.plan.findings_from
+    run_id = await world.db.fetchval("SELECT run_id FROM remediation.runs WHERE workflow_id = $1", handle.id)
+    assert await _planned(world, run_id) == await drift(world)
+    await handle.terminate("test done")
