@@ -172,17 +172,13 @@ class PaymentCheckActivities(PostgresActivities):
 
         results = await asyncio.gather(*(one(r) for r in rows))
         checks = {r["entity_id"]: c for r, c in zip(rows, results, strict=True)}
-        answered = {c.payment.ref for c in checks.values() if c.payment is not None and c.payment.found}
-        if not answered:
+        statuses = {c.payment.ref: c.payment.status for c in checks.values() if c.payment and c.payment.found}
+        if not statuses:
             return checks
         # Only a succeeded intent has a success event: asking for the others would page through every
         # event the provider keeps, looking for ones that cannot exist.
-        succeeded = {
-            c.payment.ref
-            for c in checks.values()
-            if c.payment is not None and c.payment.status == "succeeded"
-        }
-        webhook = await self._webhook_status(succeeded & answered)
+        succeeded = {ref for ref, status in statuses.items() if status == "succeeded"}
+        webhook = await self._webhook_status(succeeded)
         return {
             entity: c.model_copy(update={"webhook": webhook(c.payment.ref)}) if c.payment else c
             for entity, c in checks.items()

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import asyncpg
 
 from activities.postgres.incident_timeline import incident_timeline
+from activities.postgres.plan import PLAN_WITH_SOURCE
 from contracts.models import ApplyOutcome, EvidenceRequest, format_money, sql_list
 from database.plan_customers import balances_after_apply
 
@@ -61,16 +62,7 @@ async def build_evidence(pool: asyncpg.Pool, request: EvidenceRequest) -> dict[s
             ref.run_id,
         )
     ]
-    plan = (
-        await pool.fetchrow(
-            """SELECT p.*, s.description AS findings_from FROM remediation.plans p
-               LEFT JOIN remediation.reconcile_sources s ON s.run_id = p.run_id AND s.pass = p.pass
-               WHERE p.plan_id = $1""",
-            request.plan_id,
-        )
-        if request.plan_id
-        else None
-    )
+    plan = await pool.fetchrow(PLAN_WITH_SOURCE, request.plan_id) if request.plan_id else None
     applied = (
         await pool.fetch(
             "SELECT kind, outcome, count(*) AS n FROM remediation.applied_actions WHERE plan_id = $1 GROUP BY 1, 2",

@@ -115,14 +115,15 @@ async def seal_plan(conn: asyncpg.Connection, plan_id: str) -> None:
     )
 
 
+# A plan's row with where its findings came from (the pass's recorded source).
+PLAN_WITH_SOURCE = """SELECT p.*, s.description AS findings_from FROM remediation.plans p
+                      LEFT JOIN remediation.reconcile_sources s ON s.run_id = p.run_id AND s.pass = p.pass
+                      WHERE p.plan_id = $1"""
+
+
 async def read_plan(conn: asyncpg.Connection, plan_id: str) -> PlanSummary:
     """The stored plan's summary (its admin-API actions listed; the rest stay in Postgres)."""
-    plan = await conn.fetchrow(
-        """SELECT p.*, s.description AS findings_from FROM remediation.plans p
-           LEFT JOIN remediation.reconcile_sources s ON s.run_id = p.run_id AND s.pass = p.pass
-           WHERE p.plan_id = $1""",
-        plan_id,
-    )
+    plan = await conn.fetchrow(PLAN_WITH_SOURCE, plan_id)
     api_rows = await conn.fetch(
         f"""SELECT seq, kind, org_id, idempotency_key, (params->>'to_revision')::int AS target_revision,
                   (params->>'from_revision')::int AS from_revision, params->>'hook' AS hook

@@ -34,12 +34,17 @@ class PlatformSummary:
     measured_at: str = ""  # UTC, HH:MM:SS
 
     def age_words(self) -> str:
-        """'42 s' / '3 min' / '2 h': how old the figures are, for headlines."""
-        if self.age_s < 120:
-            return f"{self.age_s} s"
-        if self.age_s < 7200:
-            return f"{self.age_s // 60} min"
-        return f"{self.age_s // 3600} h"
+        """How old the figures are, for headlines (``age_words``)."""
+        return age_words(self.age_s)
+
+
+def age_words(seconds: int) -> str:
+    """'42 s' / '3 min' / '2 h': an age for headlines and plans."""
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    return f"{seconds // 3600} h"
 
 
 async def record_platform_summary(

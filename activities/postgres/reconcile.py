@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 
-import asyncpg
 from temporalio import activity
 
 from activities.heartbeat import heartbeating
 from activities.postgres.base import CUSTOM_PLANS, RECONCILE_WORK_MEM, PostgresActivities, driver_errors
 from activities.postgres.drift_sql import Check, checks, keyed_checks
 from activities.postgres.platform_summary import record_platform_summary
-from activities.postgres.reconcile_source import WATCH_KEYS, Source, decide
+from activities.postgres.reconcile_source import Source, decide
 from contracts import names
 from contracts.models import (
     ActionKind,
@@ -142,11 +141,8 @@ class ReconcileActivities(PostgresActivities):
         """Each check is one set-based INSERT ... SELECT into the findings table; the four run concurrently,
         over the scope, or over the keys the drift watch names when the pass's source is the watch."""
         ref = request.ref
-        keys: list[asyncpg.Record] = []
         async with self._transaction() as conn:
-            source = await decide(conn, request)
-            if source.watch_id is not None:
-                keys = await conn.fetch(WATCH_KEYS, source.watch_id, source.full_started_at)
+            source, keys = await decide(conn, request)
         if source.watch_id is None:
             chosen = checks(ref.scope, 3)
         else:

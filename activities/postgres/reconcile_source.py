@@ -2,11 +2,12 @@
 
 A platform-wide plan may start from the watch instead of reading every row: the watch's last full
 pass found all drift then, and since then every event-named key was checked by a tick (its findings
-stored) or waits in ``watch_keys``. Re-checking now the keys named by those findings plus the waiting
-keys gives what a full pass would find, except for changes no event named since the full pass (hand
-edits) and events after the watch's last tick: the verification's full pass reads those, and apply
-re-checks every row. Only a watch that is keeping up is used (see ``_usable``); the pass records which
-source it used and how old it is, and the plan shows that sentence.
+stored) or waits in ``watch_keys`` (the workflow first brings the watch up to the stream's end, and
+does not ask while the outbox relay is behind). Re-checking now the keys named by those findings plus
+the waiting keys gives what a full pass would find, except for changes no event named since the full
+pass (hand edits): the verification's full pass reads those, and apply re-checks every row. Only a
+watch that is keeping up is used (see ``_usable``); the pass records which source it used and how old
+it is, and the plan shows that sentence.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import NamedTuple
 
 import asyncpg
 
+from activities.postgres.platform_summary import age_words
 from contracts.models import ReconcileRequest
 
 # A watch is used when its last successful tick is at most this many intervals old (the same
@@ -65,14 +67,6 @@ WATCH_KEYS = """SELECT DISTINCT kind, key FROM (
                 WHERE key IS NOT NULL"""
 
 
-def _ago(seconds: int) -> str:
-    if seconds < 120:
-        return f"{seconds} s"
-    if seconds < 7200:
-        return f"{seconds // 60} min"
-    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
-
-
 def _usable(row: asyncpg.Record | None) -> str | None:
     """None when the watch's state may stand for a full pass; else why not (a sentence's end)."""
     if row is None:
@@ -85,58 +79,66 @@ def _usable(row: asyncpg.Record | None) -> str | None:
             f"{watch} has not ticked successfully for {STALE_INTERVALS} intervals of {row['every_seconds']} s"
         )
     if row["full_age"] > row["full_every_seconds"] + STALE_INTERVALS * row["every_seconds"]:
-        return f"{watch}'s last full pass is {_ago(row['full_age'])} old, past its interval"
+        return f"{watch}'s last full pass is {age_words(row['full_age'])} old, past its interval"
     return None
 
 
-async def decide(conn: asyncpg.Connection, request: ReconcileRequest) -> Source:
-    """The pass's source, decided by its first call and recorded; later calls of the pass follow it."""
+async def decide(conn: asyncpg.Connection, request: ReconcileRequest) -> tuple[Source, list[asyncpg.Record]]:
+    """The pass's source, decided by its first call and recorded (later calls of the pass follow it),
+    and the keys to check when it is the watch's state."""
     ref = request.ref
     read = "SELECT * FROM remediation.reconcile_sources WHERE run_id = $1 AND pass = $2"
     recorded = await conn.fetchrow(read, ref.run_id, request.pass_no)
+    keys: list[asyncpg.Record] | None = None
     if recorded is None:
-        source = await _choose(conn, request)
+        chosen, keys = await _choose(conn, request)
         await conn.execute(
             """INSERT INTO remediation.reconcile_sources (run_id, pass, source, watch_id, full_tick_id,
                    full_started_at, keys_checked, description)
                VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (run_id, pass) DO NOTHING""",
             ref.run_id,
             request.pass_no,
-            "watch" if source.watch_id else "full",
-            *source[1:4],
-            source.keys,
-            source.description,
+            "watch" if chosen.watch_id else "full",
+            chosen.watch_id,
+            chosen.full_tick_id,
+            chosen.full_started_at,
+            chosen.keys,
+            chosen.description,
         )
         recorded = await conn.fetchrow(read, ref.run_id, request.pass_no)
-    return Source(
+    source = Source(
         recorded["description"],
         recorded["watch_id"],
         recorded["full_tick_id"],
         recorded["full_started_at"],
         recorded["keys_checked"],
     )
+    if source.watch_id is None:
+        return source, []
+    # A later call of the pass (or a concurrent first one that lost) reads the keys as they are now.
+    if keys is None or source.description != chosen.description:
+        keys = await conn.fetch(WATCH_KEYS, source.watch_id, source.full_started_at)
+    return source, keys
 
 
-async def _choose(conn: asyncpg.Connection, request: ReconcileRequest) -> Source:
+async def _choose(conn: asyncpg.Connection, request: ReconcileRequest) -> tuple[Source, list[asyncpg.Record]]:
     full = f"a full reconciliation of {request.ref.scope.describe()}"
     if request.from_watch_refused:
-        return Source(f"{full} (not from the drift watch: {request.from_watch_refused})")
+        return Source(f"{full} (not from the drift watch: {request.from_watch_refused})"), []
     if not (request.from_watch and request.ref.scope.is_global):
-        return Source(full)
+        return Source(full), []
     row = await conn.fetchrow(_WATCH)
     why_not = _usable(row)
     if why_not is not None or row is None:
-        return Source(f"{full} ({why_not})")
-    keys = int(
-        await conn.fetchval(f"SELECT count(*) FROM ({WATCH_KEYS}) w", row["watch_id"], row["full_started"])
-    )
+        return Source(f"{full} ({why_not})"), []
+    keys = await conn.fetch(WATCH_KEYS, row["watch_id"], row["full_started"])
     return Source(
-        f"drift watch '{row['watch_id']}': its full pass {_ago(row['full_age'])} old (tick {row['full_tick']});"
-        f" the {keys} keys it found drifted or saw change since, checked now; its last tick {_ago(row['tick_age'])} ago."
-        " Hand edits since the full pass and later events are the verification's full pass to find; apply"
-        " re-checks every row",
+        f"drift watch '{row['watch_id']}': its full pass {age_words(row['full_age'])} old (tick {row['full_tick']});"
+        f" the {len(keys)} keys it found drifted or saw change since, checked now; its last tick"
+        f" {age_words(row['tick_age'])} ago. Hand edits since the full pass are the verification's full pass"
+        " to find; apply re-checks every row",
         row["watch_id"],
         row["full_tick"],
         row["full_started"],
-        keys,
-    )
+        len(keys),
+    ), keys
