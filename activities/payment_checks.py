@@ -19,6 +19,7 @@ from activities.heartbeat import heartbeating
 from activities.loki import LokiActivities, line_field
 from activities.payment_provider import PaymentProvider, ProviderUnreachable, judge
 from activities.postgres.base import PostgresActivities
+from activities.postgres.drift_sql import checks as drift_checks
 from activities.scope_sql import LEDGER_COLUMNS, scope_predicate
 from contracts import names
 from contracts.models import (
@@ -29,9 +30,12 @@ from contracts.models import (
     PaymentCheckSummary,
     PaymentVerdict,
     ReconcileRequest,
+    RunRef,
 )
 
 WEBHOOK_QUERY = '{service_name="gpuaas-webhook-worker"} |= "payment_intent.succeeded" | json | __error__=""'
+PREFETCH_LIMIT = 2_000  # sessions asked while the run diagnoses; any others are asked at the pass
+ANSWER_FRESH_SECONDS = 120  # an answer asked while diagnosing is reused this long, then asked again
 
 
 class PaymentCheckActivities(PostgresActivities):
@@ -60,9 +64,11 @@ class PaymentCheckActivities(PostgresActivities):
             request.pass_no,
             DriftKind.PAYMENT_DRIFT.value,
         )
-        done = [0]
+        reused = await self._fresh_answers(request.ref.run_id, rows)
+        done = [len(reused)]
         async with heartbeating(lambda: done[0]):
-            checks = await self._judge_all(rows, done)
+            asked = await self._judge_all([r for r in rows if r["entity_id"] not in reused], done)
+        checks = reused | asked
         if checks:
             await self._execute(
                 """UPDATE remediation.findings f SET detail = f.detail || jsonb_build_object('provider', v.doc::jsonb)
@@ -79,11 +85,68 @@ class PaymentCheckActivities(PostgresActivities):
             request.ref.run_id,
             f"payments:{request.pass_no}:{summary.checked}:{summary.unreachable}",
             "reconciling",
-            f"payment provider checked {len(checks)} payment findings: "
+            f"payment provider checked {len(checks)} payment findings"
+            + (f" ({len(reused)} answered while the run diagnosed)" if reused else "")
+            + ": "
             + ", ".join(f"{k} {v}" for k, v in sorted(summary.verdicts.items())),
-            {"verdicts": summary.verdicts, "unreachable_reason": summary.unreachable_reason},
+            {
+                "verdicts": summary.verdicts,
+                "unreachable_reason": summary.unreachable_reason,
+                "answered_while_diagnosing": len(reused),
+            },
         )
         return summary
+
+    @activity.defn(name=names.PREFETCH_PAYMENTS)
+    async def prefetch_provider_answers(self, ref: RunRef) -> int:
+        """While the run diagnoses, ask the provider about the scope's payment sessions that look
+        unreconciled (the payment check's own SQL); the pass reuses answers younger than
+        ``ANSWER_FRESH_SECONDS``. Best effort: stops asking once the provider fails; returns answers kept."""
+        check = drift_checks(ref.scope, 1)[DriftKind.PAYMENT_DRIFT]
+        rows = await self._fetch(
+            f"""SELECT p.id AS entity_id, p.provider_ref, p.amount_minor, o.currency
+                FROM billing.payment_sessions p JOIN billing.orgs o ON o.id = p.org_id
+                WHERE p.id IN ({check.candidates}) ORDER BY p.id LIMIT {PREFETCH_LIMIT}""",
+            *check.params,
+        )
+        done = [0]
+        async with heartbeating(lambda: done[0]):
+            answers = await self._judge_all(rows, done, stop_when_unreachable=True)
+        kept = {e: c for e, c in answers.items() if c.verdict is not PaymentVerdict.UNREACHABLE}
+        if kept:
+            await self._execute(
+                """INSERT INTO remediation.provider_answers (run_id, entity_id, answer)
+                   SELECT $1, v.entity, v.doc::jsonb FROM unnest($2::text[], $3::text[]) AS v(entity, doc)
+                   ON CONFLICT (run_id, entity_id) DO UPDATE SET answer = excluded.answer, asked_at = now()""",
+                ref.run_id,
+                list(kept),
+                [c.model_dump_json() for c in kept.values()],
+            )
+        return len(kept)
+
+    async def _fresh_answers(self, run_id: str, rows: list[asyncpg.Record]) -> dict[str, PaymentCheck]:
+        """The answers this run asked while diagnosing that are still fresh, judged again against the
+        session as it is now (its amount and currency)."""
+        if not rows:
+            return {}
+        stored = await self._fetch(
+            """SELECT entity_id, answer::text AS answer FROM remediation.provider_answers
+               WHERE run_id = $1 AND entity_id = ANY($2::text[])
+                 AND asked_at > now() - make_interval(secs => $3)""",
+            run_id,
+            [r["entity_id"] for r in rows],
+            float(ANSWER_FRESH_SECONDS),
+        )
+        sessions = {r["entity_id"]: r for r in rows}
+        fresh: dict[str, PaymentCheck] = {}
+        for answer in stored:
+            check = PaymentCheck.model_validate_json(answer["answer"])
+            if check.payment is None:
+                continue
+            row = sessions[answer["entity_id"]]
+            verdict, reason = judge(row["amount_minor"], row["currency"], check.payment)
+            fresh[answer["entity_id"]] = check.model_copy(update={"verdict": verdict, "reason": reason})
+        return fresh
 
     @activity.defn(name=names.CHECK_REMEDIATION_CREDITS)
     async def check_remediation_credits(self, request: ReconcileRequest) -> int:
@@ -155,15 +218,22 @@ class PaymentCheckActivities(PostgresActivities):
             )
         return len(revoked)
 
-    async def _judge_all(self, rows: list[asyncpg.Record], done: list[int]) -> dict[str, PaymentCheck]:
-        """Look every payment up (at most ``concurrency`` at once), then say where its webhook went."""
+    async def _judge_all(
+        self, rows: list[asyncpg.Record], done: list[int], *, stop_when_unreachable: bool = False
+    ) -> dict[str, PaymentCheck]:
+        """Look every payment up (at most ``concurrency`` at once), then say where its webhook went.
+        With ``stop_when_unreachable``, lookups not yet begun when one fails are not asked."""
         gate = asyncio.Semaphore(self._concurrency)
+        failed: list[str] = []
 
         async def one(row: asyncpg.Record) -> PaymentCheck:
             async with gate:
+                if failed and stop_when_unreachable:
+                    return PaymentCheck(verdict=PaymentVerdict.UNREACHABLE, reason=failed[0])
                 try:
                     payment = await self._provider.payment(row["provider_ref"])
                 except ProviderUnreachable as exc:
+                    failed.append(str(exc))
                     return PaymentCheck(verdict=PaymentVerdict.UNREACHABLE, reason=str(exc))
                 finally:
                     done[0] += 1

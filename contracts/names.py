@@ -46,6 +46,7 @@ WATCH_FINISH_TICK = "watch.finish_tick"
 
 # Payment provider (with the findings in Postgres and the webhook worker's lines in Loki)
 CHECK_PAYMENTS = "payments.check_payment_findings"
+PREFETCH_PAYMENTS = "payments.prefetch_provider_answers"
 CHECK_REMEDIATION_CREDITS = "payments.check_remediation_credits"
 
 # NATS JetStream

@@ -30,6 +30,10 @@ EXPECTED = {
     "approved_quorum_overlapped",
     "revoked_credit_reversed_overlapped",
     "verification_failed_retry_overlapped",
+    # Recorded after the provider was asked while diagnosing (patch provider-prefetch).
+    "approved_quorum_prefetch",
+    "revoked_credit_reversed_prefetch",
+    "verification_failed_retry_prefetch",
 }
 
 

@@ -169,6 +169,7 @@ def activity_list(
         db.apply_plan,
         db.check_duplicates,
         payments.check_payment_findings,
+        payments.prefetch_provider_answers,
         payments.check_remediation_credits,
         res.nats.check_consumer,
         res.nats.read_event_sequence,

@@ -218,6 +218,7 @@ class BillingRemediationWorkflow(ReversalSteps):
         ref = self._require_ref()
         self._set_phase(Phase.DIAGNOSING)
         scope_words = request.scope.describe()
+        self._start_provider_prefetch()
         checks = await asyncio.gather(
             self._check(
                 BillingDatabaseActivities.check_postgres, "postgres", ref, "Check Postgres connectivity"
@@ -323,9 +324,10 @@ class BillingRemediationWorkflow(ReversalSteps):
             )
             self._frozen_id = None
         self._set_phase(Phase.CAPTURING_EVIDENCE)
-        if self._before is not None and not self._before.done():
-            with contextlib.suppress(ActivityError, asyncio.CancelledError):
-                await self._before
+        for pending in (self._before, self._prefetch):
+            if pending is not None and not pending.done():
+                with contextlib.suppress(ActivityError, asyncio.CancelledError):
+                    await pending
         await workflow.wait_condition(lambda: not self._audits and not self._auditing)
         await self._act(
             RecordsActivities.capture_evidence,

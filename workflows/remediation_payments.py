@@ -7,6 +7,7 @@ details say how many sessions and why) and asks again with backoff; it never pla
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Coroutine
 from typing import Any
 
@@ -36,6 +37,8 @@ REVOKED_CREDITS_PATCH = "reversal-revoked-credits"
 OVERLAPPED_CREDITS_PATCH = "overlapped-credits-check"
 # Runs started after this bring the drift watch up to the stream's end before planning from it.
 WATCH_CATCH_UP_PATCH = "watch-catch-up"
+# Runs started after this ask the provider about the scope's unreconciled payments while diagnosing.
+PROVIDER_PREFETCH_PATCH = "provider-prefetch"
 
 
 class PaymentSteps(ApprovalSteps):
@@ -131,8 +134,33 @@ class PaymentSteps(ApprovalSteps):
             return False, f"the drift watch could not read the stream up to now: {activity_cause(err)}"
         return True, ""
 
+    def _start_provider_prefetch(self) -> None:
+        """Ask the provider about the scope's unreconciled payments beside the diagnosis: the slowest
+        lookups leave the path to the plan, and the pass reuses answers still fresh."""
+        if not workflow.patched(PROVIDER_PREFETCH_PATCH):
+            return
+        self._prefetch = asyncio.create_task(
+            self._act(
+                PaymentCheckActivities.prefetch_provider_answers,
+                self._require_ref(),
+                "Ask the payment provider about unreconciled payment sessions while diagnosing"
+                " (answers reused by the plan for two minutes)",
+                timeout=600,
+                heartbeat=True,
+                attempts=2,
+            )
+        )
+
+    async def _prefetched(self) -> None:
+        """Wait for the answers asked while diagnosing; without them the pass asks the provider itself."""
+        prefetch, self._prefetch = self._prefetch, None
+        if prefetch is not None:
+            with contextlib.suppress(ActivityError):
+                await prefetch
+
     async def _confirm_payments(self, pass_no: int, counts: dict[str, int]) -> None:
         """Ask the provider about the pass's payment findings until it has answered for every one."""
+        await self._prefetched()
         if not counts.get(DriftKind.PAYMENT_DRIFT.value):
             return
         ref = self._require_ref()

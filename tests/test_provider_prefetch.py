@@ -1,0 +1,115 @@
+"""The provider is asked about a scope's unreconciled payments while the run diagnoses (issue 29).
+
+On the real provider (localstripe) and the real stack: every payment finding's verdict comes from an
+answer asked while diagnosing, the timeline says so, and the pass reuses only answers still fresh,
+judged again against the session as it is now.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from temporalio.testing import ActivityEnvironment
+
+from activities.loki import LokiActivities
+from activities.payment_checks import ANSWER_FRESH_SECONDS, PaymentCheckActivities
+from activities.payment_provider import StripePaymentProvider
+from contracts.models import DriftKind, Phase, ReconcileRequest, RunRef
+from tests.conftest import World
+from tests.helpers import incident_in, request_for, start, wait_phase
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def test_answers_asked_while_diagnosing_make_the_verdicts_and_only_fresh_ones_are_reused(
+    world: World,
+) -> None:
+    incident = await incident_in(world, "payments-reconcile", "pf")
+    request = request_for(incident, requested_by="ic-dana")
+    handle = await start(world, request)
+    view = await wait_phase(handle, {Phase.AWAITING_APPROVAL})
+    assert view.plan is not None
+    run_id = (await handle.describe()).run_id
+    findings = {
+        r["entity_id"]: json.loads(r["provider"])
+        for r in await world.db.fetch(
+            """SELECT entity_id, detail->'provider' AS provider FROM remediation.findings
+               WHERE run_id = $1 AND pass = 0 AND kind = $2""",
+            run_id,
+            DriftKind.PAYMENT_DRIFT.value,
+        )
+    }
+    answers = {
+        r["entity_id"]: json.loads(r["answer"])
+        for r in await world.db.fetch(
+            "SELECT entity_id, answer::text AS answer FROM remediation.provider_answers WHERE run_id = $1",
+            run_id,
+        )
+    }
+    # Every payment finding was answered while diagnosing, and its verdict is that answer's.
+    assert len(findings) == 7 and set(findings) <= set(answers)
+    for entity, provider in findings.items():
+        assert provider["payment"] == answers[entity]["payment"]
+        assert provider["verdict"] == answers[entity]["verdict"]
+    said = await world.db.fetchval(
+        "SELECT message FROM remediation.timeline WHERE run_id = $1 AND message LIKE 'payment provider checked%'",
+        run_id,
+    )
+    assert "(7 answered while the run diagnosed)" in said
+
+    # Run the pass's check again on the same findings: one answer made stale, one fresh but altered.
+    stale, fresh = sorted(incident.injected["payment_drift"])[:2]
+    altered = answers[fresh] | {
+        "payment": answers[fresh]["payment"] | {"refunded_minor": answers[fresh]["payment"]["captured_minor"]}
+    }
+    await world.db.execute(
+        "UPDATE remediation.provider_answers SET answer = $3::jsonb WHERE run_id = $1 AND entity_id = $2",
+        run_id,
+        fresh,
+        json.dumps(altered),
+    )
+    await world.db.execute(
+        """UPDATE remediation.provider_answers SET answer = $3::jsonb, asked_at = now() - make_interval(secs => $4)
+           WHERE run_id = $1 AND entity_id = $2""",
+        run_id,
+        stale,
+        json.dumps(altered | {"payment": answers[stale]["payment"] | {"disputed": True}}),
+        float(ANSWER_FRESH_SECONDS + 1),
+    )
+    await world.db.execute(
+        "UPDATE remediation.findings SET detail = detail - 'provider' WHERE run_id = $1 AND entity_id = ANY($2::text[])",
+        run_id,
+        [stale, fresh],
+    )
+    s = world.settings
+    provider = StripePaymentProvider(
+        s.resolved_payment_provider_url(), s.payment_provider_api_key.get_secret_value(), retries=0
+    )
+    try:
+        async with httpx.AsyncClient(base_url=s.resolved_loki_url()) as http:
+            acts = PaymentCheckActivities(world.db, provider, LokiActivities(http, s.loki_tenant))
+            ref = RunRef(
+                run_id=run_id,
+                workflow_id=handle.id,
+                correlation_id=request.correlation_id,
+                scope=request.scope,
+            )
+            await ActivityEnvironment().run(acts.check_payment_findings, ReconcileRequest(ref=ref, pass_no=0))
+    finally:
+        await provider.aclose()
+    again = {
+        r["entity_id"]: json.loads(r["provider"])
+        for r in await world.db.fetch(
+            "SELECT entity_id, detail->'provider' AS provider FROM remediation.findings WHERE run_id = $1 AND entity_id = ANY($2::text[])",
+            run_id,
+            [stale, fresh],
+        )
+    }
+    # The fresh answer was reused and judged again: what it says now is a full refund.
+    assert again[fresh]["verdict"] == "investigate" and "fully refunded" in again[fresh]["reason"]
+    # The stale one was asked again: the provider's own answer, not the stored dispute.
+    assert again[stale]["payment"]["disputed"] is False
+    assert again[stale]["verdict"] == findings[stale]["verdict"]
+    await handle.terminate("test done")
