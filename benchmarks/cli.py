@@ -4,37 +4,18 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 from benchmarks.report import emit
-from benchmarks.workflows import Stack
+from benchmarks.workflows import Stack, stack_env
 from contracts import names
 from contracts.models import Phase, RemediationRequest, RemediationResult, Scope
 from local_platform.seeder import SeedSpec, seed
 
 RUNS = 9
-
-
-def _env(stack: Stack) -> dict[str, str]:
-    """What a commander's shell would export for this stack."""
-    s = stack.settings
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "NATS_", "TEMPORAL_"))}
-    env.update(
-        {
-            "REMEDIATION_STATE_DIR": str(s.state_dir),
-            "POSTGRES_PORT": str(s.postgres_port),
-            "NATS_PORT": str(s.nats_port),
-            "TEMPORAL_PORT": str(s.temporal_port),
-            "TEMPORAL_UI_PORT": str(s.temporal_ui_port),
-            "PLATFORM_PORT": str(s.platform_port),
-            "PAYLOAD_ENCRYPTION": "off",
-        }
-    )
-    return env
 
 
 async def _timed(argv: list[str], env: dict[str, str]) -> float:
@@ -73,7 +54,7 @@ async def bench_cli(stack: Stack, runs: int = RUNS) -> None:
         "help": [remediate, "--help"],
         "status": [remediate, "status", handle.id],
     }
-    env = _env(stack)
+    env = stack_env(stack.settings)
     for argv in commands.values():  # warm the page cache and .pyc files
         await _timed(argv, env)
     taken: dict[str, list[float]] = {name: [] for name in commands}

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import resource
 import statistics
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator
@@ -49,10 +51,9 @@ from contracts.models import (
     Trigger,
 )
 from devstack.alerting import Alertmanager
-from devstack.processes import free_port
+from devstack.processes import free_port, spawn, stop_pid, wait_for_port
 from devstack.stack import Nats, PaymentProvider, Postgres, Temporal, dev_approver_keys
 from local_platform.seeder import SeedSpec, seed
-from local_platform.serve import running_platform
 from worker.connection import connect_temporal
 from worker.deployment import set_current_version
 from worker.main import activity_list, build_worker, resources
@@ -95,7 +96,7 @@ async def full_stack(root: Path, *, provider: bool = False) -> AsyncIterator[Sta
         await asyncio.to_thread(server.start)
     try:
         client = await connect_temporal(settings)
-        async with running_platform(settings, settings.platform_port), resources(settings) as res:
+        async with platform_process(settings), resources(settings) as res:
             db = await asyncpg.create_pool(settings.resolved_database_url(), min_size=1, max_size=4)
             async with build_worker(client, settings, res):
                 await set_current_version(client, settings)  # versioned, as deployed: new runs go to it
@@ -105,6 +106,44 @@ async def full_stack(root: Path, *, provider: bool = False) -> AsyncIterator[Sta
         for server in reversed(servers):
             await asyncio.to_thread(server.stop)
         await asyncio.to_thread(postgres.purge)
+
+
+def stack_env(settings: Settings) -> dict[str, str]:
+    """What a process beside this stack (the platform stand-in, a commander's shell) exports to reach it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "NATS_", "TEMPORAL_"))}
+    env.update(
+        {
+            "REMEDIATION_STATE_DIR": str(settings.state_dir),
+            "POSTGRES_PORT": str(settings.postgres_port),
+            "NATS_PORT": str(settings.nats_port),
+            "TEMPORAL_PORT": str(settings.temporal_port),
+            "TEMPORAL_UI_PORT": str(settings.temporal_ui_port),
+            "PLATFORM_PORT": str(settings.platform_port),
+            "PAYMENT_PROVIDER_PORT": str(settings.payment_provider_port),
+            "PAYLOAD_ENCRYPTION": "off",
+        }
+    )
+    return env
+
+
+@asynccontextmanager
+async def platform_process(settings: Settings) -> AsyncIterator[None]:
+    """The platform stand-in in its own process (`remediate platform serve`), as `make demo` and production
+    run it: in the benchmark's process it shared the worker's event loop (one core) with it."""
+    log_file = settings.state_dir / "logs" / "platform.log"
+    pid = spawn(
+        [sys.executable, "-m", "starters.cli", "platform", "serve"],
+        pid_file=settings.state_dir / "platform.pid",
+        log_file=log_file,
+        env=stack_env(settings),
+    )
+    try:
+        await asyncio.to_thread(
+            wait_for_port, settings.platform_port, timeout=60, name="platform", log_file=log_file, pid=pid
+        )
+        yield
+    finally:
+        await asyncio.to_thread(stop_pid, pid)
 
 
 def percentile(values: list[float], q: float) -> float:

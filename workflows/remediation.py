@@ -56,6 +56,9 @@ with workflow.unsafe.imports_passed_through():
 MAX_PASSES = 3
 # Runs started after this loaded their options and registered at once (older histories replay in turn).
 OVERLAPPED_START_PATCH = "overlapped-start"
+# Runs started after this take the before-evidence once the plan is built, not beside it: on two cores
+# its platform-wide sums took CPU from the plan (it is awaited before anything changes either way).
+SNAPSHOT_AFTER_PLAN_PATCH = "snapshot-after-plan"
 MAX_ALERTS = 50  # distinct alerts recorded per run; history stays bounded under alert storms
 
 
@@ -174,16 +177,11 @@ class BillingRemediationWorkflow(ReversalSteps):
             self._drift = dict(summary.counts)
             if pass_no == 0:
                 self._diagnosis = [consistency_after_reconcile(c, self._drift) for c in self._diagnosis]
-            if pass_no == 0:
-                # Nothing changes before approval: the before-evidence is taken alongside the plan,
-                # off the path to it (a platform-wide snapshot sums every usage and ledger row).
-                self._before = asyncio.create_task(
-                    self._act(
-                        RecordsActivities.snapshot_scope,
-                        SnapshotRequest(ref=ref, label="before"),
-                        "Capture before-remediation query evidence",
-                    )
-                )
+            # Nothing changes before approval: the before-evidence is taken while the plan waits for it,
+            # off the path to the plan (a platform-wide snapshot sums every usage and ledger row).
+            after_plan = pass_no == 0 and workflow.patched(SNAPSHOT_AFTER_PLAN_PATCH)
+            if pass_no == 0 and not after_plan:
+                self._take_before()
             rollback_to = self._rollback_target()
             plan = await self._act(
                 BillingDatabaseActivities.build_plan,
@@ -205,6 +203,8 @@ class BillingRemediationWorkflow(ReversalSteps):
                 heartbeat=True,
                 attempts=20,
             )
+            if after_plan:
+                self._take_before()
             ended, applied = await self._approve_apply_verify(
                 request, plan, applied, partial(self._verify, request, pass_no)
             )
@@ -213,6 +213,16 @@ class BillingRemediationWorkflow(ReversalSteps):
         return Phase.HANDED_OFF, plan, applied
 
     # ---------------------------------------------------------------- steps
+
+    def _take_before(self) -> None:
+        """Start capturing the before-remediation query evidence (awaited before anything changes)."""
+        self._before = asyncio.create_task(
+            self._act(
+                RecordsActivities.snapshot_scope,
+                SnapshotRequest(ref=self._require_ref(), label="before"),
+                "Capture before-remediation query evidence",
+            )
+        )
 
     async def _diagnose(self, request: RemediationRequest, options: RuntimeOptions) -> None:
         ref = self._require_ref()
