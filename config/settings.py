@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     nats_port: int = Field(default=8492, alias="NATS_PORT")
     temporal_port: int = Field(default=7233, alias="TEMPORAL_PORT")
     temporal_ui_port: int = Field(default=8233, alias="TEMPORAL_UI_PORT")
+    # The embedded dev server's SQLite in WAL mode, synced at checkpoints: a killed server loses nothing
+    # (the log is written before each commit returns); a power cut may lose its last commits.
+    temporal_dev_sqlite_wal: bool = Field(default=True, alias="TEMPORAL_DEV_SQLITE_WAL")
     platform_port: int = Field(default=8480, alias="PLATFORM_PORT")
 
     # The billing platform's HTTP APIs.

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
+import sqlite3
 import tempfile
 from pathlib import Path
 
@@ -64,6 +66,10 @@ def test_up_twice_harmless_down_leaves_nothing(tmp_path: Path) -> None:
         # Approver pages go to the embedded inbox, in plain SMTP on loopback.
         assert f"smtp_smarthost: 127.0.0.1:{settings.approver_inbox_smtp_port}" in config
         assert "smtp_require_tls: false" in config
+        # The dev server's SQLite file is in WAL mode (TEMPORAL_DEV_SQLITE_WAL): no disk sync per commit.
+        (database,) = tmp_path.rglob("temporal.sqlite")
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+            assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     finally:
         down(settings, purge=True)
     assert not any(pid_alive(pid) for pid in pids)
