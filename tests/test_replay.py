@@ -30,7 +30,8 @@ EXPECTED = {
     "approved_quorum_overlapped",
     "revoked_credit_reversed_overlapped",
     "verification_failed_retry_overlapped",
-    # Recorded after the provider was asked while diagnosing (patch provider-prefetch).
+    # Recorded with the provider asked while diagnosing, the before-evidence after the plan and one
+    # reconcile call on the first pass (patches provider-prefetch, snapshot-after-plan, one-reconcile-call).
     "approved_quorum_prefetch",
     "revoked_credit_reversed_prefetch",
     "verification_failed_retry_prefetch",

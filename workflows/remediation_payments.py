@@ -39,47 +39,39 @@ OVERLAPPED_CREDITS_PATCH = "overlapped-credits-check"
 WATCH_CATCH_UP_PATCH = "watch-catch-up"
 # Runs started after this ask the provider about the scope's unreconciled payments while diagnosing.
 PROVIDER_PREFETCH_PATCH = "provider-prefetch"
+# Runs started after this check all four kinds in one call on the first pass when the provider was asked
+# while diagnosing (nothing is left to overlap): one round trip fewer before the plan.
+ONE_RECONCILE_PATCH = "one-reconcile-call"
 
 
 class PaymentSteps(ApprovalSteps):
     """Provider verdicts for a reconciliation pass's payment findings."""
 
     async def _reconcile_and_confirm(self, pass_no: int, scope_words: str) -> ReconcileSummary:
-        """One reconciliation pass before a plan: the payment check first (it is the quick one), then the
-        provider is asked about its findings while the other three checks run; the pass's summary."""
+        """One reconciliation pass before a plan, every payment finding confirmed at the provider; the
+        pass's summary. The provider's lookups run beside the other checks: asked while diagnosing (the
+        first pass: then one call checks all four), or else the payment check first, then the rest."""
         ref = self._require_ref()
         from_watch, refused = await self._watch_source(pass_no)
-        payments: ReconcileSummary = await self._act(
-            BillingDatabaseActivities.reconcile,
-            ReconcileRequest(
-                ref=ref,
-                pass_no=pass_no,
-                kinds=[DriftKind.PAYMENT_DRIFT],
-                completes_pass=False,
-                from_watch=from_watch,
-                from_watch_refused=refused,
-            ),
-            f"Reconcile payment sessions for {scope_words}",
-            timeout=600,
-            heartbeat=True,
-            attempts=20,
-        )
-        rest = asyncio.create_task(
-            self._act(
+
+        def reconcile(
+            kinds: list[DriftKind] | None, completes: bool, what: str
+        ) -> Coroutine[Any, Any, ReconcileSummary]:
+            return self._act(
                 BillingDatabaseActivities.reconcile,
                 ReconcileRequest(
                     ref=ref,
                     pass_no=pass_no,
-                    kinds=[k for k in DriftKind if k is not DriftKind.PAYMENT_DRIFT],
+                    kinds=kinds,
+                    completes_pass=completes,
                     from_watch=from_watch,
                     from_watch_refused=refused,
                 ),
-                f"Reconcile usage, allocations and the ledger for {scope_words}",
+                f"Reconcile {what} for {scope_words}",
                 timeout=600,
                 heartbeat=True,
                 attempts=20,
             )
-        )
 
         def credits() -> Coroutine[Any, Any, int]:
             return self._act(
@@ -93,9 +85,22 @@ class PaymentSteps(ApprovalSteps):
             )
 
         # The credits' re-check reads no finding of the pass: it runs beside the other checks.
-        beside = asyncio.create_task(credits()) if workflow.patched(OVERLAPPED_CREDITS_PATCH) else None
-        await self._confirm_payments(pass_no, payments.counts)
-        summary: ReconcileSummary = await rest
+        if pass_no == 0 and self._prefetch is not None and workflow.patched(ONE_RECONCILE_PATCH):
+            beside: asyncio.Task[int] | None = asyncio.create_task(credits())
+            summary = await reconcile(None, True, "usage, allocations, the ledger and payment sessions")
+            await self._confirm_payments(pass_no, summary.counts)
+        else:
+            payments = await reconcile([DriftKind.PAYMENT_DRIFT], False, "payment sessions")
+            rest = asyncio.create_task(
+                reconcile(
+                    [k for k in DriftKind if k is not DriftKind.PAYMENT_DRIFT],
+                    True,
+                    "usage, allocations and the ledger",
+                )
+            )
+            beside = asyncio.create_task(credits()) if workflow.patched(OVERLAPPED_CREDITS_PATCH) else None
+            await self._confirm_payments(pass_no, payments.counts)
+            summary = await rest
         if beside is not None or workflow.patched(REVOKED_CREDITS_PATCH):
             revoked = await (beside if beside is not None else credits())
             if revoked:
