@@ -99,7 +99,10 @@ class BillingRemediationWorkflow(ReversalSteps):
             attempts=3,
         )
         if workflow.patched(OVERLAPPED_START_PATCH):
-            # Registering needs no option: both at once, one round trip fewer before the diagnosis.
+            # Registering needs no option: both at once, one round trip fewer before the diagnosis; the
+            # provider's slow lookups start beside them.
+            if request.reverses is None:
+                self._start_provider_prefetch()
             self._options, _ = await asyncio.gather(load, register)
         else:
             self._options = await load
@@ -228,7 +231,6 @@ class BillingRemediationWorkflow(ReversalSteps):
         ref = self._require_ref()
         self._set_phase(Phase.DIAGNOSING)
         scope_words = request.scope.describe()
-        self._start_provider_prefetch()
         checks = await asyncio.gather(
             self._check(
                 BillingDatabaseActivities.check_postgres, "postgres", ref, "Check Postgres connectivity"

@@ -140,8 +140,8 @@ class PaymentSteps(ApprovalSteps):
         return True, ""
 
     def _start_provider_prefetch(self) -> None:
-        """Ask the provider about the scope's unreconciled payments beside the diagnosis: the slowest
-        lookups leave the path to the plan, and the pass reuses answers still fresh."""
+        """Ask the provider about the scope's unreconciled payments from the run's start, beside the
+        diagnosis: the slowest lookups leave the path to the plan, and the pass reuses answers still fresh."""
         if not workflow.patched(PROVIDER_PREFETCH_PATCH):
             return
         self._prefetch = asyncio.create_task(
