@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 from temporalio import activity
@@ -221,10 +221,23 @@ class PaymentCheckActivities(PostgresActivities):
     async def _judge_all(
         self, rows: list[asyncpg.Record], done: list[int], *, stop_when_unreachable: bool = False
     ) -> dict[str, PaymentCheck]:
-        """Look every payment up (at most ``concurrency`` at once), then say where its webhook went.
-        With ``stop_when_unreachable``, lookups not yet begun when one fails are not asked."""
+        """Look every payment up (at most ``concurrency`` at once) and, beside the lookups, find where each
+        succeeded one's webhook went. With ``stop_when_unreachable``, lookups not yet begun when one
+        fails are not asked."""
+        if not rows:
+            return {}
         gate = asyncio.Semaphore(self._concurrency)
         failed: list[str] = []
+        # Only a succeeded intent has a success event: events are paged while a payment the lookups found
+        # succeeded has none yet (paging for the others would read every event the provider keeps).
+        succeeded: set[str] = set()
+        looked_up = asyncio.Condition()
+        finished = False
+
+        async def wanted(found: set[str]) -> bool:
+            async with looked_up:
+                await looked_up.wait_for(lambda: finished or not succeeded <= found)
+                return not succeeded <= found
 
         async def one(row: asyncpg.Record) -> PaymentCheck:
             async with gate:
@@ -237,24 +250,36 @@ class PaymentCheckActivities(PostgresActivities):
                     return PaymentCheck(verdict=PaymentVerdict.UNREACHABLE, reason=str(exc))
                 finally:
                     done[0] += 1
+            if payment.found and payment.status == "succeeded":
+                async with looked_up:
+                    succeeded.add(payment.ref)
+                    looked_up.notify_all()
             verdict, reason = judge(row["amount_minor"], row["currency"], payment)
             return PaymentCheck(verdict=verdict, reason=reason, payment=payment)
 
-        results = await asyncio.gather(*(one(r) for r in rows))
+        async def lookups() -> list[PaymentCheck]:
+            nonlocal finished
+            try:
+                return await asyncio.gather(*(one(r) for r in rows))
+            finally:
+                async with looked_up:
+                    finished = True
+                    looked_up.notify_all()
+
+        results, webhook = await asyncio.gather(
+            lookups(), self._webhook_status({r["provider_ref"] for r in rows}, wanted)
+        )
         checks = {r["entity_id"]: c for r, c in zip(rows, results, strict=True)}
-        statuses = {c.payment.ref: c.payment.status for c in checks.values() if c.payment and c.payment.found}
-        if not statuses:
+        if not any(c.payment and c.payment.found for c in checks.values()):
             return checks
-        # Only a succeeded intent has a success event: asking for the others would page through every
-        # event the provider keeps, looking for ones that cannot exist.
-        succeeded = {ref for ref, status in statuses.items() if status == "succeeded"}
-        webhook = await self._webhook_status(succeeded)
         return {
             entity: c.model_copy(update={"webhook": webhook(c.payment.ref)}) if c.payment else c
             for entity, c in checks.items()
         }
 
-    async def _webhook_status(self, refs: set[str]) -> Callable[[str], str]:
+    async def _webhook_status(
+        self, refs: set[str], wanted: Callable[[set[str]], Awaitable[bool]]
+    ) -> Callable[[str], str]:
         """A function: payment ref -> whether its success event reached the platform's webhook worker."""
         events: dict[str, str] = {}
         events_error: str | None = None
@@ -263,10 +288,8 @@ class PaymentCheckActivities(PostgresActivities):
 
         async def provider_events() -> None:
             nonlocal events, events_error
-            if not refs:
-                return
             try:
-                events = await self._provider.succeeded_events(refs)
+                events = await self._provider.succeeded_events(refs, wanted)
             except ProviderUnreachable as exc:
                 events_error = str(exc)
 

@@ -38,8 +38,11 @@ class PaymentProvider(Protocol):
         """The provider's figures for payment ``ref`` (``found=False`` when it does not know it)."""
         ...
 
-    async def succeeded_events(self, refs: set[str]) -> dict[str, str]:
-        """For the payments in ``refs`` that have one, the id of their success event."""
+    async def succeeded_events(
+        self, refs: set[str], wanted: Callable[[set[str]], Awaitable[bool]] | None = None
+    ) -> dict[str, str]:
+        """For the payments in ``refs`` that have one, the id of their success event. With ``wanted``,
+        asked before each page with the refs found so far, paging stops when it answers False."""
         ...
 
     async def aclose(self) -> None:
@@ -126,18 +129,23 @@ class StripePaymentProvider:
             disputed=bool(charge.get("disputed")),
         )
 
-    async def succeeded_events(self, refs: set[str]) -> dict[str, str]:
-        """Page through ``payment_intent.succeeded`` events (newest first) until every ref is found."""
+    async def succeeded_events(
+        self, refs: set[str], wanted: Callable[[set[str]], Awaitable[bool]] | None = None
+    ) -> dict[str, str]:
+        """Page through ``payment_intent.succeeded`` events (newest first) until every ref is found, or
+        until ``wanted`` says no ref still wanted is missing."""
         found: dict[str, str] = {}
         params: Any = {"type": "payment_intent.succeeded", "limit": 100}
         for _ in range(MAX_EVENT_PAGES):
+            if wanted is not None and not await wanted(set(found)):
+                break
             page_params: Any = dict(params)
             page = await self._call(partial(self._client.v1.events.list_async, params=page_params))
             for event in page.data:
                 obj = event.to_dict().get("data", {}).get("object", {})
                 if obj.get("id") in refs:
                     found.setdefault(obj["id"], event.id)
-            if not page.has_more or not page.data or len(found) == len(refs):
+            if not page.has_more or not page.data or (wanted is None and len(found) == len(refs)):
                 break
             params["starting_after"] = page.data[-1].id
         return found

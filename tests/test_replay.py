@@ -30,8 +30,9 @@ EXPECTED = {
     "approved_quorum_overlapped",
     "revoked_credit_reversed_overlapped",
     "verification_failed_retry_overlapped",
-    # Recorded with the provider asked while diagnosing, the before-evidence after the plan and one
-    # reconcile call on the first pass (patches provider-prefetch, snapshot-after-plan, one-reconcile-call).
+    # Recorded with the provider asked from the start, the blast radius beside the diagnosis, one
+    # reconcile call on the first pass and the before-evidence after the plan (patches provider-prefetch,
+    # blast-beside-diagnosis, one-reconcile-call, snapshot-after-plan).
     "approved_quorum_prefetch",
     "revoked_credit_reversed_prefetch",
     "verification_failed_retry_prefetch",

@@ -30,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
         ApplySummary,
         BlastRadius,
         BlastRadiusRequest,
+        BlastRadiusResult,
         CheckResult,
         EvidenceRequest,
         FinishRun,
@@ -59,6 +60,8 @@ OVERLAPPED_START_PATCH = "overlapped-start"
 # Runs started after this take the before-evidence once the plan is built, not beside it: on two cores
 # its platform-wide sums took CPU from the plan (it is awaited before anything changes either way).
 SNAPSHOT_AFTER_PLAN_PATCH = "snapshot-after-plan"
+# Runs started after this assess the blast radius as soon as the consumer check answers, beside the rest.
+BLAST_BESIDE_DIAGNOSIS_PATCH = "blast-beside-diagnosis"
 MAX_ALERTS = 50  # distinct alerts recorded per run; history stays bounded under alert storms
 
 
@@ -231,47 +234,58 @@ class BillingRemediationWorkflow(ReversalSteps):
         ref = self._require_ref()
         self._set_phase(Phase.DIAGNOSING)
         scope_words = request.scope.describe()
-        checks = await asyncio.gather(
-            self._check(
-                BillingDatabaseActivities.check_postgres, "postgres", ref, "Check Postgres connectivity"
-            ),
-            self._check(
-                NatsActivities.check_consumer,
-                "nats_consumer",
-                ref,
-                "Check the billing worker's NATS consumer (pending, ack-pending, redeliveries)",
-            ),
-            self._check(
-                BillingDatabaseActivities.check_outbox,
-                "outbox_relay",
-                ref,
-                "Check outbox relay backlog and lag",
-            ),
-            self._check(
-                LokiActivities.query_correlation_logs,
-                "loki_logs",
-                ref,
-                f"Search Loki for correlation id {request.correlation_id}",
-            ),
-            self._check(
-                NatsActivities.read_event_sequence,
-                "event_sequence",
-                ref,
-                f"Validate the event sequence for {scope_words}",
-            ),
-            self._check(
-                WorkerRegressionActivities.check_worker_regression,
-                "worker_regression",
-                ref,
-                "Compare the billing worker's failures with its latest rollout",
-            ),
-            self._check(
-                BillingDatabaseActivities.check_data_consistency,
-                "data_consistency",
-                ref,
-                f"Check usage/ledger/allocation/attribution consistency for {scope_words}",
-            ),
+        # Seven checks at once; the blast radius needs only the consumer's, so it starts once that
+        # answers (runs started before this assess it after all seven).
+        started = [
+            asyncio.create_task(check)
+            for check in (
+                self._check(
+                    BillingDatabaseActivities.check_postgres, "postgres", ref, "Check Postgres connectivity"
+                ),
+                self._check(
+                    NatsActivities.check_consumer,
+                    "nats_consumer",
+                    ref,
+                    "Check the billing worker's NATS consumer (pending, ack-pending, redeliveries)",
+                ),
+                self._check(
+                    BillingDatabaseActivities.check_outbox,
+                    "outbox_relay",
+                    ref,
+                    "Check outbox relay backlog and lag",
+                ),
+                self._check(
+                    LokiActivities.query_correlation_logs,
+                    "loki_logs",
+                    ref,
+                    f"Search Loki for correlation id {request.correlation_id}",
+                ),
+                self._check(
+                    NatsActivities.read_event_sequence,
+                    "event_sequence",
+                    ref,
+                    f"Validate the event sequence for {scope_words}",
+                ),
+                self._check(
+                    WorkerRegressionActivities.check_worker_regression,
+                    "worker_regression",
+                    ref,
+                    "Compare the billing worker's failures with its latest rollout",
+                ),
+                self._check(
+                    BillingDatabaseActivities.check_data_consistency,
+                    "data_consistency",
+                    ref,
+                    f"Check usage/ledger/allocation/attribution consistency for {scope_words}",
+                ),
+            )
+        ]
+        blast = (
+            asyncio.create_task(self._blast_after(started[1], options))
+            if workflow.patched(BLAST_BESIDE_DIAGNOSIS_PATCH)
+            else None
         )
+        checks = await asyncio.gather(*started)
         self._diagnosis = list(checks)
         trace_id = request.trace_id or next(
             (t for c in checks if c.check == "loki_logs" for t in c.trace_ids), None
@@ -286,26 +300,43 @@ class BillingRemediationWorkflow(ReversalSteps):
                     f"Summarize Tempo trace {trace_id}",
                 )
             )
-        degraded = any(c.check == "nats_consumer" and c.status == "critical" for c in self._diagnosis)
-        try:
-            assessed = await self._act(
-                BillingDatabaseActivities.assess_blast_radius,
-                BlastRadiusRequest(
-                    ref=ref,
-                    worker_degraded=degraded,
-                    widespread_org_threshold=options.widespread_org_threshold,
-                ),
-                f"Assess the blast radius around {scope_words}",
-            )
+        if blast is not None:
+            assessed = await blast
+        else:
+            degraded = any(c.check == "nats_consumer" and c.status == "critical" for c in self._diagnosis)
+            assessed = await self._assess_blast(degraded, options)
+        if assessed is None:
+            # Without the numbers, assume the worst: widespread means freeze and quorum.
+            self._blast = BlastRadius.WIDESPREAD
+        else:
             self._blast = assessed.radius
             if assessed.platform_degradation is not None:
                 # Named, not inherited: the run's freeze and quorum follow its own scope and plan.
                 self._diagnosis.append(assessed.platform_degradation)
-        except ActivityError:
-            # Without the numbers, assume the worst: widespread means freeze and quorum.
-            self._blast = BlastRadius.WIDESPREAD
         workflow.upsert_search_attributes([SA_BLAST.value_set(self._blast.value)])
         self._refresh_details()
+
+    async def _blast_after(
+        self, consumer: asyncio.Task[CheckResult], options: RuntimeOptions
+    ) -> BlastRadiusResult | None:
+        """The blast radius, assessed as soon as the billing worker's consumer check has answered."""
+        return await self._assess_blast((await consumer).status == "critical", options)
+
+    async def _assess_blast(self, worker_degraded: bool, options: RuntimeOptions) -> BlastRadiusResult | None:
+        """Single dispute, one org or widespread (None: the assessment failed)."""
+        ref = self._require_ref()
+        try:
+            return await self._act(
+                BillingDatabaseActivities.assess_blast_radius,
+                BlastRadiusRequest(
+                    ref=ref,
+                    worker_degraded=worker_degraded,
+                    widespread_org_threshold=options.widespread_org_threshold,
+                ),
+                f"Assess the blast radius around {ref.scope.describe()}",
+            )
+        except ActivityError:
+            return None
 
     async def _check(
         self, activity: Callable[[Any, RunRef], Awaitable[CheckResult]], check: str, ref: RunRef, summary: str
