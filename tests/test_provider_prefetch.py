@@ -8,7 +8,9 @@ judged again against the session as it is now.
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 
+import asyncpg
 import httpx
 import pytest
 from temporalio.testing import ActivityEnvironment
@@ -16,7 +18,7 @@ from temporalio.testing import ActivityEnvironment
 from activities.loki import LokiActivities
 from activities.payment_checks import ANSWER_FRESH_SECONDS, PaymentCheckActivities
 from activities.payment_provider import StripePaymentProvider
-from contracts.models import DriftKind, Phase, ReconcileRequest, RunRef
+from contracts.models import DriftKind, PaymentVerdict, Phase, ReconcileRequest, RunRef
 from tests.conftest import World
 from tests.helpers import incident_in, request_for, start, wait_phase
 
@@ -113,3 +115,64 @@ async def test_answers_asked_while_diagnosing_make_the_verdicts_and_only_fresh_o
     assert again[stale]["payment"]["disputed"] is False
     assert again[stale]["verdict"] == findings[stale]["verdict"]
     await handle.terminate("test done")
+
+
+class CountingProvider(StripePaymentProvider):
+    """The real SDK client, counting the pages of success events it is let read."""
+
+    pages = 0
+
+    async def succeeded_events(
+        self, refs: set[str], wanted: Callable[[set[str]], Awaitable[bool]] | None = None
+    ) -> dict[str, str]:
+        async def counted(found: set[str]) -> bool:
+            more = await wanted(found) if wanted is not None else True
+            self.pages += more
+            return more
+
+        return await super().succeeded_events(refs, counted)
+
+
+async def test_success_events_are_read_beside_the_lookups_and_only_for_payments_found_succeeded(
+    world: World,
+) -> None:
+    s = world.settings
+    provider = CountingProvider(
+        s.resolved_payment_provider_url(), s.payment_provider_api_key.get_secret_value(), retries=0
+    )
+    sdk = provider.client.v1.payment_intents
+    captured = [
+        (await sdk.create_async(params={"amount": 1500, "currency": "usd", "payment_method": "pm_card_visa",
+                                        "confirm": True})).id
+        for _ in range(2)
+    ]  # fmt: skip
+    never = [(await sdk.create_async(params={"amount": 900, "currency": "usd"})).id for _ in range(2)]
+
+    async def rows(refs: list[str], amount: int) -> list[asyncpg.Record]:
+        found: list[asyncpg.Record] = await world.db.fetch(
+            """SELECT 'session-' || r AS entity_id, r AS provider_ref, $2::bigint AS amount_minor, 'usd' AS currency
+               FROM unnest($1::text[]) AS r""",
+            refs,
+            amount,
+        )
+        return found
+
+    try:
+        async with httpx.AsyncClient(base_url=s.resolved_loki_url()) as http:
+            acts = PaymentCheckActivities(world.db, provider, LokiActivities(http, s.loki_tenant))
+            # Nothing succeeded: no page of events is read (paging would look for events that cannot exist).
+            unpaid = await acts._judge_all(await rows(never, 900), [0])
+            assert provider.pages == 0
+            assert {c.verdict for c in unpaid.values()} == {PaymentVerdict.NOT_CAPTURED}
+            assert {c.webhook for c in unpaid.values()} == {"no success event at the provider"}
+            # Succeeded ones get their event, found while the other lookups still run.
+            mixed = await acts._judge_all(await rows(captured, 1500) + await rows(never, 900), [0])
+    finally:
+        await provider.aclose()
+    assert provider.pages >= 1
+    for ref in captured:
+        check = mixed[f"session-{ref}"]
+        assert check.verdict is PaymentVerdict.CAPTURED
+        assert check.webhook.startswith("never received (provider event evt_"), check.webhook
+    for ref in never:
+        assert mixed[f"session-{ref}"].webhook == "no success event at the provider"
