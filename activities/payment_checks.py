@@ -125,8 +125,8 @@ class PaymentCheckActivities(PostgresActivities):
         return len(kept)
 
     async def _fresh_answers(self, run_id: str, rows: list[asyncpg.Record]) -> dict[str, PaymentCheck]:
-        """The answers this run asked while diagnosing that are still fresh, judged again against the
-        session as it is now (its amount and currency)."""
+        """The answers this run asked while diagnosing that are still fresh and about the payment the
+        session names now, judged again against the session as it is now (its amount and currency)."""
         if not rows:
             return {}
         stored = await self._fetch(
@@ -141,9 +141,9 @@ class PaymentCheckActivities(PostgresActivities):
         fresh: dict[str, PaymentCheck] = {}
         for answer in stored:
             check = PaymentCheck.model_validate_json(answer["answer"])
-            if check.payment is None:
-                continue
             row = sessions[answer["entity_id"]]
+            if check.payment is None or check.payment.ref != row["provider_ref"]:
+                continue  # the session names another payment since: ask about that one
             verdict, reason = judge(row["amount_minor"], row["currency"], check.payment)
             fresh[answer["entity_id"]] = check.model_copy(update={"verdict": verdict, "reason": reason})
         return fresh

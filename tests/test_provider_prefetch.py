@@ -61,8 +61,9 @@ async def test_answers_asked_while_diagnosing_make_the_verdicts_and_only_fresh_o
     )
     assert "(7 answered while the run diagnosed)" in said
 
-    # Run the pass's check again on the same findings: one answer made stale, one fresh but altered.
-    stale, fresh = sorted(incident.injected["payment_drift"])[:2]
+    # Run the pass's check again on the same findings: one answer made stale, one fresh but altered, one
+    # fresh but about a payment the session no longer names.
+    stale, fresh, moved = sorted(incident.injected["payment_drift"])[:3]
     altered = answers[fresh] | {
         "payment": answers[fresh]["payment"] | {"refunded_minor": answers[fresh]["payment"]["captured_minor"]}
     }
@@ -81,9 +82,15 @@ async def test_answers_asked_while_diagnosing_make_the_verdicts_and_only_fresh_o
         float(ANSWER_FRESH_SECONDS + 1),
     )
     await world.db.execute(
+        "UPDATE remediation.provider_answers SET answer = $3::jsonb WHERE run_id = $1 AND entity_id = $2",
+        run_id,
+        moved,
+        json.dumps(altered | {"payment": altered["payment"] | {"ref": "pi_not_this_sessions"}}),
+    )
+    await world.db.execute(
         "UPDATE remediation.findings SET detail = detail - 'provider' WHERE run_id = $1 AND entity_id = ANY($2::text[])",
         run_id,
-        [stale, fresh],
+        [stale, fresh, moved],
     )
     s = world.settings
     provider = StripePaymentProvider(
@@ -106,7 +113,7 @@ async def test_answers_asked_while_diagnosing_make_the_verdicts_and_only_fresh_o
         for r in await world.db.fetch(
             "SELECT entity_id, detail->'provider' AS provider FROM remediation.findings WHERE run_id = $1 AND entity_id = ANY($2::text[])",
             run_id,
-            [stale, fresh],
+            [stale, fresh, moved],
         )
     }
     # The fresh answer was reused and judged again: what it says now is a full refund.
@@ -114,6 +121,9 @@ async def test_answers_asked_while_diagnosing_make_the_verdicts_and_only_fresh_o
     # The stale one was asked again: the provider's own answer, not the stored dispute.
     assert again[stale]["payment"]["disputed"] is False
     assert again[stale]["verdict"] == findings[stale]["verdict"]
+    # The one about another payment was asked again about the session's own.
+    assert again[moved]["payment"] == findings[moved]["payment"]
+    assert again[moved]["verdict"] == findings[moved]["verdict"]
     await handle.terminate("test done")
 
 

@@ -367,6 +367,9 @@ class BillingRemediationWorkflow(ReversalSteps):
             )
             self._frozen_id = None
         self._set_phase(Phase.CAPTURING_EVIDENCE)
+        if self._prefetch is not None and not self._prefetch.done():
+            # A run that ended before its plan needs no more answers from the provider.
+            self._prefetch.cancel()
         for pending in (self._before, self._prefetch):
             if pending is not None and not pending.done():
                 with contextlib.suppress(ActivityError, asyncio.CancelledError):
