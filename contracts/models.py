@@ -462,6 +462,16 @@ class PlanRequest(Frozen):
     rollback_worker_from: int | None = None
     # The hook the worker action will call (``hook_words``): in the plan's hash, so approvers sign it.
     worker_hook: str | None = None
+    # Read only the first customers' balances with the plan; the workflow reads the rest (read_plan_balances)
+    # while the plan waits for approval. False on runs from before that: every balance with the plan.
+    balances_later: bool = False
+
+
+class PlanBalancesRequest(Frozen):
+    """Input of `read_plan_balances`: the balances a plan built with ``balances_later`` left to read."""
+
+    ref: RunRef
+    plan_id: str
 
 
 class ReversalPlanRequest(Frozen):

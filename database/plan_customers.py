@@ -14,8 +14,9 @@ async def customers(
     """Orgs the plan touches, the most money first: actions, debits, credits, balance now and predicted.
 
     Read from ``remediation.plan_customers`` (written with the plan), so the cost does not grow with the
-    plan. ``balance_after`` is the balance when the plan was built plus the plan's money; None for plans
-    built before balances were recorded.
+    plan. ``balance_after`` is the balance read before approval plus the plan's money; None while it is being
+    read (all but the first customers of a large plan, for a moment) and for plans built before balances
+    were recorded.
     """
     rows = await conn.fetch(
         """SELECT c.org_id, coalesce(o.name, c.org_id) AS name, coalesce(c.currency, o.currency, '') AS currency,
@@ -60,7 +61,7 @@ async def balances_after_apply(conn: asyncpg.Pool | asyncpg.Connection, plan_id:
                    WHERE pa.plan_id = b.plan_id AND pa.org_id = b.org_id AND pa.user_id = b.user_id
                      AND aa.outcome IS DISTINCT FROM 'applied')::bigint
            FROM remediation.plan_user_balances b LEFT JOIN billing.orgs o ON o.id = b.org_id
-           WHERE b.plan_id = $1
+           WHERE b.plan_id = $1 AND b.balance_before_minor IS NOT NULL
            ORDER BY 1, 2 NULLS FIRST""",
         plan_id,
     )

@@ -198,7 +198,7 @@ def plan(workflow_id: str, limit: int = 50) -> None:
             )
         orgs, users = await operations.customer_balances(settings, summary.plan_id)
         shown = [(c["org_id"], c) for c in orgs if c["balance_before"] is not None]
-        shown += [(f"{u['org_id']} / {u['user_id']}", u) for u in users]
+        shown += [(f"{u['org_id']} / {u['user_id']}", u) for u in users if u["balance_before"] is not None]
         if shown:
             lines.append("customers and users (balance now -> after the plan):")
             lines += [

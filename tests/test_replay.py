@@ -36,6 +36,13 @@ EXPECTED = {
     "approved_quorum_prefetch",
     "revoked_credit_reversed_prefetch",
     "verification_failed_retry_prefetch",
+    # Recorded with the first pass reconciling beside the slower diagnosis checks and the plan's other
+    # customers' balances read while it waits for approval (patches reconcile-beside-diagnosis,
+    # balances-beside-approval).
+    "approved_quorum_beside",
+    "dry_run_beside",
+    "revoked_credit_reversed_beside",
+    "verification_failed_retry_beside",
 }
 
 

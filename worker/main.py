@@ -164,6 +164,7 @@ def activity_list(
         db.assess_blast_radius,
         db.reconcile,
         db.build_plan,
+        db.read_plan_balances,
         db.build_reversal_plan,
         db.verify_reversal,
         db.apply_plan,

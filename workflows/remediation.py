@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from functools import partial
 from typing import Any
 
@@ -17,41 +17,33 @@ from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from activities.billing_api import BillingApiActivities
-    from activities.loki import LokiActivities
-    from activities.nats_jetstream import NatsActivities
     from activities.postgres import BillingDatabaseActivities
     from activities.postgres.records import RecordsActivities
     from activities.runtime_config import ConfigActivities
-    from activities.tempo import TempoActivities
-    from activities.worker_regression import WorkerRegressionActivities
     from contracts import names
     from contracts.models import (
         AlertNotice,
         ApplySummary,
         BlastRadius,
-        BlastRadiusRequest,
-        BlastRadiusResult,
-        CheckResult,
         EvidenceRequest,
         FinishRun,
         FreezeRequest,
         Phase,
+        PlanBalancesRequest,
         PlanRequest,
         PlanSummary,
         RegisterRun,
         RemediationRequest,
         RemediationResult,
         RunRef,
-        RuntimeOptions,
         SnapshotRequest,
         StatusView,
     )
-    from workflows.activity_calls import activity_cause, activity_options
+    from workflows.activity_calls import activity_options
     from workflows.criteria import consistency_after_reconcile
     from workflows.details import STEPS_MARKDOWN
     from workflows.incident_marks import incident_marks
-    from workflows.remediation_reversal import ReversalSteps
-    from workflows.search_attributes import SA_BLAST
+    from workflows.remediation_diagnosis import DiagnosisSteps
 
 # Expected failures that retrying cannot fix; everything else retries with backoff up to the limit.
 MAX_PASSES = 3
@@ -60,13 +52,19 @@ OVERLAPPED_START_PATCH = "overlapped-start"
 # Runs started after this take the before-evidence once the plan is built, not beside it: on two cores
 # its platform-wide sums took CPU from the plan (it is awaited before anything changes either way).
 SNAPSHOT_AFTER_PLAN_PATCH = "snapshot-after-plan"
-# Runs started after this assess the blast radius as soon as the consumer check answers, beside the rest.
-BLAST_BESIDE_DIAGNOSIS_PATCH = "blast-beside-diagnosis"
+# Runs started after this read the balances of all but the plan's first customers beside the before-
+# evidence, while the plan waits for approval (a platform-wide plan's balances sum most of the ledger).
+BALANCES_LATER_PATCH = "balances-beside-approval"
 MAX_ALERTS = 50  # distinct alerts recorded per run; history stays bounded under alert storms
 
 
+async def _all_of(*steps: Awaitable[Any]) -> None:
+    """Await every step (one task for the workflow to await)."""
+    await asyncio.gather(*steps)
+
+
 @workflow.defn(name=names.WORKFLOW)
-class BillingRemediationWorkflow(ReversalSteps):
+class BillingRemediationWorkflow(DiagnosisSteps):
     """One remediation of one scope, from diagnosis to evidence (state and helpers: ``RemediationBase``)."""
 
     # ---------------------------------------------------------------- run
@@ -182,12 +180,14 @@ class BillingRemediationWorkflow(ReversalSteps):
             summary = await self._reconcile_and_confirm(pass_no, request.scope.describe())
             self._drift = dict(summary.counts)
             if pass_no == 0:
+                await self._diagnosed()  # the plan and the consistency verdict wait for every check
                 self._diagnosis = [consistency_after_reconcile(c, self._drift) for c in self._diagnosis]
             # Nothing changes before approval: the before-evidence is taken while the plan waits for it,
             # off the path to the plan (a platform-wide snapshot sums every usage and ledger row).
             after_plan = pass_no == 0 and workflow.patched(SNAPSHOT_AFTER_PLAN_PATCH)
             if pass_no == 0 and not after_plan:
                 self._take_before()
+            balances_later = after_plan and workflow.patched(BALANCES_LATER_PATCH)
             rollback_to = self._rollback_target()
             plan = await self._act(
                 BillingDatabaseActivities.build_plan,
@@ -203,6 +203,7 @@ class BillingRemediationWorkflow(ReversalSteps):
                     # Empty on runs whose options predate signed hooks: the plan then names none.
                     worker_hook=(options.restart_hook if rollback_to is None else options.rollback_hook)
                     or None,
+                    balances_later=balances_later,
                 ),
                 "Build the remediation plan from the findings",
                 timeout=600,
@@ -210,7 +211,7 @@ class BillingRemediationWorkflow(ReversalSteps):
                 attempts=20,
             )
             if after_plan:
-                self._take_before()
+                self._take_before(plan.plan_id if balances_later else None)
             ended, applied = await self._approve_apply_verify(
                 request, plan, applied, partial(self._verify, request, pass_no)
             )
@@ -220,134 +221,27 @@ class BillingRemediationWorkflow(ReversalSteps):
 
     # ---------------------------------------------------------------- steps
 
-    def _take_before(self) -> None:
-        """Start capturing the before-remediation query evidence (awaited before anything changes)."""
-        self._before = asyncio.create_task(
-            self._act(
-                RecordsActivities.snapshot_scope,
-                SnapshotRequest(ref=self._require_ref(), label="before"),
-                "Capture before-remediation query evidence",
-            )
-        )
-
-    async def _diagnose(self, request: RemediationRequest, options: RuntimeOptions) -> None:
+    def _take_before(self, balances_of: str | None = None) -> None:
+        """Start capturing the before-evidence (awaited before anything changes): the scope's query evidence
+        and, for a plan that left them to read, its other customers' balances."""
         ref = self._require_ref()
-        self._set_phase(Phase.DIAGNOSING)
-        scope_words = request.scope.describe()
-        # Seven checks at once; the blast radius needs only the consumer's, so it starts once that
-        # answers (runs started before this assess it after all seven).
-        started = [
-            asyncio.create_task(check)
-            for check in (
-                self._check(
-                    BillingDatabaseActivities.check_postgres, "postgres", ref, "Check Postgres connectivity"
-                ),
-                self._check(
-                    NatsActivities.check_consumer,
-                    "nats_consumer",
-                    ref,
-                    "Check the billing worker's NATS consumer (pending, ack-pending, redeliveries)",
-                ),
-                self._check(
-                    BillingDatabaseActivities.check_outbox,
-                    "outbox_relay",
-                    ref,
-                    "Check outbox relay backlog and lag",
-                ),
-                self._check(
-                    LokiActivities.query_correlation_logs,
-                    "loki_logs",
-                    ref,
-                    f"Search Loki for correlation id {request.correlation_id}",
-                ),
-                self._check(
-                    NatsActivities.read_event_sequence,
-                    "event_sequence",
-                    ref,
-                    f"Validate the event sequence for {scope_words}",
-                ),
-                self._check(
-                    WorkerRegressionActivities.check_worker_regression,
-                    "worker_regression",
-                    ref,
-                    "Compare the billing worker's failures with its latest rollout",
-                ),
-                self._check(
-                    BillingDatabaseActivities.check_data_consistency,
-                    "data_consistency",
-                    ref,
-                    f"Check usage/ledger/allocation/attribution consistency for {scope_words}",
-                ),
-            )
-        ]
-        blast = (
-            asyncio.create_task(self._blast_after(started[1], options))
-            if workflow.patched(BLAST_BESIDE_DIAGNOSIS_PATCH)
-            else None
+        snapshot = self._act(
+            RecordsActivities.snapshot_scope,
+            SnapshotRequest(ref=ref, label="before"),
+            "Capture before-remediation query evidence",
         )
-        checks = await asyncio.gather(*started)
-        self._diagnosis = list(checks)
-        trace_id = request.trace_id or next(
-            (t for c in checks if c.check == "loki_logs" for t in c.trace_ids), None
+        if balances_of is None:  # the task exactly as recorded before balances moved here (replay)
+            self._before = asyncio.create_task(snapshot)
+            return
+        balances = self._act(
+            BillingDatabaseActivities.read_plan_balances,
+            PlanBalancesRequest(ref=ref, plan_id=balances_of),
+            f"Read the balances of plan {balances_of}'s other customers",
+            timeout=600,
+            heartbeat=True,
+            attempts=20,
         )
-        if trace_id is not None:
-            traced = ref.model_copy(update={"trace_id": trace_id})
-            self._diagnosis.append(
-                await self._check(
-                    TempoActivities.summarize_trace,
-                    "tempo_trace",
-                    traced,
-                    f"Summarize Tempo trace {trace_id}",
-                )
-            )
-        if blast is not None:
-            assessed = await blast
-        else:
-            degraded = any(c.check == "nats_consumer" and c.status == "critical" for c in self._diagnosis)
-            assessed = await self._assess_blast(degraded, options)
-        if assessed is None:
-            # Without the numbers, assume the worst: widespread means freeze and quorum.
-            self._blast = BlastRadius.WIDESPREAD
-        else:
-            self._blast = assessed.radius
-            if assessed.platform_degradation is not None:
-                # Named, not inherited: the run's freeze and quorum follow its own scope and plan.
-                self._diagnosis.append(assessed.platform_degradation)
-        workflow.upsert_search_attributes([SA_BLAST.value_set(self._blast.value)])
-        self._refresh_details()
-
-    async def _blast_after(
-        self, consumer: asyncio.Task[CheckResult], options: RuntimeOptions
-    ) -> BlastRadiusResult | None:
-        """The blast radius, assessed as soon as the billing worker's consumer check has answered."""
-        return await self._assess_blast((await consumer).status == "critical", options)
-
-    async def _assess_blast(self, worker_degraded: bool, options: RuntimeOptions) -> BlastRadiusResult | None:
-        """Single dispute, one org or widespread (None: the assessment failed)."""
-        ref = self._require_ref()
-        try:
-            return await self._act(
-                BillingDatabaseActivities.assess_blast_radius,
-                BlastRadiusRequest(
-                    ref=ref,
-                    worker_degraded=worker_degraded,
-                    widespread_org_threshold=options.widespread_org_threshold,
-                ),
-                f"Assess the blast radius around {ref.scope.describe()}",
-            )
-        except ActivityError:
-            return None
-
-    async def _check(
-        self, activity: Callable[[Any, RunRef], Awaitable[CheckResult]], check: str, ref: RunRef, summary: str
-    ) -> CheckResult:
-        """Run one diagnosis activity; a dependency that is down becomes a finding, not a crash."""
-        try:
-            return await self._act(activity, ref, summary, attempts=3)
-        except ActivityError as err:
-            return CheckResult(
-                check=check, status="unreachable", headline=f"{check} unreachable: {activity_cause(err)}"
-            )
+        self._before = asyncio.create_task(_all_of(snapshot, balances))
 
     async def _cleanup(self, outcome: Phase, plan: PlanSummary | None) -> None:
         ref = self._require_ref()
@@ -370,7 +264,7 @@ class BillingRemediationWorkflow(ReversalSteps):
         if self._prefetch is not None and not self._prefetch.done():
             # A run that ended before its plan needs no more answers from the provider.
             self._prefetch.cancel()
-        for pending in (self._before, self._prefetch):
+        for pending in (self._before, self._prefetch, self._diagnosis_rest):
             if pending is not None and not pending.done():
                 with contextlib.suppress(ActivityError, asyncio.CancelledError):
                     await pending

@@ -64,6 +64,8 @@ class RemediationBase:
         self._alerts: dict[str, AlertNotice] = {}
         # The "before" query evidence, taken while the plan is built and awaited before anything changes.
         self._before: asyncio.Task[None] | None = None
+        # The checks still answering while the first pass reconciles (runs from reconcile-beside-diagnosis).
+        self._diagnosis_rest: asyncio.Task[None] | None = None
         # The provider's answers about the scope's unreconciled payments, asked while diagnosing.
         self._prefetch: asyncio.Task[int] | None = None
         # Approval audits waiting for the auditor coroutine (handlers never await activities).

@@ -8,7 +8,8 @@ import asyncpg
 from temporalio import activity
 
 from activities.heartbeat import heartbeating
-from activities.postgres.base import PostgresActivities
+from activities.postgres.base import PostgresActivities, driver_errors
+from activities.postgres.plan_balances import READ_WITH_PLAN, read_pending_balances, record_customers
 from activities.scope_sql import scope_predicate
 from contracts import names
 from contracts.models import (
@@ -17,6 +18,7 @@ from contracts.models import (
     REVERSAL_KINDS,
     ActionKind,
     ApiAction,
+    PlanBalancesRequest,
     PlanRequest,
     PlanSummary,
     sql_list,
@@ -70,9 +72,9 @@ async def refresh_plan_statistics(conn: asyncpg.Connection, actions: int) -> Non
         await conn.execute("ANALYZE remediation.plan_actions")
 
 
-async def seal_plan(conn: asyncpg.Connection, plan_id: str) -> None:
-    """Hash the plan's rows, total them, and record each customer's (and user's) balance now and the money
-    planned."""
+async def seal_plan(conn: asyncpg.Connection, plan_id: str, read_now: int | None = None) -> None:
+    """Hash the plan's rows, total them, and record the money planned per customer (and user) with the
+    balance now of all of them, or of the first ``read_now`` (the rest are read by ``read_plan_balances``)."""
     await conn.execute(
         f"""UPDATE remediation.plans p SET
              plan_hash = encode(sha256(convert_to(coalesce(s.canon, ''), 'UTF8')), 'hex'),
@@ -88,31 +90,8 @@ async def seal_plan(conn: asyncpg.Connection, plan_id: str) -> None:
            WHERE p.plan_id = $1""",
         plan_id,
     )
-    # The balance is read in the plan's own transaction: predicted = balance now + the plan's money.
-    await conn.execute(
-        """INSERT INTO remediation.plan_customers (plan_id, org_id, actions, debits_minor, credits_minor,
-               balance_before_minor, currency)
-           SELECT $1, c.org_id, c.n, c.debits, c.credits,
-                  (SELECT coalesce(sum(l.amount_minor), 0) FROM billing.ledger_entries l WHERE l.org_id = c.org_id),
-                  o.currency
-           FROM (SELECT org_id, count(*) AS n,
-                        coalesce(sum(amount_minor) FILTER (WHERE amount_minor < 0), 0) AS debits,
-                        coalesce(sum(amount_minor) FILTER (WHERE amount_minor > 0), 0) AS credits
-                 FROM remediation.plan_actions WHERE plan_id = $1 AND org_id <> '*' GROUP BY org_id) c
-           LEFT JOIN billing.orgs o ON o.id = c.org_id""",
-        plan_id,
-    )
-    await conn.execute(
-        """INSERT INTO remediation.plan_user_balances (plan_id, org_id, user_id, actions, money_minor,
-               balance_before_minor)
-           SELECT $1, c.org_id, c.user_id, c.n, c.money,
-                  (SELECT coalesce(sum(l.amount_minor), 0) FROM billing.ledger_entries l
-                   WHERE l.requested_by_user_id = c.user_id AND l.org_id = c.org_id)
-           FROM (SELECT org_id, user_id, count(*) AS n, sum(amount_minor) AS money
-                 FROM remediation.plan_actions WHERE plan_id = $1 AND org_id <> '*' AND user_id IS NOT NULL
-                 GROUP BY org_id, user_id) c""",
-        plan_id,
-    )
+    # Predicted = balance + the plan's money; the first customers' balances are read in this transaction.
+    await record_customers(conn, plan_id, read_now)
 
 
 # A plan's row with where its findings came from (the pass's recorded source).
@@ -163,6 +142,23 @@ class PlanActivities(PostgresActivities):
         """Turn a pass's findings into ordered, idempotency-keyed actions and hash them."""
         async with heartbeating(lambda: request.plan_id):
             return await self._build_plan(request)
+
+    @activity.defn(name=names.READ_PLAN_BALANCES)
+    async def read_plan_balances(self, request: PlanBalancesRequest) -> None:
+        """Read the customers' balances the plan left to read (before anything is applied); idempotent."""
+        async with heartbeating(lambda: request.plan_id):
+            with driver_errors():
+                read = await read_pending_balances(self._pool, request.plan_id)
+        if not read:  # a plan with few customers read them all with itself
+            return
+        await self._timeline(
+            request.ref.run_id,
+            f"plan-balances:{request.plan_id}",
+            "awaiting_approval",
+            f"plan {request.plan_id}: the balances of {read} more customers and users read while it waits"
+            f" for approval (the first {READ_WITH_PLAN} of each were read with the plan)",
+            {"read": read},
+        )
 
     async def _build_plan(self, request: PlanRequest) -> PlanSummary:
         ref = request.ref
@@ -254,7 +250,7 @@ class PlanActivities(PostgresActivities):
                         f"worker-restart:{ref.run_id}",
                         request.worker_hook,
                     )
-                await seal_plan(conn, request.plan_id)
+                await seal_plan(conn, request.plan_id, READ_WITH_PLAN if request.balances_later else None)
             summary = await read_plan(conn, request.plan_id)
             await refresh_plan_statistics(conn, summary.action_count)
         await self._timeline(
