@@ -12,6 +12,7 @@ import asyncio
 import os
 import platform
 import random
+import signal
 import statistics
 import tempfile
 import time
@@ -458,4 +459,16 @@ def cli() -> None:
     parser.add_argument(
         "--memory-sizes", type=sizes, default=[1000, 100000], help="plan sizes, e.g. 1000,100000; empty skips"
     )
-    asyncio.run(main(parser.parse_args()))
+    try:
+        asyncio.run(_until_terminated(main(parser.parse_args())))
+    except asyncio.CancelledError:
+        raise SystemExit(143) from None  # SIGTERM's exit status, after every server was stopped
+
+
+async def _until_terminated(run: Awaitable[None]) -> None:
+    """``run``, cancelled by SIGTERM as Ctrl-C cancels it: its servers are stopped on the way out (a plain
+    SIGTERM ended the process and left Postgres, NATS, Temporal and the stand-ins running)."""
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    await run

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 from benchmarks.time_to_plan import drift_for
 
@@ -110,3 +114,41 @@ def test_benchmarks_print_one_json_line_per_measurement() -> None:
     # The approval page serves both plans (its timings are figures, not assertions).
     assert set(large["approval_page_ms"]) == {"first_page", "page_after_500"}
     assert small["run_peak_rss_mb"] > 0 and large["run_peak_rss_mb"] > 0
+
+
+def _servers_under(root: Path) -> list[str]:
+    """Processes whose command line names ``root`` (the benchmark's servers keep their state there)."""
+    found = subprocess.run(["pgrep", "-af", str(root)], capture_output=True, text=True, check=False)
+    return [line for line in found.stdout.splitlines() if "pgrep" not in line]
+
+
+def _postgres_servers() -> set[str]:
+    """Running Postgres servers (as root their data lives outside the benchmark's directory)."""
+    found = subprocess.run(["pgrep", "-f", "postgres -D"], capture_output=True, text=True, check=False)
+    return set(found.stdout.split())
+
+
+def test_a_terminated_benchmark_stops_the_servers_it_started(tmp_path: Path) -> None:
+    postgres_before = _postgres_servers()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks", "--usage-rows", "0", "--apply-actions", "0",
+         "--payment-findings", "0", "--watch-changed", "0", "--watch-interval", "0", "--memory-sizes", "",
+         "--time-to-plan-sizes", "", "--cli-runs", "0", "--incidents", "500"],
+        env=os.environ | {"TMPDIR": str(tmp_path)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        # Wait until its stack is up (Temporal's dev server is the last to start), then terminate it.
+        while not any("temporal" in line for line in _servers_under(tmp_path)):
+            assert proc.poll() is None and time.monotonic() < deadline, "the benchmark's stack never started"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143, proc.stderr.read()[-2000:] if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert _servers_under(tmp_path) == []
+    assert _postgres_servers() <= postgres_before
