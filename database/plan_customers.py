@@ -7,6 +7,10 @@ from typing import Any
 
 import asyncpg
 
+# The most money first: the order the customers and users are shown in, and their balances read in.
+ORG_ORDER = "(c.credits_minor - c.debits_minor) DESC, c.org_id"
+USER_ORDER = "abs(c.money_minor) DESC, c.org_id, c.user_id"
+
 
 async def customers(
     conn: asyncpg.Pool | asyncpg.Connection, plan_id: str, limit: int = 100
@@ -19,13 +23,13 @@ async def customers(
     were recorded.
     """
     rows = await conn.fetch(
-        """SELECT c.org_id, coalesce(o.name, c.org_id) AS name, coalesce(c.currency, o.currency, '') AS currency,
+        f"""SELECT c.org_id, coalesce(o.name, c.org_id) AS name, coalesce(c.currency, o.currency, '') AS currency,
                   c.actions, c.debits_minor AS debits, c.credits_minor AS credits,
                   c.balance_before_minor AS balance_before,
                   c.balance_before_minor + c.debits_minor + c.credits_minor AS balance_after
            FROM remediation.plan_customers c LEFT JOIN billing.orgs o ON o.id = c.org_id
            WHERE c.plan_id = $1
-           ORDER BY (c.credits_minor - c.debits_minor) DESC, c.org_id LIMIT $2""",
+           ORDER BY {ORG_ORDER} LIMIT $2""",
         plan_id,
         limit,
     )
@@ -79,10 +83,10 @@ async def users(
 ) -> list[dict[str, Any]]:
     """Users the plan touches, the most money first: their ledger balance now and after the plan."""
     rows = await conn.fetch(
-        """SELECT b.org_id, b.user_id, coalesce(o.currency, '') AS currency, b.actions, b.money_minor AS money,
-                  b.balance_before_minor AS balance_before, b.balance_before_minor + b.money_minor AS balance_after
-           FROM remediation.plan_user_balances b LEFT JOIN billing.orgs o ON o.id = b.org_id
-           WHERE b.plan_id = $1 ORDER BY abs(b.money_minor) DESC, b.org_id, b.user_id LIMIT $2""",
+        f"""SELECT c.org_id, c.user_id, coalesce(o.currency, '') AS currency, c.actions, c.money_minor AS money,
+                  c.balance_before_minor AS balance_before, c.balance_before_minor + c.money_minor AS balance_after
+           FROM remediation.plan_user_balances c LEFT JOIN billing.orgs o ON o.id = c.org_id
+           WHERE c.plan_id = $1 ORDER BY {USER_ORDER} LIMIT $2""",
         plan_id,
         limit,
     )
